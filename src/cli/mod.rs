@@ -1,0 +1,321 @@
+//! The `sealfs` command line: parse, run, map the outcome to one line and an exit code.
+
+pub mod exit;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::keys::{KeySpec, Keyring};
+use crate::seal::{self, Cancel, SealOptions};
+use crate::store::Location;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sealfs",
+    version,
+    about = "Sealed (client-side encrypted) model files on S3, mounted as plaintext"
+)]
+pub struct Cli {
+    /// Log level for sealfs (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write a new random 256-bit key file (mode 0600); never overwrites.
+    Keygen { path: PathBuf },
+    /// Encrypt a file or directory and upload it as sealed objects under DEST.
+    Seal {
+        src: PathBuf,
+        /// s3://BUCKET/PREFIX, file://PATH or a directory path.
+        dest: String,
+        /// kms:<key id|ARN|alias/NAME> or file:<path>; repeat to wrap the DEK under several.
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        /// Extra encryption context pair (k=v), shown in every KMS audit record.
+        #[arg(long = "context", value_parser = parse_pair)]
+        context: Vec<(String, String)>,
+        /// Plaintext chunk size: a power of two from 16KiB to 64MiB.
+        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
+        chunk_size: u8,
+        /// Replace files that are already sealed at DEST.
+        #[arg(long)]
+        force: bool,
+        /// Multipart part size (at least 5MiB).
+        #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+        part_size: u64,
+        /// Parts sealed and uploaded in parallel.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+    },
+    /// Show what the key objects say (no key needed, nothing authenticated).
+    Inspect {
+        uri: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Authenticate every chunk of every sealed file; writes no plaintext.
+    Verify {
+        uri: String,
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+    },
+    /// Break-glass: decrypt sealed files to a local path.
+    Unseal {
+        src: String,
+        dest: PathBuf,
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace the wrapped DEKs: the new set is exactly the --to-key list.
+    Rewrap {
+        uri: String,
+        /// A key that can unwrap the DEK now.
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        #[arg(long = "to-key", required = true)]
+        to_keys: Vec<String>,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+/// Sizes like `1048576`, `64KiB`, `1MiB`, `1M`, `2GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: not a size"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{s:?}: unknown unit (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+fn parse_chunk_size(s: &str) -> Result<u8, String> {
+    let n = parse_size(s)?;
+    let log2 = n.trailing_zeros() as u8;
+    let ok = n.is_power_of_two()
+        && (crate::format::MIN_CHUNK_LOG2..=crate::format::MAX_CHUNK_LOG2).contains(&log2);
+    if ok {
+        Ok(log2)
+    } else {
+        Err(format!(
+            "{s:?}: chunk size must be a power of two from 16KiB to 64MiB"
+        ))
+    }
+}
+
+async fn keyring(specs: &[String]) -> Result<Keyring> {
+    let specs = specs
+        .iter()
+        .map(|s| s.parse::<KeySpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Keyring::resolve(&specs).await?)
+}
+
+/// Runs the command; returns the exit code after printing its output or one error line.
+pub fn main_with(cli: Cli) -> i32 {
+    crate::telemetry::init(&cli.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sealfs: error: cannot start the runtime: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let (tx, cancel) = Cancel::new();
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = tx.send(true);
+    });
+    match rt.block_on(run(cli.command, &cancel)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sealfs: error: {}", crate::error_chain(&e));
+            exit::code(&e)
+        }
+    }
+}
+
+async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
+    match cmd {
+        Command::Keygen { path } => {
+            let id = crate::keys::file::keygen(&path)?;
+            println!("wrote {} ({id})", path.display());
+        }
+        Command::Seal {
+            src,
+            dest,
+            keys,
+            context,
+            chunk_size,
+            force,
+            part_size,
+            jobs,
+        } => {
+            if part_size < 5 << 20 {
+                return Err(Error::Usage(
+                    "--part-size must be at least 5MiB (an S3 limit)".into(),
+                ));
+            }
+            let dest = Location::parse(&dest).await?;
+            let ring = keyring(&keys).await?;
+            let opts = SealOptions {
+                chunk_log2: chunk_size,
+                context,
+                force,
+                part_size,
+                jobs,
+                progress: std::io::stderr().is_terminal(),
+            };
+            for k in seal::seal(&src, &dest, &ring, &opts, cancel).await? {
+                println!("sealed {}", dest.describe(&k));
+            }
+        }
+        Command::Inspect { uri, json } => {
+            let loc = Location::parse(&uri).await?;
+            let v = seal::inspect(&loc).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).expect("JSON value"));
+            } else {
+                print_inspect(&v);
+            }
+            if v["files"].as_array().is_none_or(|f| f.is_empty()) {
+                return Err(Error::NothingSealed(uri));
+            }
+        }
+        Command::Verify { uri, keys } => {
+            let loc = Location::parse(&uri).await?;
+            let ring = keyring(&keys).await?;
+            let reports = seal::verify(&loc, &ring, cancel).await?;
+            let mut failed = Vec::new();
+            for r in &reports {
+                match &r.result {
+                    Ok(n) => println!("ok    {} ({n} bytes)", r.file),
+                    Err(e) => {
+                        println!("FAIL  {}: {}", r.file, crate::error_chain(e));
+                        failed.push(r);
+                    }
+                }
+            }
+            if let Some(first) = failed.first() {
+                let total = reports.len();
+                eprintln!(
+                    "sealfs: error: {} of {total} files failed verification",
+                    failed.len()
+                );
+                // Access problems and tampering get their own exit codes, tampering first.
+                let code = failed
+                    .iter()
+                    .map(|r| exit::code(r.result.as_ref().expect_err("failed")))
+                    .min_by_key(|c| if *c == exit::INTEGRITY { 0 } else { *c })
+                    .unwrap_or(exit::code(first.result.as_ref().expect_err("failed")));
+                return Ok(code);
+            }
+        }
+        Command::Unseal {
+            src,
+            dest,
+            keys,
+            force,
+        } => {
+            let loc = Location::parse(&src).await?;
+            let ring = keyring(&keys).await?;
+            for p in seal::unseal(&loc, &dest, &ring, force, cancel).await? {
+                println!("unsealed {}", p.display());
+            }
+        }
+        Command::Rewrap { uri, keys, to_keys } => {
+            let loc = Location::parse(&uri).await?;
+            let from = keyring(&keys).await?;
+            let to = keyring(&to_keys).await?;
+            for k in seal::rewrap(&loc, &from, &to).await? {
+                println!("rewrapped {}", loc.describe(&k));
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn print_inspect(v: &serde_json::Value) {
+    for f in v["files"].as_array().into_iter().flatten() {
+        println!("{}", f["file"].as_str().unwrap_or("?"));
+        if let Some(e) = f["error"].as_str() {
+            println!("  error: {e}");
+            continue;
+        }
+        println!(
+            "  format:          sealfs v{}, {}",
+            f["version"],
+            f["suite"].as_str().unwrap_or("")
+        );
+        println!(
+            "  plaintext size:  {} bytes in {} chunks of {}",
+            f["plaintext_size"], f["chunks"], f["chunk_size"]
+        );
+        println!("  file id:         {}", f["file_id"].as_str().unwrap_or(""));
+        println!("  context:");
+        for (k, val) in f["encryption_context"].as_object().into_iter().flatten() {
+            println!("    {k} = {}", val.as_str().unwrap_or(""));
+        }
+        println!("  wrapped keys:");
+        for s in f["wrapped_keys"].as_array().into_iter().flatten() {
+            println!(
+                "    {} {}",
+                s["kind"].as_str().unwrap_or(""),
+                s["key_id"].as_str().unwrap_or("")
+            );
+        }
+    }
+    for o in v["unsealed_objects"].as_array().into_iter().flatten() {
+        println!("not sealed: {}", o.as_str().unwrap_or(""));
+    }
+    for o in v["orphan_key_objects"].as_array().into_iter().flatten() {
+        println!(
+            "key object without data object: {}",
+            o.as_str().unwrap_or("")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1TiB").is_err());
+        assert_eq!(parse_chunk_size("1MiB"), Ok(20));
+        assert!(parse_chunk_size("3MiB").is_err());
+        assert!(parse_chunk_size("4KiB").is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! Cryptography of the sealed format, no I/O: DEK handling, key derivation, chunk AEAD.
+//!
+//! Every primitive comes from `ring` (chosen by benches/aead.rs; docs/PERFORMANCE.md).
+
+pub mod chunk;
+pub mod kdf;
+pub mod secret;
+
+pub use chunk::{open_chunk, seal_chunk, ChunkError};
+pub use kdf::FileKeys;
+pub use secret::{Dek, LockError};
+
+/// SHA-256 of the authenticated header bytes: bound into every chunk's AAD.
+pub fn header_digest(authenticated: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, authenticated);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Fills `buf` from the system CSPRNG.
+pub fn random_bytes(buf: &mut [u8]) {
+    use ring::rand::SecureRandom;
+    // The OS RNG failing is unrecoverable: sealing with a weak DEK or file id would be worse.
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .expect("system RNG failed");
+}

@@ -1,0 +1,266 @@
+//! Sealed files as pairs of objects, and opening one: the steps both the CLI and the mount
+//! take before any plaintext exists.
+//!
+//! Open = GET the key object → strict parse → check it against the data object (name,
+//! size, path binding) → unwrap the DEK under a trusted key → verify the header MAC.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::crypto::{header_digest, open_chunk, Dek, FileKeys};
+use crate::error::{Error, Result};
+use crate::format::layout::PRELUDE_LEN;
+use crate::format::{naming, KeyObject, Layout, Prelude};
+use crate::keys::Keyring;
+use crate::store::{ObjectInfo, Store};
+
+/// A data object and its key object, as a listing shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedEntry {
+    pub data: ObjectInfo,
+    pub key_object: ObjectInfo,
+    pub chunk_log2: u8,
+}
+
+impl SealedEntry {
+    /// Plaintext size from the listing alone; `None` if the data object's size is not one
+    /// a sealed file can have (truncated or extended).
+    pub fn plaintext_size(&self) -> Option<u64> {
+        Layout::from_object_size(self.chunk_log2, self.data.size).map(|l| l.plaintext_size())
+    }
+}
+
+/// What a listing holds: sealed pairs, plus objects that are not (shown by `inspect`).
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub sealed: Vec<SealedEntry>,
+    /// Objects with no key object beside them.
+    pub unsealed: Vec<ObjectInfo>,
+    /// Key objects whose data object is missing.
+    pub orphans: Vec<ObjectInfo>,
+}
+
+/// Pairs objects into sealed files. A data object with several key objects (several chunk
+/// sizes) is ambiguous, so it counts as an orphan of each rather than a guess.
+pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
+    let mut keys: BTreeMap<String, Vec<(ObjectInfo, u8)>> = BTreeMap::new();
+    let mut data = Vec::new();
+    for o in objects {
+        match naming::parse_key_object_name(&o.key) {
+            Some((d, log2)) => keys
+                .entry(d.to_string())
+                .or_default()
+                .push((o.clone(), log2)),
+            None => data.push(o),
+        }
+    }
+    let mut out = Listing::default();
+    for d in data {
+        match keys.remove(&d.key) {
+            Some(mut ks) if ks.len() == 1 => {
+                let (key_object, chunk_log2) = ks.pop().expect("one element");
+                out.sealed.push(SealedEntry {
+                    data: d,
+                    key_object,
+                    chunk_log2,
+                });
+            }
+            Some(ks) => out.orphans.extend(ks.into_iter().map(|(k, _)| k)),
+            None => out.unsealed.push(d),
+        }
+    }
+    out.orphans
+        .extend(keys.into_values().flatten().map(|(k, _)| k));
+    out
+}
+
+/// The sealed files at `prefix`: the one object it names, or everything under it.
+pub async fn find(store: &Store, prefix: &str) -> Result<Listing> {
+    let all = store.list(prefix).await?;
+    let inside = |k: &str| prefix.is_empty() || k.starts_with(&format!("{prefix}/"));
+    let exact =
+        |k: &str| k == prefix || naming::parse_key_object_name(k).is_some_and(|(d, _)| d == prefix);
+    let (one, many): (Vec<_>, Vec<_>) = all.into_iter().partition(|o| exact(&o.key));
+    if !one.is_empty() && one.iter().any(|o| o.key == prefix) {
+        return Ok(pair(one));
+    }
+    Ok(pair(many.into_iter().filter(|o| inside(&o.key)).collect()))
+}
+
+/// True if `key` (relative to the store root) is where a file sealed for `bound` may live:
+/// equal, or ending with it at a `/` boundary (a local directory may be mounted one level up).
+pub fn path_matches(key: &str, bound: &str) -> bool {
+    key == bound
+        || key
+            .strip_suffix(bound)
+            .is_some_and(|head| head.ends_with('/'))
+}
+
+/// A sealed file ready to read: header authenticated, DEK unwrapped and locked.
+pub struct OpenFile {
+    pub key: String,
+    pub etag: String,
+    pub key_object: KeyObject,
+    pub layout: Layout,
+    pub digest: [u8; 32],
+    pub keys: FileKeys,
+    _dek: Dek,
+}
+
+/// Reads and parses the key object of `entry`, and checks it against the data object,
+/// without any key. This is all `inspect` trusts, and only as facts to show.
+pub async fn read_key_object(store: &Store, entry: &SealedEntry) -> Result<KeyObject> {
+    let file = &entry.data.key;
+    let (bytes, _) = store.get(&entry.key_object.key).await?;
+    let ko = KeyObject::parse(&bytes).map_err(|source| Error::Format {
+        file: file.clone(),
+        source,
+    })?;
+    check_against_listing(&ko, entry)?;
+    Ok(ko)
+}
+
+fn check_against_listing(ko: &KeyObject, entry: &SealedEntry) -> Result<()> {
+    let file = &entry.data.key;
+    let h = &ko.header;
+    if h.chunk_log2 != entry.chunk_log2 {
+        return Err(Error::integrity(
+            file,
+            format!(
+                "key object name says chunk size 2^{}, header says 2^{}",
+                entry.chunk_log2, h.chunk_log2
+            ),
+        ));
+    }
+    if !path_matches(file, h.path()) {
+        return Err(Error::integrity(
+            file,
+            format!("sealed for path {:?}: file swapped or copied", h.path()),
+        ));
+    }
+    let want = h.layout().object_size();
+    if entry.data.size != want {
+        return Err(Error::integrity(
+            file,
+            format!(
+                "data object is {} bytes, header requires {want}: truncated or extended",
+                entry.data.size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl OpenFile {
+    /// Opens `entry` with the trusted `keyring`.
+    pub async fn open(store: &Store, entry: &SealedEntry, keyring: &Keyring) -> Result<Self> {
+        let key_object = read_key_object(store, entry).await?;
+        let (dek, keys) = keyring
+            .unwrap(&key_object)
+            .await
+            .map_err(|e| Error::key(&entry.data.key, e))?;
+        Ok(Self {
+            key: entry.data.key.clone(),
+            etag: entry.data.etag.clone(),
+            layout: key_object.header.layout(),
+            digest: header_digest(&key_object.authenticated),
+            key_object,
+            keys,
+            _dek: dek,
+        })
+    }
+
+    /// Fetches chunks `first..=last` in one ranged GET pinned to the opened ETag (with the
+    /// prelude when `first` is 0, which is then checked against the header).
+    pub async fn fetch(&self, store: &Store, first: u64, last: u64) -> Result<Bytes> {
+        let (mut start, end) = self.layout.cipher_range(first, last);
+        if first == 0 {
+            start = 0;
+        }
+        let pin = (!self.etag.is_empty()).then_some(self.etag.as_str());
+        let mut bytes = store.get_range(&self.key, start, end, pin).await?;
+        if first == 0 {
+            self.check_prelude(&bytes[..PRELUDE_LEN as usize])?;
+            bytes = bytes.slice(PRELUDE_LEN as usize..);
+        }
+        Ok(bytes)
+    }
+
+    fn check_prelude(&self, b: &[u8]) -> Result<()> {
+        let p = Prelude::parse(b).map_err(|source| Error::Format {
+            file: self.key.clone(),
+            source,
+        })?;
+        let h = &self.key_object.header;
+        if p.file_id != h.file_id || p.chunk_log2 != h.chunk_log2 {
+            return Err(Error::integrity(
+                &self.key,
+                "data object belongs to another file (prelude mismatch)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Authenticates and decrypts chunk `index` from `ct` (its ciphertext and tag) in place;
+    /// returns the plaintext length. On failure `ct` is wiped.
+    pub fn open_chunk(&self, index: u64, ct: &mut [u8]) -> Result<usize> {
+        let want = self.layout.chunk_plain_len(index);
+        open_chunk(
+            &self.keys,
+            &self.digest,
+            index,
+            self.layout.is_last(index),
+            want,
+            ct,
+        )
+        .map_err(|e| Error::integrity(&self.key, e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(key: &str, size: u64) -> ObjectInfo {
+        ObjectInfo {
+            key: key.into(),
+            size,
+            etag: "e".into(),
+        }
+    }
+
+    #[test]
+    fn pairing() {
+        let l = pair(vec![
+            o("a.pt", 100),
+            o("a.pt.sealfs-c20", 300),
+            o("b.txt", 5),
+            o("c.sealfs-c20", 300),
+            o("d", 1),
+            o("d.sealfs-c20", 1),
+            o("d.sealfs-c14", 1),
+        ]);
+        assert_eq!(l.sealed.len(), 1);
+        assert_eq!(l.sealed[0].data.key, "a.pt");
+        assert_eq!(l.sealed[0].chunk_log2, 20);
+        assert_eq!(
+            l.unsealed
+                .iter()
+                .map(|x| x.key.as_str())
+                .collect::<Vec<_>>(),
+            ["b.txt"]
+        );
+        let mut orphans: Vec<_> = l.orphans.iter().map(|x| x.key.as_str()).collect();
+        orphans.sort();
+        assert_eq!(orphans, ["c.sealfs-c20", "d.sealfs-c14", "d.sealfs-c20"]);
+    }
+
+    #[test]
+    fn path_binding() {
+        assert!(path_matches("models/a/model.pt", "models/a/model.pt"));
+        assert!(path_matches("x/model.pt", "model.pt"));
+        assert!(!path_matches("xmodel.pt", "model.pt"));
+        assert!(!path_matches("models/b/model.pt", "models/a/model.pt"));
+    }
+}

@@ -1,0 +1,335 @@
+//! `sealfs seal`: encrypt files and upload them as sealed objects.
+//!
+//! Per file: a fresh DEK (one KMS GenerateDataKey), the key object first, then the data
+//! object as a multipart upload of parts read with `pread` and sealed in parallel, at most
+//! `jobs` parts in memory. On any error or cancellation the upload is aborted and the key
+//! object deleted, so no partial file becomes visible.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::Cancel;
+use crate::crypto::{header_digest, random_bytes, seal_chunk, FileKeys};
+use crate::error::{Error, Result};
+use crate::format::header::{CTX_FILE_ID, CTX_PATH, CTX_VERSION};
+use crate::format::layout::PRELUDE_LEN;
+use crate::format::{
+    naming, EncryptionContext, Header, KeyObject, Layout, Prelude, TAG_LEN, VERSION,
+};
+use crate::keys::Keyring;
+use crate::store::{Location, Store, StoreError};
+
+/// Options of `sealfs seal`.
+#[derive(Debug, Clone)]
+pub struct SealOptions {
+    pub chunk_log2: u8,
+    /// User pairs added to the encryption context (`--context k=v`).
+    pub context: Vec<(String, String)>,
+    /// Replace existing sealed objects.
+    pub force: bool,
+    /// Target part size of the multipart upload (S3 needs ≥ 5 MiB for all but the last).
+    pub part_size: u64,
+    /// Parts sealed and uploaded concurrently (memory ≈ jobs × part size).
+    pub jobs: usize,
+    pub progress: bool,
+}
+
+impl Default for SealOptions {
+    fn default() -> Self {
+        Self {
+            chunk_log2: crate::format::DEFAULT_CHUNK_LOG2,
+            context: Vec::new(),
+            force: false,
+            part_size: 16 << 20,
+            jobs: 4,
+            progress: false,
+        }
+    }
+}
+
+/// S3 allows at most 10,000 parts.
+const MAX_PARTS: u64 = 10_000;
+
+/// Files under `src` (or `src` itself) as (path, relative `/`-separated name), sorted.
+fn source_files(src: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| Error::Io { path: p, source }
+    };
+    let meta = std::fs::metadata(src).map_err(io(src))?;
+    if meta.is_file() {
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::Usage("bad file name".into()))?;
+        return Ok(vec![(src.to_path_buf(), name.to_string())]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![(src.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let e = e.map_err(io(&dir))?;
+            let name = e.file_name().to_str().map(str::to_string).ok_or_else(|| {
+                Error::Usage(format!("{}: file name is not UTF-8", e.path().display()))
+            })?;
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e.file_type().map_err(io(&e.path()))?;
+            if ft.is_dir() {
+                stack.push((e.path(), r));
+            } else if ft.is_file() {
+                out.push((e.path(), r));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
+/// Seals `src` (a file or a directory) to `dest`. Returns the data object keys written.
+pub async fn seal(
+    src: &Path,
+    dest: &Location,
+    keyring: &Keyring,
+    opts: &SealOptions,
+    cancel: &Cancel,
+) -> Result<Vec<String>> {
+    if keyring.is_empty() {
+        return Err(Error::Usage("seal needs at least one --key".into()));
+    }
+    for (k, _) in &opts.context {
+        if k.starts_with("sealfs:") {
+            return Err(Error::Usage(format!(
+                "context key {k:?}: the sealfs: prefix is reserved"
+            )));
+        }
+    }
+    let files = source_files(src)?;
+    if let Some((_, rel)) = files.iter().find(|(_, r)| naming::is_reserved_name(r)) {
+        return Err(Error::Usage(format!(
+            "{rel}: names containing .sealfs-c are reserved"
+        )));
+    }
+    let total: u64 = files
+        .iter()
+        .map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let pb = super::progress(total, opts.progress);
+    let mut written = Vec::with_capacity(files.len());
+    for (path, rel) in &files {
+        let key = dest.key(rel);
+        pb.set_message(rel.clone());
+        seal_file(path, &dest.store, &key, keyring, opts, cancel, &pb).await?;
+        tracing::info!(file = %dest.describe(&key), "sealed");
+        written.push(key);
+    }
+    pb.finish_and_clear();
+    Ok(written)
+}
+
+async fn existing(store: &Store, key: &str) -> Result<Vec<String>> {
+    Ok(store
+        .list(key)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k == key || naming::parse_key_object_name(k).is_some_and(|(d, _)| d == key))
+        .collect())
+}
+
+async fn seal_file(
+    path: &Path,
+    store: &Store,
+    key: &str,
+    keyring: &Keyring,
+    opts: &SealOptions,
+    cancel: &Cancel,
+    pb: &indicatif::ProgressBar,
+) -> Result<()> {
+    let old = existing(store, key).await?;
+    if !old.is_empty() && !opts.force {
+        return Err(StoreError::Exists(store.describe(key)).into());
+    }
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?
+        .len();
+    let layout = Layout::new(opts.chunk_log2, size).map_err(|e| Error::Usage(e.to_string()))?;
+
+    let mut file_id = [0u8; 16];
+    random_bytes(&mut file_id);
+    let mut context: EncryptionContext = opts.context.iter().cloned().collect();
+    context.insert(CTX_VERSION.into(), VERSION.to_string());
+    context.insert(CTX_FILE_ID.into(), hex::encode(file_id));
+    context.insert(CTX_PATH.into(), key.to_string());
+    let header = Header {
+        chunk_log2: opts.chunk_log2,
+        file_id,
+        plaintext_size: size,
+        context,
+    };
+    let authenticated = header.encode().map_err(|e| Error::Usage(e.to_string()))?;
+
+    let (dek, slots) = keyring
+        .new_dek(&header.context)
+        .await
+        .map_err(|e| Error::key(key, e))?;
+    KeyObject::validate_slots(&slots).map_err(|e| Error::Usage(e.to_string()))?;
+    let keys = FileKeys::derive(&dek, &file_id);
+    drop(dek);
+    let ko = KeyObject {
+        mac: keys.header_mac(&authenticated),
+        header,
+        authenticated,
+        slots,
+    };
+    let digest = header_digest(&ko.authenticated);
+
+    // Old objects of another chunk size would make the pair ambiguous: remove them first.
+    let key_name = naming::key_object_name(key, opts.chunk_log2);
+    for k in old.iter().filter(|k| **k != key && **k != key_name) {
+        store.delete(k).await?;
+    }
+    store.put(&key_name, Bytes::from(ko.to_bytes())).await?;
+    let upload = store.start_upload(key).await?;
+    let job = Arc::new(PartJob {
+        file,
+        keys,
+        digest,
+        layout,
+        file_id,
+        chunks_per_part: chunks_per_part(&layout, opts.part_size),
+        path: path.display().to_string(),
+    });
+    let body = upload_parts(&upload, &job, opts.jobs.max(1), pb);
+    let result = tokio::select! {
+        r = body => r,
+        _ = cancel.cancelled() => Err(Error::Interrupted),
+    };
+    match result {
+        Ok(()) => Ok(upload.complete().await?),
+        Err(e) => {
+            if let Err(a) = upload.abort().await {
+                tracing::warn!(file = %store.describe(key), error = %a, "could not abort the upload");
+            }
+            let _ = store.delete(&key_name).await;
+            Err(e)
+        }
+    }
+}
+
+/// Chunks per part: the part size rounded to whole chunks, grown so that the object fits
+/// in S3's 10,000 parts.
+fn chunks_per_part(layout: &Layout, part_size: u64) -> u64 {
+    let c = layout.chunk_size() + TAG_LEN;
+    let by_size = part_size.div_ceil(c).max(1);
+    let by_count = layout.chunk_count().div_ceil(MAX_PARTS);
+    by_size.max(by_count)
+}
+
+struct PartJob {
+    file: std::fs::File,
+    keys: FileKeys,
+    digest: [u8; 32],
+    layout: Layout,
+    file_id: [u8; 16],
+    chunks_per_part: u64,
+    path: String,
+}
+
+impl PartJob {
+    fn parts(&self) -> u64 {
+        self.layout.chunk_count().div_ceil(self.chunks_per_part)
+    }
+
+    /// Object offset and ciphertext of part `p` (0-based): chunks read with pread and
+    /// sealed in place. The first part starts with the prelude.
+    fn build(&self, p: u64) -> Result<(u64, Bytes, u64)> {
+        let first = p * self.chunks_per_part;
+        let last = (first + self.chunks_per_part).min(self.layout.chunk_count()) - 1;
+        let (mut start, end) = self.layout.cipher_range(first, last);
+        let mut buf = Vec::with_capacity((end - start + PRELUDE_LEN) as usize);
+        if first == 0 {
+            let prelude = Prelude {
+                version: VERSION,
+                chunk_log2: self.layout.chunk_log2(),
+                file_id: self.file_id,
+            };
+            buf.extend_from_slice(&prelude.to_bytes());
+            start = 0;
+        }
+        let mut plain_bytes = 0;
+        for i in first..=last {
+            let n = self.layout.chunk_plain_len(i);
+            let at = buf.len();
+            buf.resize(at + n + TAG_LEN as usize, 0);
+            self.file
+                .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())
+                .map_err(|source| Error::Io {
+                    path: format!("{} (changed while sealing?)", self.path),
+                    source,
+                })?;
+            seal_chunk(
+                &self.keys,
+                &self.digest,
+                i,
+                self.layout.is_last(i),
+                &mut buf[at..],
+            );
+            plain_bytes += n as u64;
+        }
+        Ok((start, Bytes::from(buf), plain_bytes))
+    }
+}
+
+async fn upload_parts(
+    upload: &crate::store::Upload,
+    job: &Arc<PartJob>,
+    jobs: usize,
+    pb: &indicatif::ProgressBar,
+) -> Result<()> {
+    futures::stream::iter(0..job.parts())
+        .map(|p| {
+            let job = job.clone();
+            async move {
+                let (offset, body, plain) = tokio::task::spawn_blocking(move || job.build(p))
+                    .await
+                    .expect("sealing task panicked")?;
+                upload.put_part(p as u32 + 1, offset, body).await?;
+                pb.inc(plain);
+                Ok::<_, Error>(())
+            }
+        })
+        .buffer_unordered(jobs)
+        .try_collect::<()>()
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizing() {
+        let l = Layout::new(20, 100 << 20).unwrap();
+        assert_eq!(chunks_per_part(&l, 16 << 20), 16);
+        // 20 TiB at 1 MiB chunks needs bigger parts to stay within 10,000.
+        let big = Layout::new(20, 20 << 40).unwrap();
+        let k = chunks_per_part(&big, 16 << 20);
+        assert!(big.chunk_count().div_ceil(k) <= MAX_PARTS);
+    }
+}

@@ -1,0 +1,255 @@
+//! A local directory as a store: the embedded default for development and air-gapped use.
+//!
+//! ETags are derived from (inode, size, mtime), so a replaced file is noticed. Uploads
+//! go to a hidden temporary file in the target directory and appear by `rename`.
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::{ObjectInfo, StoreError};
+
+const UPLOAD_MARK: &str = ".sealfs-upload-";
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn io(key: &str) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |e| match e.kind() {
+        std::io::ErrorKind::NotFound => StoreError::NotFound(key.to_string()),
+        _ => StoreError::Io {
+            key: key.to_string(),
+            source: e,
+        },
+    }
+}
+
+fn etag(m: &std::fs::Metadata) -> String {
+    format!(
+        "{:x}-{:x}-{:x}",
+        m.ino(),
+        m.size(),
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+    )
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking store task panicked")
+}
+
+impl LocalStore {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    pub fn describe(&self, key: &str) -> String {
+        self.path(key).display().to_string()
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        blocking(move || {
+            let mut out = Vec::new();
+            // Walk only the directory that can hold matches.
+            let start = match prefix.rfind('/') {
+                Some(i) => &prefix[..i],
+                None => "",
+            };
+            walk(&root, start, &prefix, &mut out)?;
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let p = self.path(key);
+        let k = key.to_string();
+        blocking(move || {
+            let m = std::fs::metadata(&p).map_err(io(&k))?;
+            if !m.is_file() {
+                return Err(StoreError::NotFound(k));
+            }
+            Ok(ObjectInfo {
+                size: m.size(),
+                etag: etag(&m),
+                key: k,
+            })
+        })
+        .await
+    }
+
+    pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
+        let p = self.path(key);
+        let k = key.to_string();
+        blocking(move || {
+            let f = std::fs::File::open(&p).map_err(io(&k))?;
+            let m = f.metadata().map_err(io(&k))?;
+            let mut buf = Vec::with_capacity(m.size() as usize);
+            std::io::Read::read_to_end(&mut &f, &mut buf).map_err(io(&k))?;
+            Ok((Bytes::from(buf), etag(&m)))
+        })
+        .await
+    }
+
+    pub async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        if_match: Option<&str>,
+    ) -> Result<Bytes, StoreError> {
+        let p = self.path(key);
+        let k = key.to_string();
+        let want = if_match.map(str::to_string);
+        blocking(move || {
+            let f = std::fs::File::open(&p).map_err(io(&k))?;
+            let m = f.metadata().map_err(io(&k))?;
+            if want.is_some_and(|w| w != etag(&m)) {
+                return Err(StoreError::Changed(k));
+            }
+            let mut buf = vec![0u8; (end - start) as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                match f.read_at(&mut buf[done..], start + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io(&k)(e)),
+                }
+            }
+            buf.truncate(done);
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        let up = self.start_upload(key).await?;
+        match up.put_part(0, body).await {
+            Ok(()) => up.complete().await,
+            Err(e) => {
+                let _ = up.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let p = self.path(key);
+        let k = key.to_string();
+        blocking(move || std::fs::remove_file(&p).map_err(io(&k))).await
+    }
+
+    pub async fn start_upload(&self, key: &str) -> Result<LocalUpload, StoreError> {
+        let target = self.path(key);
+        let k = key.to_string();
+        blocking(move || {
+            let dir = target
+                .parent()
+                .ok_or_else(|| StoreError::BadUri(k.clone()))?;
+            std::fs::create_dir_all(dir).map_err(io(&k))?;
+            let mut rnd = [0u8; 8];
+            crate::crypto::random_bytes(&mut rnd);
+            let name = target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("object");
+            let temp = dir.join(format!(".{name}{UPLOAD_MARK}{}", hex::encode(rnd)));
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)
+                .map_err(io(&k))?;
+            Ok(LocalUpload {
+                key: k,
+                file: std::sync::Arc::new(file),
+                temp,
+                target,
+            })
+        })
+        .await
+    }
+}
+
+fn walk(root: &Path, dir: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Result<(), StoreError> {
+    let rd = match std::fs::read_dir(root.join(dir)) {
+        Ok(rd) => rd,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(())
+        }
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for entry in rd {
+        let entry = entry.map_err(io(dir))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if name.contains(UPLOAD_MARK) {
+            continue;
+        }
+        let key = if dir.is_empty() {
+            name
+        } else {
+            format!("{dir}/{name}")
+        };
+        let ft = entry.file_type().map_err(io(&key))?;
+        if ft.is_dir() {
+            if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
+                walk(root, &key, prefix, out)?;
+            }
+        } else if ft.is_file() && key.starts_with(prefix) {
+            let m = entry.metadata().map_err(io(&key))?;
+            out.push(ObjectInfo {
+                size: m.size(),
+                etag: etag(&m),
+                key,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A local upload: a hidden temp file renamed into place on `complete`.
+pub struct LocalUpload {
+    key: String,
+    file: std::sync::Arc<std::fs::File>,
+    temp: PathBuf,
+    target: PathBuf,
+}
+
+impl LocalUpload {
+    pub async fn put_part(&self, offset: u64, body: Bytes) -> Result<(), StoreError> {
+        let f = self.file.clone();
+        let k = self.key.clone();
+        blocking(move || f.write_all_at(&body, offset).map_err(io(&k))).await
+    }
+
+    pub async fn complete(self) -> Result<(), StoreError> {
+        blocking(move || {
+            self.file.sync_all().map_err(io(&self.key))?;
+            std::fs::rename(&self.temp, &self.target).map_err(io(&self.key))
+        })
+        .await
+    }
+
+    pub async fn abort(self) -> Result<(), StoreError> {
+        blocking(move || std::fs::remove_file(&self.temp).map_err(io(&self.key))).await
+    }
+}

@@ -1,0 +1,212 @@
+//! Object stores: an S3 bucket or a local directory, behind one small interface.
+//!
+//! Keys are `/`-separated paths relative to the store root (the bucket, or the directory a
+//! local URI names). Every read of a data object can be pinned to an ETag (`If-Match`),
+//! so a replaced object fails instead of mixing versions.
+
+pub mod local;
+pub mod s3;
+
+use bytes::Bytes;
+
+/// One object from a listing or a HEAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+}
+
+/// Store errors; none carries object bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("bad location {0:?}: expected s3://BUCKET[/PREFIX], file://PATH or a path")]
+    BadUri(String),
+    #[error("{0}: no such object")]
+    NotFound(String),
+    #[error("{0}: object changed since it was opened (ETag mismatch)")]
+    Changed(String),
+    #[error("{0}: already exists (use --force to replace it)")]
+    Exists(String),
+    #[error("{key}: access denied by the store ({op}): {message}")]
+    Denied {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("{key}: {op} failed: {message}")]
+    Failed {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("{key}: {source}")]
+    Io { key: String, source: std::io::Error },
+}
+
+/// A store and a key prefix within it, parsed from a URI.
+pub struct Location {
+    pub store: Store,
+    /// Key prefix (no leading or trailing `/`; empty for the root).
+    pub prefix: String,
+}
+
+impl Location {
+    pub async fn parse(uri: &str) -> Result<Self, StoreError> {
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StoreError::BadUri(uri.to_string()));
+            }
+            let store = Store::S3(s3::S3Store::new(bucket).await?);
+            return Ok(Self {
+                store,
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        if uri.contains("://") && !uri.starts_with("file://") {
+            return Err(StoreError::BadUri(uri.to_string()));
+        }
+        let path = std::path::Path::new(uri.strip_prefix("file://").unwrap_or(uri));
+        if path.as_os_str().is_empty() {
+            return Err(StoreError::BadUri(uri.to_string()));
+        }
+        // A path naming an existing regular file is one object in its parent directory.
+        if path.is_file() {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(".".as_ref());
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| StoreError::BadUri(uri.into()))?;
+            return Ok(Self {
+                store: Store::Local(local::LocalStore::new(parent)),
+                prefix: name.to_string(),
+            });
+        }
+        Ok(Self {
+            store: Store::Local(local::LocalStore::new(path)),
+            prefix: String::new(),
+        })
+    }
+
+    /// The key of `rel` under this location's prefix.
+    pub fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        }
+    }
+
+    pub fn describe(&self, key: &str) -> String {
+        self.store.describe(key)
+    }
+}
+
+/// The store behind a location.
+pub enum Store {
+    Local(local::LocalStore),
+    S3(s3::S3Store),
+}
+
+/// An in-progress upload of one object, invisible until `complete`.
+pub enum Upload {
+    Local(local::LocalUpload),
+    S3(s3::S3Upload),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Local($s) => $e,
+            Store::S3($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Every object whose key starts with `prefix` (a plain string prefix), any depth.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        dispatch!(self, s => s.list(prefix).await)
+    }
+
+    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        dispatch!(self, s => s.head(key).await)
+    }
+
+    /// A whole (small) object and its ETag.
+    pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
+        dispatch!(self, s => s.get(key).await)
+    }
+
+    /// Bytes `[start, end)` of `key`; fails with `Changed` if `if_match` no longer holds.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        if_match: Option<&str>,
+    ) -> Result<Bytes, StoreError> {
+        if start >= end {
+            return Ok(Bytes::new());
+        }
+        let b = dispatch!(self, s => s.get_range(key, start, end, if_match).await)?;
+        if b.len() as u64 != end - start {
+            return Err(StoreError::Failed {
+                op: "GetObject",
+                key: key.to_string(),
+                message: format!("short read: {} of {} bytes", b.len(), end - start),
+            });
+        }
+        Ok(b)
+    }
+
+    /// Replaces `key` atomically with `body` (small objects: key objects).
+    pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put(key, body).await)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.delete(key).await)
+    }
+
+    pub async fn start_upload(&self, key: &str) -> Result<Upload, StoreError> {
+        Ok(match self {
+            Store::Local(s) => Upload::Local(s.start_upload(key).await?),
+            Store::S3(s) => Upload::S3(s.start_upload(key).await?),
+        })
+    }
+
+    /// Human name of an object for messages.
+    pub fn describe(&self, key: &str) -> String {
+        dispatch!(self, s => s.describe(key))
+    }
+}
+
+impl Upload {
+    /// Part numbers start at 1; `offset` is the part's position in the object.
+    pub async fn put_part(&self, number: u32, offset: u64, body: Bytes) -> Result<(), StoreError> {
+        match self {
+            Upload::Local(u) => u.put_part(offset, body).await,
+            Upload::S3(u) => u.put_part(number, body).await,
+        }
+    }
+
+    pub async fn complete(self) -> Result<(), StoreError> {
+        match self {
+            Upload::Local(u) => u.complete().await,
+            Upload::S3(u) => u.complete().await,
+        }
+    }
+
+    pub async fn abort(self) -> Result<(), StoreError> {
+        match self {
+            Upload::Local(u) => u.abort().await,
+            Upload::S3(u) => u.abort().await,
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! S3 through aws-sdk-s3: paginated LIST, conditional ranged GETs, multipart uploads.
+//!
+//! Path-style addressing is used whenever a custom endpoint is configured
+//! (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), as local servers need it.
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+use super::{ObjectInfo, StoreError};
+
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+fn classify<E>(op: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let key = key.to_string();
+    if let SdkError::ServiceError(se) = &err {
+        let e = se.err();
+        let message = e.message().unwrap_or("").to_string();
+        match e.code().unwrap_or("") {
+            "NoSuchKey" | "NotFound" | "NoSuchBucket" => return StoreError::NotFound(key),
+            "PreconditionFailed" => return StoreError::Changed(key),
+            "AccessDenied" | "Forbidden" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                return StoreError::Denied { op, key, message }
+            }
+            code if !code.is_empty() => {
+                return StoreError::Failed {
+                    op,
+                    key,
+                    message: format!("{code}: {message}"),
+                }
+            }
+            _ => {}
+        }
+    }
+    // HEAD errors have no body, so no code: fall back on the HTTP status.
+    if let Some(status) = err.raw_response().map(|r| r.status().as_u16()) {
+        match status {
+            404 => return StoreError::NotFound(key),
+            412 => return StoreError::Changed(key),
+            403 => {
+                return StoreError::Denied {
+                    op,
+                    key,
+                    message: "HTTP 403".into(),
+                }
+            }
+            _ => {}
+        }
+    }
+    StoreError::Failed {
+        op,
+        key,
+        message: crate::error_chain(&err),
+    }
+}
+
+impl S3Store {
+    pub async fn new(bucket: &str) -> Result<Self, StoreError> {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let custom_endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+        let s3conf = aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(custom_endpoint)
+            .build();
+        if s3conf.region().is_none() {
+            return Err(StoreError::Failed {
+                op: "configure",
+                key: format!("s3://{bucket}"),
+                message: "no AWS region: set AWS_REGION".into(),
+            });
+        }
+        Ok(Self {
+            client: aws_sdk_s3::Client::from_conf(s3conf),
+            bucket: bucket.to_string(),
+        })
+    }
+
+    pub fn describe(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("ListObjectsV2", prefix, e))?;
+            for o in page.contents() {
+                if let Some(key) = o.key() {
+                    out.push(ObjectInfo {
+                        key: key.to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        etag: o.e_tag().unwrap_or("").to_string(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify("HeadObject", key, e))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: out.e_tag().unwrap_or("").to_string(),
+        })
+    }
+
+    pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify("GetObject", key, e))?;
+        let etag = out.e_tag().unwrap_or("").to_string();
+        let body = out.body.collect().await.map_err(|e| StoreError::Failed {
+            op: "GetObject",
+            key: key.to_string(),
+            message: crate::error_chain(&e),
+        })?;
+        Ok((body.into_bytes(), etag))
+    }
+
+    pub async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        if_match: Option<&str>,
+    ) -> Result<Bytes, StoreError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={start}-{}", end - 1))
+            .set_if_match(if_match.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| classify("GetObject", key, e))?;
+        let body = out.body.collect().await.map_err(|e| StoreError::Failed {
+            op: "GetObject",
+            key: key.to_string(),
+            message: crate::error_chain(&e),
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify("PutObject", key, e))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify("DeleteObject", key, e))?;
+        Ok(())
+    }
+
+    pub async fn start_upload(&self, key: &str) -> Result<S3Upload, StoreError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify("CreateMultipartUpload", key, e))?;
+        let upload_id = out.upload_id().unwrap_or("").to_string();
+        Ok(S3Upload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            upload_id,
+            parts: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+/// An S3 multipart upload: nothing is visible until CompleteMultipartUpload.
+pub struct S3Upload {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    parts: Mutex<Vec<CompletedPart>>,
+}
+
+impl S3Upload {
+    pub async fn put_part(&self, number: u32, body: Bytes) -> Result<(), StoreError> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .part_number(number as i32)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify("UploadPart", &self.key, e))?;
+        let part = CompletedPart::builder()
+            .part_number(number as i32)
+            .set_e_tag(out.e_tag().map(str::to_string))
+            .build();
+        self.parts.lock().await.push(part);
+        Ok(())
+    }
+
+    pub async fn complete(self) -> Result<(), StoreError> {
+        let mut parts = self.parts.into_inner();
+        parts.sort_by_key(|p| p.part_number());
+        let res = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let err = classify("CompleteMultipartUpload", &self.key, e);
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&self.key)
+                    .upload_id(&self.upload_id)
+                    .send()
+                    .await;
+                Err(err)
+            }
+        }
+    }
+
+    pub async fn abort(self) -> Result<(), StoreError> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await
+            .map_err(|e| classify("AbortMultipartUpload", &self.key, e))?;
+        Ok(())
+    }
+}
