@@ -15,8 +15,18 @@ pub mod telemetry;
 
 pub use error::{Error, Result};
 
-/// An error and its sources on one line: `outer: inner: root`.
+/// An error and its sources on one line: `outer: inner: root` (multi-line messages, as
+/// the AWS credential chain gives, are joined with `; `).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let s = chain(err);
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {

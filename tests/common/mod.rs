@@ -1,0 +1,290 @@
+//! Test harness: the real `sealfs` binary, `moto_server` (S3 + KMS on one 127.0.0.1 port)
+//! behind `tools/fault_proxy.py` (call counts, byte counts, fault injection). Every process
+//! started here is killed in `Drop`, also when a test fails. A missing part is a failure,
+//! never a skip.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sealfs"))
+}
+
+/// Runs `sealfs` with exactly the given environment on top of a clean one.
+pub fn sealfs(args: &[&str], env: &[(String, String)]) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c.env("HOME", std::env::temp_dir());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run sealfs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code and returns stdout + stderr for further checks.
+#[track_caller]
+pub fn expect_code(o: &Output, code: i32) -> String {
+    let all = format!("{}{}", stdout(o), stderr(o));
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "unexpected exit status; output:\n{all}"
+    );
+    all
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool, child: &mut Child) {
+    let start = Instant::now();
+    while !ready() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited before it was ready ({st})");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what} not ready after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// moto_server behind the fault proxy. The tools are required: CI installs them.
+pub struct Stack {
+    _dir: tempfile::TempDir,
+    proxy: Proc,
+    moto: Proc,
+    pub moto_port: u16,
+    pub proxy_port: u16,
+}
+
+impl Stack {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let moto_port = free_port();
+        let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("moto_server not runnable ({e}): pip install 'moto[server]>=5.2.5'")
+            });
+        let mut moto = Proc(child);
+        wait_for(
+            "moto_server",
+            || http(moto_port, "GET", "/moto-api/", "").is_some(),
+            &mut moto.0,
+        );
+
+        let port_file = dir.path().join("proxy.port");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/fault_proxy.py");
+        let child = Command::new("python3")
+            .arg(&script)
+            .args(["--upstream-port", &moto_port.to_string(), "--port-file"])
+            .arg(&port_file)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 is required for tests/tools/fault_proxy.py");
+        let mut proxy = Proc(child);
+        wait_for("fault proxy", || port_file.exists(), &mut proxy.0);
+        let proxy_port: u16 = std::fs::read_to_string(&port_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Self {
+            _dir: dir,
+            proxy,
+            moto,
+            moto_port,
+            proxy_port,
+        }
+    }
+
+    /// Environment for sealfs: everything goes through the proxy.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let url = format!("http://127.0.0.1:{}", self.proxy_port);
+        [
+            ("AWS_ENDPOINT_URL", url.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    pub fn counts(&self) -> serde_json::Value {
+        let (_, body) = http(self.proxy_port, "GET", "/__proxy/counts", "").expect("proxy counts");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn count(&self, name: &str) -> u64 {
+        self.counts()[name].as_u64().unwrap_or(0)
+    }
+
+    pub fn reset(&self) {
+        http(self.proxy_port, "POST", "/__proxy/reset", "").expect("proxy reset");
+    }
+
+    pub fn fault(&self, spec: serde_json::Value) {
+        http(self.proxy_port, "POST", "/__proxy/fault", &spec.to_string()).expect("proxy fault");
+    }
+
+    /// SDK config pointing at moto directly (setup calls stay out of the proxy's counts).
+    async fn sdk(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(format!("http://127.0.0.1:{}", self.moto_port))
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .load()
+            .await
+    }
+
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        let conf = aws_sdk_s3::config::Builder::from(&self.sdk().await)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    pub async fn kms(&self) -> aws_sdk_kms::Client {
+        aws_sdk_kms::Client::new(&self.sdk().await)
+    }
+
+    pub async fn create_bucket(&self, name: &str) {
+        self.s3()
+            .await
+            .create_bucket()
+            .bucket(name)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// A new symmetric KMS key; returns its key id.
+    pub async fn create_key(&self, alias: Option<&str>) -> String {
+        let kms = self.kms().await;
+        let id = kms
+            .create_key()
+            .send()
+            .await
+            .unwrap()
+            .key_metadata()
+            .unwrap()
+            .key_id()
+            .to_string();
+        if let Some(a) = alias {
+            kms.create_alias()
+                .alias_name(a)
+                .target_key_id(&id)
+                .send()
+                .await
+                .unwrap();
+        }
+        id
+    }
+
+    pub async fn keys_in(&self, bucket: &str) -> Vec<(String, i64)> {
+        let out = self
+            .s3()
+            .await
+            .list_objects_v2()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        out.contents()
+            .iter()
+            .map(|o| (o.key().unwrap().to_string(), o.size().unwrap_or(0)))
+            .collect()
+    }
+
+    pub async fn open_uploads(&self, bucket: &str) -> usize {
+        let out = self
+            .s3()
+            .await
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        out.uploads().len()
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so fixtures need no RNG crate.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+pub fn s(v: &str) -> String {
+    v.to_string()
+}

@@ -1,0 +1,442 @@
+//! The sealing CLI against moto_server (S3 + KMS) through the counting, fault-injecting proxy.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct Fixture {
+    stack: Stack,
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+/// moto + proxy, bucket `models`, a source tree with chunk-edge sizes (chunk = 16 KiB).
+fn fixture() -> Fixture {
+    let stack = Stack::start();
+    rt().block_on(stack.create_bucket("models"));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for (name, len) in [
+        ("empty", 0),
+        ("one", 1),
+        ("edge-", 16383),
+        ("edge", 16384),
+        ("edge+", 16385),
+    ] {
+        std::fs::write(src.join(name), pattern(len, len as u64)).unwrap();
+    }
+    std::fs::write(src.join("sub/model.bin"), pattern(300_000, 7)).unwrap();
+    let env = stack.env();
+    Fixture { stack, dir, env }
+}
+
+impl Fixture {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        sealfs(args, &self.env)
+    }
+    fn path(&self, p: &str) -> String {
+        self.dir.path().join(p).display().to_string()
+    }
+}
+
+#[test]
+fn seal_verify_unseal_rewrap_verify_with_two_kms_keys_and_a_file_key() {
+    let f = fixture();
+    let (a, b) = rt().block_on(async {
+        (
+            f.stack.create_key(Some("alias/models-a")).await,
+            f.stack.create_key(None).await,
+        )
+    });
+    let kek = f.path("escrow.key");
+    expect_code(&f.run(&["keygen", &kek]), 0);
+    let file_key = format!("file:{kek}");
+    let src = f.path("src");
+
+    f.stack.reset();
+    let out = f.run(&[
+        "seal",
+        &src,
+        "s3://models/llama",
+        "--key",
+        "kms:alias/models-a",
+        "--key",
+        &format!("kms:{b}"),
+        "--key",
+        &file_key,
+        "--context",
+        "env=test",
+        "--chunk-size",
+        "16KiB",
+    ]);
+    let text = expect_code(&out, 0);
+    assert_eq!(
+        text.matches("sealed s3://models/llama/").count(),
+        6,
+        "{text}"
+    );
+    // One data key per file; the second KMS key wraps that same DEK with Encrypt.
+    assert_eq!(f.stack.count("kms:GenerateDataKey"), 6);
+    assert_eq!(f.stack.count("kms:Encrypt"), 6);
+    assert_eq!(f.stack.count("kms:Decrypt"), 0);
+
+    // LIST alone gives plaintext sizes: data objects are prelude + plaintext + tags.
+    let objects = rt().block_on(f.stack.keys_in("models"));
+    let size_of = |k: &str| objects.iter().find(|(n, _)| n == k).map(|x| x.1).unwrap();
+    assert_eq!(size_of("llama/edge+"), 32 + 16385 + 2 * 16);
+    assert_eq!(size_of("llama/empty"), 32 + 16);
+    assert!(objects
+        .iter()
+        .any(|(n, _)| n == "llama/sub/model.bin.sealfs-c14"));
+
+    let insp = f.run(&["inspect", "s3://models/llama/sub/model.bin", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&insp)).unwrap();
+    let file = &v["files"][0];
+    assert_eq!(file["plaintext_size"], 300_000);
+    assert_eq!(file["encryption_context"]["env"], "test");
+    assert_eq!(
+        file["encryption_context"]["sealfs:path"],
+        "llama/sub/model.bin"
+    );
+    assert_eq!(file["wrapped_keys"].as_array().unwrap().len(), 3);
+    assert!(
+        file["wrapped_keys"][0]["key_id"]
+            .as_str()
+            .unwrap()
+            .ends_with(&a),
+        "slot records the ARN"
+    );
+
+    // Each key alone opens every file.
+    for key in [format!("kms:{a}"), format!("kms:{b}"), file_key.clone()] {
+        let t = expect_code(&f.run(&["verify", "s3://models/llama", "--key", &key]), 0);
+        assert_eq!(t.matches("ok ").count(), 6, "{key}: {t}");
+    }
+
+    let out_dir = f.path("out");
+    expect_code(
+        &f.run(&[
+            "unseal",
+            "s3://models/llama",
+            &out_dir,
+            "--key",
+            "kms:alias/models-a",
+        ]),
+        0,
+    );
+    for name in ["empty", "one", "edge-", "edge", "edge+", "sub/model.bin"] {
+        let want = std::fs::read(f.dir.path().join("src").join(name)).unwrap();
+        let got = std::fs::read(f.dir.path().join("out").join(name)).unwrap();
+        assert_eq!(sha256(&got), sha256(&want), "{name}");
+    }
+
+    // Rotate to b only: between KMS keys this is ReEncrypt, and the DEK is never decrypted here.
+    f.stack.reset();
+    expect_code(
+        &f.run(&[
+            "rewrap",
+            "s3://models/llama",
+            "--key",
+            &format!("kms:{a}"),
+            "--to-key",
+            &format!("kms:{b}"),
+        ]),
+        0,
+    );
+    assert_eq!(f.stack.count("kms:ReEncrypt"), 6);
+    assert_eq!(f.stack.count("kms:Decrypt"), 0);
+    expect_code(
+        &f.run(&["verify", "s3://models/llama", "--key", &format!("kms:{b}")]),
+        0,
+    );
+    // a and the escrow file key no longer open anything, and a is never asked.
+    f.stack.reset();
+    let t = expect_code(
+        &f.run(&["verify", "s3://models/llama", "--key", &format!("kms:{a}")]),
+        4,
+    );
+    assert!(t.contains("no trusted key can open it"), "{t}");
+    assert_eq!(
+        f.stack.count("kms:Decrypt"),
+        0,
+        "untrusted slots are never sent to KMS"
+    );
+    expect_code(
+        &f.run(&["verify", "s3://models/llama", "--key", &file_key]),
+        4,
+    );
+}
+
+#[test]
+fn rewrap_of_an_87_mib_object_moves_under_1_mib_and_keeps_the_data_object() {
+    let f = fixture();
+    let (a, b) = rt().block_on(async {
+        (
+            f.stack.create_key(None).await,
+            f.stack.create_key(None).await,
+        )
+    });
+    let big = f.path("big.bin");
+    std::fs::write(&big, pattern(87 << 20, 87)).unwrap();
+    expect_code(
+        &f.run(&[
+            "seal",
+            &big,
+            "s3://models/big",
+            "--key",
+            &format!("kms:{a}"),
+        ]),
+        0,
+    );
+    let etag = |s: &Stack| {
+        rt().block_on(async {
+            s.s3()
+                .await
+                .head_object()
+                .bucket("models")
+                .key("big/big.bin")
+                .send()
+                .await
+                .unwrap()
+                .e_tag()
+                .unwrap()
+                .to_string()
+        })
+    };
+    let before = etag(&f.stack);
+    f.stack.reset();
+    expect_code(
+        &f.run(&[
+            "rewrap",
+            "s3://models/big",
+            "--key",
+            &format!("kms:{a}"),
+            "--to-key",
+            &format!("kms:{b}"),
+        ]),
+        0,
+    );
+    let c = f.stack.counts();
+    let moved = c["bytes_up"].as_u64().unwrap() + c["bytes_down"].as_u64().unwrap();
+    assert!(moved < 1 << 20, "rewrap moved {moved} bytes");
+    assert_eq!(etag(&f.stack), before, "the data object is untouched");
+    assert_eq!(c["s3:PUT"], 1, "only the key object is written: {c}");
+}
+
+#[test]
+fn disabled_or_denied_kms_key_fails_with_exit_4_and_names_the_key() {
+    let f = fixture();
+    let a = rt().block_on(f.stack.create_key(None));
+    let src = f.path("src/one");
+    expect_code(
+        &f.run(&["seal", &src, "s3://models/x", "--key", &format!("kms:{a}")]),
+        0,
+    );
+    let out_path = f.path("plain");
+    for err in [
+        "DisabledException",
+        "KMSInvalidStateException",
+        "AccessDeniedException",
+    ] {
+        f.stack.reset();
+        f.stack.fault(json!({"match": "kms:Decrypt", "error": err}));
+        let t = expect_code(
+            &f.run(&[
+                "unseal",
+                "s3://models/x/one",
+                &out_path,
+                "--key",
+                &format!("kms:{a}"),
+            ]),
+            4,
+        );
+        assert!(t.contains(&a), "{err}: names the key: {t}");
+        assert!(
+            t.lines().filter(|l| l.contains("error")).count() == 1,
+            "{err}: one error line: {t}"
+        );
+        assert_eq!(f.stack.count("kms:Decrypt"), 1, "{err}: no retry storm");
+        assert!(!std::path::Path::new(&out_path).exists());
+    }
+}
+
+#[test]
+fn kms_throttling_is_retried_a_bounded_number_of_times() {
+    let f = fixture();
+    let a = rt().block_on(f.stack.create_key(None));
+    expect_code(
+        &f.run(&[
+            "seal",
+            &f.path("src/one"),
+            "s3://models/x",
+            "--key",
+            &format!("kms:{a}"),
+        ]),
+        0,
+    );
+    // Two throttles, then success: the SDK's backoff absorbs them.
+    f.stack.reset();
+    f.stack
+        .fault(json!({"match": "kms:Decrypt", "error": "ThrottlingException", "times": 2}));
+    expect_code(
+        &f.run(&["verify", "s3://models/x", "--key", &format!("kms:{a}")]),
+        0,
+    );
+    assert_eq!(f.stack.count("kms:Decrypt"), 3);
+    // Throttled forever: bounded attempts, then a clear failure.
+    f.stack.reset();
+    f.stack
+        .fault(json!({"match": "kms:Decrypt", "error": "ThrottlingException"}));
+    let t = expect_code(
+        &f.run(&["verify", "s3://models/x", "--key", &format!("kms:{a}")]),
+        1,
+    );
+    assert!(t.contains("KMS unavailable"), "{t}");
+    let n = f.stack.count("kms:Decrypt");
+    assert!((2..=5).contains(&n), "bounded retries, got {n}");
+}
+
+#[test]
+fn interrupted_or_failed_seal_leaves_nothing_visible() {
+    let f = fixture();
+    let a = rt().block_on(f.stack.create_key(None));
+    let big = f.path("big.bin");
+    std::fs::write(&big, pattern(40 << 20, 3)).unwrap();
+    // An upload part that keeps failing: the upload is aborted, the key object removed.
+    f.stack
+        .fault(json!({"match": "s3:UploadPart", "error": "500"}));
+    let t = expect_code(
+        &f.run(&[
+            "seal",
+            &big,
+            "s3://models/fail",
+            "--key",
+            &format!("kms:{a}"),
+            "--part-size",
+            "8MiB",
+        ]),
+        5,
+    );
+    assert!(t.contains("UploadPart"), "{t}");
+    assert!(
+        rt().block_on(f.stack.keys_in("models")).is_empty(),
+        "nothing visible after a failed seal"
+    );
+    assert_eq!(
+        rt().block_on(f.stack.open_uploads("models")),
+        0,
+        "multipart upload aborted"
+    );
+
+    // SIGINT in the middle of a slow upload.
+    f.stack.reset();
+    f.stack
+        .fault(json!({"match": "s3:UploadPart", "delay": 1.0, "times": 100}));
+    let mut c = std::process::Command::new(bin());
+    c.args([
+        "seal",
+        &big,
+        "s3://models/int",
+        "--key",
+        &format!("kms:{a}"),
+        "--part-size",
+        "8MiB",
+    ]);
+    c.env_clear()
+        .envs(f.env.iter().cloned())
+        .env("PATH", std::env::var("PATH").unwrap());
+    let child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while f.stack.count("s3:UploadPart") == 0 {
+        assert!(start.elapsed().as_secs() < 30, "upload never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let t = expect_code(&out, 130);
+    assert!(t.contains("interrupted"), "{t}");
+    assert!(
+        rt().block_on(f.stack.keys_in("models")).is_empty(),
+        "nothing visible after SIGINT"
+    );
+    assert_eq!(
+        rt().block_on(f.stack.open_uploads("models")),
+        0,
+        "multipart upload aborted"
+    );
+}
+
+#[test]
+fn file_copied_over_another_path_in_the_bucket_is_refused() {
+    let f = fixture();
+    let a = rt().block_on(f.stack.create_key(None));
+    expect_code(
+        &f.run(&[
+            "seal",
+            &f.path("src"),
+            "s3://models/m",
+            "--key",
+            &format!("kms:{a}"),
+            "--chunk-size",
+            "16KiB",
+        ]),
+        0,
+    );
+    rt().block_on(async {
+        let s3 = f.stack.s3().await;
+        for (from, to) in [
+            ("m/edge-", "m/edge"),
+            ("m/edge-.sealfs-c14", "m/edge.sealfs-c14"),
+        ] {
+            s3.copy_object()
+                .bucket("models")
+                .copy_source(format!("models/{from}"))
+                .key(to)
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    let out = f.path("o");
+    let t = expect_code(
+        &f.run(&[
+            "unseal",
+            "s3://models/m/edge",
+            &out,
+            "--key",
+            &format!("kms:{a}"),
+        ]),
+        3,
+    );
+    assert!(t.contains("sealed for path \"m/edge-\""), "{t}");
+    assert!(!std::path::Path::new(&out).exists());
+}
+
+#[test]
+fn bad_uri_and_missing_credentials_give_one_clear_line() {
+    let f = fixture();
+    let t = expect_code(&f.run(&["inspect", "ftp://x/y"]), 2);
+    assert!(t.starts_with("sealfs: error: bad location"), "{t}");
+    let t = expect_code(&f.run(&["verify", "s3://models/x", "--key", "nope:1"]), 2);
+    assert!(t.contains("bad key URI"), "{t}");
+    let env: Vec<_> = f
+        .env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("AWS_SECRET") && !k.starts_with("AWS_ACCESS"))
+        .cloned()
+        .collect();
+    let out = sealfs(&["inspect", "s3://models/x"], &env);
+    assert_ne!(out.status.code(), Some(0));
+    let e = stderr(&out);
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
+    assert!(e.starts_with("sealfs: error:"), "{e}");
+}
