@@ -1,12 +1,15 @@
 //! sealfs: client-side encrypted, chunked model files on S3, served as plaintext.
 //!
-//! Dependencies run one way: `cli` → `seal` → `object` → {`keys`, `store`} →
-//! {`crypto`, `format`}. `format` and `crypto` do no I/O. See docs/ARCHITECTURE.md.
+//! Dependencies run one way: `cli` → {`fuse` → `fs` → `cache`, `seal`} → `object` →
+//! {`keys`, `store`} → {`crypto`, `format`}. `format` and `crypto` do no I/O. See docs/ARCHITECTURE.md.
 
+pub mod cache;
 pub mod cli;
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod fs;
+pub mod fuse;
 pub mod keys;
 pub mod object;
 pub mod seal;

@@ -138,7 +138,8 @@ fn regenerate() {
     // Bad cases: copies of ok-multi under another name (sealed for that name, so the copy
     // first re-seals the same plaintext at the new path) with one defect each.
     let multi = pattern(3 * C + 100, 3 * C as u64 + 111);
-    let bad: [(&str, &str, &str, i32, fn(&mut Vec<u8>, &mut Vec<u8>)); 7] = [
+    type Mutate = fn(&mut Vec<u8>, &mut Vec<u8>);
+    let bad: [(&str, &str, &str, i32, Mutate); 7] = [
         (
             "bad-body-flip",
             "chunk 1 failed authentication",

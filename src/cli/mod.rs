@@ -75,6 +75,47 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Mount sealed files read-only as plaintext (daemonizes once the mount is live).
+    Mount {
+        /// s3://BUCKET/PREFIX, file://PATH or a directory path.
+        uri: String,
+        mountpoint: PathBuf,
+        /// Trusted keys: files wrapped under none of them are refused (EACCES).
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        /// Locked memory for decrypted chunks.
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        cache_size: u64,
+        /// Keep an unwrapped DEK this long after its file's last close (e.g. 30s, 5m).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        dek_grace: std::time::Duration,
+        /// Largest sequential read-ahead window (also bounded by a quarter of the cache).
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        max_prefetch: u64,
+        /// Bypass the kernel page cache (breaks mmap: safetensors, np.memmap).
+        #[arg(long)]
+        direct_io: bool,
+        /// Stay attached to the terminal (systemd runs it this way).
+        #[arg(long)]
+        foreground: bool,
+        /// Let every user read the mount (needs user_allow_other in /etc/fuse.conf).
+        #[arg(long)]
+        allow_other: bool,
+        /// Let root read the mount too.
+        #[arg(long)]
+        allow_root: bool,
+        /// Owner shown for files and directories (default: the mounting user).
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        /// Permission bits of files (octal).
+        #[arg(long, default_value = "444", value_parser = parse_mode)]
+        file_mode: u16,
+        /// Permission bits of directories (octal).
+        #[arg(long, default_value = "555", value_parser = parse_mode)]
+        dir_mode: u16,
+    },
     /// Replace the wrapped DEKs: the new set is exactly the --to-key list.
     Rewrap {
         uri: String,
@@ -110,6 +151,28 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?}: too large"))
 }
 
+/// Durations like `30s`, `5m`, `1h`, `250ms` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: not a duration"))?;
+    Ok(match unit {
+        "" | "s" => std::time::Duration::from_secs(n),
+        "ms" => std::time::Duration::from_millis(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        "h" => std::time::Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit (use ms, s, m, h)")),
+    })
+}
+
+fn parse_mode(s: &str) -> Result<u16, String> {
+    u16::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?}: not an octal mode"))
+}
+
 fn parse_chunk_size(s: &str) -> Result<u8, String> {
     let n = parse_size(s)?;
     let log2 = n.trailing_zeros() as u8;
@@ -135,6 +198,10 @@ async fn keyring(specs: &[String]) -> Result<Keyring> {
 /// Runs the command; returns the exit code after printing its output or one error line.
 pub fn main_with(cli: Cli) -> i32 {
     crate::telemetry::init(&cli.log_level);
+    if let Command::Mount { .. } = cli.command {
+        // The mount forks before any thread exists, so it builds its own runtime.
+        return crate::fuse::session::run(mount_args(cli.command));
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -165,6 +232,7 @@ pub fn main_with(cli: Cli) -> i32 {
 
 async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
     match cmd {
+        Command::Mount { .. } => unreachable!("handled in main_with"),
         Command::Keygen { path } => {
             let id = crate::keys::file::keygen(&path)?;
             println!("wrote {} ({id})", path.display());
@@ -261,6 +329,49 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
         }
     }
     Ok(exit::OK)
+}
+
+fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
+    let Command::Mount {
+        uri,
+        mountpoint,
+        keys,
+        cache_size,
+        dek_grace,
+        max_prefetch,
+        direct_io,
+        foreground,
+        allow_other,
+        allow_root,
+        uid,
+        gid,
+        file_mode,
+        dir_mode,
+    } = cmd
+    else {
+        unreachable!("called for mount only")
+    };
+    let d = crate::fs::MountConfig::default();
+    let config = crate::fs::MountConfig {
+        cache_size: cache_size as usize,
+        dek_grace,
+        max_prefetch,
+        uid: uid.unwrap_or(d.uid),
+        gid: gid.unwrap_or(d.gid),
+        file_mode,
+        dir_mode,
+        direct_io,
+        ..d
+    };
+    crate::fuse::session::MountArgs {
+        uri,
+        mountpoint,
+        keys,
+        config,
+        foreground,
+        allow_other,
+        allow_root,
+    }
 }
 
 fn print_inspect(v: &serde_json::Value) {

@@ -102,7 +102,7 @@ impl std::str::FromStr for KeySpec {
 /// One resolved KEK.
 pub enum Kek {
     Kms(kms::KmsKey),
-    File(file::FileKek),
+    File(Box<file::FileKek>),
 }
 
 impl Kek {
@@ -154,7 +154,7 @@ impl Keyring {
         let mut kms_clients: BTreeMap<Option<String>, aws_sdk_kms::Client> = BTreeMap::new();
         for spec in specs {
             keks.push(match spec {
-                KeySpec::File(p) => Kek::File(file::FileKek::load(p)?),
+                KeySpec::File(p) => Kek::File(Box::new(file::FileKek::load(p)?)),
                 KeySpec::Kms(id) => {
                     let region = kms::region_of(id);
                     let client = match kms_clients.get(&region) {

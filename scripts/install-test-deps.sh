@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine (as root, or with sudo).
+set -euo pipefail
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+if ! command -v fusermount3 >/dev/null || [ ! -e /dev/fuse ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 >/dev/null
+fi
+# moto >= 5.2.5: 5.2.1 answers CompleteMultipartUpload with a root element aws-sdk-s3 rejects.
+python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors 2>&1 \
+  | grep -v "Running pip as the 'root' user" || true
+python3 - <<'PY'
+import importlib.metadata as m
+v = tuple(int(x) for x in m.version("moto").split(".")[:3])
+assert v >= (5, 2, 5), f"moto {v} is too old; need >= 5.2.5"
+PY

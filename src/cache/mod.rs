@@ -1,0 +1,320 @@
+//! Decrypted chunks live only here: a fixed number of equal slots in one locked region,
+//! evicted least-recently-used, zeroized on eviction and on drop.
+//!
+//! Discipline that makes the raw slot access sound: a slot is either
+//! - `Free`: nobody holds it;
+//! - `Filling`: exactly one [`Reservation`] holds it and may write it;
+//! - `Ready`: read-only; each [`Pinned`] holds a pin, and a slot is only evicted (and so
+//!   written again) when it has no pins.
+//! All state changes happen under the one mutex.
+
+pub mod locked;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use zeroize::Zeroize;
+
+use crate::crypto::LockError;
+use locked::LockedRegion;
+
+/// (open-file sequence number, chunk index).
+pub type ChunkKey = (u64, u64);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    Filling,
+    Ready,
+}
+
+struct Slot {
+    state: State,
+    key: ChunkKey,
+    len: usize,
+    pins: u32,
+    tick: u64,
+}
+
+struct Inner {
+    map: HashMap<ChunkKey, usize>,
+    slots: Vec<Slot>,
+    tick: u64,
+    hits: u64,
+    misses: u64,
+    evictions: u64,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub ready: usize,
+}
+
+pub struct ChunkCache {
+    region: LockedRegion,
+    slot_size: usize,
+    inner: Mutex<Inner>,
+}
+
+impl ChunkCache {
+    /// `capacity` bytes of locked memory cut into slots of `slot_size` bytes (at least 2).
+    pub fn new(capacity: usize, slot_size: usize) -> Result<Arc<Self>, LockError> {
+        let n = (capacity / slot_size).max(2);
+        let region = LockedRegion::new(n * slot_size)?;
+        let slots = (0..n)
+            .map(|_| Slot {
+                state: State::Free,
+                key: (0, 0),
+                len: 0,
+                pins: 0,
+                tick: 0,
+            })
+            .collect();
+        let inner = Inner {
+            map: HashMap::new(),
+            slots,
+            tick: 0,
+            hits: 0,
+            misses: 0,
+            evictions: 0,
+        };
+        Ok(Arc::new(Self {
+            region,
+            slot_size,
+            inner: Mutex::new(inner),
+        }))
+    }
+
+    pub fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+
+    pub fn slots(&self) -> usize {
+        self.region.len() / self.slot_size
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent state (no partial updates).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let g = self.lock();
+        let ready = g.slots.iter().filter(|s| s.state == State::Ready).count();
+        CacheStats {
+            hits: g.hits,
+            misses: g.misses,
+            evictions: g.evictions,
+            ready,
+        }
+    }
+
+    /// True if the chunk is cached (without touching its recency).
+    pub fn contains(&self, key: ChunkKey) -> bool {
+        self.lock().map.contains_key(&key)
+    }
+
+    /// Pins a cached chunk.
+    pub fn get(self: &Arc<Self>, key: ChunkKey) -> Option<Pinned> {
+        let mut g = self.lock();
+        g.tick += 1;
+        let tick = g.tick;
+        let Some(&i) = g.map.get(&key) else {
+            g.misses += 1;
+            return None;
+        };
+        g.hits += 1;
+        let s = &mut g.slots[i];
+        s.pins += 1;
+        s.tick = tick;
+        Some(Pinned {
+            cache: self.clone(),
+            slot: i,
+            len: s.len,
+        })
+    }
+
+    /// A slot to fill: a free one, or the least recently used unpinned chunk, zeroized.
+    /// `None` when every slot is pinned or filling.
+    pub fn reserve(self: &Arc<Self>) -> Option<Reservation> {
+        let mut g = self.lock();
+        let i = match g.slots.iter().position(|s| s.state == State::Free) {
+            Some(i) => i,
+            None => {
+                let (i, _) = g
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.state == State::Ready && s.pins == 0)
+                    .min_by_key(|(_, s)| s.tick)?;
+                let key = g.slots[i].key;
+                g.map.remove(&key);
+                g.evictions += 1;
+                self.wipe(i, g.slots[i].len);
+                i
+            }
+        };
+        g.slots[i].state = State::Filling;
+        Some(Reservation {
+            cache: self.clone(),
+            slot: i,
+            done: false,
+        })
+    }
+
+    /// Drops every chunk of one open file (when its DEK is released).
+    pub fn remove_file(&self, seq: u64) {
+        let mut g = self.lock();
+        let keys: Vec<_> = g.map.keys().filter(|k| k.0 == seq).copied().collect();
+        for k in keys {
+            let i = g.map[&k];
+            if g.slots[i].pins == 0 {
+                g.map.remove(&k);
+                let len = g.slots[i].len;
+                self.wipe(i, len);
+                g.slots[i].state = State::Free;
+            }
+        }
+    }
+
+    fn wipe(&self, slot: usize, len: usize) {
+        // SAFETY: called under the mutex for a slot that is not pinned and not filling, so
+        // no reference into it exists.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.region.at(slot * self.slot_size),
+                len.min(self.slot_size),
+            )
+        }
+        .zeroize();
+    }
+}
+
+/// Exclusive write access to one slot until committed (becomes `Ready`) or dropped (wiped).
+pub struct Reservation {
+    cache: Arc<ChunkCache>,
+    slot: usize,
+    done: bool,
+}
+
+impl Reservation {
+    pub fn buf(&mut self) -> &mut [u8] {
+        let c = &self.cache;
+        // SAFETY: the slot is `Filling` and this reservation is its only holder.
+        unsafe { std::slice::from_raw_parts_mut(c.region.at(self.slot * c.slot_size), c.slot_size) }
+    }
+
+    /// Publishes the first `len` bytes as chunk `key` and pins it for the caller.
+    pub fn commit(mut self, key: ChunkKey, len: usize) -> Pinned {
+        let cache = self.cache.clone();
+        let mut g = cache.lock();
+        g.tick += 1;
+        let tick = g.tick;
+        if let Some(&old) = g.map.get(&key) {
+            // Filled twice (a race between a reader and the prefetcher): keep the first.
+            let s = &mut g.slots[old];
+            s.pins += 1;
+            s.tick = tick;
+            let len = s.len;
+            drop(g);
+            return Pinned {
+                cache,
+                slot: old,
+                len,
+            };
+        }
+        let s = &mut g.slots[self.slot];
+        *s = Slot {
+            state: State::Ready,
+            key,
+            len,
+            pins: 1,
+            tick,
+        };
+        g.map.insert(key, self.slot);
+        self.done = true;
+        Pinned {
+            cache: cache.clone(),
+            slot: self.slot,
+            len,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let size = self.cache.slot_size;
+        self.buf()[..size].zeroize();
+        let mut g = self.cache.lock();
+        g.slots[self.slot].state = State::Free;
+    }
+}
+
+/// A pinned, authenticated, decrypted chunk.
+pub struct Pinned {
+    cache: Arc<ChunkCache>,
+    slot: usize,
+    len: usize,
+}
+
+impl Pinned {
+    pub fn bytes(&self) -> &[u8] {
+        let c = &self.cache;
+        // SAFETY: the slot is `Ready` and pinned, so nobody writes it while we live.
+        unsafe { std::slice::from_raw_parts(c.region.at(self.slot * c.slot_size), self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut g = self.cache.lock();
+        g.slots[self.slot].pins -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_eviction_skips_pinned_and_wipes() {
+        let c = ChunkCache::new(3 * 64, 64).unwrap();
+        assert_eq!(c.slots(), 3);
+        let mut pins = Vec::new();
+        for i in 0..3u64 {
+            let mut r = c.reserve().unwrap();
+            r.buf()[..4].copy_from_slice(&[i as u8; 4]);
+            pins.push(r.commit((1, i), 4));
+        }
+        assert!(c.reserve().is_none(), "all pinned");
+        drop(pins);
+        assert_eq!(c.get((1, 0)).unwrap().bytes(), &[0u8; 4]); // touch 0: 1 is now LRU
+        let r = c.reserve().unwrap();
+        assert!(!c.contains((1, 1)), "LRU chunk evicted");
+        assert!(c.contains((1, 0)) && c.contains((1, 2)));
+        drop(r); // dropped unfilled: the slot is free again, not published
+        assert_eq!(c.stats().evictions, 1);
+        c.remove_file(1);
+        assert!(!c.contains((1, 0)) && !c.contains((1, 2)));
+    }
+
+    #[test]
+    fn double_fill_keeps_the_first() {
+        let c = ChunkCache::new(4 * 16, 16).unwrap();
+        let mut a = c.reserve().unwrap();
+        let mut b = c.reserve().unwrap();
+        a.buf()[0] = 1;
+        b.buf()[0] = 2;
+        let pa = a.commit((5, 5), 1);
+        let pb = b.commit((5, 5), 1);
+        assert_eq!(pa.bytes(), &[1]);
+        assert_eq!(pb.bytes(), &[1]);
+    }
+}

@@ -1,0 +1,368 @@
+//! The filesystem core, driven by `fuse::adapter` and by tests without a kernel mount.
+//!
+//! - Metadata (`lookup`, `getattr`, `readdir`) comes from the tree built by one LIST.
+//! - `open` re-lists the one object (a replaced object is noticed), then shares one
+//!   unwrapped DEK per data object version among all handles (single flight), kept for
+//!   `dek_grace` after the last close so open/close patterns cost one KMS call.
+//! - `read` is in `read.rs`: chunk cache, coalesced pinned GETs, single flight, prefetch.
+
+pub mod error;
+pub mod inode;
+mod read;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub use error::FsError;
+pub use inode::{Node, Tree, ROOT};
+pub use read::ReadData;
+
+use crate::cache::{ChunkCache, ChunkKey};
+use crate::keys::Keyring;
+use crate::object::{self, OpenFile};
+use crate::store::Store;
+
+/// Mount settings (CLI flags map onto these; docs/CONFIGURATION.md).
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Bytes of locked memory for decrypted chunks.
+    pub cache_size: usize,
+    /// How long an unwrapped DEK outlives the last handle of its file.
+    pub dek_grace: Duration,
+    /// Upper bound of the sequential read-ahead window, in bytes.
+    pub max_prefetch: u64,
+    /// Largest ranged GET (adjacent missing chunks are merged up to this).
+    pub max_fetch: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    pub direct_io: bool,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        Self {
+            cache_size: 256 << 20,
+            dek_grace: Duration::from_secs(30),
+            max_prefetch: 64 << 20,
+            max_fetch: 8 << 20,
+            uid: current_ids().0,
+            gid: current_ids().1,
+            file_mode: 0o444,
+            dir_mode: 0o555,
+            direct_io: false,
+        }
+    }
+}
+
+/// The effective (uid, gid) of this process: the owner of `/proc/self`.
+fn current_ids() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| (m.uid(), m.gid()))
+        .unwrap_or((0, 0))
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub dek_unwraps: AtomicU64,
+    pub fetches: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub bytes_served: AtomicU64,
+}
+
+/// One data object version with its DEK: shared by every handle on it.
+pub(crate) struct Opened {
+    pub seq: u64,
+    pub file: OpenFile,
+}
+
+/// The DEK cache entry of one data object (by key), for one ETag.
+struct FileSlot {
+    etag: String,
+    cell: tokio::sync::OnceCell<Arc<Opened>>,
+    handles: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+}
+
+pub(crate) struct Handle {
+    pub opened: Arc<Opened>,
+    slot: Arc<FileSlot>,
+    pub prefetch: Mutex<read::Prefetch>,
+}
+
+pub struct SealFs {
+    pub(crate) store: Arc<Store>,
+    keyring: Arc<Keyring>,
+    tree: RwLock<Tree>,
+    pub(crate) cache: Arc<ChunkCache>,
+    files: Mutex<HashMap<String, Arc<FileSlot>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    next_seq: AtomicU64,
+    pub(crate) inflight: read::Inflight,
+    pub config: MountConfig,
+    pub stats: Stats,
+    started: std::time::SystemTime,
+}
+
+/// What `getattr` and `lookup` return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub is_dir: bool,
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: std::time::SystemTime,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // No critical section leaves these maps half-updated, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SealFs {
+    /// Lists `prefix` once and prepares the locked cache. Fails if mlock is refused.
+    pub async fn new(
+        store: Store,
+        prefix: &str,
+        keyring: Keyring,
+        config: MountConfig,
+    ) -> crate::Result<Arc<Self>> {
+        let listing = object::find(&store, prefix).await?;
+        let tree = Tree::build(listing, prefix);
+        let chunk = 1usize
+            << tree
+                .max_chunk_log2()
+                .unwrap_or(crate::format::DEFAULT_CHUNK_LOG2);
+        let slot = chunk + crate::format::TAG_LEN as usize;
+        let cache = ChunkCache::new(config.cache_size, slot)?;
+        Ok(Arc::new(Self {
+            store: Arc::new(store),
+            keyring: Arc::new(keyring),
+            tree: RwLock::new(tree),
+            cache,
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            next_seq: AtomicU64::new(1),
+            inflight: Default::default(),
+            config,
+            stats: Stats::default(),
+            started: std::time::SystemTime::now(),
+        }))
+    }
+
+    fn tree(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attr_of(&self, ino: u64, node: &Node) -> Attr {
+        let (size, is_dir, mode) = match node {
+            Node::Dir { .. } => (0, true, self.config.dir_mode),
+            Node::File { size, .. } => (*size, false, self.config.file_mode),
+        };
+        Attr {
+            ino,
+            size,
+            is_dir,
+            mode,
+            uid: self.config.uid,
+            gid: self.config.gid,
+            mtime: self.started,
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let t = self.tree();
+        let node = t.get(ino).ok_or(FsError::NotFound)?;
+        Ok(self.attr_of(ino, node))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
+        let t = self.tree();
+        match t.get(parent) {
+            Some(Node::Dir { .. }) => {}
+            Some(_) => return Err(FsError::NotDir),
+            None => return Err(FsError::NotFound),
+        }
+        let ino = t.lookup(parent, name).ok_or(FsError::NotFound)?;
+        let node = t.get(ino).ok_or(FsError::NotFound)?;
+        Ok(self.attr_of(ino, node))
+    }
+
+    /// Entries of a directory, `.` and `..` first, as (ino, is_dir, name).
+    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, bool, String)>, FsError> {
+        let t = self.tree();
+        let Some(Node::Dir { children, parent }) = t.get(ino) else {
+            return Err(if t.get(ino).is_some() {
+                FsError::NotDir
+            } else {
+                FsError::NotFound
+            });
+        };
+        let mut out = vec![
+            (ino, true, ".".to_string()),
+            (*parent, true, "..".to_string()),
+        ];
+        for (name, &child) in children {
+            out.push((
+                child,
+                matches!(t.get(child), Some(Node::Dir { .. })),
+                name.clone(),
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.tree().len()
+    }
+
+    /// Opens a file for reading; `who` names the requester (uid, pid) for the audit line.
+    pub async fn open(&self, ino: u64, who: (u32, u32)) -> Result<u64, FsError> {
+        let entry = match self.tree().get(ino) {
+            Some(Node::File { entry, .. }) => entry.clone(),
+            Some(Node::Dir { .. }) => return Err(FsError::IsDir),
+            None => return Err(FsError::NotFound),
+        };
+        // One LIST of this object: catches a replacement (new ETag, new size) since mount.
+        let listing = object::find(&self.store, &entry.data.key)
+            .await
+            .map_err(FsError::from)?;
+        let fresh = listing
+            .sealed
+            .into_iter()
+            .find(|e| e.data.key == entry.data.key)
+            .ok_or(FsError::NotFound)?;
+        if fresh.data.etag != entry.data.etag {
+            let size = fresh
+                .plaintext_size()
+                .ok_or_else(|| FsError::Io("impossible object size".into()))?;
+            tracing::info!(file = %entry.data.key, "object replaced since listed; opening the new version");
+            self.tree
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_entry(ino, fresh.clone(), size);
+        }
+        let slot = {
+            let mut files = lock(&self.files);
+            let s = files
+                .entry(fresh.data.key.clone())
+                .or_insert_with(|| Arc::new(FileSlot::new(&fresh.data.etag)));
+            if s.etag != fresh.data.etag {
+                *s = Arc::new(FileSlot::new(&fresh.data.etag));
+            }
+            s.handles.fetch_add(1, Ordering::SeqCst);
+            s.clone()
+        };
+        let opened = slot
+            .cell
+            .get_or_try_init(|| async {
+                let file = OpenFile::open(&self.store, &fresh, &self.keyring).await.map_err(|e| {
+                    let err = FsError::from(e);
+                    tracing::warn!(file = %fresh.data.key, uid = who.0, pid = who.1, error = %err, "open refused");
+                    err
+                })?;
+                self.stats.dek_unwraps.fetch_add(1, Ordering::Relaxed);
+                let h = &file.key_object.header;
+                tracing::info!(
+                    target: "sealfs::audit",
+                    file = %self.store.describe(&file.key),
+                    file_id = %hex::encode(h.file_id),
+                    keys = ?file.key_object.slots.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>(),
+                    context = ?h.context,
+                    uid = who.0,
+                    pid = who.1,
+                    "dek unwrapped"
+                );
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, FsError>(Arc::new(Opened { seq, file }))
+            })
+            .await;
+        let opened = match opened {
+            Ok(o) => o.clone(),
+            Err(e) => {
+                self.close_slot(&slot);
+                return Err(e);
+            }
+        };
+        *lock(&slot.idle_since) = None;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let h = Handle {
+            opened,
+            slot,
+            prefetch: Mutex::new(read::Prefetch::default()),
+        };
+        lock(&self.handles).insert(fh, Arc::new(h));
+        Ok(fh)
+    }
+
+    fn close_slot(&self, slot: &FileSlot) {
+        if slot.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *lock(&slot.idle_since) = Some(Instant::now());
+        }
+    }
+
+    pub fn release(&self, fh: u64) {
+        if let Some(h) = lock(&self.handles).remove(&fh) {
+            self.close_slot(&h.slot);
+        }
+    }
+
+    pub(crate) fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    /// Drops DEKs (and their cached chunks) idle for longer than the grace. Returns how
+    /// many are still held. Called every second by the mount.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut files = lock(&self.files);
+        files.retain(|key, s| {
+            let idle = *lock(&s.idle_since);
+            let expired = s.handles.load(Ordering::SeqCst) == 0
+                && idle.is_none_or(|t| now.duration_since(t) >= self.config.dek_grace);
+            if expired {
+                if let Some(o) = s.cell.get() {
+                    self.cache.remove_file(o.seq);
+                }
+                tracing::debug!(file = %key, "DEK released");
+            }
+            !expired
+        });
+        files.values().filter(|s| s.cell.initialized()).count()
+    }
+
+    pub fn deks_held(&self) -> usize {
+        lock(&self.files)
+            .values()
+            .filter(|s| s.cell.initialized())
+            .count()
+    }
+}
+
+impl FileSlot {
+    fn new(etag: &str) -> Self {
+        Self {
+            etag: etag.to_string(),
+            cell: tokio::sync::OnceCell::new(),
+            handles: AtomicUsize::new(0),
+            idle_since: Mutex::new(None),
+        }
+    }
+}
+
+pub(crate) fn chunk_key(o: &Opened, index: u64) -> ChunkKey {
+    (o.seq, index)
+}

@@ -1,0 +1,237 @@
+//! The read path: plaintext range → chunk spans → locked cache; misses merged into ranged
+//! GETs pinned to the opened ETag, several in flight, one fetch per chunk however many
+//! readers want it; a growing read-ahead window for sequential readers.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::{chunk_key, lock, FsError, Handle, Opened, SealFs};
+use crate::cache::{ChunkKey, Pinned};
+use crate::format::ChunkSpan;
+
+type Done = watch::Receiver<Option<Result<(), FsError>>>;
+
+/// Chunks being fetched, each with a channel that says when its run finished.
+#[derive(Default)]
+pub(crate) struct Inflight(Mutex<HashMap<ChunkKey, Done>>);
+
+/// Per-handle read-ahead state.
+#[derive(Debug, Default)]
+pub(crate) struct Prefetch {
+    /// Where the next sequential read would start.
+    next: u64,
+    /// Current window in chunks (0: not sequential).
+    window: u64,
+    /// Highest chunk index already scheduled ahead.
+    ahead: Option<u64>,
+}
+
+/// The bytes of one read: one pinned chunk slice (no copy), or an assembled buffer.
+pub enum ReadData {
+    Pinned {
+        chunk: Pinned,
+        skip: usize,
+        len: usize,
+    },
+    Owned(zeroize::Zeroizing<Vec<u8>>),
+}
+
+impl ReadData {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            ReadData::Pinned { chunk, skip, len } => &chunk.bytes()[*skip..*skip + *len],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
+/// Bounded attempts when a fetched chunk is evicted before its reader pins it.
+const MAX_ROUNDS: usize = 4;
+
+impl SealFs {
+    pub async fn read(
+        self: &Arc<Self>,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, FsError> {
+        let h = self.handle(fh)?;
+        let layout = h.opened.file.layout;
+        let spans = layout.spans(offset, size as u64);
+        let Some(last) = spans.last().map(|s| s.index) else {
+            return Ok(ReadData::Owned(Default::default()));
+        };
+        self.start_fetch(&h.opened, spans[0].index, last);
+        self.prefetch(&h, offset, size as u64, last);
+        let out = if spans.len() == 1 {
+            let ChunkSpan { index, skip, len } = spans[0];
+            ReadData::Pinned {
+                chunk: self.chunk(&h.opened, index).await?,
+                skip,
+                len,
+            }
+        } else {
+            let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(size as usize));
+            for s in &spans {
+                let c = self.chunk(&h.opened, s.index).await?;
+                buf.extend_from_slice(&c.bytes()[s.skip..s.skip + s.len]);
+            }
+            ReadData::Owned(buf)
+        };
+        self.stats
+            .bytes_served
+            .fetch_add(out.bytes().len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// The chunk, pinned: from the cache, or by waiting for (or starting) its fetch.
+    async fn chunk(self: &Arc<Self>, o: &Arc<Opened>, index: u64) -> Result<Pinned, FsError> {
+        let key = chunk_key(o, index);
+        for _ in 0..MAX_ROUNDS {
+            if let Some(p) = self.cache.get(key) {
+                return Ok(p);
+            }
+            let waiting = lock(&self.inflight.0).get(&key).cloned();
+            let mut rx = match waiting {
+                Some(rx) => rx,
+                None => {
+                    self.start_fetch(o, index, index);
+                    match lock(&self.inflight.0).get(&key).cloned() {
+                        Some(rx) => rx,
+                        None => continue, // finished already: look in the cache again
+                    }
+                }
+            };
+            let res = rx
+                .wait_for(|v| v.is_some())
+                .await
+                .map_err(|_| FsError::Io("fetch task vanished".into()))?;
+            if let Some(Err(e)) = res.as_ref() {
+                return Err(e.clone());
+            }
+        }
+        Err(FsError::Io(format!(
+            "chunk {index} evicted before it could be read: --cache-size is too small"
+        )))
+    }
+
+    /// Starts fetches for the chunks of `first..=last` that are neither cached nor in
+    /// flight, merging adjacent ones into ranged GETs of at most `max_fetch` bytes.
+    fn start_fetch(self: &Arc<Self>, o: &Arc<Opened>, first: u64, last: u64) {
+        let per_get = (self.config.max_fetch >> o.file.layout.chunk_log2()).max(1);
+        let mut runs: Vec<(u64, u64, watch::Sender<Option<Result<(), FsError>>>)> = Vec::new();
+        {
+            let mut inflight = lock(&self.inflight.0);
+            let mut open: Option<(u64, u64)> = None;
+            let mut close = |run: (u64, u64), inflight: &mut HashMap<ChunkKey, Done>| {
+                let (tx, rx) = watch::channel(None);
+                for i in run.0..=run.1 {
+                    inflight.insert(chunk_key(o, i), rx.clone());
+                }
+                runs.push((run.0, run.1, tx));
+            };
+            for i in first..=last {
+                let key = chunk_key(o, i);
+                let missing = !inflight.contains_key(&key) && !self.cache.contains(key);
+                open = match (open, missing) {
+                    (Some((a, b)), true) if b + 1 == i && i - a < per_get => Some((a, i)),
+                    (Some(run), true) => {
+                        close(run, &mut inflight);
+                        Some((i, i))
+                    }
+                    (None, true) => Some((i, i)),
+                    (Some(run), false) => {
+                        close(run, &mut inflight);
+                        None
+                    }
+                    (None, false) => None,
+                };
+            }
+            if let Some(run) = open {
+                close(run, &mut inflight);
+            }
+        }
+        for (a, b, tx) in runs {
+            let fs = self.clone();
+            let o = o.clone();
+            tokio::spawn(async move {
+                let res = fs.fetch_run(&o, a, b).await;
+                {
+                    let mut inflight = lock(&fs.inflight.0);
+                    for i in a..=b {
+                        inflight.remove(&chunk_key(&o, i));
+                    }
+                }
+                let _ = tx.send(Some(res));
+            });
+        }
+    }
+
+    /// One ranged GET of chunks `a..=b`, each authenticated into a locked slot. A chunk
+    /// that fails is wiped, logged with file, chunk and reason, and fails the run.
+    async fn fetch_run(&self, o: &Opened, a: u64, b: u64) -> Result<(), FsError> {
+        let f = &o.file;
+        let bytes = f.fetch(&self.store, a, b).await.map_err(|e| {
+            let err = FsError::from(e);
+            tracing::warn!(file = %f.key, chunks = %format!("{a}..={b}"), error = %err, "fetch failed");
+            err
+        })?;
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .fetched_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut at = 0;
+        for i in a..=b {
+            let n = f.layout.chunk_cipher_len(i) as usize;
+            let ct = &bytes[at..at + n];
+            at += n;
+            let mut slot = self.cache.reserve().ok_or_else(|| {
+                FsError::Io("every cache slot is in use: raise --cache-size".into())
+            })?;
+            let buf = &mut slot.buf()[..n];
+            buf.copy_from_slice(ct);
+            match f.open_chunk(i, buf) {
+                Ok(len) => drop(slot.commit(chunk_key(o, i), len)),
+                Err(e) => {
+                    self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(file = %f.key, chunk = i, reason = %e, "chunk failed authentication");
+                    return Err(FsError::Io(e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequential readers get a window that doubles per read up to the budget; any other
+    /// access resets it (a seek cancels read-ahead; random readers fetch only what they touch).
+    fn prefetch(self: &Arc<Self>, h: &Handle, offset: u64, len: u64, last_read: u64) {
+        let layout = h.opened.file.layout;
+        let chunk = layout.chunk_size();
+        let budget = (self.cache.slots() as u64 / 4).max(1);
+        let max_window = (self.config.max_prefetch / chunk).clamp(1, budget);
+        let (from, to) = {
+            let mut p = lock(&h.prefetch);
+            let sequential = offset + chunk >= p.next && offset <= p.next + chunk && p.next > 0;
+            p.next = offset + len;
+            if !sequential {
+                p.window = 0;
+                p.ahead = None;
+                if offset != 0 {
+                    return;
+                }
+            }
+            p.window = (p.window * 2).clamp(2, max_window);
+            let from = p.ahead.map_or(last_read + 1, |a| a.max(last_read) + 1);
+            let to = (last_read + p.window).min(layout.last_index());
+            if from > to {
+                return;
+            }
+            p.ahead = Some(to);
+            (from, to)
+        };
+        self.start_fetch(&h.opened, from, to);
+    }
+}

@@ -1,0 +1,4 @@
+//! The `fuser` adapter and the mount session: the only code that knows about the kernel.
+
+pub mod adapter;
+pub mod session;

@@ -1,0 +1,332 @@
+//! The mount process: checks, daemonizing, readiness, signals, clean unmount.
+//!
+//! Order matters: everything that can fail for a reason the user should see (bad URI,
+//! credentials, keys, mlock, busy mount point) happens before the parent is told "ready",
+//! so the parent exits non-zero with that one line. The parent exits 0 only once `stat` of
+//! the mount point is answered through FUSE by this daemon.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use super::adapter::Adapter;
+use crate::cli::exit;
+use crate::error::Error;
+use crate::fs::{MountConfig, SealFs};
+use crate::keys::{KeySpec, Keyring};
+use crate::store::Location;
+
+/// What `sealfs mount` was asked to do.
+#[derive(Debug, Clone)]
+pub struct MountArgs {
+    pub uri: String,
+    pub mountpoint: PathBuf,
+    pub keys: Vec<String>,
+    pub config: MountConfig,
+    pub foreground: bool,
+    pub allow_other: bool,
+    pub allow_root: bool,
+}
+
+/// A failure before the mount was live: one line and an exit code.
+struct Fatal(i32, String);
+
+impl From<Error> for Fatal {
+    fn from(e: Error) -> Self {
+        Fatal(exit::code(&e), crate::error_chain(&e))
+    }
+}
+
+/// Runs `sealfs mount`. Must be called before any thread exists (it may fork).
+pub fn run(args: MountArgs) -> i32 {
+    let mountpoint = match check_mountpoint(&args.mountpoint) {
+        Ok(p) => p,
+        Err(Fatal(code, msg)) => {
+            eprintln!("sealfs: error: {msg}");
+            return code;
+        }
+    };
+    let mut ready_pipe = None;
+    if !args.foreground {
+        match daemonize() {
+            Ok(Some(fd)) => ready_pipe = Some(fd),
+            Ok(None) => unreachable!("the parent returns from daemonize() through wait_ready"),
+            Err(code) => return code,
+        }
+    }
+    harden();
+    let report = |pipe: &mut Option<std::fs::File>, res: Result<(), Fatal>| match (pipe.take(), res)
+    {
+        (Some(mut p), Ok(())) => {
+            let _ = p.write_all(b"OK\n");
+        }
+        (Some(mut p), Err(Fatal(code, msg))) => {
+            let _ = p.write_all(format!("{code} {msg}\n").as_bytes());
+        }
+        (None, Err(Fatal(_, msg))) => eprintln!("sealfs: error: {msg}"),
+        (None, Ok(())) => {}
+    };
+    let mut pipe = ready_pipe.map(std::fs::File::from);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report(
+                &mut pipe,
+                Err(Fatal(
+                    exit::FAILURE,
+                    format!("cannot start the runtime: {e}"),
+                )),
+            );
+            return exit::FAILURE;
+        }
+    };
+    let fs = match rt.block_on(setup(&args)) {
+        Ok(fs) => fs,
+        Err(f) => {
+            let code = f.0;
+            report(&mut pipe, Err(f));
+            return code;
+        }
+    };
+    let code = match serve(&rt, fs, &args, &mountpoint, &mut pipe, report) {
+        Ok(()) => exit::OK,
+        Err(f) => {
+            let code = f.0;
+            report(&mut pipe, Err(f));
+            code
+        }
+    };
+    rt.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
+    let loc = Location::parse(&args.uri).await.map_err(Error::from)?;
+    let specs = args
+        .keys
+        .iter()
+        .map(|k| k.parse::<KeySpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::from)?;
+    let keyring = Keyring::resolve(&specs).await.map_err(Error::from)?;
+    let fs = SealFs::new(loc.store, &loc.prefix, keyring, args.config.clone()).await?;
+    tracing::info!(uri = %args.uri, files = fs.file_count(), "listed");
+    Ok(fs)
+}
+
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    fs: Arc<SealFs>,
+    args: &MountArgs,
+    mountpoint: &Path,
+    pipe: &mut Option<std::fs::File>,
+    report: impl Fn(&mut Option<std::fs::File>, Result<(), Fatal>),
+) -> Result<(), Fatal> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(args.uri.clone()),
+        MountOption::Subtype("sealfs".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    config.acl = match (args.allow_other, args.allow_root) {
+        (true, _) => SessionACL::All,
+        (false, true) => SessionACL::RootAndOwner,
+        _ => SessionACL::Owner,
+    };
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+    let adapter = Adapter {
+        fs: fs.clone(),
+        rt: rt.handle().clone(),
+    };
+    let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
+        Fatal(exit::FAILURE, format!("cannot mount {}: {e} (is /dev/fuse there and fusermount3 installed? allow_other needs user_allow_other in /etc/fuse.conf)", mountpoint.display()))
+    })?;
+    let mut unmounter = session.unmount_callable();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let looper = std::thread::Builder::new()
+        .name("fuse-loop".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(r);
+        })
+        .map_err(|e| Fatal(exit::FAILURE, format!("cannot start the FUSE loop: {e}")))?;
+
+    // Ready only once the kernel routes a stat of the mount point to us.
+    let mp = mountpoint.to_path_buf();
+    let live = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::task::spawn_blocking(move || std::fs::metadata(mp)),
+        )
+        .await
+    });
+    if !matches!(live, Ok(Ok(Ok(ref m))) if m.is_dir()) {
+        let _ = unmounter.unmount();
+        let _ = looper.join();
+        return Err(Fatal(
+            exit::FAILURE,
+            format!("mount at {} did not answer stat", mountpoint.display()),
+        ));
+    }
+    report(pipe, Ok(()));
+    crate::telemetry::sd_notify("READY=1");
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+
+    let sweeper_fs = fs.clone();
+    let sweeper = rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            sweeper_fs.sweep();
+        }
+    });
+    let ended_by_signal = rt.block_on(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => true,
+            _ = term => true,
+            _ = done_rx => false,
+        }
+    });
+    sweeper.abort();
+    if ended_by_signal {
+        crate::telemetry::sd_notify("STOPPING=1");
+        tracing::info!("signal received; unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed");
+        }
+    }
+    let _ = looper.join();
+    tracing::info!("unmounted; cache wiped");
+    Ok(())
+}
+
+/// The canonical mount point, or a clear reason it cannot be used.
+fn check_mountpoint(p: &Path) -> Result<PathBuf, Fatal> {
+    let canon = p
+        .canonicalize()
+        .map_err(|e| Fatal(exit::USAGE, format!("mount point {}: {e}", p.display())))?;
+    if !canon.is_dir() {
+        return Err(Fatal(
+            exit::USAGE,
+            format!("mount point {} is not a directory", p.display()),
+        ));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = canon.to_string_lossy();
+    if mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*target))
+    {
+        return Err(Fatal(
+            exit::USAGE,
+            format!(
+                "mount point {} is busy (already a mount point)",
+                p.display()
+            ),
+        ));
+    }
+    Ok(canon)
+}
+
+/// Forks. The parent waits for the child's report and exits with it (never returns Ok);
+/// the child gets the write end of the report pipe.
+#[allow(unsafe_code)]
+fn daemonize() -> Result<Option<OwnedFd>, i32> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("sealfs: error: pipe: {}", std::io::Error::last_os_error());
+        return Err(exit::FAILURE);
+    }
+    // SAFETY: both fds were just created and are owned here alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: called before any other thread exists (see run()), so the child is consistent.
+    match unsafe { libc::fork() } {
+        -1 => {
+            eprintln!("sealfs: error: fork: {}", std::io::Error::last_os_error());
+            Err(exit::FAILURE)
+        }
+        0 => {
+            drop(r);
+            // SAFETY: plain syscalls in the single-threaded child.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::close(null);
+                }
+            }
+            Ok(Some(w))
+        }
+        _child => {
+            drop(w);
+            Err(wait_ready(std::fs::File::from(r)))
+        }
+    }
+}
+
+/// The parent side: `OK` → 0; `CODE message` → print, exit CODE; EOF → the child died.
+fn wait_ready(mut r: std::fs::File) -> i32 {
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s);
+    let line = s.lines().next().unwrap_or("");
+    if line == "OK" {
+        return exit::OK;
+    }
+    match line.split_once(' ') {
+        Some((code, msg)) => {
+            eprintln!("sealfs: error: {msg}");
+            code.parse().unwrap_or(exit::FAILURE)
+        }
+        None => {
+            eprintln!("sealfs: error: the mount daemon exited before the mount was ready");
+            exit::FAILURE
+        }
+    }
+}
+
+/// No core dumps and no ptrace by other users: decrypted chunks and DEKs must not reach a
+/// disk through a crash dump.
+#[allow(unsafe_code)]
+fn harden() {
+    // SAFETY: prctl/setrlimit with valid arguments; failures are logged, not fatal.
+    unsafe {
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            tracing::warn!(
+                "PR_SET_DUMPABLE failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
+            tracing::warn!("RLIMIT_CORE failed: {}", std::io::Error::last_os_error());
+        }
+    }
+}
