@@ -7,8 +7,11 @@ use tracing_subscriber::EnvFilter;
 pub fn init(default_level: &str) {
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("sealfs={default_level},fuser=error,warn")));
+    // Colour only on a terminal: journald and log files get plain lines.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }

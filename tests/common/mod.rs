@@ -288,3 +288,147 @@ pub fn sha256(b: &[u8]) -> String {
 pub fn s(v: &str) -> String {
     v.to_string()
 }
+
+/// A live `sealfs mount --foreground`, unmounted and stopped in `Drop` (also on panic).
+/// Readiness is the daemon's own `READY=1` on a `$NOTIFY_SOCKET` we listen on: never a sleep.
+pub struct Mount {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Mount {
+    pub fn start(uri: &str, args: &[&str], env: &[(String, String)]) -> Self {
+        Self::try_start(uri, args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_start(uri: &str, args: &[&str], env: &[(String, String)]) -> Result<Self, String> {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse missing: FUSE tests cannot run here"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mnt");
+        std::fs::create_dir(&dir).unwrap();
+        let log = tmp.path().join("sealfs.log");
+        let sock_path = tmp.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut c = Command::new(bin());
+        c.arg("mount")
+            .arg("--foreground")
+            .arg(uri)
+            .arg(&dir)
+            .args(args);
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        c.env("NOTIFY_SOCKET", &sock_path)
+            .env("RUST_LOG", "sealfs=info,fuser=error");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let logf = std::fs::File::create(&log).unwrap();
+        c.stdout(Stdio::null()).stderr(Stdio::from(logf));
+        let child = c.spawn().expect("spawn sealfs mount");
+        let mut m = Self {
+            child: Some(child),
+            dir,
+            log,
+            _tmp: tmp,
+        };
+        let start = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            if let Ok(n) = sock.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                    return Ok(m);
+                }
+            }
+            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                m.child = None;
+                return Err(format!("mount exited ({st}) before READY=1: {}", m.logs()));
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(format!("mount not ready after 60 s: {}", m.logs()));
+            }
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let d = self.dir.to_string_lossy().to_string();
+        mi.lines().any(|l| l.split(' ').nth(4) == Some(d.as_str()))
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+        if self.is_mounted() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.dir)
+                .status();
+        }
+    }
+}
+
+/// Peak RSS (VmHWM) of a process in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// Runs `tests/python/<script>` with args; panics with its output on failure.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&p)
+        .args(args)
+        .output()
+        .expect("python3 is required");
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    text
+}

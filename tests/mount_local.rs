@@ -1,0 +1,440 @@
+//! Real FUSE mounts of a local-directory store (the embedded default): listing, sizes,
+//! content, Python readers (mmap), concurrency, tampering, access, process behaviour.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+
+use common::*;
+
+const C: usize = 64 * 1024;
+
+struct Fx {
+    dir: tempfile::TempDir,
+}
+
+impl Fx {
+    /// Sealed tree: chunk-edge sizes, a nested file, a safetensors model; key files k1, k2.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
+        for (name, len) in [
+            ("empty", 0),
+            ("one", 1),
+            ("edge-", C - 1),
+            ("edge", C),
+            ("edge+", C + 1),
+            ("big.bin", 5 * C * 8 + 333),
+        ] {
+            std::fs::write(src.join(name), pattern(len, len as u64)).unwrap();
+        }
+        std::fs::write(
+            src.join("nested/deeper/config.json"),
+            b"{\"hidden_size\": 256}\n",
+        )
+        .unwrap();
+        python(
+            "readers.py",
+            &[
+                "gen-safetensors",
+                &src.join("model.safetensors").display().to_string(),
+            ],
+        );
+        let f = Self { dir };
+        for k in ["k1", "k2"] {
+            expect_code(&sealfs(&["keygen", &f.p(k)], &[]), 0);
+        }
+        expect_code(
+            &sealfs(
+                &[
+                    "seal",
+                    &f.p("src"),
+                    &f.p("sealed"),
+                    "--key",
+                    &f.key("k1"),
+                    "--chunk-size",
+                    "64KiB",
+                ],
+                &[],
+            ),
+            0,
+        );
+        f
+    }
+    fn p(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+    fn key(&self, k: &str) -> String {
+        format!("file:{}", self.p(k))
+    }
+    fn src(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("src").join(rel)
+    }
+    fn mount(&self, extra: &[&str]) -> Mount {
+        let key = self.key("k1");
+        let mut args = vec!["--key", key.as_str()];
+        args.extend_from_slice(extra);
+        Mount::start(&self.p("sealed"), &args, &[])
+    }
+}
+
+const FILES: [&str; 9] = [
+    "empty",
+    "one",
+    "edge-",
+    "edge",
+    "edge+",
+    "big.bin",
+    "model.safetensors",
+    "nested/deeper/config.json",
+    "nested",
+];
+
+#[test]
+fn listing_sizes_and_content_of_every_file() {
+    let f = Fx::new();
+    let m = f.mount(&[]);
+    let mut names: Vec<String> = std::fs::read_dir(&m.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "big.bin",
+            "edge",
+            "edge+",
+            "edge-",
+            "empty",
+            "model.safetensors",
+            "nested",
+            "one"
+        ],
+        "key objects hidden"
+    );
+    for rel in &FILES[..8] {
+        let meta = std::fs::metadata(m.path(rel)).unwrap();
+        let want = std::fs::read(f.src(rel)).unwrap();
+        assert_eq!(meta.len(), want.len() as u64, "{rel} size");
+        assert_eq!(meta.permissions().mode_bits(), 0o444, "{rel} mode");
+        assert_eq!(
+            sha256(&std::fs::read(m.path(rel)).unwrap()),
+            sha256(&want),
+            "{rel} content"
+        );
+    }
+    assert!(std::fs::metadata(m.path("nested/deeper")).unwrap().is_dir());
+}
+
+trait ModeBits {
+    fn mode_bits(&self) -> u32;
+}
+impl ModeBits for std::fs::Permissions {
+    fn mode_bits(&self) -> u32 {
+        std::os::unix::fs::PermissionsExt::mode(self) & 0o7777
+    }
+}
+
+#[test]
+fn python_readers_safetensors_mmap_and_memmap() {
+    let f = Fx::new();
+    let m = f.mount(&[]);
+    let mounted = m.path("model.safetensors").display().to_string();
+    let source = f.src("model.safetensors").display().to_string();
+    assert!(python("readers.py", &["safetensors", &mounted, &source]).contains("tensors equal"));
+    let big = m.path("big.bin").display().to_string();
+    assert!(python(
+        "readers.py",
+        &["memmap", &big, &f.src("big.bin").display().to_string()]
+    )
+    .contains("bytes equal"));
+    let t = python("readers.py", &["torch", &mounted, &source]);
+    assert!(
+        t.contains("torch: not installed") || t.contains("tensors equal"),
+        "{t}"
+    );
+}
+
+#[test]
+fn concurrent_readers_threads_and_processes() {
+    let f = Fx::new();
+    let m = f.mount(&["--cache-size", "1MiB"]); // small cache: eviction under concurrency
+    let want = std::fs::read(f.src("big.bin")).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (m, want) = (&m, &want);
+            s.spawn(move || {
+                let mut file = std::fs::File::open(m.path("big.bin")).unwrap();
+                let mut x = t + 1;
+                for _ in 0..60 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let off = (x >> 20) as usize % want.len();
+                    let len = ((x >> 8) as usize % (3 * C)).min(want.len() - off);
+                    let mut buf = vec![0u8; len];
+                    file.seek(SeekFrom::Start(off as u64)).unwrap();
+                    file.read_exact(&mut buf).unwrap();
+                    assert!(
+                        buf == want[off..off + len],
+                        "thread {t}: range {off}+{len} differs"
+                    );
+                }
+            });
+        }
+    });
+    let want_hash = sha256(&want);
+    let path = m.path("big.bin").display().to_string();
+    let kids: Vec<_> = (0..4)
+        .map(|_| {
+            let p =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/readers.py");
+            std::process::Command::new("python3")
+                .arg(p)
+                .args(["sha256", &path])
+                .output_async()
+        })
+        .collect();
+    for k in kids {
+        let out = k.wait_with_output().unwrap();
+        assert_eq!(stdout(&out).trim(), want_hash, "process reader");
+    }
+}
+
+trait OutputAsync {
+    fn output_async(&mut self) -> std::process::Child;
+}
+impl OutputAsync for std::process::Command {
+    fn output_async(&mut self) -> std::process::Child {
+        self.stdout(std::process::Stdio::piped()).spawn().unwrap()
+    }
+}
+
+#[test]
+fn tampered_chunk_fails_only_its_range_and_is_logged() {
+    let f = Fx::new();
+    let obj = f.dir.path().join("sealed/big.bin");
+    let mut b = std::fs::read(&obj).unwrap();
+    let chunk3 = 32 + 3 * (C + 16);
+    b[chunk3 + 100] ^= 0x04;
+    std::fs::write(&obj, b).unwrap();
+    let m = f.mount(&["--direct-io"]); // no page cache: each read reaches the daemon
+    let want = std::fs::read(f.src("big.bin")).unwrap();
+    let mut file = std::fs::File::open(m.path("big.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.seek(SeekFrom::Start(3 * C as u64 + 10)).unwrap();
+    let err = file.read(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "tampered chunk: EIO");
+    assert!(
+        buf.iter().all(|&x| x == 0),
+        "nothing unauthenticated reached the reader"
+    );
+    // Other ranges of the same file, and other files, keep working.
+    file.seek(SeekFrom::Start(5 * C as u64)).unwrap();
+    file.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf[..], &want[5 * C..5 * C + 4096]);
+    assert_eq!(
+        std::fs::read(m.path("edge+")).unwrap(),
+        std::fs::read(f.src("edge+")).unwrap()
+    );
+    let logs = m.logs();
+    assert!(
+        logs.contains("chunk failed authentication")
+            && logs.contains("big.bin")
+            && logs.contains("chunk=3"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn untrusted_key_gets_eacces_and_a_log_line_with_the_key_ids() {
+    let f = Fx::new();
+    let key2 = f.key("k2");
+    let m = Mount::start(&f.p("sealed"), &["--key", &key2], &[]);
+    assert_eq!(
+        std::fs::metadata(m.path("one")).unwrap().len(),
+        1,
+        "stat needs no key"
+    );
+    let err = std::fs::File::open(m.path("one")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    let logs = m.logs();
+    assert!(
+        logs.contains("open refused")
+            && logs.contains("no trusted key can open it")
+            && logs.contains("file:"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn writes_are_refused_with_erofs() {
+    let f = Fx::new();
+    let m = f.mount(&[]);
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("one"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    let e = std::fs::File::create(m.path("new")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+}
+
+#[test]
+fn sigterm_unmounts_cleanly_with_exit_0() {
+    let f = Fx::new();
+    let mut m = f.mount(&[]);
+    assert!(m.is_mounted());
+    let _ = std::fs::read(m.path("one")).unwrap();
+    assert_eq!(m.stop(), Some(0));
+    assert!(!m.is_mounted(), "unmounted after SIGTERM");
+    assert!(m.logs().contains("unmounted; cache wiped"), "{}", m.logs());
+}
+
+#[test]
+fn external_fusermount_unmount_ends_the_daemon_with_exit_0() {
+    let f = Fx::new();
+    let mut m = f.mount(&[]);
+    let st = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&m.dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let start = std::time::Instant::now();
+    while m.is_mounted() && start.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(m.stop(), Some(0));
+}
+
+#[test]
+fn daemon_mode_parent_exits_0_once_live_and_errors_are_one_line() {
+    let f = Fx::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    let log = std::fs::File::create(tmp.path().join("log")).unwrap();
+    let st = std::process::Command::new(bin())
+        .args([
+            "mount",
+            &f.p("sealed"),
+            &mnt.display().to_string(),
+            "--key",
+            &f.key("k1"),
+        ])
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The parent returned: the mount must already answer.
+    let got = std::fs::read(mnt.join("edge"));
+    // Busy mount point: one line, non-zero, before anything else happens.
+    let busy = sealfs(
+        &[
+            "mount",
+            &f.p("sealed"),
+            &mnt.display().to_string(),
+            "--key",
+            &f.key("k1"),
+        ],
+        &[],
+    );
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status();
+    assert_eq!(got.unwrap(), std::fs::read(f.src("edge")).unwrap());
+    let t = expect_code(&busy, 2);
+    assert!(t.contains("is busy"), "{t}");
+    // Bad URI, missing key file: one line and a non-zero exit from the parent.
+    let t = expect_code(
+        &sealfs(
+            &[
+                "mount",
+                "ftp://x",
+                &mnt.display().to_string(),
+                "--key",
+                &f.key("k1"),
+            ],
+            &[],
+        ),
+        2,
+    );
+    assert_eq!(t.lines().count(), 1, "{t}");
+    let t = expect_code(
+        &sealfs(
+            &[
+                "mount",
+                &f.p("sealed"),
+                &mnt.display().to_string(),
+                "--key",
+                "file:/nonexistent",
+            ],
+            &[],
+        ),
+        1,
+    );
+    assert!(t.starts_with("sealfs: error: key file /nonexistent"), "{t}");
+    assert_eq!(t.lines().count(), 1, "{t}");
+}
+
+#[test]
+fn memory_stays_within_cache_plus_64_mib_for_a_2_gib_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big");
+    {
+        // 2 GiB written in 64 MiB blocks: a repeated pattern keeps the fixture fast.
+        use std::io::Write;
+        let block = pattern(64 << 20, 99);
+        let mut w = std::fs::File::create(&src).unwrap();
+        for i in 0..32u8 {
+            let mut b = block.clone();
+            b[0] = i;
+            w.write_all(&b).unwrap();
+        }
+    }
+    let key = dir.path().join("k");
+    expect_code(&sealfs(&["keygen", &key.display().to_string()], &[]), 0);
+    let sealed = dir.path().join("sealed");
+    let key_arg = format!("file:{}", key.display());
+    expect_code(
+        &sealfs(
+            &[
+                "seal",
+                &src.display().to_string(),
+                &sealed.display().to_string(),
+                "--key",
+                &key_arg,
+            ],
+            &[],
+        ),
+        0,
+    );
+    std::fs::remove_file(&src).unwrap();
+    let m = Mount::start(
+        &sealed.display().to_string(),
+        &["--key", &key_arg, "--cache-size", "128MiB", "--direct-io"],
+        &[],
+    );
+    let mut file = std::fs::File::open(m.path("big")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert_eq!(total, 2 << 30);
+    let rss = peak_rss(m.pid());
+    assert!(
+        rss <= (128 + 64) << 20,
+        "daemon peak RSS {} MiB > cache + 64 MiB",
+        rss >> 20
+    );
+}
