@@ -2,9 +2,9 @@
 # Installs what the test suite needs on a fresh Debian machine (as root, or with sudo).
 set -euo pipefail
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-if ! command -v fusermount3 >/dev/null || [ ! -e /dev/fuse ]; then
+if ! command -v fusermount3 >/dev/null || ! command -v strace >/dev/null; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 strace >/dev/null
 fi
 # moto >= 5.2.5: 5.2.1 answers CompleteMultipartUpload with a root element aws-sdk-s3 rejects.
 python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors 2>&1 \

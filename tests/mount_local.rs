@@ -438,3 +438,78 @@ fn memory_stays_within_cache_plus_64_mib_for_a_2_gib_file() {
         rss >> 20
     );
 }
+
+/// The daemon opens no file for writing, anywhere (strace of the whole process tree).
+#[test]
+fn daemon_writes_no_file() {
+    let f = Fx::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("trace");
+    let mnt = tmp.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut child = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-e",
+            "trace=openat,open,creat,truncate,rename,renameat2,unlink,unlinkat,mkdir",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg(bin())
+        .args([
+            "mount",
+            "--foreground",
+            &f.p("sealed"),
+            &mnt.display().to_string(),
+            "--key",
+            &f.key("k1"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace is required (apt-get install strace)");
+    let start = std::time::Instant::now();
+    while std::fs::read(mnt.join("edge")).is_err() {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "mount under strace never came up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = python(
+        "readers.py",
+        &[
+            "safetensors",
+            &mnt.join("model.safetensors").display().to_string(),
+            &f.src("model.safetensors").display().to_string(),
+        ],
+    );
+    let _ = std::fs::read(mnt.join("big.bin")).unwrap();
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status();
+    let _ = child.wait();
+    let t = std::fs::read_to_string(&trace).unwrap();
+    assert!(t.contains("openat"), "trace captured opens: {t}");
+    let bad: Vec<&str> = t
+        .lines()
+        .filter(|l| {
+            (l.contains("openat(") || l.contains("open("))
+                && (l.contains("O_WRONLY") || l.contains("O_RDWR") || l.contains("O_CREAT"))
+                && !l.contains("/dev/fuse")
+                && !l.contains("/dev/null")
+        })
+        .chain(t.lines().filter(|l| {
+            l.contains("creat(")
+                || l.contains("rename")
+                || l.contains("unlink")
+                || l.contains("mkdir(")
+        }))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "the daemon wrote or created files:\n{}",
+        bad.join("\n")
+    );
+}

@@ -18,6 +18,9 @@ use zeroize::Zeroize;
 use crate::crypto::LockError;
 use locked::LockedRegion;
 
+/// Fewest slots a cache has, whatever `--cache-size` says.
+pub const MIN_SLOTS: usize = 8;
+
 /// (open-file sequence number, chunk index).
 pub type ChunkKey = (u64, u64);
 
@@ -61,9 +64,10 @@ pub struct ChunkCache {
 }
 
 impl ChunkCache {
-    /// `capacity` bytes of locked memory cut into slots of `slot_size` bytes (at least 2).
+    /// `capacity` bytes of locked memory cut into slots of `slot_size` bytes (at least
+    /// [`MIN_SLOTS`], so that concurrent readers and read-ahead always make progress).
     pub fn new(capacity: usize, slot_size: usize) -> Result<Arc<Self>, LockError> {
-        let n = (capacity / slot_size).max(2);
+        let n = (capacity / slot_size).max(MIN_SLOTS);
         let region = LockedRegion::new(n * slot_size)?;
         let slots = (0..n)
             .map(|_| Slot {
@@ -272,6 +276,19 @@ impl Pinned {
     }
 }
 
+impl Clone for Pinned {
+    fn clone(&self) -> Self {
+        let mut g = self.cache.lock();
+        g.slots[self.slot].pins += 1;
+        drop(g);
+        Self {
+            cache: self.cache.clone(),
+            slot: self.slot,
+            len: self.len,
+        }
+    }
+}
+
 impl Drop for Pinned {
     fn drop(&mut self) {
         let mut g = self.cache.lock();
@@ -286,19 +303,21 @@ mod tests {
     #[test]
     fn lru_eviction_skips_pinned_and_wipes() {
         let c = ChunkCache::new(3 * 64, 64).unwrap();
-        assert_eq!(c.slots(), 3);
+        assert_eq!(c.slots(), MIN_SLOTS);
         let mut pins = Vec::new();
-        for i in 0..3u64 {
+        for i in 0..MIN_SLOTS as u64 {
             let mut r = c.reserve().unwrap();
             r.buf()[..4].copy_from_slice(&[i as u8; 4]);
             pins.push(r.commit((1, i), 4));
         }
         assert!(c.reserve().is_none(), "all pinned");
+        let extra = pins[0].clone();
         drop(pins);
         assert_eq!(c.get((1, 0)).unwrap().bytes(), &[0u8; 4]); // touch 0: 1 is now LRU
         let r = c.reserve().unwrap();
         assert!(!c.contains((1, 1)), "LRU chunk evicted");
         assert!(c.contains((1, 0)) && c.contains((1, 2)));
+        drop(extra);
         drop(r); // dropped unfilled: the slot is free again, not published
         assert_eq!(c.stats().evictions, 1);
         c.remove_file(1);

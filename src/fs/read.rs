@@ -12,7 +12,13 @@ use super::{chunk_key, lock, FsError, Handle, Opened, SealFs};
 use crate::cache::{ChunkKey, Pinned};
 use crate::format::ChunkSpan;
 
-type Done = watch::Receiver<Option<Result<(), FsError>>>;
+/// The outcome of a fetch run: its chunks, pinned, so that every waiter gets them even if
+/// the cache is under pressure.
+type Outcome = Option<Result<Arc<Vec<(u64, Pinned)>>, FsError>>;
+type Done = watch::Receiver<Outcome>;
+
+/// How long a fetch waits for a free cache slot (all pinned by readers) before EIO.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Chunks being fetched, each with a channel that says when its run finished.
 #[derive(Default)]
@@ -121,8 +127,10 @@ impl SealFs {
     /// Starts fetches for the chunks of `first..=last` that are neither cached nor in
     /// flight, merging adjacent ones into ranged GETs of at most `max_fetch` bytes.
     fn start_fetch(self: &Arc<Self>, o: &Arc<Opened>, first: u64, last: u64) {
-        let per_get = (self.config.max_fetch >> o.file.layout.chunk_log2()).max(1);
-        let mut runs: Vec<(u64, u64, watch::Sender<Option<Result<(), FsError>>>)> = Vec::new();
+        // A run pins all its chunks until handed over: keep it well inside the cache.
+        let by_cache = (self.cache.slots() as u64 / 4).max(1);
+        let per_get = (self.config.max_fetch >> o.file.layout.chunk_log2()).clamp(1, by_cache);
+        let mut runs: Vec<(u64, u64, watch::Sender<Outcome>)> = Vec::new();
         {
             let mut inflight = lock(&self.inflight.0);
             let mut open: Option<(u64, u64)> = None;
@@ -172,7 +180,12 @@ impl SealFs {
 
     /// One ranged GET of chunks `a..=b`, each authenticated into a locked slot. A chunk
     /// that fails is wiped, logged with file, chunk and reason, and fails the run.
-    async fn fetch_run(&self, o: &Opened, a: u64, b: u64) -> Result<(), FsError> {
+    async fn fetch_run(
+        &self,
+        o: &Opened,
+        a: u64,
+        b: u64,
+    ) -> Result<Arc<Vec<(u64, Pinned)>>, FsError> {
         let f = &o.file;
         let bytes = f.fetch(&self.store, a, b).await.map_err(|e| {
             let err = FsError::from(e);
@@ -184,17 +197,16 @@ impl SealFs {
             .fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let mut at = 0;
+        let mut out = Vec::with_capacity((b - a + 1) as usize);
         for i in a..=b {
             let n = f.layout.chunk_cipher_len(i) as usize;
             let ct = &bytes[at..at + n];
             at += n;
-            let mut slot = self.cache.reserve().ok_or_else(|| {
-                FsError::Io("every cache slot is in use: raise --cache-size".into())
-            })?;
+            let mut slot = self.reserve_slot().await?;
             let buf = &mut slot.buf()[..n];
             buf.copy_from_slice(ct);
             match f.open_chunk(i, buf) {
-                Ok(len) => drop(slot.commit(chunk_key(o, i), len)),
+                Ok(len) => out.push((i, slot.commit(chunk_key(o, i), len))),
                 Err(e) => {
                     self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(file = %f.key, chunk = i, reason = %e, "chunk failed authentication");
@@ -202,7 +214,23 @@ impl SealFs {
                 }
             }
         }
-        Ok(())
+        Ok(Arc::new(out))
+    }
+
+    /// A cache slot, waiting (bounded) while readers hold every slot pinned.
+    async fn reserve_slot(&self) -> Result<crate::cache::Reservation, FsError> {
+        let deadline = tokio::time::Instant::now() + SLOT_WAIT;
+        loop {
+            if let Some(r) = self.cache.reserve() {
+                return Ok(r);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(FsError::Io(
+                    "every cache slot stayed in use: raise --cache-size".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// Sequential readers get a window that doubles per read up to the budget; any other
@@ -223,7 +251,7 @@ impl SealFs {
                     return;
                 }
             }
-            p.window = (p.window * 2).clamp(2, max_window);
+            p.window = (p.window * 2).max(2).min(max_window);
             let from = p.ahead.map_or(last_read + 1, |a| a.max(last_read) + 1);
             let to = (last_read + p.window).min(layout.last_index());
             if from > to {

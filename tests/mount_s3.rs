@@ -1,0 +1,288 @@
+//! Real FUSE mounts of S3 (moto) with KMS keys, through the counting, fault-injecting proxy.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const C: usize = 64 * 1024;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct Fx {
+    stack: Stack,
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    key_a: String,
+    key_b: String,
+}
+
+impl Fx {
+    fn new() -> Self {
+        let stack = Stack::start();
+        let (key_a, key_b) = rt().block_on(async {
+            stack.create_bucket("models").await;
+            (
+                stack.create_key(Some("alias/models-a")).await,
+                stack.create_key(None).await,
+            )
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        for (name, len) in [
+            ("empty", 0),
+            ("edge", C),
+            ("edge+", C + 1),
+            ("model.bin", 12 * C + 5),
+        ] {
+            std::fs::write(src.join(name), pattern(len, len as u64)).unwrap();
+        }
+        std::fs::write(src.join("sub/config.json"), b"{}\n").unwrap();
+        let env = stack.env();
+        let f = Self {
+            stack,
+            dir,
+            env,
+            key_a,
+            key_b,
+        };
+        let out = sealfs(
+            &[
+                "seal",
+                &f.p("src"),
+                "s3://models/llama",
+                "--key",
+                "kms:alias/models-a",
+                "--chunk-size",
+                "64KiB",
+            ],
+            &f.env,
+        );
+        expect_code(&out, 0);
+        f
+    }
+    fn p(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+    fn src(&self, rel: &str) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("src").join(rel)).unwrap()
+    }
+    fn mount(&self, extra: &[&str]) -> Mount {
+        let a = format!("kms:{}", self.key_a);
+        let b = format!("kms:{}", self.key_b);
+        let mut args = vec!["--key", &a, "--key", &b];
+        args.extend_from_slice(extra);
+        Mount::start("s3://models/llama", &args, &self.env)
+    }
+}
+
+#[test]
+fn listing_and_stat_need_no_get_and_no_kms_and_content_matches() {
+    let f = Fx::new();
+    let m = f.mount(&[]);
+    f.stack.reset();
+    for (rel, len) in [
+        ("empty", 0),
+        ("edge", C),
+        ("edge+", C + 1),
+        ("model.bin", 12 * C + 5),
+        ("sub/config.json", 3),
+    ] {
+        assert_eq!(
+            std::fs::metadata(m.path(rel)).unwrap().len(),
+            len as u64,
+            "{rel}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(m.path("")).unwrap().count(), 5);
+    let c = f.stack.counts();
+    assert_eq!(
+        c["s3:GET"].as_u64().unwrap_or(0) + c["s3:HEAD"].as_u64().unwrap_or(0),
+        0,
+        "stat/ls used no GET/HEAD: {c}"
+    );
+    assert_eq!(c["kms:Decrypt"].as_u64().unwrap_or(0), 0);
+    for rel in ["empty", "edge", "edge+", "model.bin", "sub/config.json"] {
+        assert_eq!(
+            sha256(&std::fs::read(m.path(rel)).unwrap()),
+            sha256(&f.src(rel)),
+            "{rel}"
+        );
+    }
+}
+
+#[test]
+fn repeated_and_parallel_opens_cost_one_kms_decrypt() {
+    let f = Fx::new();
+    let m = f.mount(&[]);
+    f.stack.reset();
+    for _ in 0..20 {
+        let mut b = [0u8; 16];
+        std::fs::File::open(m.path("model.bin"))
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+    }
+    assert_eq!(f.stack.count("kms:Decrypt"), 1, "20 open/close cycles");
+    let path = m.path("edge+").display().to_string();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/readers.py");
+    let kids: Vec<_> = (0..8)
+        .map(|_| {
+            std::process::Command::new("python3")
+                .arg(&script)
+                .args(["sha256", &path])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let want = sha256(&f.src("edge+"));
+    for k in kids {
+        assert_eq!(stdout(&k.wait_with_output().unwrap()).trim(), want);
+    }
+    assert_eq!(
+        f.stack.count("kms:Decrypt"),
+        2,
+        "8 parallel worker processes: one more Decrypt"
+    );
+}
+
+#[test]
+fn dek_is_dropped_after_the_grace_and_unwrapped_again() {
+    let f = Fx::new();
+    let m = f.mount(&["--dek-grace", "1s"]);
+    f.stack.reset();
+    drop(std::fs::read(m.path("edge")).unwrap());
+    assert_eq!(f.stack.count("kms:Decrypt"), 1);
+    // The sweeper runs every second; the grace is 1 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(std::fs::read(m.path("edge")).unwrap());
+    assert_eq!(
+        f.stack.count("kms:Decrypt"),
+        2,
+        "a new unwrap after the grace"
+    );
+}
+
+#[test]
+fn kms_denied_or_disabled_key_gives_eacces_and_names_key_and_file() {
+    let f = Fx::new();
+    let m = f.mount(&[]);
+    f.stack
+        .fault(json!({"match": "kms:Decrypt", "error": "DisabledException"}));
+    let e = std::fs::File::open(m.path("edge")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+    assert_eq!(f.stack.count("kms:Decrypt"), 1, "no retry storm");
+    let logs = m.logs();
+    assert!(
+        logs.contains("open refused") && logs.contains("llama/edge") && logs.contains(&f.key_a),
+        "{logs}"
+    );
+}
+
+#[test]
+fn s3_throttling_gives_eio_in_bounded_time_while_cached_chunks_keep_working() {
+    let f = Fx::new();
+    let m = f.mount(&["--direct-io"]);
+    let want = f.src("model.bin");
+    let mut file = std::fs::File::open(m.path("model.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact(&mut buf).unwrap(); // chunk 0 (and a read-ahead window) now cached
+    f.stack
+        .fault(json!({"match": "s3:GET-range", "error": "503"}));
+    let t = Instant::now();
+    file.seek(SeekFrom::Start(11 * C as u64)).unwrap();
+    let e = file.read(&mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "bounded: {:?}",
+        t.elapsed()
+    );
+    let tries = f.stack.count("s3:GET-range");
+    assert!(tries >= 2, "retried: {tries}");
+    file.seek(SeekFrom::Start(100)).unwrap();
+    file.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf[..], &want[100..4196], "cached chunk still served");
+}
+
+#[test]
+fn object_replaced_while_open_fails_the_old_handle_and_a_new_open_sees_the_new_file() {
+    let f = Fx::new();
+    let m = f.mount(&["--direct-io", "--max-prefetch", "64KiB"]);
+    let mut old = std::fs::File::open(m.path("model.bin")).unwrap();
+    let mut buf = vec![0u8; 1000];
+    old.read_exact(&mut buf).unwrap();
+    // Replace it: same path, other bytes, same size.
+    let new_src = f.dir.path().join("new/model.bin");
+    std::fs::create_dir_all(new_src.parent().unwrap()).unwrap();
+    let new_bytes = pattern(12 * C + 5, 4242);
+    std::fs::write(&new_src, &new_bytes).unwrap();
+    let out = sealfs(
+        &[
+            "seal",
+            &f.p("new"),
+            "s3://models/llama",
+            "--key",
+            "kms:alias/models-a",
+            "--chunk-size",
+            "64KiB",
+            "--force",
+        ],
+        &f.env,
+    );
+    expect_code(&out, 0);
+    old.seek(SeekFrom::Start(10 * C as u64)).unwrap();
+    let e = old.read(&mut buf).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EIO),
+        "old handle: ETag mismatch is EIO, never mixed versions"
+    );
+    assert!(
+        m.logs().contains("object changed since it was opened"),
+        "{}",
+        m.logs()
+    );
+    let mut fresh = std::fs::File::open(m.path("model.bin")).unwrap();
+    let mut got = Vec::new();
+    fresh.read_to_end(&mut got).unwrap();
+    assert!(got == new_bytes, "a new open reads the new file");
+}
+
+#[test]
+fn rewrap_while_open_does_not_disturb_readers() {
+    let f = Fx::new();
+    let m = f.mount(&["--direct-io", "--max-prefetch", "64KiB"]);
+    let want = f.src("model.bin");
+    let mut file = std::fs::File::open(m.path("model.bin")).unwrap();
+    let mut head = vec![0u8; C];
+    file.read_exact(&mut head).unwrap();
+    let out = sealfs(
+        &[
+            "rewrap",
+            "s3://models/llama",
+            "--key",
+            &format!("kms:{}", f.key_a),
+            "--to-key",
+            &format!("kms:{}", f.key_b),
+        ],
+        &f.env,
+    );
+    expect_code(&out, 0);
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest).unwrap();
+    head.extend_from_slice(&rest);
+    assert!(head == want, "reader kept going through the rewrap");
+    // New opens unwrap with key b now (the mount trusts both).
+    assert_eq!(std::fs::read(m.path("edge+")).unwrap(), f.src("edge+"));
+}
