@@ -42,3 +42,19 @@ fn chain(err: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The AWS configuration loader with sealfs's time bounds: a hung endpoint costs at most
+/// `OPERATION_TIMEOUT` per call (3 attempts with backoff, each ≤ `ATTEMPT_TIMEOUT`).
+pub fn aws_defaults() -> aws_config::ConfigLoader {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .operation_timeout(OPERATION_TIMEOUT)
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts)
+}
+
+/// Longest single attempt of an S3 or KMS call (a 16 MiB part needs ≥ 0.6 MB/s).
+pub const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest S3 or KMS call including retries.
+pub const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);

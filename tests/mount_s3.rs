@@ -208,6 +208,7 @@ fn s3_throttling_gives_eio_in_bounded_time_while_cached_chunks_keep_working() {
         "bounded: {:?}",
         t.elapsed()
     );
+    eprintln!("503 on every GET: EIO after {:?}", t.elapsed());
     let tries = f.stack.count("s3:GET-range");
     assert!(tries >= 2, "retried: {tries}");
     file.seek(SeekFrom::Start(100)).unwrap();
