@@ -6,6 +6,7 @@
 //! - `Filling`: exactly one [`Reservation`] holds it and may write it;
 //! - `Ready`: read-only; each [`Pinned`] holds a pin, and a slot is only evicted (and so
 //!   written again) when it has no pins.
+//!
 //! All state changes happen under the one mutex.
 
 pub mod locked;

@@ -6,8 +6,6 @@
 //!   header (and so its file, path, size), its position, and whether it ends the file.
 //!   Reordering, truncation, extension and splicing between files all fail the tag.
 
-use ring::aead::{Aad, Nonce};
-
 use super::kdf::FileKeys;
 use crate::format::TAG_LEN;
 
@@ -21,11 +19,11 @@ pub enum ChunkError {
     Length { index: u64, got: usize, want: usize },
 }
 
-fn nonce(index: u64, last: bool) -> Nonce {
+fn nonce(index: u64, last: bool) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..8].copy_from_slice(&index.to_be_bytes());
     n[11] = last as u8;
-    Nonce::assume_unique_for_key(n)
+    n
 }
 
 fn aad(header_digest: &[u8; 32], index: u64, last: bool) -> [u8; 41] {
@@ -47,11 +45,8 @@ pub fn seal_chunk(
     let split = buf.len() - TAG_LEN as usize;
     let (data, tag_out) = buf.split_at_mut(split);
     let a = aad(header_digest, index, last);
-    let tag = keys
-        .payload
-        .seal_in_place_separate_tag(nonce(index, last), Aad::from(&a[..]), data)
-        .expect("chunk within AES-GCM length limits");
-    tag_out.copy_from_slice(tag.as_ref());
+    let tag = keys.payload.seal(&nonce(index, last), &a, data);
+    tag_out.copy_from_slice(&tag);
 }
 
 /// Verifies and decrypts `ciphertext || tag` in place. On success the plaintext is
@@ -73,11 +68,8 @@ pub fn open_chunk(
         });
     }
     let a = aad(header_digest, index, last);
-    match keys
-        .payload
-        .open_in_place(nonce(index, last), Aad::from(&a[..]), buf)
-    {
-        Ok(plain) => Ok(plain.len()),
+    match keys.payload.open(&nonce(index, last), &a, buf) {
+        Ok(n) => Ok(n),
         Err(_) => {
             zeroize::Zeroize::zeroize(buf);
             Err(ChunkError::Auth(index))

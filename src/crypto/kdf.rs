@@ -4,7 +4,9 @@
 //!   HMAC-SHA256 is collision resistant, a verified MAC commits to the DEK: no second key
 //!   can open the same header (the AWS Encryption SDK's committing suites do the same).
 
-use ring::{aead, hkdf, hmac};
+use ring::{hkdf, hmac};
+
+use super::aead::ChunkCipher;
 use zeroize::Zeroize;
 
 use super::secret::Dek;
@@ -14,7 +16,7 @@ const MAC_INFO: &[u8] = b"sealfs v1 header mac";
 
 /// The keys of one open file. Holds ring key schedules (heap); never logged.
 pub struct FileKeys {
-    pub(crate) payload: aead::LessSafeKey,
+    pub(crate) payload: ChunkCipher,
     mac: hmac::Key,
 }
 
@@ -43,8 +45,7 @@ impl FileKeys {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, file_id).extract(dek.expose());
         let mut k = [0u8; 32];
         expand(&prk, PAYLOAD_INFO, &mut k);
-        let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, &k).expect("32-byte AES key");
-        let payload = aead::LessSafeKey::new(unbound);
+        let payload = ChunkCipher::new(&k);
         expand(&prk, MAC_INFO, &mut k);
         let mac = hmac::Key::new(hmac::HMAC_SHA256, &k);
         k.zeroize();

@@ -1,7 +1,9 @@
 //! Cryptography of the sealed format, no I/O: DEK handling, key derivation, chunk AEAD.
 //!
-//! Every primitive comes from `ring` (chosen by benches/aead.rs; docs/PERFORMANCE.md).
+//! Primitives come from `ring`; chunk AES-GCM from ring or aws-lc-rs, whichever this CPU
+//! runs faster (`aead.rs`; docs/PERFORMANCE.md).
 
+pub mod aead;
 pub mod chunk;
 pub mod kdf;
 pub mod secret;
