@@ -118,29 +118,27 @@ fn regenerate() {
             "four chunks; encryption context with a user pair",
         ),
     ];
+    let dest = r.join("objects").display().to_string();
+    let seal_vector = |src: &Path| {
+        let args = [
+            "seal",
+            &src.display().to_string(),
+            &dest,
+            "--key",
+            &key,
+            "--context",
+            "vector=v1",
+            "--chunk-size",
+            "16KiB",
+        ];
+        expect_code(&sealfs(&args, &[]), 0);
+    };
     let mut cases = Vec::new();
     for (name, len, reason) in ok {
         let src = tmp.path().join(name);
         let data = pattern(len, len as u64 + 11);
         std::fs::write(&src, &data).unwrap();
-        let dest = r.join("objects").display().to_string();
-        expect_code(
-            &sealfs(
-                &[
-                    "seal",
-                    &src.display().to_string(),
-                    &dest,
-                    "--key",
-                    &key,
-                    "--context",
-                    "vector=v1",
-                    "--chunk-size",
-                    "16KiB",
-                ],
-                &[],
-            ),
-            0,
-        );
+        seal_vector(&src);
         cases.push(json!({"name": name, "exit": 0, "plaintext_size": len, "plaintext_sha256": sha256(&data), "reason": reason}));
     }
     // Bad cases: copies of ok-multi under another name (sealed for that name, so the copy
@@ -211,24 +209,7 @@ fn regenerate() {
     for (name, err, reason, exit, mutate) in bad {
         let src = tmp.path().join(name);
         std::fs::write(&src, &multi).unwrap();
-        let dest = r.join("objects").display().to_string();
-        expect_code(
-            &sealfs(
-                &[
-                    "seal",
-                    &src.display().to_string(),
-                    &dest,
-                    "--key",
-                    &key,
-                    "--context",
-                    "vector=v1",
-                    "--chunk-size",
-                    "16KiB",
-                ],
-                &[],
-            ),
-            0,
-        );
+        seal_vector(&src);
         let dp = r.join("objects").join(name);
         let kp = r.join("objects").join(format!("{name}.sealfs-c14"));
         let (mut d, mut k) = (std::fs::read(&dp).unwrap(), std::fs::read(&kp).unwrap());

@@ -9,15 +9,12 @@
 //!
 //! All state changes happen under the one mutex.
 
-pub mod locked;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroize;
 
-use crate::crypto::LockError;
-use locked::LockedRegion;
+use crate::crypto::locked::{LockError, LockedRegion};
 
 /// Fewest slots a cache has, whatever `--cache-size` says.
 pub const MIN_SLOTS: usize = 8;

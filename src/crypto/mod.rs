@@ -6,11 +6,13 @@
 pub mod aead;
 pub mod chunk;
 pub mod kdf;
+pub mod locked;
 pub mod secret;
 
 pub use chunk::{open_chunk, seal_chunk, ChunkError};
 pub use kdf::FileKeys;
-pub use secret::{Dek, LockError};
+pub use locked::LockError;
+pub use secret::Dek;
 
 /// SHA-256 of the authenticated header bytes: bound into every chunk's AAD.
 pub fn header_digest(authenticated: &[u8]) -> [u8; 32] {

@@ -1,18 +1,28 @@
-//! One fixed region of locked memory for decrypted chunks: `mmap` + `mlock` +
-//! `MADV_DONTDUMP`, zeroized and unmapped on drop. This and `crypto::secret` are the only
-//! places with `unsafe`.
+//! Locked memory for secrets and plaintext (DEKs, decrypted chunks): `mmap` + `mlock` +
+//! `MADV_DONTDUMP`, zeroized and unmapped on drop. With `fuse::session` (fork, prctl) the
+//! only `unsafe` in sealfs.
 
 use zeroize::Zeroize;
 
-use crate::crypto::LockError;
+/// Why locked memory could not be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    #[error("mmap of locked memory failed: {0}")]
+    Map(std::io::Error),
+    #[error(
+        "mlock refused ({0}): raise the locked-memory limit (`ulimit -l`, or `LimitMEMLOCK=` in the systemd unit)"
+    )]
+    Lock(std::io::Error),
+}
 
 pub struct LockedRegion {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the region is plain memory owned by this value; ChunkCache hands out disjoint
-// slots under its own locking discipline (see cache/mod.rs).
+// SAFETY: the region is plain memory owned by this value; its users (Dek, ChunkCache)
+// hand out disjoint parts under their own discipline (see their docs).
 unsafe impl Send for LockedRegion {}
 // SAFETY: as above.
 unsafe impl Sync for LockedRegion {}
