@@ -146,6 +146,21 @@ fn serve(
     };
     config.n_threads = Some(2);
     config.clone_fd = true;
+    // Handlers first: a SIGTERM that arrives right after READY=1 must unmount, not kill.
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _in_rt = rt.enter();
+        let io = |e: std::io::Error| {
+            Fatal(
+                exit::FAILURE,
+                format!("cannot install signal handlers: {e}"),
+            )
+        };
+        (
+            signal(SignalKind::terminate()).map_err(io)?,
+            signal(SignalKind::interrupt()).map_err(io)?,
+        )
+    };
     let adapter = Adapter {
         fs: fs.clone(),
         rt: rt.handle().clone(),
@@ -193,19 +208,9 @@ fn serve(
         }
     });
     let ended_by_signal = rt.block_on(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => true,
-            _ = term => true,
+            _ = term.recv() => true,
+            _ = int.recv() => true,
             _ = done_rx => false,
         }
     });
