@@ -187,7 +187,25 @@ impl OpenFile {
         Ok(bytes)
     }
 
-    fn check_prelude(&self, b: &[u8]) -> Result<()> {
+    /// Like [`OpenFile::fetch`], as a stream: returns the body and whether it starts with
+    /// the 32-byte prelude (which the caller passes to [`OpenFile::check_prelude`]).
+    pub async fn fetch_stream(
+        &self,
+        store: &Store,
+        first: u64,
+        last: u64,
+    ) -> Result<(crate::store::RangeBody, bool)> {
+        let (start, end) = self.layout.cipher_range(first, last);
+        let start = if first == 0 { 0 } else { start };
+        let pin = (!self.etag.is_empty()).then_some(self.etag.as_str());
+        Ok((
+            store.get_range_stream(&self.key, start, end, pin).await?,
+            first == 0,
+        ))
+    }
+
+    /// Checks the data object's prelude against the authenticated header.
+    pub fn check_prelude(&self, b: &[u8]) -> Result<()> {
         let p = Prelude::parse(b).map_err(|source| Error::Format {
             file: self.key.clone(),
             source,

@@ -12,6 +12,8 @@ use super::{chunk_key, lock, FsError, Handle, Opened, SealFs};
 use crate::cache::{ChunkKey, Pinned};
 use crate::format::ChunkSpan;
 
+const PRELUDE: usize = crate::format::layout::PRELUDE_LEN as usize;
+
 /// The outcome of a fetch run: its chunks, pinned, so that every waiter gets them even if
 /// the cache is under pressure.
 type Outcome = Option<Result<Arc<Vec<(u64, Pinned)>>, FsError>>;
@@ -178,8 +180,9 @@ impl SealFs {
         }
     }
 
-    /// One ranged GET of chunks `a..=b`, each authenticated into a locked slot. A chunk
-    /// that fails is wiped, logged with file, chunk and reason, and fails the run.
+    /// One ranged GET of chunks `a..=b`, streamed straight into locked slots: each chunk is
+    /// authenticated as soon as its bytes are in, so at most one chunk per GET is buffered.
+    /// A chunk that fails is wiped, logged with file, chunk and reason, and fails the run.
     async fn fetch_run(
         &self,
         o: &Opened,
@@ -187,32 +190,71 @@ impl SealFs {
         b: u64,
     ) -> Result<Arc<Vec<(u64, Pinned)>>, FsError> {
         let f = &o.file;
-        let bytes = f.fetch(&self.store, a, b).await.map_err(|e| {
+        let fail = |e: crate::Error| {
             let err = FsError::from(e);
             tracing::warn!(file = %f.key, chunks = %format!("{a}..={b}"), error = %err, "fetch failed");
             err
-        })?;
+        };
+        let (mut body, mut prelude_left) = match f.fetch_stream(&self.store, a, b).await {
+            Ok((body, with_prelude)) => (body, if with_prelude { PRELUDE } else { 0 }),
+            Err(e) => return Err(fail(e)),
+        };
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .fetched_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let mut at = 0;
+        let mut prelude = [0u8; PRELUDE];
         let mut out = Vec::with_capacity((b - a + 1) as usize);
-        for i in a..=b {
-            let n = f.layout.chunk_cipher_len(i) as usize;
-            let ct = &bytes[at..at + n];
-            at += n;
-            let mut slot = self.reserve_slot().await?;
-            let buf = &mut slot.buf()[..n];
-            buf.copy_from_slice(ct);
-            match f.open_chunk(i, buf) {
-                Ok(len) => out.push((i, slot.commit(chunk_key(o, i), len))),
-                Err(e) => {
-                    self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(file = %f.key, chunk = i, reason = %e, "chunk failed authentication");
-                    return Err(FsError::Io(e.to_string()));
+        let (mut index, mut slot, mut filled) = (a, None, 0usize);
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| fail(e.into()))?;
+            self.stats
+                .fetched_bytes
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
+            let mut data = &piece[..];
+            if prelude_left > 0 {
+                let take = prelude_left.min(data.len());
+                prelude[PRELUDE - prelude_left..PRELUDE - prelude_left + take]
+                    .copy_from_slice(&data[..take]);
+                prelude_left -= take;
+                data = &data[take..];
+                if prelude_left == 0 {
+                    f.check_prelude(&prelude).map_err(fail)?;
                 }
             }
+            while !data.is_empty() {
+                if index > b {
+                    return Err(fail(crate::Error::integrity(
+                        &f.key,
+                        "ranged GET returned extra bytes",
+                    )));
+                }
+                let need = f.layout.chunk_cipher_len(index) as usize;
+                let s = match slot.as_mut() {
+                    Some(s) => s,
+                    None => slot.insert(self.reserve_slot().await?),
+                };
+                let take = (need - filled).min(data.len());
+                s.buf()[filled..filled + take].copy_from_slice(&data[..take]);
+                filled += take;
+                data = &data[take..];
+                if filled == need {
+                    let mut full: crate::cache::Reservation = slot.take().expect("slot in use");
+                    match f.open_chunk(index, &mut full.buf()[..need]) {
+                        Ok(len) => out.push((index, full.commit(chunk_key(o, index), len))),
+                        Err(e) => {
+                            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(file = %f.key, chunk = index, reason = %e, "chunk failed authentication");
+                            return Err(FsError::Io(e.to_string()));
+                        }
+                    }
+                    index += 1;
+                    filled = 0;
+                }
+            }
+        }
+        if index != b + 1 || prelude_left > 0 {
+            return Err(fail(crate::Error::integrity(
+                &f.key,
+                "ranged GET ended early",
+            )));
         }
         Ok(Arc::new(out))
     }

@@ -113,6 +113,28 @@ pub enum Store {
     S3(s3::S3Store),
 }
 
+/// The body of a ranged GET, piece by piece.
+pub enum RangeBody {
+    S3(aws_sdk_s3::primitives::ByteStream, String),
+    Whole(Option<Bytes>),
+}
+
+impl RangeBody {
+    /// The next piece, `None` at the end.
+    pub async fn next(&mut self) -> Option<Result<Bytes, StoreError>> {
+        match self {
+            RangeBody::Whole(b) => b.take().map(Ok),
+            RangeBody::S3(stream, key) => stream.next().await.map(|r| {
+                r.map_err(|e| StoreError::Failed {
+                    op: "GetObject",
+                    key: key.clone(),
+                    message: crate::error_chain(&e),
+                })
+            }),
+        }
+    }
+}
+
 /// An in-progress upload of one object, invisible until `complete`.
 pub enum Upload {
     Local(local::LocalUpload),
@@ -163,6 +185,26 @@ impl Store {
             });
         }
         Ok(b)
+    }
+
+    /// Bytes `[start, end)` of `key` as a stream of pieces, so a reader can place them
+    /// without holding the whole range; same `If-Match` rule as [`Store::get_range`].
+    pub async fn get_range_stream(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        if_match: Option<&str>,
+    ) -> Result<RangeBody, StoreError> {
+        match self {
+            Store::S3(s) => Ok(RangeBody::S3(
+                s.get_range_stream(key, start, end, if_match).await?,
+                key.to_string(),
+            )),
+            Store::Local(s) => Ok(RangeBody::Whole(Some(
+                s.get_range(key, start, end, if_match).await?,
+            ))),
+        }
     }
 
     /// Replaces `key` atomically with `body` (small objects: key objects).

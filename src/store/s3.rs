@@ -174,6 +174,26 @@ impl S3Store {
         Ok(body.into_bytes())
     }
 
+    pub async fn get_range_stream(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        if_match: Option<&str>,
+    ) -> Result<ByteStream, StoreError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={start}-{}", end - 1))
+            .set_if_match(if_match.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| classify("GetObject", key, e))?;
+        Ok(out.body)
+    }
+
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
         self.client
             .put_object()
