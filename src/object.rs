@@ -111,9 +111,14 @@ pub struct OpenFile {
 /// Reads and parses the key object of `entry`, and checks it against the data object,
 /// without any key. This is all `inspect` trusts, and only as facts to show.
 pub async fn read_key_object(store: &Store, entry: &SealedEntry) -> Result<KeyObject> {
-    let file = &entry.data.key;
     let (bytes, _) = store.get(&entry.key_object.key).await?;
-    let ko = KeyObject::parse(&bytes).map_err(|source| Error::Format {
+    parse_key_object(&bytes, entry)
+}
+
+/// Parses key object bytes already fetched for `entry` and checks them against it.
+pub fn parse_key_object(bytes: &[u8], entry: &SealedEntry) -> Result<KeyObject> {
+    let file = &entry.data.key;
+    let ko = KeyObject::parse(bytes).map_err(|source| Error::Format {
         file: file.clone(),
         source,
     })?;
@@ -156,6 +161,15 @@ impl OpenFile {
     /// Opens `entry` with the trusted `keyring`.
     pub async fn open(store: &Store, entry: &SealedEntry, keyring: &Keyring) -> Result<Self> {
         let key_object = read_key_object(store, entry).await?;
+        Self::open_parsed(key_object, entry, keyring).await
+    }
+
+    /// Opens `entry` whose key object was already fetched and checked.
+    pub async fn open_parsed(
+        key_object: KeyObject,
+        entry: &SealedEntry,
+        keyring: &Keyring,
+    ) -> Result<Self> {
         let (dek, keys) = keyring
             .unwrap(&key_object)
             .await

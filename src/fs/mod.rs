@@ -233,10 +233,22 @@ impl SealFs {
             Some(Node::Dir { .. }) => return Err(FsError::IsDir),
             None => return Err(FsError::NotFound),
         };
-        // One LIST of this object: catches a replacement (new ETag, new size) since mount.
-        let listing = object::find(&self.store, &entry.data.key)
-            .await
-            .map_err(FsError::from)?;
+        // One LIST of this object catches a replacement (new ETag, new size) since mount.
+        // Unless its DEK is already held, fetch the key object at the same time: open then
+        // costs one round trip before the KMS call, not two.
+        let held = lock(&self.files)
+            .get(&entry.data.key)
+            .is_some_and(|s| s.cell.initialized());
+        let speculative = async {
+            if held {
+                None
+            } else {
+                Some(self.store.get(&entry.key_object.key).await)
+            }
+        };
+        let (listing, prefetched) =
+            tokio::join!(object::find(&self.store, &entry.data.key), speculative);
+        let listing = listing.map_err(FsError::from)?;
         let fresh = listing
             .sealed
             .into_iter()
@@ -266,7 +278,17 @@ impl SealFs {
         let opened = slot
             .cell
             .get_or_try_init(|| async {
-                let file = OpenFile::open(&self.store, &fresh, &self.keyring).await.map_err(|e| {
+                let opened = async {
+                    match prefetched {
+                        // Still the key object the listing pairs with this data object?
+                        Some(Ok((bytes, _))) if fresh.key_object.key == entry.key_object.key => {
+                            let ko = object::parse_key_object(&bytes, &fresh)?;
+                            OpenFile::open_parsed(ko, &fresh, &self.keyring).await
+                        }
+                        _ => OpenFile::open(&self.store, &fresh, &self.keyring).await,
+                    }
+                };
+                let file = opened.await.map_err(|e| {
                     let err = FsError::from(e);
                     tracing::warn!(file = %fresh.data.key, uid = who.0, pid = who.1, error = %err, "open refused");
                     err
