@@ -513,3 +513,57 @@ fn daemon_writes_no_file() {
         bad.join("\n")
     );
 }
+
+/// With `--list-ttl`, files sealed after the mount appear, removed ones disappear, and
+/// existing paths keep their inode numbers.
+#[test]
+fn new_and_removed_files_show_after_the_list_ttl() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fx::new();
+    let m = f.mount(&["--list-ttl", "1s"]);
+    let ino_before = std::fs::metadata(m.path("edge")).unwrap().ino();
+    let late = f.dir.path().join("late.bin");
+    std::fs::write(&late, pattern(70_000, 5)).unwrap();
+    let args = [
+        "seal",
+        &late.display().to_string(),
+        &f.p("sealed"),
+        "--key",
+        &f.key("k1"),
+        "--chunk-size",
+        "64KiB",
+    ];
+    expect_code(&sealfs(&args, &[]), 0);
+    std::fs::remove_file(f.dir.path().join("sealed/one")).unwrap();
+    std::fs::remove_file(f.dir.path().join("sealed/one.sealfs-c16")).unwrap();
+    let start = std::time::Instant::now();
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&m.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    let refreshed = || {
+        let n = names();
+        n.iter().any(|x| x == "late.bin") && !n.iter().any(|x| x == "one")
+    };
+    while !refreshed() {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "listing never refreshed: {:?}\n{}",
+            names(),
+            m.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        std::fs::read(m.path("late.bin")).unwrap(),
+        pattern(70_000, 5)
+    );
+    assert_eq!(
+        std::fs::metadata(m.path("edge")).unwrap().ino(),
+        ino_before,
+        "inode numbers are stable"
+    );
+    assert!(m.logs().contains("listing refreshed"), "{}", m.logs());
+}

@@ -92,6 +92,9 @@ pub enum Command {
         /// Largest sequential read-ahead window (also bounded by a quarter of the cache).
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         max_prefetch: u64,
+        /// Re-list the prefix this often, so new, replaced and removed files show (0: never).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        list_ttl: std::time::Duration,
         /// Bypass the kernel page cache (breaks mmap: safetensors, np.memmap).
         #[arg(long)]
         direct_io: bool,
@@ -339,6 +342,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         cache_size,
         dek_grace,
         max_prefetch,
+        list_ttl,
         direct_io,
         foreground,
         allow_other,
@@ -361,6 +365,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         file_mode,
         dir_mode,
         direct_io,
+        list_ttl,
         ..d
     };
     crate::fuse::session::MountArgs {

@@ -33,6 +33,17 @@ impl Tree {
                 parent: ROOT,
             }],
         };
+        t.refresh(listing, prefix);
+        t
+    }
+
+    /// Applies a newer listing. A path keeps its inode number (the kernel may hold it), a
+    /// changed object gets its new entry and size, new files are added, and files gone from
+    /// the listing are unlinked from their directory (an open of a stale inode then re-lists
+    /// and fails with ENOENT). Returns (added, changed, removed).
+    pub fn refresh(&mut self, listing: Listing, prefix: &str) -> (usize, usize, usize) {
+        let (mut added, mut changed) = (0, 0);
+        let mut seen = std::collections::HashSet::new();
         for e in listing.sealed {
             let rel = if prefix.is_empty() {
                 e.data.key.as_str()
@@ -56,20 +67,55 @@ impl Tree {
             let Some(name) = parts.pop() else { continue };
             let mut dir = ROOT;
             for p in parts {
-                dir = t.child_dir(dir, p);
+                dir = self.child_dir(dir, p);
             }
-            if t.lookup(dir, name).is_some() {
-                continue; // a name that is both a file and a directory: the directory wins
+            match self.lookup(dir, name) {
+                Some(ino) => match &mut self.nodes[ino as usize - 1] {
+                    Node::File {
+                        entry, size: sz, ..
+                    } => {
+                        if entry.data.etag != e.data.etag
+                            || entry.key_object.key != e.key_object.key
+                        {
+                            *entry = e.clone();
+                            *sz = size;
+                            changed += 1;
+                        }
+                        seen.insert(ino);
+                    }
+                    Node::Dir { .. } => {} // a name that is both a file and a directory: the directory wins
+                },
+                None => {
+                    let ino = self.nodes.len() as u64 + 1;
+                    self.nodes.push(Node::File {
+                        entry: e.clone(),
+                        size,
+                        parent: dir,
+                    });
+                    self.children_mut(dir).insert(name.to_string(), ino);
+                    seen.insert(ino);
+                    added += 1;
+                }
             }
-            let ino = t.nodes.len() as u64 + 1;
-            t.nodes.push(Node::File {
-                entry: e.clone(),
-                size,
-                parent: dir,
-            });
-            t.children_mut(dir).insert(name.to_string(), ino);
         }
-        t
+        let gone: Vec<(usize, String)> = (0..self.nodes.len())
+            .flat_map(|d| match &self.nodes[d] {
+                Node::Dir { children, .. } => children
+                    .iter()
+                    .filter(|(_, ino)| {
+                        !seen.contains(*ino) && matches!(self.get(**ino), Some(Node::File { .. }))
+                    })
+                    .map(|(name, _)| (d, name.clone()))
+                    .collect(),
+                Node::File { .. } => Vec::new(),
+            })
+            .collect();
+        for (d, name) in &gone {
+            if let Node::Dir { children, .. } = &mut self.nodes[*d] {
+                children.remove(name);
+            }
+        }
+        (added, changed, gone.len())
     }
 
     fn child_dir(&mut self, parent: u64, name: &str) -> u64 {
@@ -165,5 +211,39 @@ mod tests {
         assert_eq!(t.lookup(ROOT, "junk"), None, "unsealed objects are hidden");
         assert_eq!(t.lookup(ROOT, "bad"), None, "impossible sizes are hidden");
         assert_eq!(t.max_chunk_log2(), Some(14));
+    }
+
+    #[test]
+    fn refresh_keeps_inodes_adds_and_unlinks() {
+        let o = |k: &str, s: u64, e: &str| ObjectInfo {
+            key: k.into(),
+            size: s,
+            etag: e.into(),
+        };
+        let mut t = Tree::build(
+            pair(vec![
+                o("a", 48, "1"),
+                o("a.sealfs-c14", 1, "k"),
+                o("d/b", 48, "1"),
+                o("d/b.sealfs-c14", 1, "k"),
+            ]),
+            "",
+        );
+        let a = t.lookup(ROOT, "a").unwrap();
+        let d = t.lookup(ROOT, "d").unwrap();
+        let next = pair(vec![
+            o("a", 32 + 5 + 16, "2"),
+            o("a.sealfs-c14", 1, "k"),
+            o("c", 48, "1"),
+            o("c.sealfs-c14", 1, "k"),
+        ]);
+        assert_eq!(t.refresh(next, ""), (1, 1, 1));
+        assert_eq!(t.lookup(ROOT, "a"), Some(a), "same path, same inode");
+        assert!(
+            matches!(t.get(a), Some(Node::File { size: 5, .. })),
+            "new size after replacement"
+        );
+        assert!(t.lookup(ROOT, "c").is_some());
+        assert_eq!(t.lookup(d, "b"), None, "removed file unlinked");
     }
 }

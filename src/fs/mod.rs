@@ -40,6 +40,8 @@ pub struct MountConfig {
     pub file_mode: u16,
     pub dir_mode: u16,
     pub direct_io: bool,
+    /// Re-list the prefix this often so new, replaced and removed files show (zero: never).
+    pub list_ttl: Duration,
 }
 
 impl Default for MountConfig {
@@ -54,6 +56,7 @@ impl Default for MountConfig {
             file_mode: 0o444,
             dir_mode: 0o555,
             direct_io: false,
+            list_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct SealFs {
     pub config: MountConfig,
     pub stats: Stats,
     started: std::time::SystemTime,
+    prefix: String,
+    listed_at: Mutex<Instant>,
 }
 
 /// What `getattr` and `lookup` return.
@@ -157,6 +162,8 @@ impl SealFs {
             config,
             stats: Stats::default(),
             started: std::time::SystemTime::now(),
+            prefix: prefix.to_string(),
+            listed_at: Mutex::new(Instant::now()),
         }))
     }
 
@@ -364,6 +371,29 @@ impl SealFs {
             !expired
         });
         files.values().filter(|s| s.cell.initialized()).count()
+    }
+
+    /// Re-lists the prefix when `list_ttl` has passed since the last listing. Inode numbers
+    /// of existing paths stay; errors are logged and retried at the next tick.
+    pub async fn refresh_if_due(&self) {
+        let ttl = self.config.list_ttl;
+        if ttl.is_zero() || lock(&self.listed_at).elapsed() < ttl {
+            return;
+        }
+        *lock(&self.listed_at) = Instant::now();
+        match object::find(&self.store, &self.prefix).await {
+            Ok(listing) => {
+                let (added, changed, removed) = self
+                    .tree
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .refresh(listing, &self.prefix);
+                if added + changed + removed > 0 {
+                    tracing::info!(added, changed, removed, "listing refreshed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "re-listing failed; keeping the previous tree"),
+        }
     }
 
     pub fn deks_held(&self) -> usize {

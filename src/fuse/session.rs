@@ -205,6 +205,7 @@ fn serve(
         loop {
             tick.tick().await;
             sweeper_fs.sweep();
+            sweeper_fs.refresh_if_due().await;
         }
     });
     let ended_by_signal = rt.block_on(async {
