@@ -126,7 +126,6 @@ impl ChunkCache {
         g.tick += 1;
         let tick = g.tick;
         let Some(&i) = g.map.get(&key) else {
-            g.misses += 1;
             return None;
         };
         g.hits += 1;

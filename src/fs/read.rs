@@ -60,12 +60,55 @@ impl ReadData {
 const MAX_ROUNDS: usize = 4;
 
 impl SealFs {
+    /// The read, if every chunk it needs is cached: no await, so the FUSE thread can answer
+    /// it at once instead of waking a runtime worker (the common case behind read-ahead).
+    /// `None` means "go the async way". Must run inside the runtime (it may start fetches).
+    pub fn read_cached(
+        self: &Arc<Self>,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Option<Result<ReadData, FsError>> {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return Some(Err(e)),
+        };
+        let spans = h.opened.file.layout.spans(offset, size as u64);
+        let last = spans.last()?.index;
+        let mut pins = Vec::with_capacity(spans.len());
+        for s in &spans {
+            pins.push(self.cache.get(chunk_key(&h.opened, s.index))?);
+        }
+        self.prefetch(&h, offset, size as u64, last);
+        let out = if spans.len() == 1 {
+            let ChunkSpan { skip, len, .. } = spans[0];
+            ReadData::Pinned {
+                chunk: pins.pop().expect("one span, one pin"),
+                skip,
+                len,
+            }
+        } else {
+            let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(size as usize));
+            for (s, p) in spans.iter().zip(&pins) {
+                buf.extend_from_slice(&p.bytes()[s.skip..s.skip + s.len]);
+            }
+            ReadData::Owned(buf)
+        };
+        self.stats
+            .bytes_served
+            .fetch_add(out.bytes().len() as u64, Ordering::Relaxed);
+        Some(Ok(out))
+    }
+
     pub async fn read(
         self: &Arc<Self>,
         fh: u64,
         offset: u64,
         size: u32,
     ) -> Result<ReadData, FsError> {
+        if let Some(done) = self.read_cached(fh, offset, size) {
+            return done;
+        }
         let h = self.handle(fh)?;
         let layout = h.opened.file.layout;
         let spans = layout.spans(offset, size as u64);

@@ -109,6 +109,16 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Cached: answer on this thread. Otherwise the reply moves into a task.
+        let cached = {
+            let _rt = self.rt.enter();
+            self.fs.read_cached(fh.0, offset, size)
+        };
+        match cached {
+            Some(Ok(data)) => return reply.data(data.bytes()),
+            Some(Err(e)) => return reply.error(errno(&e)),
+            None => {}
+        }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(fh.0, offset, size).await {
