@@ -125,9 +125,7 @@ impl ChunkCache {
         let mut g = self.lock();
         g.tick += 1;
         let tick = g.tick;
-        let Some(&i) = g.map.get(&key) else {
-            return None;
-        };
+        let &i = g.map.get(&key)?;
         g.hits += 1;
         let s = &mut g.slots[i];
         s.pins += 1;

@@ -135,6 +135,34 @@ impl LocalStore {
         .await
     }
 
+    /// An open range, read in [`PIECE`]-sized pieces by [`LocalRange::next`].
+    pub async fn get_range_stream(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        if_match: Option<&str>,
+    ) -> Result<LocalRange, StoreError> {
+        let p = self.path(key);
+        let k = key.to_string();
+        let want = if_match.map(str::to_string);
+        let file = blocking(move || {
+            let f = std::fs::File::open(&p).map_err(io(&k))?;
+            let m = f.metadata().map_err(io(&k))?;
+            if want.is_some_and(|w| w != etag(&m)) {
+                return Err(StoreError::Changed(k));
+            }
+            Ok(f)
+        })
+        .await?;
+        Ok(LocalRange {
+            file: std::sync::Arc::new(file),
+            pos: start,
+            end,
+            key: key.to_string(),
+        })
+    }
+
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
         let up = self.start_upload(key).await?;
         match up.put_part(0, body).await {
@@ -251,5 +279,50 @@ impl LocalUpload {
 
     pub async fn abort(self) -> Result<(), StoreError> {
         blocking(move || std::fs::remove_file(&self.temp).map_err(io(&self.key))).await
+    }
+}
+
+/// Read size of [`LocalRange`]: small, so a mount never holds a whole GET-sized buffer.
+const PIECE: u64 = 256 * 1024;
+
+/// A byte range of a local file, read piece by piece.
+pub struct LocalRange {
+    file: std::sync::Arc<std::fs::File>,
+    pos: u64,
+    end: u64,
+    key: String,
+}
+
+impl LocalRange {
+    pub async fn next(&mut self) -> Option<Result<Bytes, StoreError>> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let (f, at, n, k) = (
+            self.file.clone(),
+            self.pos,
+            (self.end - self.pos).min(PIECE),
+            self.key.clone(),
+        );
+        let res = blocking(move || {
+            let mut buf = vec![0u8; n as usize];
+            match f.read_at(&mut buf, at) {
+                Ok(0) => Err(StoreError::Failed {
+                    op: "read",
+                    key: k,
+                    message: "short read".into(),
+                }),
+                Ok(got) => {
+                    buf.truncate(got);
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) => Err(io(&k)(e)),
+            }
+        })
+        .await;
+        if let Ok(b) = &res {
+            self.pos += b.len() as u64;
+        }
+        Some(res)
     }
 }

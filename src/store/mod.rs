@@ -116,14 +116,14 @@ pub enum Store {
 /// The body of a ranged GET, piece by piece.
 pub enum RangeBody {
     S3(aws_sdk_s3::primitives::ByteStream, String),
-    Whole(Option<Bytes>),
+    Local(local::LocalRange),
 }
 
 impl RangeBody {
     /// The next piece, `None` at the end.
     pub async fn next(&mut self) -> Option<Result<Bytes, StoreError>> {
         match self {
-            RangeBody::Whole(b) => b.take().map(Ok),
+            RangeBody::Local(r) => r.next().await,
             RangeBody::S3(stream, key) => stream.next().await.map(|r| {
                 r.map_err(|e| StoreError::Failed {
                     op: "GetObject",
@@ -201,9 +201,9 @@ impl Store {
                 s.get_range_stream(key, start, end, if_match).await?,
                 key.to_string(),
             )),
-            Store::Local(s) => Ok(RangeBody::Whole(Some(
-                s.get_range(key, start, end, if_match).await?,
-            ))),
+            Store::Local(s) => Ok(RangeBody::Local(
+                s.get_range_stream(key, start, end, if_match).await?,
+            )),
         }
     }
 
