@@ -103,38 +103,6 @@ impl LocalStore {
         .await
     }
 
-    pub async fn get_range(
-        &self,
-        key: &str,
-        start: u64,
-        end: u64,
-        if_match: Option<&str>,
-    ) -> Result<Bytes, StoreError> {
-        let p = self.path(key);
-        let k = key.to_string();
-        let want = if_match.map(str::to_string);
-        blocking(move || {
-            let f = std::fs::File::open(&p).map_err(io(&k))?;
-            let m = f.metadata().map_err(io(&k))?;
-            if want.is_some_and(|w| w != etag(&m)) {
-                return Err(StoreError::Changed(k));
-            }
-            let mut buf = vec![0u8; (end - start) as usize];
-            let mut done = 0;
-            while done < buf.len() {
-                match f.read_at(&mut buf[done..], start + done as u64) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(io(&k)(e)),
-                }
-            }
-            buf.truncate(done);
-            Ok(Bytes::from(buf))
-        })
-        .await
-    }
-
     /// An open range, read in [`PIECE`]-sized pieces by [`LocalRange::next`].
     pub async fn get_range_stream(
         &self,

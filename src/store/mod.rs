@@ -176,15 +176,19 @@ impl Store {
         if start >= end {
             return Ok(Bytes::new());
         }
-        let b = dispatch!(self, s => s.get_range(key, start, end, if_match).await)?;
-        if b.len() as u64 != end - start {
+        let mut body = self.get_range_stream(key, start, end, if_match).await?;
+        let mut out = bytes::BytesMut::with_capacity((end - start) as usize);
+        while let Some(piece) = body.next().await {
+            out.extend_from_slice(&piece?);
+        }
+        if out.len() as u64 != end - start {
             return Err(StoreError::Failed {
                 op: "GetObject",
                 key: key.to_string(),
-                message: format!("short read: {} of {} bytes", b.len(), end - start),
+                message: format!("short read: {} of {} bytes", out.len(), end - start),
             });
         }
-        Ok(b)
+        Ok(out.freeze())
     }
 
     /// Bytes `[start, end)` of `key` as a stream of pieces, so a reader can place them

@@ -149,31 +149,6 @@ impl S3Store {
         Ok((body.into_bytes(), etag))
     }
 
-    pub async fn get_range(
-        &self,
-        key: &str,
-        start: u64,
-        end: u64,
-        if_match: Option<&str>,
-    ) -> Result<Bytes, StoreError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .range(format!("bytes={start}-{}", end - 1))
-            .set_if_match(if_match.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| classify("GetObject", key, e))?;
-        let body = out.body.collect().await.map_err(|e| StoreError::Failed {
-            op: "GetObject",
-            key: key.to_string(),
-            message: crate::error_chain(&e),
-        })?;
-        Ok(body.into_bytes())
-    }
-
     pub async fn get_range_stream(
         &self,
         key: &str,
