@@ -3,17 +3,27 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Human logs to stderr at `default_level` unless `RUST_LOG` says otherwise.
-pub fn init(default_level: &str) {
+/// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise: human lines, or
+/// one JSON object per line with `json` (for log shippers; audit events carry the target
+/// `sealfs::audit`).
+pub fn init(default_level: &str, json: bool) {
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("sealfs={default_level},fuser=error,warn")));
-    // Colour only on a terminal: journald and log files get plain lines.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
+    } else {
+        // Colour only on a terminal: journald and log files get plain lines.
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
 }
 
 /// Sends one sd_notify(3) message (`READY=1`, `STOPPING=1`) when run by systemd with

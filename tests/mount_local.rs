@@ -567,3 +567,152 @@ fn new_and_removed_files_show_after_the_list_ttl() {
     );
     assert!(m.logs().contains("listing refreshed"), "{}", m.logs());
 }
+
+fn scrape(port: u16) -> std::collections::HashMap<String, u64> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with("sealfs_"))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+        })
+        .collect()
+}
+
+/// Prometheus counters after a known workload: one file read once through the page cache.
+#[test]
+fn metrics_count_a_known_workload() {
+    let f = Fx::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = f.mount(&["--metrics-addr", &addr]);
+    let want = std::fs::read(f.src("big.bin")).unwrap();
+    assert_eq!(std::fs::read(m.path("big.bin")).unwrap(), want);
+    let chunks = want.len().div_ceil(C) as u64;
+    let v = scrape(port);
+    assert_eq!(v["sealfs_bytes_served_total"], want.len() as u64, "{v:?}");
+    assert_eq!(v["sealfs_dek_unwraps_total"], 1);
+    assert_eq!(v["sealfs_deks_held"], 1);
+    assert_eq!(
+        v["sealfs_cache_misses_total"], chunks,
+        "each chunk fetched once"
+    );
+    assert_eq!(
+        v["sealfs_fetched_bytes_total"],
+        std::fs::metadata(f.dir.path().join("sealed/big.bin"))
+            .unwrap()
+            .len()
+    );
+    assert_eq!(v["sealfs_auth_failures_total"], 0);
+    assert_eq!(v["sealfs_fuse_ops_total{op=\"open\"}"], 1);
+    assert!(v["sealfs_fuse_ops_total{op=\"read\"}"] >= want.len() as u64 / (1 << 20));
+    assert!(v["sealfs_cache_locked_bytes"] >= 8 * C as u64);
+    // A port in use is a startup error, before anything is mounted.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let r = Mount::try_start(
+        &f.p("sealed"),
+        &["--key", &f.key("k1"), "--metrics-addr", &busy_addr],
+        &[],
+    );
+    let err = r.err().expect("a busy metrics port must fail the mount");
+    assert!(err.contains("--metrics-addr"), "{err}");
+}
+
+/// One audit event per DEK unwrap (file, key ids, context, uid, pid), in JSON; and a whole
+/// run's logs contain no DEK and no plaintext.
+#[test]
+fn audit_events_and_no_secrets_in_logs() {
+    use sealfs::format::KeyObject;
+    use sealfs::keys::file::FileKek;
+    let f = Fx::new();
+    let mut m = f.mount(&["--log-format", "json"]);
+    let files = [
+        "one",
+        "edge",
+        "big.bin",
+        "model.safetensors",
+        "nested/deeper/config.json",
+    ];
+    for rel in files {
+        assert_eq!(
+            std::fs::read(m.path(rel)).unwrap(),
+            std::fs::read(f.src(rel)).unwrap()
+        );
+    }
+    assert_eq!(
+        std::fs::read(m.path("edge+")).unwrap(),
+        std::fs::read(f.src("edge+")).unwrap()
+    );
+    assert_eq!(m.stop(), Some(0));
+    let logs = m.logs();
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    let audit: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["target"] == "sealfs::audit")
+        .collect();
+    assert_eq!(
+        audit.len(),
+        files.len() + 1,
+        "one audit event per unwrap: {logs}"
+    );
+    for a in &audit {
+        for field in ["file", "file_id", "keys", "context", "uid", "pid"] {
+            assert!(!a[field].is_null(), "audit event lacks {field}: {a}");
+        }
+        assert!(
+            a["context"].as_str().unwrap().contains("sealfs:path"),
+            "{a}"
+        );
+    }
+    // Secrets: every DEK (hex, and its raw bytes as a lossy string), and plaintext.
+    let kek = FileKek::load(std::path::Path::new(&f.p("k1"))).unwrap();
+    for rel in files {
+        let name = std::fs::read_dir(f.dir.path().join("sealed").join(rel).parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.to_string_lossy()
+                    .contains(&format!("{}.sealfs-c", rel.rsplit('/').next().unwrap()))
+            })
+            .unwrap();
+        let ko = KeyObject::parse(&std::fs::read(name).unwrap()).unwrap();
+        let dek = kek
+            .unwrap(&ko.slots[0].wrapped, &ko.header.context)
+            .unwrap();
+        assert!(
+            !logs.contains(&hex::encode(dek.expose())),
+            "DEK of {rel} in the logs"
+        );
+        assert!(
+            !logs
+                .to_lowercase()
+                .contains(&hex::encode(&dek.expose()[..8])),
+            "DEK prefix of {rel} in the logs"
+        );
+        let plain = std::fs::read(f.src(rel)).unwrap();
+        if plain.len() >= 16 {
+            assert!(
+                !logs.contains(&hex::encode(&plain[..16])),
+                "plaintext of {rel} (hex) in the logs"
+            );
+        }
+    }
+    assert!(
+        !logs.contains("hidden_size"),
+        "plaintext of config.json in the logs"
+    );
+}

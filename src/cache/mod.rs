@@ -158,6 +158,7 @@ impl ChunkCache {
             }
         };
         g.slots[i].state = State::Filling;
+        g.misses += 1; // every reservation is a chunk that had to be fetched
         Some(Reservation {
             cache: self.clone(),
             slot: i,

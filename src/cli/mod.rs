@@ -22,6 +22,9 @@ pub struct Cli {
     /// Log level for sealfs (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
     pub log_level: String,
+    /// Log line format: text (human) or json (one object per line).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -118,6 +121,9 @@ pub enum Command {
         /// Permission bits of directories (octal).
         #[arg(long, default_value = "555", value_parser = parse_mode)]
         dir_mode: u16,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Replace the wrapped DEKs: the new set is exactly the --to-key list.
     Rewrap {
@@ -200,7 +206,7 @@ async fn keyring(specs: &[String]) -> Result<Keyring> {
 
 /// Runs the command; returns the exit code after printing its output or one error line.
 pub fn main_with(cli: Cli) -> i32 {
-    crate::telemetry::init(&cli.log_level);
+    crate::telemetry::init(&cli.log_level, cli.log_format == "json");
     if let Command::Mount { .. } = cli.command {
         // The mount forks before any thread exists, so it builds its own runtime.
         return crate::fuse::session::run(mount_args(cli.command));
@@ -351,6 +357,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         gid,
         file_mode,
         dir_mode,
+        metrics_addr,
     } = cmd
     else {
         unreachable!("called for mount only")
@@ -369,6 +376,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         ..d
     };
     crate::fuse::session::MountArgs {
+        metrics_addr,
         uri,
         mountpoint,
         keys,

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod inode;
+pub mod metrics;
 mod read;
 
 use std::collections::HashMap;
@@ -77,6 +78,61 @@ pub struct Stats {
     pub fetched_bytes: AtomicU64,
     pub auth_failures: AtomicU64,
     pub bytes_served: AtomicU64,
+    /// Per FUSE operation ([`Op`]): calls, errors, total microseconds.
+    pub ops: [OpStats; Op::ALL.len()],
+}
+
+/// FUSE operations counted in [`Stats::ops`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Lookup,
+    Getattr,
+    Readdir,
+    Open,
+    Read,
+    Release,
+}
+
+impl Op {
+    pub const ALL: [Op; 6] = [
+        Op::Lookup,
+        Op::Getattr,
+        Op::Readdir,
+        Op::Open,
+        Op::Read,
+        Op::Release,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Lookup => "lookup",
+            Op::Getattr => "getattr",
+            Op::Readdir => "readdir",
+            Op::Open => "open",
+            Op::Read => "read",
+            Op::Release => "release",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct OpStats {
+    pub calls: AtomicU64,
+    pub errors: AtomicU64,
+    pub micros: AtomicU64,
+}
+
+impl Stats {
+    /// Records one FUSE operation that took `since.elapsed()`.
+    pub fn record(&self, op: Op, since: Instant, ok: bool) {
+        let s = &self.ops[op as usize];
+        s.calls.fetch_add(1, Ordering::Relaxed);
+        s.micros
+            .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if !ok {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One data object version with its DEK: shared by every handle on it.

@@ -13,7 +13,9 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use crate::fs::{Attr, FsError, SealFs};
+use std::time::Instant;
+
+use crate::fs::{Attr, FsError, Op, SealFs};
 
 /// Attributes never change under an open mount except on replacement, which `open`
 /// re-checks; a short TTL keeps `stat` off the FUSE channel in load loops.
@@ -70,7 +72,10 @@ impl Filesystem for Adapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+        let t = Instant::now();
+        let r = self.fs.getattr(ino.0);
+        self.fs.stats.record(Op::Getattr, t, r.is_ok());
+        match r {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -82,8 +87,11 @@ impl Filesystem for Adapter {
         }
         let fs = self.fs.clone();
         let who = (req.uid(), req.pid());
+        let t = Instant::now();
         self.rt.spawn(async move {
-            match fs.open(ino.0, who).await {
+            let r = fs.open(ino.0, who).await;
+            fs.stats.record(Op::Open, t, r.is_ok());
+            match r {
                 Ok(fh) => {
                     // Immutable objects: keep the page cache across opens (mmap, warm reloads).
                     let f = if fs.config.direct_io {
@@ -110,10 +118,14 @@ impl Filesystem for Adapter {
         reply: ReplyData,
     ) {
         // Cached: answer on this thread. Otherwise the reply moves into a task.
+        let t = Instant::now();
         let cached = {
             let _rt = self.rt.enter();
             self.fs.read_cached(fh.0, offset, size)
         };
+        if let Some(r) = &cached {
+            self.fs.stats.record(Op::Read, t, r.is_ok());
+        }
         match cached {
             Some(Ok(data)) => return reply.data(data.bytes()),
             Some(Err(e)) => return reply.error(errno(&e)),
@@ -121,7 +133,9 @@ impl Filesystem for Adapter {
         }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            match fs.read(fh.0, offset, size).await {
+            let r = fs.read(fh.0, offset, size).await;
+            fs.stats.record(Op::Read, t, r.is_ok());
+            match r {
                 Ok(data) => reply.data(data.bytes()),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -138,7 +152,9 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let t = Instant::now();
         self.fs.release(fh.0);
+        self.fs.stats.record(Op::Release, t, true);
         reply.ok();
     }
 
@@ -150,7 +166,10 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(ino.0) {
+        let t = Instant::now();
+        let r = self.fs.readdir(ino.0);
+        self.fs.stats.record(Op::Readdir, t, r.is_ok());
+        let entries = match r {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };

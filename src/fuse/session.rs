@@ -30,6 +30,8 @@ pub struct MountArgs {
     pub foreground: bool,
     pub allow_other: bool,
     pub allow_root: bool,
+    /// Serve Prometheus metrics here (`GET /metrics`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A failure before the mount was live: one line and an exit code.
@@ -146,6 +148,16 @@ fn serve(
     };
     config.n_threads = Some(2);
     config.clone_fd = true;
+    // Bind the metrics port before the mount, so a busy port fails the start.
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .map_err(|e| Fatal(exit::USAGE, format!("--metrics-addr {addr}: {e}")))?;
+            Some(l)
+        }
+        None => None,
+    };
     // Handlers first: a SIGTERM that arrives right after READY=1 must unmount, not kill.
     let (mut term, mut int) = {
         use tokio::signal::unix::{signal, SignalKind};
@@ -199,6 +211,13 @@ fn serve(
     crate::telemetry::sd_notify("READY=1");
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
+    if let Some(l) = metrics {
+        let _in_rt = rt.enter();
+        match tokio::net::TcpListener::from_std(l) {
+            Ok(l) => drop(rt.spawn(serve_metrics(l, fs.clone()))),
+            Err(e) => tracing::warn!(error = %e, "metrics listener"),
+        }
+    }
     let sweeper_fs = fs.clone();
     let sweeper = rt.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -226,6 +245,39 @@ fn serve(
     let _ = looper.join();
     tracing::info!("unmounted; cache wiped");
     Ok(())
+}
+
+/// A minimal HTTP/1.1 responder: `GET /metrics` → Prometheus text, anything else → 404.
+/// One request per connection; nothing from the request is echoed.
+async fn serve_metrics(listener: tokio::net::TcpListener, fs: Arc<SealFs>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(k)) => n += k,
+                }
+            }
+            let (status, body) = if buf.starts_with(b"GET /metrics ") {
+                ("200 OK", crate::fs::metrics::render(&fs))
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
 }
 
 /// The canonical mount point, or a clear reason it cannot be used.
