@@ -100,15 +100,27 @@ impl SealFs {
         Some(Ok(out))
     }
 
+    /// A read: from the cache when it can ([`SealFs::read_cached`]), else by fetching.
     pub async fn read(
         self: &Arc<Self>,
         fh: u64,
         offset: u64,
         size: u32,
     ) -> Result<ReadData, FsError> {
-        if let Some(done) = self.read_cached(fh, offset, size) {
-            return done;
+        match self.read_cached(fh, offset, size) {
+            Some(done) => done,
+            None => self.read_fetching(fh, offset, size).await,
         }
+    }
+
+    /// The read once [`SealFs::read_cached`] said `None`: waits for the chunks it needs.
+    /// (The FUSE adapter calls the two halves itself, so a miss is not checked twice.)
+    pub async fn read_fetching(
+        self: &Arc<Self>,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, FsError> {
         let h = self.handle(fh)?;
         let layout = h.opened.file.layout;
         let spans = layout.spans(offset, size as u64);

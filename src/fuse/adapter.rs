@@ -133,7 +133,7 @@ impl Filesystem for Adapter {
         }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            let r = fs.read(fh.0, offset, size).await;
+            let r = fs.read_fetching(fh.0, offset, size).await;
             fs.stats.record(Op::Read, t, r.is_ok());
             match r {
                 Ok(data) => reply.data(data.bytes()),
