@@ -82,7 +82,7 @@ pub async fn find(store: &Store, prefix: &str) -> Result<Listing> {
     let exact =
         |k: &str| k == prefix || naming::parse_key_object_name(k).is_some_and(|(d, _)| d == prefix);
     let (one, many): (Vec<_>, Vec<_>) = all.into_iter().partition(|o| exact(&o.key));
-    if !one.is_empty() && one.iter().any(|o| o.key == prefix) {
+    if one.iter().any(|o| o.key == prefix) {
         return Ok(pair(one));
     }
     Ok(pair(many.into_iter().filter(|o| inside(&o.key)).collect()))
@@ -188,11 +188,7 @@ impl OpenFile {
     /// Fetches chunks `first..=last` in one ranged GET pinned to the opened ETag (with the
     /// prelude when `first` is 0, which is then checked against the header).
     pub async fn fetch(&self, store: &Store, first: u64, last: u64) -> Result<Bytes> {
-        let (mut start, end) = self.layout.cipher_range(first, last);
-        if first == 0 {
-            start = 0;
-        }
-        let pin = (!self.etag.is_empty()).then_some(self.etag.as_str());
+        let (start, end, pin) = self.range_of(first, last);
         let mut bytes = store.get_range(&self.key, start, end, pin).await?;
         if first == 0 {
             self.check_prelude(&bytes[..PRELUDE_LEN as usize])?;
@@ -209,13 +205,23 @@ impl OpenFile {
         first: u64,
         last: u64,
     ) -> Result<(crate::store::RangeBody, bool)> {
-        let (start, end) = self.layout.cipher_range(first, last);
-        let start = if first == 0 { 0 } else { start };
-        let pin = (!self.etag.is_empty()).then_some(self.etag.as_str());
+        let (start, end, pin) = self.range_of(first, last);
         Ok((
             store.get_range_stream(&self.key, start, end, pin).await?,
             first == 0,
         ))
+    }
+
+    /// Data object bytes of chunks `first..=last` (from 0 when `first` is 0, to take the
+    /// prelude too), and the ETag every read is pinned to.
+    fn range_of(&self, first: u64, last: u64) -> (u64, u64, Option<&str>) {
+        let (start, end) = self.layout.cipher_range(first, last);
+        let start = if first == 0 { 0 } else { start };
+        (
+            start,
+            end,
+            (!self.etag.is_empty()).then_some(self.etag.as_str()),
+        )
     }
 
     /// Checks the data object's prelude against the authenticated header.

@@ -73,23 +73,6 @@ impl LocalStore {
         .await
     }
 
-    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
-        let p = self.path(key);
-        let k = key.to_string();
-        blocking(move || {
-            let m = std::fs::metadata(&p).map_err(io(&k))?;
-            if !m.is_file() {
-                return Err(StoreError::NotFound(k));
-            }
-            Ok(ObjectInfo {
-                size: m.size(),
-                etag: etag(&m),
-                key: k,
-            })
-        })
-        .await
-    }
-
     pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
         let p = self.path(key);
         let k = key.to_string();

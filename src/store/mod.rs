@@ -9,7 +9,7 @@ pub mod s3;
 
 use bytes::Bytes;
 
-/// One object from a listing or a HEAD.
+/// One object from a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     pub key: String,
@@ -154,10 +154,6 @@ impl Store {
     /// Every object whose key starts with `prefix` (a plain string prefix), any depth.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         dispatch!(self, s => s.list(prefix).await)
-    }
-
-    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
-        dispatch!(self, s => s.head(key).await)
     }
 
     /// A whole (small) object and its ETag.

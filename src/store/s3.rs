@@ -115,22 +115,6 @@ impl S3Store {
         Ok(out)
     }
 
-    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
-        let out = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify("HeadObject", key, e))?;
-        Ok(ObjectInfo {
-            key: key.to_string(),
-            size: out.content_length().unwrap_or(0).max(0) as u64,
-            etag: out.e_tag().unwrap_or("").to_string(),
-        })
-    }
-
     pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
         let out = self
             .client
