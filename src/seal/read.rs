@@ -59,7 +59,8 @@ async fn read_all(
         };
         let Some(batch) = next else { break };
         let (first, last, bytes) = batch?;
-        let mut buf = bytes.to_vec();
+        // Chunks are decrypted in place: wipe the buffer when done, verify or not.
+        let mut buf = zeroize::Zeroizing::new(bytes.to_vec());
         let mut at = 0;
         for i in first..=last {
             let len = f.layout.chunk_cipher_len(i) as usize;
