@@ -33,8 +33,6 @@ pub enum Error {
     NothingSealed(String),
     #[error("interrupted; the partial upload was aborted")]
     Interrupted,
-    #[error("{failed} of {total} files failed verification")]
-    VerifyFailed { failed: usize, total: usize },
 }
 
 impl Error {
@@ -55,7 +53,7 @@ impl Error {
     /// True when the failure is tampering or corruption (exit code 3, EIO in the mount).
     pub fn is_integrity(&self) -> bool {
         match self {
-            Error::Integrity { .. } | Error::Format { .. } | Error::VerifyFailed { .. } => true,
+            Error::Integrity { .. } | Error::Format { .. } => true,
             Error::Key { source, .. } | Error::KeySetup(source) => source.is_integrity(),
             _ => false,
         }

@@ -291,29 +291,29 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             let loc = Location::parse(&uri).await?;
             let ring = keyring(&keys).await?;
             let reports = seal::verify(&loc, &ring, cancel).await?;
-            let mut failed = Vec::new();
+            let mut failed: Vec<&Error> = Vec::new();
             for r in &reports {
                 match &r.result {
                     Ok(n) => println!("ok    {} ({n} bytes)", r.file),
                     Err(e) => {
                         println!("FAIL  {}: {}", r.file, crate::error_chain(e));
-                        failed.push(r);
+                        failed.push(e);
                     }
                 }
             }
             if let Some(first) = failed.first() {
-                let total = reports.len();
                 eprintln!(
-                    "sealfs: error: {} of {total} files failed verification",
-                    failed.len()
+                    "sealfs: error: {} of {} files failed verification",
+                    failed.len(),
+                    reports.len()
                 );
-                // Access problems and tampering get their own exit codes, tampering first.
-                let code = failed
-                    .iter()
-                    .map(|r| exit::code(r.result.as_ref().expect_err("failed")))
-                    .min_by_key(|c| if *c == exit::INTEGRITY { 0 } else { *c })
-                    .unwrap_or(exit::code(first.result.as_ref().expect_err("failed")));
-                return Ok(code);
+                // docs/CLI.md: tampering anywhere wins; otherwise the first failure's code.
+                let tampered = failed.iter().any(|e| e.is_integrity());
+                return Ok(if tampered {
+                    exit::INTEGRITY
+                } else {
+                    exit::code(first)
+                });
             }
         }
         Command::Unseal {
