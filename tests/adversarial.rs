@@ -61,22 +61,16 @@ impl Sealed {
 
     /// Unseals `a` with `key`: asserts the exit code, the error text, and that the output
     /// directory holds nothing at all afterwards.
+    /// `sealfs unseal` of file `a` with key file `key` to `out`.
+    fn unseal_a(&self, key: &str, out: &str) -> std::process::Output {
+        let a = self.obj("a").display().to_string();
+        sealfs(&["unseal", &a, out, "--key", &self.key(key)], &[])
+    }
+
     fn refuses(&self, key: &str, code: i32, msg: &str) {
         let out_dir = self.dir.path().join("out");
         std::fs::create_dir_all(&out_dir).unwrap();
-        let t = expect_code(
-            &sealfs(
-                &[
-                    "unseal",
-                    &self.obj("a").display().to_string(),
-                    &self.p("out/a"),
-                    "--key",
-                    &self.key(key),
-                ],
-                &[],
-            ),
-            code,
-        );
+        let t = expect_code(&self.unseal_a(key, &self.p("out/a")), code);
         assert!(t.contains(msg), "expected {msg:?} in: {t}");
         assert_eq!(
             t.lines()
@@ -116,19 +110,7 @@ fn cipher_off(i: usize) -> usize {
 fn untouched_files_open() {
     let s = Sealed::new();
     let out = s.p("a.out");
-    expect_code(
-        &sealfs(
-            &[
-                "unseal",
-                &s.obj("a").display().to_string(),
-                &out,
-                "--key",
-                &s.key("k2"),
-            ],
-            &[],
-        ),
-        0,
-    );
+    expect_code(&s.unseal_a("k2", &out), 0);
     assert_eq!(std::fs::read(out).unwrap(), pattern(SIZE, 1));
 }
 
@@ -303,19 +285,7 @@ fn slots_wrapping_different_deks_fail_the_header_mac() {
     });
     s.refuses("k2", 3, "header authentication failed");
     let out = s.p("a.k1");
-    expect_code(
-        &sealfs(
-            &[
-                "unseal",
-                &s.obj("a").display().to_string(),
-                &out,
-                "--key",
-                &s.key("k1"),
-            ],
-            &[],
-        ),
-        0,
-    );
+    expect_code(&s.unseal_a("k1", &out), 0);
 }
 
 #[test]

@@ -47,13 +47,14 @@ pub struct MountConfig {
 
 impl Default for MountConfig {
     fn default() -> Self {
+        let (uid, gid) = current_ids();
         Self {
             cache_size: 256 << 20,
             dek_grace: Duration::from_secs(30),
             max_prefetch: 64 << 20,
             max_fetch: 8 << 20,
-            uid: current_ids().0,
-            gid: current_ids().1,
+            uid,
+            gid,
             file_mode: 0o444,
             dir_mode: 0o555,
             direct_io: false,
