@@ -93,3 +93,69 @@ async fn random_reads_match_under_every_setting() {
         assert_eq!(fs.deks_held(), 1, "held during the grace");
     }
 }
+
+fn cached_chunks(fs: &SealFs) -> u64 {
+    let page = sealfs::fs::metrics::render(fs);
+    let line = page
+        .lines()
+        .find(|l| l.starts_with("sealfs_cache_chunks "))
+        .unwrap();
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// Decrypted chunks leave the cache with their file: after the grace, and when the object
+/// was replaced while open (its old version's chunks go when the last old handle closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_leave_the_cache_with_their_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 6 * 16384;
+    let (loc, ring, data) = sealed(dir.path(), len).await;
+    let config = MountConfig {
+        dek_grace: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let fs: Arc<SealFs> = SealFs::new(loc.store, &loc.prefix, ring, config)
+        .await
+        .unwrap();
+    let ino = fs.lookup(ROOT, "f").unwrap().ino;
+    let old = fs.open(ino, (0, 0)).await.unwrap();
+    assert!(fs.read(old, 0, len as u32).await.unwrap().bytes() == &data[..]);
+    assert_eq!(cached_chunks(&fs), 6);
+
+    // Replace the object under the open handle, then open the new version.
+    let src = dir.path().join("src/f");
+    std::fs::write(&src, pattern(len, 99)).unwrap();
+    let kp = dir.path().join("k");
+    let ring2 = Keyring::resolve(&[KeySpec::File(kp)]).await.unwrap();
+    let dest = Location::parse(&dir.path().join("sealed").display().to_string())
+        .await
+        .unwrap();
+    let opts = SealOptions {
+        chunk_log2: 14,
+        force: true,
+        ..Default::default()
+    };
+    seal(
+        &dir.path().join("src"),
+        &dest,
+        &ring2,
+        &opts,
+        &Cancel::never(),
+    )
+    .await
+    .unwrap();
+    let new = fs.open(ino, (0, 0)).await.unwrap();
+    assert!(fs.read(new, 0, 16384).await.unwrap().bytes() == &pattern(len, 99)[..16384]);
+
+    let before = cached_chunks(&fs); // 6 old + the new version's read and read-ahead
+    fs.release(old);
+    assert_eq!(
+        cached_chunks(&fs),
+        before - 6,
+        "the old version's chunks left with it"
+    );
+    fs.release(new);
+    fs.sweep();
+    assert_eq!(cached_chunks(&fs), 0, "nothing left after the grace");
+    assert_eq!(fs.deks_held(), 0);
+}

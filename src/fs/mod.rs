@@ -140,6 +140,16 @@ impl Stats {
 pub(crate) struct Opened {
     pub seq: u64,
     pub file: OpenFile,
+    cache: Arc<ChunkCache>,
+}
+
+impl Drop for Opened {
+    /// The last handle and the DEK-cache entry are gone (grace expired, or the object was
+    /// replaced): its decrypted chunks go too, wiped, instead of waiting for LRU eviction.
+    /// The DEK itself is zeroized when `file` drops.
+    fn drop(&mut self) {
+        self.cache.remove_file(self.seq);
+    }
 }
 
 /// The DEK cache entry of one data object (by key), for one ETag.
@@ -370,7 +380,7 @@ impl SealFs {
                     "dek unwrapped"
                 );
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, FsError>(Arc::new(Opened { seq, file }))
+                Ok::<_, FsError>(Arc::new(Opened { seq, file, cache: self.cache.clone() }))
             })
             .await;
         let opened = match opened {
@@ -420,9 +430,8 @@ impl SealFs {
             let expired = s.handles.load(Ordering::SeqCst) == 0
                 && idle.is_none_or(|t| now.duration_since(t) >= self.config.dek_grace);
             if expired {
-                if let Some(o) = s.cell.get() {
-                    self.cache.remove_file(o.seq);
-                }
+                // Dropping the slot drops its `Opened` (chunks wiped, DEK zeroized) once no
+                // handle holds it.
                 tracing::debug!(file = %key, "DEK released");
             }
             !expired
