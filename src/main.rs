@@ -1,6 +1,4 @@
-use clap::Parser;
-
 fn main() {
-    let cli = sealfs::cli::Cli::parse();
+    let cli = sealfs::cli::parse();
     std::process::exit(sealfs::cli::main_with(cli));
 }

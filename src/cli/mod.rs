@@ -1,6 +1,7 @@
 //! The `sealfs` command line: parse, run, map the outcome to one line and an exit code.
 
 pub mod exit;
+pub mod mount_opts;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -79,6 +80,7 @@ pub enum Command {
         force: bool,
     },
     /// Mount sealed files read-only as plaintext (daemonizes once the mount is live).
+    #[command(after_help = MOUNT_OPTIONS_HELP)]
     Mount {
         /// s3://BUCKET/PREFIX, file://PATH or a directory path.
         uri: String,
@@ -124,6 +126,9 @@ pub enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Mount noexec (nothing on the mount can be executed).
+        #[arg(long)]
+        noexec: bool,
     },
     /// Replace the wrapped DEKs: the new set is exactly the --to-key list.
     Rewrap {
@@ -134,6 +139,28 @@ pub enum Command {
         #[arg(long = "to-key", required = true)]
         to_keys: Vec<String>,
     },
+}
+
+const MOUNT_OPTIONS_HELP: &str = "\
+Options can also be given in the fstab form, -o name[=value],... (`_` or `-`), e.g.
+  -o key=kms:alias/models-prod,cache_size=4GiB,allow_other
+and the mount-helper form `sealfs SOURCE MOUNTPOINT -o ...` is what `mount -t fuse.sealfs`
+runs. rw, ro, dev, nodev, suid, nosuid, exec, atime, noatime, relatime, defaults, auto,
+noauto, user, users, nouser, _netdev and nofail are accepted and ignored: the mount is
+always read-only, nodev, nosuid and noatime.";
+
+/// Parses the process arguments, after mapping `-o` options and the helper form
+/// ([`mount_opts`]); exits 2 with one line on a bad option, like clap does.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory, Parser};
+    let args = std::env::args_os().collect();
+    match mount_opts::rewrite(args, &Cli::command()) {
+        Ok(args) => Cli::parse_from(args),
+        Err(e) => {
+            eprintln!("sealfs: error: {e}");
+            std::process::exit(exit::USAGE);
+        }
+    }
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -358,6 +385,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         file_mode,
         dir_mode,
         metrics_addr,
+        noexec,
     } = cmd
     else {
         unreachable!("called for mount only")
@@ -377,6 +405,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
     };
     crate::fuse::session::MountArgs {
         metrics_addr,
+        noexec,
         uri,
         mountpoint,
         keys,

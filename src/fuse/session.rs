@@ -32,6 +32,7 @@ pub struct MountArgs {
     pub allow_root: bool,
     /// Serve Prometheus metrics here (`GET /metrics`).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    pub noexec: bool,
 }
 
 /// A failure before the mount was live: one line and an exit code.
@@ -65,6 +66,7 @@ pub fn run(args: MountArgs) -> i32 {
     {
         (Some(mut p), Ok(())) => {
             let _ = p.write_all(b"OK\n");
+            detach_stderr();
         }
         (Some(mut p), Err(Fatal(code, msg))) => {
             let _ = p.write_all(format!("{code} {msg}\n").as_bytes());
@@ -141,6 +143,9 @@ fn serve(
         MountOption::NoAtime,
         MountOption::DefaultPermissions,
     ];
+    if args.noexec {
+        config.mount_options.push(MountOption::NoExec);
+    }
     config.acl = match (args.allow_other, args.allow_root) {
         (true, _) => SessionACL::All,
         (false, true) => SessionACL::RootAndOwner,
@@ -343,6 +348,29 @@ fn daemonize() -> Result<Option<OwnedFd>, i32> {
         _child => {
             drop(w);
             Err(wait_ready(std::fs::File::from(r)))
+        }
+    }
+}
+
+/// Once the parent has gone, stderr stays only if it is a file or a socket (journald's
+/// stream, e.g. under a `.mount` unit). A pipe or terminal belongs to whoever started us:
+/// `$(mount …)` or a test's captured output would otherwise wait for the daemon to exit.
+#[allow(unsafe_code)]
+fn detach_stderr() {
+    // SAFETY: fstat into a zeroed stat buffer; open/dup2/close on fds we own.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        let kind = if libc::fstat(2, &mut st) == 0 {
+            st.st_mode & libc::S_IFMT
+        } else {
+            0
+        };
+        if kind != libc::S_IFREG && kind != libc::S_IFSOCK {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                libc::dup2(null, 2);
+                libc::close(null);
+            }
         }
     }
 }
