@@ -2,9 +2,18 @@
 # Installs what the test suite needs on a fresh Debian machine (as root, or with sudo).
 set -euo pipefail
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-if ! command -v fusermount3 >/dev/null || ! command -v strace >/dev/null; then
+# fuse3: fusermount3, mount.fuse3; strace: no-write and syscall-filter checks; systemd:
+# systemd-analyze for the units (not started: tests/ops.rs runs units the way systemd would);
+# util-linux and mount: setpriv, prlimit, mount(8).
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v strace >/dev/null || need+=(strace)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v setpriv >/dev/null && command -v prlimit >/dev/null || need+=(util-linux)
+command -v mount >/dev/null || need+=(mount)
+if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 strace >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # moto >= 5.2.5: 5.2.1 answers CompleteMultipartUpload with a root element aws-sdk-s3 rejects.
 python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors 2>&1 \

@@ -5,10 +5,14 @@ use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise: human lines, or
 /// one JSON object per line with `json` (for log shippers; audit events carry the target
-/// `sealfs::audit`).
+/// `sealfs::audit`). Audit events are on whatever `--log-level` says: an audit trail that a
+/// quieter log level switches off is no trail.
 pub fn init(default_level: &str, json: bool) {
-    let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("sealfs={default_level},fuser=error,warn")));
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "sealfs={default_level},sealfs::audit=info,fuser=error,warn"
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -195,4 +195,32 @@ mod tests {
         let e = rw(&["sealfs", "d", "/m", "-o", "rw=1"]).unwrap_err();
         assert!(e.starts_with("unknown mount option \"rw\""), "{e}");
     }
+
+    #[test]
+    fn shipped_examples_map_cleanly() {
+        // systemd/llama3.conf, the .mount unit's Options= and the fstab line: every option in
+        // them is one sealfs knows (a renamed flag breaks this test, not a boot).
+        let conf = include_str!("../../systemd/llama3.conf");
+        let unit = include_str!("../../systemd/models-llama3.mount");
+        let fstab = include_str!("../../systemd/fstab.example");
+        let mut lists: Vec<&str> = conf
+            .lines()
+            .filter_map(|l| l.strip_prefix("SEALFS_OPTIONS="))
+            .chain(unit.lines().filter_map(|l| l.strip_prefix("Options=")))
+            .collect();
+        lists.extend(
+            fstab
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .map(|l| l.split_whitespace().nth(3).unwrap()),
+        );
+        assert_eq!(lists.len(), 3, "{lists:?}");
+        for opts in lists {
+            let got = rw(&["sealfs", "s3://b/p", "/models/x", "-o", opts]).unwrap();
+            assert!(
+                got.contains(&"--key=kms:alias/models-prod".to_string()),
+                "{got:?}"
+            );
+        }
+    }
 }
