@@ -4,6 +4,7 @@
 //! {`keys`, `store`} → {`crypto`, `format`}. `format` and `crypto` do no I/O. See docs/ARCHITECTURE.md.
 
 pub mod cache;
+pub mod calls;
 pub mod cli;
 pub mod crypto;
 pub mod error;

@@ -145,17 +145,27 @@ async fn chunks_leave_the_cache_with_their_file() {
     .await
     .unwrap();
     let new = fs.open(ino, (0, 0)).await.unwrap();
-    assert!(fs.read(new, 0, 16384).await.unwrap().bytes() == &pattern(len, 99)[..16384]);
+    let whole = fs.read(new, 0, len as u32).await.unwrap();
+    assert!(whole.bytes() == &pattern(len, 99)[..]);
+    drop(whole);
 
-    let before = cached_chunks(&fs); // 6 old + the new version's read and read-ahead
+    // Background fetches hold their file until they finish, so wait (bounded) for them.
+    async fn settles_at(fs: &SealFs, want: u64, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cached_chunks(fs) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {} cached chunks, want {want}",
+                cached_chunks(fs)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    settles_at(&fs, 12, "both versions read whole").await;
     fs.release(old);
-    assert_eq!(
-        cached_chunks(&fs),
-        before - 6,
-        "the old version's chunks left with it"
-    );
+    settles_at(&fs, 6, "the old version's chunks left with it").await;
     fs.release(new);
     fs.sweep();
-    assert_eq!(cached_chunks(&fs), 0, "nothing left after the grace");
+    settles_at(&fs, 0, "nothing left after the grace").await;
     assert_eq!(fs.deks_held(), 0);
 }

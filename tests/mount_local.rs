@@ -568,23 +568,6 @@ fn new_and_removed_files_show_after_the_list_ttl() {
     assert!(m.logs().contains("listing refreshed"), "{}", m.logs());
 }
 
-fn scrape(port: u16) -> std::collections::HashMap<String, u64> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && l.starts_with("sealfs_"))
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
-        })
-        .collect()
-}
-
 /// Prometheus counters after a known workload: one file read once through the page cache.
 #[test]
 fn metrics_count_a_known_workload() {

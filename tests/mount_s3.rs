@@ -296,3 +296,61 @@ fn rewrap_while_open_does_not_disturb_readers() {
     // New opens unwrap with key b now (the mount trusts both).
     assert_eq!(std::fs::read(m.path("edge+")).unwrap(), f.src("edge+"));
 }
+
+/// S3 and KMS calls on the metrics page, by operation and outcome, against the proxy's own
+/// count of what reached the servers.
+#[test]
+fn metrics_count_s3_and_kms_calls_by_outcome() {
+    let f = Fx::new();
+    let port = unused_port();
+    let addr = format!("127.0.0.1:{port}");
+    f.stack.reset();
+    let m = f.mount(&["--metrics-addr", &addr, "--direct-io"]);
+    assert_eq!(std::fs::read(m.path("edge")).unwrap(), f.src("edge"));
+    let calls = |v: &std::collections::HashMap<String, u64>, svc: &str, op: &str, outcome: &str| {
+        let k =
+            format!("sealfs_requests_total{{service=\"{svc}\",op=\"{op}\",outcome=\"{outcome}\"}}");
+        v.get(&k).copied().unwrap_or(0)
+    };
+    // No faults yet and no read-ahead in flight (edge was read to its end): every S3 call
+    // is one GET at the proxy (a LIST page is a GET too).
+    let v = scrape(port);
+    assert!(
+        calls(&v, "s3", "ListObjectsV2", "ok") >= 2,
+        "mount + open: {v:?}"
+    );
+    assert_eq!(
+        calls(&v, "s3", "ListObjectsV2", "ok") + calls(&v, "s3", "GetObject", "ok"),
+        f.stack.count("s3:GET"),
+        "{v:?}"
+    );
+    assert_eq!(calls(&v, "kms", "Decrypt", "ok"), 1);
+    assert_eq!(f.stack.count("kms:Decrypt"), 1);
+    assert_eq!(
+        v["sealfs_request_seconds_count{service=\"kms\",op=\"Decrypt\"}"],
+        1
+    );
+    let fetches = v["sealfs_chunk_fetches_total"];
+    assert!(fetches >= 1, "{v:?}");
+    assert_eq!(v["sealfs_chunk_fetch_seconds_count"], fetches);
+    assert_eq!(v["sealfs_fuse_op_seconds_count{op=\"open\"}"], 1);
+
+    let mut big = std::fs::File::open(m.path("model.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    big.read_exact(&mut buf).unwrap();
+
+    // A throttled store and a disabled key show up as their kinds.
+    f.stack
+        .fault(json!({"match": "s3:GET-range", "error": "503"}));
+    big.seek(SeekFrom::Start(11 * C as u64)).unwrap();
+    let e = big.read(&mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    f.stack
+        .fault(json!({"match": "kms:Decrypt", "error": "DisabledException"}));
+    let e = std::fs::File::open(m.path("edge+")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+    let v = scrape(port);
+    assert!(calls(&v, "s3", "GetObject", "throttled") >= 1, "{v:?}");
+    assert_eq!(calls(&v, "kms", "Decrypt", "key_disabled"), 1, "{v:?}");
+    assert_eq!(calls(&v, "kms", "Decrypt", "ok"), 2);
+}

@@ -12,7 +12,7 @@ type OpField = fn(&OpStats) -> u64;
 pub fn render(fs: &SealFs) -> String {
     let s = &fs.stats;
     let c = fs.cache.stats();
-    let per_op: [(&str, &str, OpField); 3] = [
+    let per_op: [(&str, &str, OpField); 2] = [
         ("sealfs_fuse_ops_total", "FUSE operations handled.", |o| {
             o.calls.load(Relaxed)
         }),
@@ -20,11 +20,6 @@ pub fn render(fs: &SealFs) -> String {
             "sealfs_fuse_op_errors_total",
             "FUSE operations answered with an error.",
             |o| o.errors.load(Relaxed),
-        ),
-        (
-            "sealfs_fuse_op_microseconds_total",
-            "Time spent in FUSE operations (sum).",
-            |o| o.micros.load(Relaxed),
         ),
     ];
     let single: [(&str, &str, &str, u64); 12] = [
@@ -113,11 +108,93 @@ pub fn render(fs: &SealFs) -> String {
             );
         }
     }
+    histogram_head(
+        &mut out,
+        "sealfs_fuse_op_seconds",
+        "FUSE operation latency.",
+    );
+    for op in Op::ALL {
+        let labels = format!("op=\"{}\"", op.name());
+        histogram(
+            &mut out,
+            "sealfs_fuse_op_seconds",
+            &labels,
+            &s.ops[op as usize].latency,
+        );
+    }
     for (name, kind, help, value) in single {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    histogram_head(
+        &mut out,
+        "sealfs_chunk_fetch_seconds",
+        "Ranged GET runs, request to last chunk authenticated.",
+    );
+    histogram(&mut out, "sealfs_chunk_fetch_seconds", "", &s.fetch_latency);
+    render_calls(&mut out);
     out
+}
+
+/// S3 and KMS calls by operation and outcome, and their latency ([`crate::calls`]).
+fn render_calls(out: &mut String) {
+    let rows = crate::calls::snapshot();
+    let name = "sealfs_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} S3 and KMS calls by operation and outcome (SDK retries inside).\n# TYPE {name} counter"
+    );
+    for ((service, op), outcomes, _) in &rows {
+        for (outcome, n) in outcomes {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{service}\",op=\"{op}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+    }
+    let name = "sealfs_request_seconds";
+    histogram_head(
+        out,
+        name,
+        "S3 and KMS call latency (for GETs: to the response headers).",
+    );
+    for ((service, op), _, (buckets, sum)) in &rows {
+        let labels = format!("service=\"{service}\",op=\"{op}\"");
+        histogram_lines(out, name, &labels, buckets, *sum);
+    }
+}
+
+fn histogram_head(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &crate::calls::Histogram) {
+    let (buckets, sum) = h.snapshot();
+    histogram_lines(out, name, labels, &buckets, sum);
+}
+
+/// `_bucket{…,le}` lines, then `_sum` and `_count` (the `+Inf` bucket).
+fn histogram_lines(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    buckets: &[(String, u64)],
+    sum: f64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (le, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
+    }
+    let count = buckets.last().map_or(0, |b| b.1);
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
+    );
 }

@@ -79,7 +79,9 @@ pub struct Stats {
     pub fetched_bytes: AtomicU64,
     pub auth_failures: AtomicU64,
     pub bytes_served: AtomicU64,
-    /// Per FUSE operation ([`Op`]): calls, errors, total microseconds.
+    /// Ranged GET runs, from the request to the last chunk authenticated.
+    pub fetch_latency: crate::calls::Histogram,
+    /// Per FUSE operation ([`Op`]): calls, errors, latency.
     pub ops: [OpStats; Op::ALL.len()],
 }
 
@@ -120,7 +122,7 @@ impl Op {
 pub struct OpStats {
     pub calls: AtomicU64,
     pub errors: AtomicU64,
-    pub micros: AtomicU64,
+    pub latency: crate::calls::Histogram,
 }
 
 impl Stats {
@@ -128,8 +130,7 @@ impl Stats {
     pub fn record(&self, op: Op, since: Instant, ok: bool) {
         let s = &self.ops[op as usize];
         s.calls.fetch_add(1, Ordering::Relaxed);
-        s.micros
-            .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        s.latency.observe(since.elapsed());
         if !ok {
             s.errors.fetch_add(1, Ordering::Relaxed);
         }

@@ -250,6 +250,7 @@ impl SealFs {
             tracing::warn!(file = %f.key, chunks = %format!("{a}..={b}"), error = %err, "fetch failed");
             err
         };
+        let started = std::time::Instant::now();
         let (mut body, mut prelude_left) = match f.fetch_stream(&self.store, a, b).await {
             Ok((body, with_prelude)) => (body, if with_prelude { PRELUDE } else { 0 }),
             Err(e) => return Err(fail(e)),
@@ -311,6 +312,7 @@ impl SealFs {
                 "ranged GET ended early",
             )));
         }
+        self.stats.fetch_latency.observe(started.elapsed());
         Ok(Arc::new(out))
     }
 

@@ -87,12 +87,13 @@ where
 impl KmsKey {
     /// Looks up the key's ARN (DescribeKey), which is what slots record and match on.
     pub async fn resolve(client: aws_sdk_kms::Client, spec: &str) -> Result<Self, KeyError> {
-        let out = client
-            .describe_key()
-            .key_id(spec)
-            .send()
-            .await
-            .map_err(|e| classify("DescribeKey", spec, e))?;
+        let out = crate::calls::timed(
+            "kms",
+            "DescribeKey",
+            client.describe_key().key_id(spec).send(),
+        )
+        .await
+        .map_err(|e| classify("DescribeKey", spec, e))?;
         let arn = out
             .key_metadata()
             .and_then(|m| m.arn())
@@ -112,15 +113,18 @@ impl KmsKey {
         &self,
         ctx: &EncryptionContext,
     ) -> Result<(Dek, Vec<u8>), KeyError> {
-        let out = self
-            .client
-            .generate_data_key()
-            .key_id(&self.arn)
-            .key_spec(DataKeySpec::Aes256)
-            .set_encryption_context(context_map(ctx))
-            .send()
-            .await
-            .map_err(|e| classify("GenerateDataKey", &self.arn, e))?;
+        let out = crate::calls::timed(
+            "kms",
+            "GenerateDataKey",
+            self.client
+                .generate_data_key()
+                .key_id(&self.arn)
+                .key_spec(DataKeySpec::Aes256)
+                .set_encryption_context(context_map(ctx))
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("GenerateDataKey", &self.arn, e))?;
         let blob = out.ciphertext_blob.map(Blob::into_inner);
         let mut plain = out.plaintext.map(Blob::into_inner).unwrap_or_default();
         let (Some(blob), 32) = (blob, plain.len()) else {
@@ -136,15 +140,18 @@ impl KmsKey {
     }
 
     pub async fn encrypt(&self, dek: &Dek, ctx: &EncryptionContext) -> Result<Vec<u8>, KeyError> {
-        let out = self
-            .client
-            .encrypt()
-            .key_id(&self.arn)
-            .plaintext(Blob::new(dek.expose().to_vec()))
-            .set_encryption_context(context_map(ctx))
-            .send()
-            .await
-            .map_err(|e| classify("Encrypt", &self.arn, e))?;
+        let out = crate::calls::timed(
+            "kms",
+            "Encrypt",
+            self.client
+                .encrypt()
+                .key_id(&self.arn)
+                .plaintext(Blob::new(dek.expose().to_vec()))
+                .set_encryption_context(context_map(ctx))
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("Encrypt", &self.arn, e))?;
         out.ciphertext_blob
             .map(Blob::into_inner)
             .ok_or_else(|| KeyError::KmsUnavailable {
@@ -155,15 +162,18 @@ impl KmsKey {
     }
 
     pub async fn decrypt(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Result<Dek, KeyError> {
-        let out = self
-            .client
-            .decrypt()
-            .key_id(&self.arn)
-            .ciphertext_blob(Blob::new(wrapped))
-            .set_encryption_context(context_map(ctx))
-            .send()
-            .await
-            .map_err(|e| classify("Decrypt", &self.arn, e))?;
+        let out = crate::calls::timed(
+            "kms",
+            "Decrypt",
+            self.client
+                .decrypt()
+                .key_id(&self.arn)
+                .ciphertext_blob(Blob::new(wrapped))
+                .set_encryption_context(context_map(ctx))
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("Decrypt", &self.arn, e))?;
         let mut plain = out.plaintext.map(Blob::into_inner).unwrap_or_default();
         if plain.len() != 32 {
             plain.zeroize();
@@ -181,17 +191,20 @@ impl KmsKey {
         ctx: &EncryptionContext,
         to: &KmsKey,
     ) -> Result<Vec<u8>, KeyError> {
-        let out = self
-            .client
-            .re_encrypt()
-            .ciphertext_blob(Blob::new(wrapped))
-            .source_key_id(&self.arn)
-            .set_source_encryption_context(context_map(ctx))
-            .destination_key_id(&to.arn)
-            .set_destination_encryption_context(context_map(ctx))
-            .send()
-            .await
-            .map_err(|e| classify("ReEncrypt", &self.arn, e))?;
+        let out = crate::calls::timed(
+            "kms",
+            "ReEncrypt",
+            self.client
+                .re_encrypt()
+                .ciphertext_blob(Blob::new(wrapped))
+                .source_key_id(&self.arn)
+                .set_source_encryption_context(context_map(ctx))
+                .destination_key_id(&to.arn)
+                .set_destination_encryption_context(context_map(ctx))
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("ReEncrypt", &self.arn, e))?;
         out.ciphertext_blob
             .map(Blob::into_inner)
             .ok_or_else(|| KeyError::KmsUnavailable {

@@ -100,7 +100,14 @@ impl S3Store {
             .into_paginator()
             .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
+        loop {
+            // One page is one request: time and count each.
+            let start = std::time::Instant::now();
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let outcome = page.as_ref().map_or_else(crate::calls::outcome, |_| "ok");
+            crate::calls::record("s3", "ListObjectsV2", outcome, start.elapsed());
             let page = page.map_err(|e| classify("ListObjectsV2", prefix, e))?;
             for o in page.contents() {
                 if let Some(key) = o.key() {
@@ -116,14 +123,17 @@ impl S3Store {
     }
 
     pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify("GetObject", key, e))?;
+        let out = crate::calls::timed(
+            "s3",
+            "GetObject",
+            self.client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("GetObject", key, e))?;
         let etag = out.e_tag().unwrap_or("").to_string();
         let body = out.body.collect().await.map_err(|e| StoreError::Failed {
             op: "GetObject",
@@ -140,51 +150,65 @@ impl S3Store {
         end: u64,
         if_match: Option<&str>,
     ) -> Result<ByteStream, StoreError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .range(format!("bytes={start}-{}", end - 1))
-            .set_if_match(if_match.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| classify("GetObject", key, e))?;
+        let out = crate::calls::timed(
+            "s3",
+            "GetObject",
+            self.client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .range(format!("bytes={start}-{}", end - 1))
+                .set_if_match(if_match.map(str::to_string))
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("GetObject", key, e))?;
         Ok(out.body)
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| classify("PutObject", key, e))?;
+        crate::calls::timed(
+            "s3",
+            "PutObject",
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .body(ByteStream::from(body))
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("PutObject", key, e))?;
         Ok(())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify("DeleteObject", key, e))?;
+        crate::calls::timed(
+            "s3",
+            "DeleteObject",
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("DeleteObject", key, e))?;
         Ok(())
     }
 
     pub async fn start_upload(&self, key: &str) -> Result<S3Upload, StoreError> {
-        let out = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify("CreateMultipartUpload", key, e))?;
+        let out = crate::calls::timed(
+            "s3",
+            "CreateMultipartUpload",
+            self.client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("CreateMultipartUpload", key, e))?;
         let upload_id = out.upload_id().unwrap_or("").to_string();
         Ok(S3Upload {
             client: self.client.clone(),
@@ -207,17 +231,20 @@ pub struct S3Upload {
 
 impl S3Upload {
     pub async fn put_part(&self, number: u32, body: Bytes) -> Result<(), StoreError> {
-        let out = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .part_number(number as i32)
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| classify("UploadPart", &self.key, e))?;
+        let out = crate::calls::timed(
+            "s3",
+            "UploadPart",
+            self.client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .part_number(number as i32)
+                .body(ByteStream::from(body))
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("UploadPart", &self.key, e))?;
         let part = CompletedPart::builder()
             .part_number(number as i32)
             .set_e_tag(out.e_tag().map(str::to_string))
@@ -229,45 +256,55 @@ impl S3Upload {
     pub async fn complete(self) -> Result<(), StoreError> {
         let mut parts = self.parts.into_inner();
         parts.sort_by_key(|p| p.part_number());
-        let res = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await;
+        let res = crate::calls::timed(
+            "s3",
+            "CompleteMultipartUpload",
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send(),
+        )
+        .await;
         match res {
             Ok(_) => Ok(()),
             Err(e) => {
                 let err = classify("CompleteMultipartUpload", &self.key, e);
-                let _ = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .upload_id(&self.upload_id)
-                    .send()
-                    .await;
+                let _ = crate::calls::timed(
+                    "s3",
+                    "AbortMultipartUpload",
+                    self.client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(&self.key)
+                        .upload_id(&self.upload_id)
+                        .send(),
+                )
+                .await;
                 Err(err)
             }
         }
     }
 
     pub async fn abort(self) -> Result<(), StoreError> {
-        self.client
-            .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .send()
-            .await
-            .map_err(|e| classify("AbortMultipartUpload", &self.key, e))?;
+        crate::calls::timed(
+            "s3",
+            "AbortMultipartUpload",
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .send(),
+        )
+        .await
+        .map_err(|e| classify("AbortMultipartUpload", &self.key, e))?;
         Ok(())
     }
 }

@@ -432,3 +432,25 @@ pub fn python(script: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "{script} failed:\n{text}");
     text
 }
+
+/// The metrics page at 127.0.0.1:`port`, as name{labels} → value (sums truncated).
+pub fn scrape(port: u16) -> std::collections::HashMap<String, u64> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with("sealfs_"))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .map(|(k, v)| (k.to_string(), v.parse::<f64>().unwrap() as u64))
+        })
+        .collect()
+}
+
+/// A loopback port free right now.
+pub fn unused_port() -> u16 {
+    free_port()
+}

@@ -1,0 +1,136 @@
+//! Process-wide counts and latencies of calls to S3 and KMS, by operation and outcome, for
+//! the metrics page. One count per SDK call as the SDK returns it: its own retries are inside
+//! (a throttled call that succeeded on retry counts as `ok`, with the retries' time).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+// The S3 and KMS crates re-export the same smithy types.
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+
+/// Upper bounds (seconds) of the latency histogram buckets; `+Inf` is implied.
+pub const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A Prometheus histogram: cumulative counts are computed when rendered.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// `(le, cumulative count)` per bucket ending with `+Inf`, then the sum in seconds.
+    pub fn snapshot(&self) -> (Vec<(String, u64)>, f64) {
+        let mut acc = 0;
+        let mut out = Vec::with_capacity(BUCKETS.len() + 1);
+        for (i, c) in self.counts.iter().enumerate() {
+            acc += c.load(Relaxed);
+            let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            out.push((le, acc));
+        }
+        (out, self.sum_micros.load(Relaxed) as f64 / 1e6)
+    }
+}
+
+/// (service, operation) → (outcome → count, latency).
+type Table = BTreeMap<(&'static str, &'static str), (BTreeMap<&'static str, u64>, Histogram)>;
+
+static CALLS: Mutex<Table> = Mutex::new(BTreeMap::new());
+
+/// Records one call to `service` (`s3`, `kms`).
+pub fn record(service: &'static str, op: &'static str, outcome: &'static str, took: Duration) {
+    let mut t = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    let (outcomes, hist) = t.entry((service, op)).or_default();
+    *outcomes.entry(outcome).or_default() += 1;
+    hist.observe(took);
+}
+
+/// Times `fut` (one SDK call) and records it with the outcome of its result.
+pub async fn timed<T, E: ProvideErrorMetadata, R>(
+    service: &'static str,
+    op: &'static str,
+    fut: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
+) -> Result<T, SdkError<E, R>> {
+    let start = std::time::Instant::now();
+    let r = fut.await;
+    let outcome = match &r {
+        Ok(_) => "ok",
+        Err(e) => outcome(e),
+    };
+    record(service, op, outcome, start.elapsed());
+    r
+}
+
+/// The `outcome` label of a failed SDK call: a small fixed set, so alerts can match on it.
+pub fn outcome<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> &'static str {
+    match e {
+        SdkError::TimeoutError(_) => "timeout",
+        SdkError::DispatchFailure(_) => "network",
+        SdkError::ServiceError(se) => match se.err().code().unwrap_or("") {
+            "SlowDown"
+            | "Throttling"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+            | "TooManyRequestsException"
+            | "ServiceUnavailable"
+            | "LimitExceededException" => "throttled",
+            "AccessDenied"
+            | "AccessDeniedException"
+            | "Forbidden"
+            | "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch" => "denied",
+            "DisabledException" | "KMSInvalidStateException" => "key_disabled",
+            "NoSuchKey" | "NotFound" | "NoSuchBucket" | "NotFoundException" => "not_found",
+            "PreconditionFailed" => "changed",
+            _ => "error",
+        },
+        _ => "error",
+    }
+}
+
+/// A copy of the table for rendering: ((service, op), outcome counts, histogram snapshot).
+pub type Row = (
+    (&'static str, &'static str),
+    Vec<(&'static str, u64)>,
+    (Vec<(String, u64)>, f64),
+);
+
+pub fn snapshot() -> Vec<Row> {
+    let t = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    t.iter()
+        .map(|(k, (o, h))| (*k, o.iter().map(|(a, b)| (*a, *b)).collect(), h.snapshot()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500)); // ≤ 0.001
+        h.observe(Duration::from_millis(30)); // ≤ 0.05
+        h.observe(Duration::from_secs(20)); // +Inf
+        let (b, sum) = h.snapshot();
+        assert_eq!(b[0], ("0.001".to_string(), 1));
+        assert_eq!(b[5], ("0.05".to_string(), 2));
+        assert_eq!(b[BUCKETS.len() - 1].1, 2);
+        assert_eq!(b[BUCKETS.len()], ("+Inf".to_string(), 3));
+        assert!((sum - 20.0305).abs() < 1e-9, "{sum}");
+    }
+}
