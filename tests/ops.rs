@@ -109,6 +109,31 @@ impl Drop for Cleanup {
     }
 }
 
+/// A sealed tree and an empty mount point under a temp dir, unmounted and its daemon
+/// stopped on drop (fields drop in order: the cleanup before the directories go).
+struct Site {
+    _cleanup: Cleanup,
+    dir: PathBuf,
+    tmp: tempfile::TempDir,
+    sealed: Sealed,
+}
+
+impl Site {
+    fn new() -> Self {
+        require_root();
+        let sealed = Sealed::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("models");
+        std::fs::create_dir(&dir).unwrap();
+        Self {
+            _cleanup: Cleanup(dir.clone()),
+            dir,
+            tmp,
+            sealed,
+        }
+    }
+}
+
 fn wait_gone(dir: &Path) {
     let start = Instant::now();
     while !daemons_for(dir).is_empty() || mountinfo(dir).is_some() {
@@ -145,11 +170,8 @@ fn mount_helper_round_trip_through_mount8() {
         Path::new("/sbin/mount.fuse3").exists() || Path::new("/usr/sbin/mount.fuse3").exists(),
         "mount.fuse3 missing: install fuse3"
     );
-    let s = Sealed::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("models");
-    std::fs::create_dir(&dir).unwrap();
-    let _cleanup = Cleanup(dir.clone());
+    let site = Site::new();
+    let (s, dir) = (&site.sealed, site.dir.clone());
 
     // A typo is one line naming it, and nothing is mounted.
     let out = mount8(
@@ -464,12 +486,8 @@ fn syscall_groups(filter: &str) -> std::collections::HashSet<String> {
 
 #[test]
 fn service_runs_as_systemd_runs_it_within_its_syscall_filter() {
-    require_root();
-    let s = Sealed::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("models");
-    std::fs::create_dir(&dir).unwrap();
-    let _cleanup = Cleanup(dir.clone());
+    let site = Site::new();
+    let (s, dir, tmp) = (&site.sealed, site.dir.clone(), &site.tmp);
     // The shipped example conf with this test's source, mount point and key.
     let mut env = env_file(&std::fs::read_to_string(systemd_dir().join("llama3.conf")).unwrap());
     for (k, v) in env.iter_mut() {
@@ -618,12 +636,8 @@ fn service_runs_as_systemd_runs_it_within_its_syscall_filter() {
 
 #[test]
 fn unit_memlock_limit_refuses_a_larger_cache_with_the_fix_named() {
-    require_root();
-    let s = Sealed::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("models");
-    std::fs::create_dir(&dir).unwrap();
-    let _cleanup = Cleanup(dir.clone());
+    let site = Site::new();
+    let (s, dir, tmp) = (&site.sealed, site.dir.clone(), &site.tmp);
     let env = vec![
         ("SEALFS_SOURCE".to_owned(), s.p("sealed")),
         ("SEALFS_MOUNTPOINT".to_owned(), dir.display().to_string()),
