@@ -572,11 +572,7 @@ fn new_and_removed_files_show_after_the_list_ttl() {
 #[test]
 fn metrics_count_a_known_workload() {
     let f = Fx::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let m = f.mount(&["--metrics-addr", &addr]);
     let want = std::fs::read(f.src("big.bin")).unwrap();

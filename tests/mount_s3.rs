@@ -302,7 +302,7 @@ fn rewrap_while_open_does_not_disturb_readers() {
 #[test]
 fn metrics_count_s3_and_kms_calls_by_outcome() {
     let f = Fx::new();
-    let port = unused_port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     f.stack.reset();
     let m = f.mount(&["--metrics-addr", &addr, "--direct-io"]);

@@ -65,16 +65,6 @@ impl Sealed {
     }
 }
 
-/// The mountinfo line of `dir`, if mounted.
-fn mountinfo(dir: &Path) -> Option<String> {
-    let d = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(d.as_str()))
-        .map(str::to_owned)
-}
-
 /// Pids of sealfs processes whose command line names `dir` (the daemon mount(8) started).
 fn daemons_for(dir: &Path) -> Vec<i32> {
     let d = dir.display().to_string();

@@ -57,7 +57,8 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -369,9 +370,7 @@ impl Mount {
     }
 
     pub fn is_mounted(&self) -> bool {
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let d = self.dir.to_string_lossy().to_string();
-        mi.lines().any(|l| l.split(' ').nth(4) == Some(d.as_str()))
+        mountinfo(&self.dir).is_some()
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit status code.
@@ -404,6 +403,16 @@ impl Drop for Mount {
                 .status();
         }
     }
+}
+
+/// The `/proc/self/mountinfo` line of the mount at `dir`, if there is one.
+pub fn mountinfo(dir: &Path) -> Option<String> {
+    let d = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(d.as_str()))
+        .map(str::to_owned)
 }
 
 /// Peak RSS (VmHWM) of a process in bytes.
@@ -448,9 +457,4 @@ pub fn scrape(port: u16) -> std::collections::HashMap<String, u64> {
                 .map(|(k, v)| (k.to_string(), v.parse::<f64>().unwrap() as u64))
         })
         .collect()
-}
-
-/// A loopback port free right now.
-pub fn unused_port() -> u16 {
-    free_port()
 }
