@@ -25,7 +25,7 @@ use crate::keys::Keyring;
 use crate::object::{self, OpenFile};
 use crate::store::Store;
 
-/// Mount settings (CLI flags map onto these; docs/CONFIGURATION.md).
+/// Mount settings (the `sealfs mount` flags map onto these; docs/CLI.md).
 #[derive(Debug, Clone)]
 pub struct MountConfig {
     /// Bytes of locked memory for decrypted chunks.
@@ -421,9 +421,9 @@ impl SealFs {
             .ok_or(FsError::BadHandle)
     }
 
-    /// Drops DEKs (and their cached chunks) idle for longer than the grace. Returns how
-    /// many are still held. Called every second by the mount.
-    pub fn sweep(&self) -> usize {
+    /// Drops DEKs (and their cached chunks) idle for longer than the grace. Called every
+    /// second by the mount; [`SealFs::deks_held`] says how many remain.
+    pub fn sweep(&self) {
         let now = Instant::now();
         let mut files = lock(&self.files);
         files.retain(|key, s| {
@@ -437,7 +437,6 @@ impl SealFs {
             }
             !expired
         });
-        files.values().filter(|s| s.cell.initialized()).count()
     }
 
     /// Re-lists the prefix when `list_ttl` has passed since the last listing. Inode numbers

@@ -137,6 +137,8 @@ impl SealFs {
                 len,
             }
         } else {
+            // One pin at a time (unlike read_cached): waiting for a fetch while holding
+            // the other chunks pinned could starve a small cache of slots.
             let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(size as usize));
             for s in &spans {
                 let c = self.chunk(&h.opened, s.index).await?;
