@@ -75,7 +75,9 @@ pub async fn timed<T, E: ProvideErrorMetadata, R>(
     r
 }
 
-/// The `outcome` label of a failed SDK call: a small fixed set, so alerts can match on it.
+/// The kind of a failed SDK call: the `outcome` metric label (a small fixed set, so alerts
+/// can match on it) and the one table of AWS error codes that `store::s3` and `keys::kms`
+/// map onto their error variants.
 pub fn outcome<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> &'static str {
     match e {
         SdkError::TimeoutError(_) => "timeout",
@@ -90,10 +92,13 @@ pub fn outcome<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> &'static str {
             | "LimitExceededException" => "throttled",
             "AccessDenied"
             | "AccessDeniedException"
+            | "IncorrectKeyException"
             | "Forbidden"
             | "InvalidAccessKeyId"
             | "SignatureDoesNotMatch" => "denied",
-            "DisabledException" | "KMSInvalidStateException" => "key_disabled",
+            "DisabledException" | "KMSInvalidStateException" | "KeyUnavailableException" => {
+                "key_disabled"
+            }
             "NoSuchKey" | "NotFound" | "NoSuchBucket" | "NotFoundException" => "not_found",
             "PreconditionFailed" => "changed",
             _ => "error",

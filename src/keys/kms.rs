@@ -48,8 +48,8 @@ fn context_map(ctx: &EncryptionContext) -> Option<HashMap<String, String>> {
     Some(ctx.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
-/// Maps an SDK error to a key error by its AWS error code; transport failures (after the
-/// SDK's bounded retries) are `KmsUnavailable`.
+/// Maps an SDK error to a key error by its AWS error code ([`crate::calls::outcome`] holds
+/// the code table); transport failures (after the SDK's bounded retries) are `KmsUnavailable`.
 fn classify<E, R>(op: &'static str, key: &str, err: SdkError<E, R>) -> KeyError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -60,16 +60,15 @@ where
         SdkError::ServiceError(se) => {
             let e = se.err();
             let message = e.message().unwrap_or("").to_string();
-            match e.code().unwrap_or("") {
-                "AccessDeniedException" | "IncorrectKeyException" => {
-                    KeyError::KmsDenied { op, key, message }
+            let code = e.code().unwrap_or("");
+            match crate::calls::outcome(&err) {
+                "denied" => KeyError::KmsDenied { op, key, message },
+                "key_disabled" => KeyError::KmsDisabled { op, key, message },
+                "not_found" => KeyError::KmsNotFound { op, key },
+                _ if code == "InvalidCiphertextException" => {
+                    KeyError::KmsInvalidCiphertext { op, key }
                 }
-                "DisabledException" | "KMSInvalidStateException" | "KeyUnavailableException" => {
-                    KeyError::KmsDisabled { op, key, message }
-                }
-                "NotFoundException" => KeyError::KmsNotFound { op, key },
-                "InvalidCiphertextException" => KeyError::KmsInvalidCiphertext { op, key },
-                code => KeyError::KmsUnavailable {
+                _ => KeyError::KmsUnavailable {
                     op,
                     key,
                     message: format!("{code}: {message}"),

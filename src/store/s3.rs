@@ -25,13 +25,12 @@ where
     if let SdkError::ServiceError(se) = &err {
         let e = se.err();
         let message = e.message().unwrap_or("").to_string();
-        match e.code().unwrap_or("") {
-            "NoSuchKey" | "NotFound" | "NoSuchBucket" => return StoreError::NotFound(key),
-            "PreconditionFailed" => return StoreError::Changed(key),
-            "AccessDenied" | "Forbidden" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
-                return StoreError::Denied { op, key, message }
-            }
-            code if !code.is_empty() => {
+        // The code table is crate::calls::outcome, shared with the metrics.
+        match (crate::calls::outcome(&err), e.code().unwrap_or("")) {
+            ("not_found", _) => return StoreError::NotFound(key),
+            ("changed", _) => return StoreError::Changed(key),
+            ("denied", _) => return StoreError::Denied { op, key, message },
+            (_, code) if !code.is_empty() => {
                 return StoreError::Failed {
                     op,
                     key,
