@@ -35,6 +35,8 @@ struct Slot {
     len: usize,
     pins: u32,
     tick: u64,
+    /// Its file was dropped while a reader still had it pinned: wipe on the last unpin.
+    doomed: bool,
 }
 
 struct Inner {
@@ -74,6 +76,7 @@ impl ChunkCache {
                 len: 0,
                 pins: 0,
                 tick: 0,
+                doomed: false,
             })
             .collect();
         let inner = Inner {
@@ -150,10 +153,8 @@ impl ChunkCache {
                     .enumerate()
                     .filter(|(_, s)| s.state == State::Ready && s.pins == 0)
                     .min_by_key(|(_, s)| s.tick)?;
-                let key = g.slots[i].key;
-                g.map.remove(&key);
                 g.evictions += 1;
-                self.wipe(i, g.slots[i].len);
+                self.free(&mut g, i);
                 i
             }
         };
@@ -166,19 +167,28 @@ impl ChunkCache {
         })
     }
 
-    /// Drops every chunk of one open file (when its DEK is released).
+    /// Drops every chunk of one open file (when its DEK is released). A chunk a reader
+    /// still has pinned goes when that pin does.
     pub fn remove_file(&self, seq: u64) {
         let mut g = self.lock();
         let keys: Vec<_> = g.map.keys().filter(|k| k.0 == seq).copied().collect();
         for k in keys {
             let i = g.map[&k];
             if g.slots[i].pins == 0 {
-                g.map.remove(&k);
-                let len = g.slots[i].len;
-                self.wipe(i, len);
-                g.slots[i].state = State::Free;
+                self.free(&mut g, i);
+            } else {
+                g.slots[i].doomed = true;
             }
         }
+    }
+
+    /// Unpublishes a ready, unpinned slot and wipes it.
+    fn free(&self, g: &mut Inner, i: usize) {
+        let key = g.slots[i].key;
+        g.map.remove(&key);
+        self.wipe(i, g.slots[i].len);
+        g.slots[i].state = State::Free;
+        g.slots[i].doomed = false;
     }
 
     fn wipe(&self, slot: usize, len: usize) {
@@ -234,6 +244,7 @@ impl Reservation {
             len,
             pins: 1,
             tick,
+            doomed: false,
         };
         g.map.insert(key, self.slot);
         self.done = true;
@@ -288,7 +299,11 @@ impl Clone for Pinned {
 impl Drop for Pinned {
     fn drop(&mut self) {
         let mut g = self.cache.lock();
-        g.slots[self.slot].pins -= 1;
+        let s = &mut g.slots[self.slot];
+        s.pins -= 1;
+        if s.pins == 0 && s.doomed {
+            self.cache.free(&mut g, self.slot);
+        }
     }
 }
 
@@ -318,6 +333,30 @@ mod tests {
         assert_eq!(c.stats().evictions, 1);
         c.remove_file(1);
         assert!(!c.contains((1, 0)) && !c.contains((1, 2)));
+    }
+
+    #[test]
+    fn a_chunk_pinned_when_its_file_goes_is_wiped_at_the_last_unpin() {
+        let c = ChunkCache::new(8 * 16, 16).unwrap();
+        let mut r = c.reserve().unwrap();
+        r.buf()[..4].copy_from_slice(b"text");
+        let pin = r.commit((3, 0), 4);
+        let second = pin.clone();
+        c.remove_file(3);
+        assert!(c.contains((3, 0)), "still readable while pinned");
+        assert_eq!(second.bytes(), b"text");
+        drop(pin);
+        assert!(c.contains((3, 0)), "one pin left");
+        drop(second);
+        assert!(
+            !c.contains((3, 0)),
+            "gone with the last pin, not left for LRU eviction"
+        );
+        assert_eq!(c.stats().ready, 0);
+        let slot = &c.region;
+        // SAFETY: test only; no pins or reservations remain.
+        let bytes = unsafe { std::slice::from_raw_parts(slot.at(0), 16) };
+        assert_eq!(bytes, &[0u8; 16], "wiped");
     }
 
     #[test]
