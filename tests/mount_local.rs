@@ -432,6 +432,7 @@ fn memory_stays_within_cache_plus_64_mib_for_a_2_gib_file() {
     }
     assert_eq!(total, 2 << 30);
     let rss = peak_rss(m.pid());
+    eprintln!("daemon peak RSS {} KiB", rss >> 10);
     assert!(
         rss <= (128 + 64) << 20,
         "daemon peak RSS {} MiB > cache + 64 MiB",

@@ -75,8 +75,11 @@ pub fn run(args: MountArgs) -> i32 {
         (None, Ok(())) => {}
     };
     let mut pipe = ready_pipe.map(std::fs::File::from);
+    bound_heap();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Local-store reads run here; each thread would keep its own malloc arena.
+        .max_blocking_threads(8)
         .build()
     {
         Ok(rt) => rt,
@@ -414,5 +417,16 @@ fn harden() {
         if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
             tracing::warn!("RLIMIT_CORE failed: {}", std::io::Error::last_os_error());
         }
+    }
+}
+
+/// Two malloc arenas instead of glibc's 8 per core: every thread that frees a MiB-sized
+/// buffer (GET pieces, local reads) otherwise keeps it in its own arena, which measured
+/// +25 MiB of peak RSS reading 512 MiB through a 128 MiB cache, with no gain in speed.
+fn bound_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
