@@ -197,19 +197,16 @@ impl OpenFile {
         Ok(bytes)
     }
 
-    /// Like [`OpenFile::fetch`], as a stream: returns the body and whether it starts with
-    /// the 32-byte prelude (which the caller passes to [`OpenFile::check_prelude`]).
+    /// Like [`OpenFile::fetch`], as a stream; when `first` is 0 it starts with the 32-byte
+    /// prelude, which the caller passes to [`OpenFile::check_prelude`].
     pub async fn fetch_stream(
         &self,
         store: &Store,
         first: u64,
         last: u64,
-    ) -> Result<(crate::store::RangeBody, bool)> {
+    ) -> Result<crate::store::RangeBody> {
         let (start, end, pin) = self.range_of(first, last);
-        Ok((
-            store.get_range_stream(&self.key, start, end, pin).await?,
-            first == 0,
-        ))
+        Ok(store.get_range_stream(&self.key, start, end, pin).await?)
     }
 
     /// Data object bytes of chunks `first..=last` (from 0 when `first` is 0, to take the

@@ -103,6 +103,53 @@ fn cached_chunks(fs: &SealFs) -> u64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// Waits (bounded) until `want` chunks are cached: fetches run in the background.
+async fn settles_at(fs: &SealFs, want: u64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while cached_chunks(fs) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {} cached chunks, want {want}",
+            cached_chunks(fs)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The first open of a file sends its first chunk's GET together with the key object's, so
+/// the first read finds that chunk without a request of its own; a later open with the DEK
+/// held fetches no chunk (it only confirms the ETag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_open_fetches_the_first_chunk_for_the_first_read() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let len = 6 * 16384;
+    let (loc, ring, data) = sealed(dir.path(), len).await;
+    let fs: Arc<SealFs> = SealFs::new(loc.store, &loc.prefix, ring, MountConfig::default())
+        .await
+        .unwrap();
+    let ino = fs.lookup(ROOT, "f").unwrap().ino;
+    let fh = fs.open(ino, (0, 0)).await.unwrap();
+    settles_at(&fs, 1, "chunk 0 after open, before any read").await;
+    assert_eq!(fs.stats.fetches.load(Relaxed), 1);
+    // Prelude + chunk 0 + its tag, nothing more.
+    assert_eq!(fs.stats.fetched_bytes.load(Relaxed), 32 + 16384 + 16);
+    let first = fs.read_cached(fh, 0, 100).expect("chunk 0 already cached");
+    assert!(first.unwrap().bytes() == &data[..100]);
+    // That read started the read-ahead of chunks 1 and 2: let it finish before counting.
+    settles_at(&fs, 3, "chunk 0 and the read-ahead").await;
+    fs.release(fh);
+    let before = fs.stats.fetches.load(Relaxed);
+    let again = fs.open(ino, (0, 0)).await.unwrap();
+    assert_eq!(
+        fs.stats.fetches.load(Relaxed),
+        before,
+        "DEK held: no chunk GET"
+    );
+    assert_eq!(fs.stats.dek_unwraps.load(Relaxed), 1);
+    fs.release(again);
+}
+
 /// Decrypted chunks leave the cache with their file: after the grace, and when the object
 /// was replaced while open (its old version's chunks go when the last old handle closes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,17 +197,6 @@ async fn chunks_leave_the_cache_with_their_file() {
     drop(whole);
 
     // Background fetches hold their file until they finish, so wait (bounded) for them.
-    async fn settles_at(fs: &SealFs, want: u64, what: &str) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while cached_chunks(fs) != want {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: {} cached chunks, want {want}",
-                cached_chunks(fs)
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    }
     settles_at(&fs, 12, "both versions read whole").await;
     fs.release(old);
     settles_at(&fs, 6, "the old version's chunks left with it").await;

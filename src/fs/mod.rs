@@ -1,9 +1,11 @@
 //! The filesystem core, driven by `fuse::adapter` and by tests without a kernel mount.
 //!
 //! - Metadata (`lookup`, `getattr`, `readdir`) comes from the tree built by one LIST.
-//! - `open` re-lists the one object (a replaced object is noticed), then shares one
-//!   unwrapped DEK per data object version among all handles (single flight), kept for
-//!   `dek_grace` after the last close so open/close patterns cost one KMS call.
+//! - `open` confirms the listed version with a GET pinned to its ETag (the first chunk,
+//!   fetched while the DEK is unwrapped; re-lists the object only when that GET says it
+//!   changed), then shares one unwrapped DEK per data object version among all handles
+//!   (single flight), kept for `dek_grace` after the last close so open/close patterns
+//!   cost one KMS call.
 //! - `read` is in `read.rs`: chunk cache, coalesced pinned GETs, single flight, prefetch.
 
 pub mod error;
@@ -21,9 +23,11 @@ pub use inode::{Node, Tree, ROOT};
 pub use read::ReadData;
 
 use crate::cache::{ChunkCache, ChunkKey};
+use crate::format::layout::PRELUDE_LEN;
+use crate::format::Layout;
 use crate::keys::Keyring;
-use crate::object::{self, OpenFile};
-use crate::store::Store;
+use crate::object::{self, OpenFile, SealedEntry};
+use crate::store::{Store, StoreError};
 
 /// Mount settings (the `sealfs mount` flags map onto these; docs/CLI.md).
 #[derive(Debug, Clone)]
@@ -135,6 +139,14 @@ impl Stats {
             s.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Why [`SealFs::open_listed`] could not open the version the tree lists.
+enum Listed {
+    /// Not confirmed: changed or gone since listed, no ETag to pin it by, or the GET
+    /// failed. The LIST path takes over (and reports a failure of its own).
+    Stale,
+    Failed(FsError),
 }
 
 /// One data object version with its DEK: shared by every handle on it.
@@ -302,27 +314,85 @@ impl SealFs {
     }
 
     /// Opens a file for reading; `who` names the requester (uid, pid) for the audit line.
-    pub async fn open(&self, ino: u64, who: (u32, u32)) -> Result<u64, FsError> {
+    pub async fn open(self: &Arc<Self>, ino: u64, who: (u32, u32)) -> Result<u64, FsError> {
         let entry = match self.tree().get(ino) {
             Some(Node::File { entry, .. }) => entry.clone(),
             Some(Node::Dir { .. }) => return Err(FsError::IsDir),
             None => return Err(FsError::NotFound),
         };
-        // One LIST of this object catches a replacement (new ETag, new size) since mount.
-        // Unless its DEK is already held, fetch the key object at the same time: open then
-        // costs one round trip before the KMS call, not two.
-        let held = lock(&self.files)
-            .get(&entry.data.key)
-            .is_some_and(|s| s.cell.initialized());
-        let speculative = async {
-            if held {
-                None
-            } else {
-                Some(self.store.get(&entry.key_object.key).await)
-            }
+        let (opened, slot) = match self.open_listed(&entry, who).await {
+            Ok(o) => o,
+            Err(Listed::Failed(e)) => return Err(e),
+            Err(Listed::Stale) => self.open_relisted(ino, &entry, who).await?,
         };
-        let (listing, prefetched) =
-            tokio::join!(object::find(&self.store, &entry.data.key), speculative);
+        *lock(&slot.idle_since) = None;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let h = Handle {
+            opened,
+            slot,
+            prefetch: Mutex::new(read::Prefetch::default()),
+        };
+        lock(&self.handles).insert(fh, Arc::new(h));
+        Ok(fh)
+    }
+
+    /// Opens the version the tree lists, confirmed by a GET pinned to its ETag instead of a
+    /// LIST. When this version's DEK is held (or being unwrapped) that GET is the 32-byte
+    /// prelude; otherwise it is the first chunk, sent together with the key-object GET so
+    /// that it is on its way while KMS unwraps the DEK, and the first read finds it in
+    /// flight or cached. `Stale` unless the listed version is confirmed.
+    async fn open_listed(
+        self: &Arc<Self>,
+        entry: &SealedEntry,
+        who: (u32, u32),
+    ) -> Result<(Arc<Opened>, Arc<FileSlot>), Listed> {
+        let etag = entry.data.etag.as_str();
+        let layout = match Layout::from_object_size(entry.chunk_log2, entry.data.size) {
+            // No ETag to pin (a store that gives none): only a LIST can tell a change.
+            Some(l) if !etag.is_empty() => l,
+            _ => return Err(Listed::Stale),
+        };
+        // Changed, gone, or the GET itself failed: the LIST path decides, and reports.
+        let stale = |_: StoreError| Listed::Stale;
+        let known = lock(&self.files)
+            .get(&entry.data.key)
+            .is_some_and(|s| s.etag == etag);
+        let key = &entry.data.key;
+        if known || layout.plaintext_size() == 0 {
+            self.store
+                .get_range(key, 0, PRELUDE_LEN, Some(etag))
+                .await
+                .map_err(stale)?;
+            return self.attach(entry, None, who).await.map_err(Listed::Failed);
+        }
+        let started = Instant::now();
+        let (_, end) = layout.cipher_range(0, 0);
+        let (key_object, first) = tokio::join!(
+            self.store.get(&entry.key_object.key),
+            self.store.get_range_stream(key, 0, end, Some(etag)),
+        );
+        let first = first.map_err(stale)?;
+        let (key_object, _) = key_object.map_err(stale)?;
+        let (opened, slot) = self
+            .attach(entry, Some(key_object), who)
+            .await
+            .map_err(Listed::Failed)?;
+        self.adopt_first_chunk(&opened, first, started);
+        Ok((opened, slot))
+    }
+
+    /// The slow way, when the listed version was not confirmed: one LIST of the object (a
+    /// replacement gets its new ETag and size) with the key-object GET at the same time.
+    async fn open_relisted(
+        &self,
+        ino: u64,
+        entry: &SealedEntry,
+        who: (u32, u32),
+    ) -> Result<(Arc<Opened>, Arc<FileSlot>), FsError> {
+        let (listing, key_object) = tokio::join!(
+            object::find(&self.store, &entry.data.key),
+            self.store.get(&entry.key_object.key)
+        );
         let listing = listing.map_err(FsError::from)?;
         let fresh = listing
             .sealed
@@ -339,13 +409,30 @@ impl SealFs {
                 .unwrap_or_else(|p| p.into_inner())
                 .set_entry(ino, fresh.clone(), size);
         }
+        // Still the key object the listing pairs with this data object?
+        let key_object = key_object
+            .ok()
+            .filter(|_| fresh.key_object.key == entry.key_object.key)
+            .map(|(bytes, _)| bytes);
+        self.attach(&fresh, key_object, who).await
+    }
+
+    /// Joins (or creates) the DEK-cache slot of `entry`'s version and counts one more
+    /// handle on it; the first opener unwraps the DEK (single flight), from `key_object`
+    /// bytes when already fetched.
+    async fn attach(
+        &self,
+        entry: &SealedEntry,
+        key_object: Option<bytes::Bytes>,
+        who: (u32, u32),
+    ) -> Result<(Arc<Opened>, Arc<FileSlot>), FsError> {
         let slot = {
             let mut files = lock(&self.files);
             let s = files
-                .entry(fresh.data.key.clone())
-                .or_insert_with(|| Arc::new(FileSlot::new(&fresh.data.etag)));
-            if s.etag != fresh.data.etag {
-                *s = Arc::new(FileSlot::new(&fresh.data.etag));
+                .entry(entry.data.key.clone())
+                .or_insert_with(|| Arc::new(FileSlot::new(&entry.data.etag)));
+            if s.etag != entry.data.etag {
+                *s = Arc::new(FileSlot::new(&entry.data.etag));
             }
             s.handles.fetch_add(1, Ordering::SeqCst);
             s.clone()
@@ -354,18 +441,17 @@ impl SealFs {
             .cell
             .get_or_try_init(|| async {
                 let opened = async {
-                    match prefetched {
-                        // Still the key object the listing pairs with this data object?
-                        Some(Ok((bytes, _))) if fresh.key_object.key == entry.key_object.key => {
-                            let ko = object::parse_key_object(&bytes, &fresh)?;
-                            OpenFile::open_parsed(ko, &fresh, &self.keyring).await
+                    match key_object {
+                        Some(bytes) => {
+                            let ko = object::parse_key_object(&bytes, entry)?;
+                            OpenFile::open_parsed(ko, entry, &self.keyring).await
                         }
-                        _ => OpenFile::open(&self.store, &fresh, &self.keyring).await,
+                        None => OpenFile::open(&self.store, entry, &self.keyring).await,
                     }
                 };
                 let file = opened.await.map_err(|e| {
                     let err = FsError::from(e);
-                    tracing::warn!(file = %fresh.data.key, uid = who.0, pid = who.1, error = %err, "open refused");
+                    tracing::warn!(file = %entry.data.key, uid = who.0, pid = who.1, error = %err, "open refused");
                     err
                 })?;
                 self.stats.dek_unwraps.fetch_add(1, Ordering::Relaxed);
@@ -384,22 +470,13 @@ impl SealFs {
                 Ok::<_, FsError>(Arc::new(Opened { seq, file, cache: self.cache.clone() }))
             })
             .await;
-        let opened = match opened {
-            Ok(o) => o.clone(),
+        match opened {
+            Ok(o) => Ok((o.clone(), slot)),
             Err(e) => {
                 self.close_slot(&slot);
-                return Err(e);
+                Err(e)
             }
-        };
-        *lock(&slot.idle_since) = None;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let h = Handle {
-            opened,
-            slot,
-            prefetch: Mutex::new(read::Prefetch::default()),
-        };
-        lock(&self.handles).insert(fh, Arc::new(h));
-        Ok(fh)
+        }
     }
 
     fn close_slot(&self, slot: &FileSlot) {

@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
 use super::{chunk_key, lock, FsError, Handle, Opened, SealFs};
 use crate::cache::{ChunkKey, Pinned};
 use crate::format::ChunkSpan;
+use crate::store::RangeBody;
 
 const PRELUDE: usize = crate::format::layout::PRELUDE_LEN as usize;
 
@@ -54,6 +56,13 @@ impl ReadData {
             ReadData::Owned(v) => v,
         }
     }
+}
+
+/// Logs a failed fetch run with its file and chunks; the error goes to every waiter.
+fn run_failed(o: &Opened, a: u64, b: u64, e: crate::Error) -> FsError {
+    let err = FsError::from(e);
+    tracing::warn!(file = %o.file.key, chunks = %format!("{a}..={b}"), error = %err, "fetch failed");
+    err
 }
 
 /// Bounded attempts when a fetched chunk is evicted before its reader pins it.
@@ -222,19 +231,55 @@ impl SealFs {
             }
         }
         for (a, b, tx) in runs {
-            let fs = self.clone();
-            let o = o.clone();
-            tokio::spawn(async move {
-                let res = fs.fetch_run(&o, a, b).await;
-                {
-                    let mut inflight = lock(&fs.inflight.0);
-                    for i in a..=b {
-                        inflight.remove(&chunk_key(&o, i));
-                    }
-                }
-                let _ = tx.send(Some(res));
-            });
+            self.spawn_run(o, a, b, tx, None);
         }
+    }
+
+    /// Takes over the GET of chunk 0 that `open` sent before the DEK was known, as if
+    /// [`SealFs::start_fetch`] had started it (dropped if the chunk is already there).
+    pub(super) fn adopt_first_chunk(
+        self: &Arc<Self>,
+        o: &Arc<Opened>,
+        body: RangeBody,
+        started: Instant,
+    ) {
+        let key = chunk_key(o, 0);
+        let (tx, rx) = watch::channel(None);
+        {
+            let mut inflight = lock(&self.inflight.0);
+            if inflight.contains_key(&key) || self.cache.contains(key) {
+                return;
+            }
+            inflight.insert(key, rx);
+        }
+        self.spawn_run(o, 0, 0, tx, Some((body, started)));
+    }
+
+    /// Runs the fetch of chunks `a..=b` (registered in `inflight` under `tx`): its GET,
+    /// or `body` when that GET was already sent.
+    fn spawn_run(
+        self: &Arc<Self>,
+        o: &Arc<Opened>,
+        a: u64,
+        b: u64,
+        tx: watch::Sender<Outcome>,
+        body: Option<(RangeBody, Instant)>,
+    ) {
+        let fs = self.clone();
+        let o = o.clone();
+        tokio::spawn(async move {
+            let res = match body {
+                Some((body, started)) => fs.fill_run(&o, a, b, body, started).await,
+                None => fs.fetch_run(&o, a, b).await,
+            };
+            {
+                let mut inflight = lock(&fs.inflight.0);
+                for i in a..=b {
+                    inflight.remove(&chunk_key(&o, i));
+                }
+            }
+            let _ = tx.send(Some(res));
+        });
     }
 
     /// One ranged GET of chunks `a..=b`, streamed straight into locked slots: each chunk is
@@ -246,17 +291,26 @@ impl SealFs {
         a: u64,
         b: u64,
     ) -> Result<Arc<Vec<(u64, Pinned)>>, FsError> {
+        let started = Instant::now();
+        match o.file.fetch_stream(&self.store, a, b).await {
+            Ok(body) => self.fill_run(o, a, b, body, started).await,
+            Err(e) => Err(run_failed(o, a, b, e)),
+        }
+    }
+
+    /// Reads the body of the ranged GET of chunks `a..=b` (with the prelude when `a` is 0)
+    /// into locked slots, authenticating each chunk as soon as it is complete.
+    async fn fill_run(
+        &self,
+        o: &Opened,
+        a: u64,
+        b: u64,
+        mut body: RangeBody,
+        started: Instant,
+    ) -> Result<Arc<Vec<(u64, Pinned)>>, FsError> {
         let f = &o.file;
-        let fail = |e: crate::Error| {
-            let err = FsError::from(e);
-            tracing::warn!(file = %f.key, chunks = %format!("{a}..={b}"), error = %err, "fetch failed");
-            err
-        };
-        let started = std::time::Instant::now();
-        let (mut body, mut prelude_left) = match f.fetch_stream(&self.store, a, b).await {
-            Ok((body, with_prelude)) => (body, if with_prelude { PRELUDE } else { 0 }),
-            Err(e) => return Err(fail(e)),
-        };
+        let fail = |e: crate::Error| run_failed(o, a, b, e);
+        let mut prelude_left = if a == 0 { PRELUDE } else { 0 };
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let mut prelude = [0u8; PRELUDE];
         let mut out = Vec::with_capacity((b - a + 1) as usize);
