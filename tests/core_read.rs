@@ -205,3 +205,43 @@ async fn chunks_leave_the_cache_with_their_file() {
     settles_at(&fs, 0, "nothing left after the grace").await;
     assert_eq!(fs.deks_held(), 0);
 }
+
+/// A steady sequential reader tops its read-ahead window up in whole `max_fetch` GETs: one
+/// ranged GET per 4 chunks here, not one per chunk read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_read_ahead_fetches_in_whole_ranged_gets() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = 64u64;
+    let len = (chunks * 16384) as usize;
+    let (loc, ring, data) = sealed(dir.path(), len).await;
+    let config = MountConfig {
+        max_fetch: 4 * 16384,
+        max_prefetch: 16 * 16384,
+        ..Default::default()
+    };
+    let fs: Arc<SealFs> = SealFs::new(loc.store, &loc.prefix, ring, config)
+        .await
+        .unwrap();
+    let ino = fs.lookup(ROOT, "f").unwrap().ino;
+    let fh = fs.open(ino, (0, 0)).await.unwrap();
+    for i in 0..chunks {
+        let off = i * 16384;
+        let r = fs.read(fh, off, 16384).await.unwrap();
+        assert!(
+            r.bytes() == &data[off as usize..off as usize + 16384],
+            "chunk {i}"
+        );
+    }
+    let fetches = fs.stats.fetches.load(Relaxed);
+    // 64 chunks in GETs of 4, plus the ramp-up (windows 2, 4, 8) and chunk 0 from open.
+    assert!(
+        fetches <= chunks / 4 + 4,
+        "{fetches} ranged GETs for {chunks} chunks"
+    );
+    assert_eq!(
+        fs.stats.fetched_bytes.load(Relaxed),
+        32 + chunks * (16384 + 16)
+    );
+    fs.release(fh);
+}

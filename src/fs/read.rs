@@ -350,7 +350,14 @@ impl SealFs {
                 if filled == need {
                     let mut full: crate::cache::Reservation = slot.take().expect("slot in use");
                     match f.open_chunk(index, &mut full.buf()[..need]) {
-                        Ok(len) => out.push((index, full.commit(chunk_key(o, index), len))),
+                        Ok(len) => {
+                            if index == b {
+                                // Before the commit: a reader can see the chunk from then on,
+                                // and the metrics should already count the run.
+                                self.stats.fetch_latency.observe(started.elapsed());
+                            }
+                            out.push((index, full.commit(chunk_key(o, index), len)))
+                        }
                         Err(e) => {
                             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(file = %f.key, chunk = index, reason = %e, "chunk failed authentication");
@@ -368,7 +375,6 @@ impl SealFs {
                 "ranged GET ended early",
             )));
         }
-        self.stats.fetch_latency.observe(started.elapsed());
         Ok(Arc::new(out))
     }
 
@@ -409,7 +415,10 @@ impl SealFs {
             p.window = (p.window * 2).max(2).min(max_window);
             let from = p.ahead.map_or(last_read + 1, |a| a.max(last_read) + 1);
             let to = (last_read + p.window).min(layout.last_index());
-            if from > to {
+            // Top the window up in whole ranged GETs (`max_fetch`), not one chunk per read:
+            // a steady reader would otherwise cost one 1-chunk GET per chunk it reads.
+            let batch = (self.config.max_fetch / chunk).clamp(1, (p.window / 2).max(1));
+            if from > to || (to - from + 1 < batch && to < layout.last_index()) {
                 return;
             }
             p.ahead = Some(to);
