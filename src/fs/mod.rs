@@ -346,35 +346,50 @@ impl SealFs {
         entry: &SealedEntry,
         who: (u32, u32),
     ) -> Result<(Arc<Opened>, Arc<FileSlot>), Listed> {
-        let etag = entry.data.etag.as_str();
-        let layout = match Layout::from_object_size(entry.chunk_log2, entry.data.size) {
-            // No ETag to pin (a store that gives none): only a LIST can tell a change.
-            Some(l) if !etag.is_empty() => l,
-            _ => return Err(Listed::Stale),
+        let Some(layout) = Layout::from_object_size(entry.chunk_log2, entry.data.size) else {
+            return Err(Listed::Stale);
         };
         // Changed, gone, or the GET itself failed: the LIST path decides, and reports.
-        let stale = |_: StoreError| Listed::Stale;
-        let known = lock(&self.files)
-            .get(&entry.data.key)
-            .is_some_and(|s| s.etag == etag);
+        let stale = |e: StoreError| {
+            tracing::debug!(file = %entry.data.key, error = %e, "listed version not confirmed; re-listing");
+            Listed::Stale
+        };
         let key = &entry.data.key;
-        if known || layout.plaintext_size() == 0 {
-            self.store
-                .get_range(key, 0, PRELUDE_LEN, Some(etag))
-                .await
-                .map_err(stale)?;
-            return self.attach(entry, None, who).await.map_err(Listed::Failed);
+        let listed = (!entry.data.etag.is_empty()).then_some(entry.data.etag.as_str());
+        // Some S3-compatible servers list without ETags: then the version to confirm is
+        // the one this mount holds a DEK for, and a first open pins to its GET's ETag.
+        let held = lock(&self.files)
+            .get(key)
+            .map(|s| s.etag.clone())
+            .filter(|h| !h.is_empty() && listed.is_none_or(|l| l == h));
+        let mut version = entry.clone();
+        if let Some(held) = held {
+            match self.store.get_range(key, 0, PRELUDE_LEN, Some(&held)).await {
+                Ok(_) => {
+                    version.data.etag = held;
+                    return self
+                        .attach(&version, None, who)
+                        .await
+                        .map_err(Listed::Failed);
+                }
+                // Replaced, and the listing has no ETag to say so: a first open follows.
+                Err(StoreError::Changed(_)) if listed.is_none() => {}
+                Err(e) => return Err(stale(e)),
+            }
         }
         let started = Instant::now();
         let (_, end) = layout.cipher_range(0, 0);
         let (key_object, first) = tokio::join!(
             self.store.get(&entry.key_object.key),
-            self.store.get_range_stream(key, 0, end, Some(etag)),
+            self.store.get_range_stream(key, 0, end, listed),
         );
         let first = first.map_err(stale)?;
         let (key_object, _) = key_object.map_err(stale)?;
+        if listed.is_none() {
+            version.data.etag = first.etag().to_string();
+        }
         let (opened, slot) = self
-            .attach(entry, Some(key_object), who)
+            .attach(&version, Some(key_object), who)
             .await
             .map_err(Listed::Failed)?;
         self.adopt_first_chunk(&opened, first, started);

@@ -97,13 +97,14 @@ impl LocalStore {
         let p = self.path(key);
         let k = key.to_string();
         let want = if_match.map(str::to_string);
-        let file = blocking(move || {
+        let (file, etag) = blocking(move || {
             let f = std::fs::File::open(&p).map_err(io(&k))?;
             let m = f.metadata().map_err(io(&k))?;
-            if want.is_some_and(|w| w != etag(&m)) {
+            let tag = etag(&m);
+            if want.is_some_and(|w| w != tag) {
                 return Err(StoreError::Changed(k));
             }
-            Ok(f)
+            Ok((f, tag))
         })
         .await?;
         Ok(LocalRange {
@@ -111,6 +112,7 @@ impl LocalStore {
             pos: start,
             end,
             key: key.to_string(),
+            etag,
         })
     }
 
@@ -242,9 +244,14 @@ pub struct LocalRange {
     pos: u64,
     end: u64,
     key: String,
+    etag: String,
 }
 
 impl LocalRange {
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+
     pub async fn next(&mut self) -> Option<Result<Bytes, StoreError>> {
         if self.pos >= self.end {
             return None;

@@ -115,16 +115,25 @@ pub enum Store {
 
 /// The body of a ranged GET, piece by piece.
 pub enum RangeBody {
-    S3(aws_sdk_s3::primitives::ByteStream, String),
+    /// The stream, the key (for errors) and the ETag the response carried.
+    S3(aws_sdk_s3::primitives::ByteStream, String, String),
     Local(local::LocalRange),
 }
 
 impl RangeBody {
+    /// The ETag of the object version this body comes from (empty if the store sent none).
+    pub fn etag(&self) -> &str {
+        match self {
+            RangeBody::S3(_, _, etag) => etag,
+            RangeBody::Local(r) => r.etag(),
+        }
+    }
+
     /// The next piece, `None` at the end.
     pub async fn next(&mut self) -> Option<Result<Bytes, StoreError>> {
         match self {
             RangeBody::Local(r) => r.next().await,
-            RangeBody::S3(stream, key) => stream.next().await.map(|r| {
+            RangeBody::S3(stream, key, _) => stream.next().await.map(|r| {
                 r.map_err(|e| StoreError::Failed {
                     op: "GetObject",
                     key: key.clone(),
@@ -197,10 +206,10 @@ impl Store {
         if_match: Option<&str>,
     ) -> Result<RangeBody, StoreError> {
         match self {
-            Store::S3(s) => Ok(RangeBody::S3(
-                s.get_range_stream(key, start, end, if_match).await?,
-                key.to_string(),
-            )),
+            Store::S3(s) => {
+                let (body, etag) = s.get_range_stream(key, start, end, if_match).await?;
+                Ok(RangeBody::S3(body, key.to_string(), etag))
+            }
             Store::Local(s) => Ok(RangeBody::Local(
                 s.get_range_stream(key, start, end, if_match).await?,
             )),

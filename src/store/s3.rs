@@ -148,7 +148,7 @@ impl S3Store {
         start: u64,
         end: u64,
         if_match: Option<&str>,
-    ) -> Result<ByteStream, StoreError> {
+    ) -> Result<(ByteStream, String), StoreError> {
         let out = crate::calls::timed(
             "s3",
             "GetObject",
@@ -162,7 +162,7 @@ impl S3Store {
         )
         .await
         .map_err(|e| classify("GetObject", key, e))?;
-        Ok(out.body)
+        Ok((out.body, out.e_tag.unwrap_or_default()))
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {

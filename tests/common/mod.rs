@@ -180,6 +180,11 @@ impl Stack {
         http(self.proxy_port, "POST", "/__proxy/reset", "").expect("proxy reset");
     }
 
+    /// From now until `reset`, LIST answers carry no ETags (as some S3-compatible servers).
+    pub fn strip_list_etags(&self) {
+        http(self.proxy_port, "POST", "/__proxy/strip-list-etags", "").expect("proxy strip");
+    }
+
     pub fn fault(&self, spec: serde_json::Value) {
         http(self.proxy_port, "POST", "/__proxy/fault", &spec.to_string()).expect("proxy fault");
     }

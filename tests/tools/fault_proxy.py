@@ -7,7 +7,9 @@ It forwards every request unchanged and
   * injects faults on demand: a KMS action answered with an AWS error code
     (DisabledException, ThrottlingException, ...), an S3 method answered with an HTTP
     status (503 SlowDown, 500) or a dropped connection, optionally only for the first N
-    matching calls, and an added delay.
+    matching calls, and an added delay,
+  * on demand, drops the <ETag> elements from ListObjectsV2 answers, as some S3-compatible
+    servers list without ETags.
 
 Control API (on the same port, never forwarded):
   GET  /__proxy/counts            -> JSON counters
@@ -16,18 +18,20 @@ Control API (on the same port, never forwarded):
                                       "error": "DisabledException" | "503" | "drop",
                                       "times": N (optional, default forever),
                                       "delay": seconds (optional)}
+  POST /__proxy/strip-list-etags  -> LIST answers lose their ETags (until reset)
 Only 127.0.0.1 is ever bound or contacted.
 """
 import argparse
 import http.client
 import http.server
 import json
+import re
 import socket
 import threading
 import time
 
 LOCK = threading.Lock()
-STATE = {"counts": {}, "bytes_up": 0, "bytes_down": 0, "faults": []}
+STATE = {"counts": {}, "bytes_up": 0, "bytes_down": 0, "faults": [], "strip_list_etags": False}
 
 
 def bump(name, n=1):
@@ -72,7 +76,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 out["bytes_down"] = STATE["bytes_down"]
                 return self._reply(200, json.dumps(out).encode(), [("Content-Type", "application/json")])
             if path == "/__proxy/reset":
-                STATE.update(counts={}, bytes_up=0, bytes_down=0, faults=[])
+                STATE.update(counts={}, bytes_up=0, bytes_down=0, faults=[], strip_list_etags=False)
+                return self._reply(200, b"{}")
+            if path == "/__proxy/strip-list-etags":
+                STATE["strip_list_etags"] = True
                 return self._reply(200, b"{}")
             if path == "/__proxy/fault":
                 STATE["faults"].append(json.loads(body or b"{}"))
@@ -132,6 +139,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = resp.read()
         with LOCK:
             STATE["bytes_down"] += len(data)
+            if STATE["strip_list_etags"] and self.command == "GET" and "list-type=2" in self.path:
+                data, n = re.subn(rb"<ETag>[^<]*</ETag>", b"", data)
+                bump("s3:LIST-etags-stripped", n)
         conn.close()
         if self.command == "HEAD":
             # No body, but the upstream Content-Length is the object's size: pass it on.
