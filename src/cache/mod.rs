@@ -143,23 +143,32 @@ impl ChunkCache {
     /// A slot to fill: a free one, or the least recently used unpinned chunk, zeroized.
     /// `None` when every slot is pinned or filling.
     pub fn reserve(self: &Arc<Self>) -> Option<Reservation> {
-        let mut g = self.lock();
-        let i = match g.slots.iter().position(|s| s.state == State::Free) {
-            Some(i) => i,
-            None => {
-                let (i, _) = g
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.state == State::Ready && s.pins == 0)
-                    .min_by_key(|(_, s)| s.tick)?;
-                g.evictions += 1;
-                self.free(&mut g, i);
-                i
-            }
+        let (i, stale) = {
+            let mut g = self.lock();
+            let (i, stale) = match g.slots.iter().position(|s| s.state == State::Free) {
+                Some(i) => (i, 0), // wiped when it was freed
+                None => {
+                    let (i, _) = g
+                        .slots
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.state == State::Ready && s.pins == 0)
+                        .min_by_key(|(_, s)| s.tick)?;
+                    g.evictions += 1;
+                    let key = g.slots[i].key;
+                    g.map.remove(&key);
+                    (i, g.slots[i].len)
+                }
+            };
+            g.slots[i].state = State::Filling;
+            g.slots[i].doomed = false;
+            g.misses += 1; // every reservation is a chunk that had to be fetched
+            (i, stale)
         };
-        g.slots[i].state = State::Filling;
-        g.misses += 1; // every reservation is a chunk that had to be fetched
+        // The evicted chunk is wiped before the slot is handed out, but outside the lock:
+        // readers of other chunks need not wait for a MiB of zeroes. Unpublished and
+        // `Filling`, the slot is reachable by no one else.
+        self.wipe(i, stale);
         Some(Reservation {
             cache: self.clone(),
             slot: i,
@@ -192,8 +201,8 @@ impl ChunkCache {
     }
 
     fn wipe(&self, slot: usize, len: usize) {
-        // SAFETY: called under the mutex for a slot that is not pinned and not filling, so
-        // no reference into it exists.
+        // SAFETY: called for a slot no reference points into: under the mutex for one that
+        // is neither pinned nor filling, or by `reserve` for the unpublished slot it owns.
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.region.at(slot * self.slot_size),
@@ -325,8 +334,9 @@ mod tests {
         let extra = pins[0].clone();
         drop(pins);
         assert_eq!(c.get((1, 0)).unwrap().bytes(), &[0u8; 4]); // touch 0: 1 is now LRU
-        let r = c.reserve().unwrap();
+        let mut r = c.reserve().unwrap();
         assert!(!c.contains((1, 1)), "LRU chunk evicted");
+        assert_eq!(&r.buf()[..4], &[0u8; 4], "and wiped before its slot is handed out");
         assert!(c.contains((1, 0)) && c.contains((1, 2)));
         drop(extra);
         drop(r); // dropped unfilled: the slot is free again, not published
