@@ -32,6 +32,20 @@ async fn sealed(dir: &std::path::Path, len: usize) -> (Location, Keyring, Vec<u8
     (dest, ring, data)
 }
 
+/// The core (no kernel mount) over one sealed file "f" of `len` bytes: (fs, its inode, plaintext).
+async fn core_over(
+    dir: &std::path::Path,
+    len: usize,
+    config: MountConfig,
+) -> (Arc<SealFs>, u64, Vec<u8>) {
+    let (loc, ring, data) = sealed(dir, len).await;
+    let fs = SealFs::new(loc.store, &loc.prefix, ring, config)
+        .await
+        .unwrap();
+    let ino = fs.lookup(ROOT, "f").unwrap().ino;
+    (fs, ino, data)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_reads_match_under_every_setting() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,17 +55,13 @@ async fn random_reads_match_under_every_setting() {
         (64 * 16400, 1 << 20, 4 * 16384),
         (8 << 20, 64 << 20, 8 << 20),
     ] {
-        let (loc, ring, data) = sealed(&dir.path().join(format!("{cache}")), len).await;
         let config = MountConfig {
             cache_size: cache,
             max_prefetch: prefetch,
             max_fetch: fetch,
             ..Default::default()
         };
-        let fs: Arc<SealFs> = SealFs::new(loc.store, &loc.prefix, ring, config)
-            .await
-            .unwrap();
-        let ino = fs.lookup(ROOT, "f").unwrap().ino;
+        let (fs, ino, data) = core_over(&dir.path().join(format!("{cache}")), len, config).await;
         let fh = fs.open(ino, (0, 0)).await.unwrap();
         // Sequential pass (read-ahead on), then random reads (window reset), concurrently.
         let mut off = 0u64;
@@ -124,11 +134,7 @@ async fn first_open_fetches_the_first_chunk_for_the_first_read() {
     use std::sync::atomic::Ordering::Relaxed;
     let dir = tempfile::tempdir().unwrap();
     let len = 6 * 16384;
-    let (loc, ring, data) = sealed(dir.path(), len).await;
-    let fs: Arc<SealFs> = SealFs::new(loc.store, &loc.prefix, ring, MountConfig::default())
-        .await
-        .unwrap();
-    let ino = fs.lookup(ROOT, "f").unwrap().ino;
+    let (fs, ino, data) = core_over(dir.path(), len, MountConfig::default()).await;
     let fh = fs.open(ino, (0, 0)).await.unwrap();
     settles_at(&fs, 1, "chunk 0 after open, before any read").await;
     assert_eq!(fs.stats.fetches.load(Relaxed), 1);
@@ -156,15 +162,11 @@ async fn first_open_fetches_the_first_chunk_for_the_first_read() {
 async fn chunks_leave_the_cache_with_their_file() {
     let dir = tempfile::tempdir().unwrap();
     let len = 6 * 16384;
-    let (loc, ring, data) = sealed(dir.path(), len).await;
     let config = MountConfig {
         dek_grace: std::time::Duration::ZERO,
         ..Default::default()
     };
-    let fs: Arc<SealFs> = SealFs::new(loc.store, &loc.prefix, ring, config)
-        .await
-        .unwrap();
-    let ino = fs.lookup(ROOT, "f").unwrap().ino;
+    let (fs, ino, data) = core_over(dir.path(), len, config).await;
     let old = fs.open(ino, (0, 0)).await.unwrap();
     assert!(fs.read(old, 0, len as u32).await.unwrap().bytes() == &data[..]);
     assert_eq!(cached_chunks(&fs), 6);
@@ -214,16 +216,12 @@ async fn sequential_read_ahead_fetches_in_whole_ranged_gets() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = 64u64;
     let len = (chunks * 16384) as usize;
-    let (loc, ring, data) = sealed(dir.path(), len).await;
     let config = MountConfig {
         max_fetch: 4 * 16384,
         max_prefetch: 16 * 16384,
         ..Default::default()
     };
-    let fs: Arc<SealFs> = SealFs::new(loc.store, &loc.prefix, ring, config)
-        .await
-        .unwrap();
-    let ino = fs.lookup(ROOT, "f").unwrap().ino;
+    let (fs, ino, data) = core_over(dir.path(), len, config).await;
     let fh = fs.open(ino, (0, 0)).await.unwrap();
     for i in 0..chunks {
         let off = i * 16384;

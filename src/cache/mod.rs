@@ -336,7 +336,11 @@ mod tests {
         assert_eq!(c.get((1, 0)).unwrap().bytes(), &[0u8; 4]); // touch 0: 1 is now LRU
         let mut r = c.reserve().unwrap();
         assert!(!c.contains((1, 1)), "LRU chunk evicted");
-        assert_eq!(&r.buf()[..4], &[0u8; 4], "and wiped before its slot is handed out");
+        assert_eq!(
+            &r.buf()[..4],
+            &[0u8; 4],
+            "and wiped before its slot is handed out"
+        );
         assert!(c.contains((1, 0)) && c.contains((1, 2)));
         drop(extra);
         drop(r); // dropped unfilled: the slot is free again, not published
