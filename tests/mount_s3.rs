@@ -252,10 +252,10 @@ fn replaced_while_open(strip_list_etags: bool) {
     let mut old = std::fs::File::open(m.path("model.bin")).unwrap();
     let mut buf = vec![0u8; 1000];
     old.read_exact(&mut buf).unwrap();
-    // Replace it: same path, other bytes, same size.
+    // Replace it: same path, other bytes, another size.
     let new_src = f.dir.path().join("new/model.bin");
     std::fs::create_dir_all(new_src.parent().unwrap()).unwrap();
-    let new_bytes = pattern(12 * C + 5, 4242);
+    let new_bytes = pattern(11 * C + 7, 4242);
     std::fs::write(&new_src, &new_bytes).unwrap();
     let out = sealfs(
         &[

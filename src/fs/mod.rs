@@ -362,29 +362,46 @@ impl SealFs {
             .get(key)
             .map(|s| s.etag.clone())
             .filter(|h| !h.is_empty() && listed.is_none_or(|l| l == h));
-        let mut version = entry.clone();
         if let Some(held) = held {
             match self.store.get_range(key, 0, PRELUDE_LEN, Some(&held)).await {
                 Ok(_) => {
+                    let mut version = entry.clone();
                     version.data.etag = held;
                     return self
                         .attach(&version, None, who)
                         .await
                         .map_err(Listed::Failed);
                 }
-                // Replaced, and the listing has no ETag to say so: a first open follows.
-                Err(StoreError::Changed(_)) if listed.is_none() => {}
+                // Replaced (or gone): the LIST path finds its new size and key object.
                 Err(e) => return Err(stale(e)),
             }
         }
+        self.open_first(entry, layout, who).await
+    }
+
+    /// A version's first open: the key-object GET and the chunk-0 GET at once, the latter
+    /// pinned to the listed ETag, or (a listing without ETags) pinning the version to the
+    /// ETag it returns.
+    async fn open_first(
+        self: &Arc<Self>,
+        entry: &SealedEntry,
+        layout: Layout,
+        who: (u32, u32),
+    ) -> Result<(Arc<Opened>, Arc<FileSlot>), Listed> {
+        let stale = |e: StoreError| {
+            tracing::debug!(file = %entry.data.key, error = %e, "listed version not confirmed; re-listing");
+            Listed::Stale
+        };
+        let listed = (!entry.data.etag.is_empty()).then_some(entry.data.etag.as_str());
         let started = Instant::now();
         let (_, end) = layout.cipher_range(0, 0);
         let (key_object, first) = tokio::join!(
             self.store.get(&entry.key_object.key),
-            self.store.get_range_stream(key, 0, end, listed),
+            self.store.get_range_stream(&entry.data.key, 0, end, listed),
         );
         let first = first.map_err(stale)?;
         let (key_object, _) = key_object.map_err(stale)?;
+        let mut version = entry.clone();
         if listed.is_none() {
             version.data.etag = first.etag().to_string();
         }
@@ -399,7 +416,7 @@ impl SealFs {
     /// The slow way, when the listed version was not confirmed: one LIST of the object (a
     /// replacement gets its new ETag and size) with the key-object GET at the same time.
     async fn open_relisted(
-        &self,
+        self: &Arc<Self>,
         ino: u64,
         entry: &SealedEntry,
         who: (u32, u32),
@@ -423,6 +440,16 @@ impl SealFs {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .set_entry(ino, fresh.clone(), size);
+        }
+        if fresh.data.etag.is_empty() {
+            // A listing without ETags: pin to what this version's first GET returns.
+            if let Some(layout) = Layout::from_object_size(fresh.chunk_log2, fresh.data.size) {
+                match self.open_first(&fresh, layout, who).await {
+                    Ok(o) => return Ok(o),
+                    Err(Listed::Failed(e)) => return Err(e),
+                    Err(Listed::Stale) => {} // that GET failed: open as listed
+                }
+            }
         }
         // Still the key object the listing pairs with this data object?
         let key_object = key_object
