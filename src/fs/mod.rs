@@ -149,6 +149,13 @@ enum Listed {
     Failed(FsError),
 }
 
+impl Listed {
+    fn stale(file: &str, e: StoreError) -> Self {
+        tracing::debug!(file, error = %e, "listed version not confirmed; re-listing");
+        Listed::Stale
+    }
+}
+
 /// One data object version with its DEK: shared by every handle on it.
 pub(crate) struct Opened {
     pub seq: u64,
@@ -350,10 +357,7 @@ impl SealFs {
             return Err(Listed::Stale);
         };
         // Changed, gone, or the GET itself failed: the LIST path decides, and reports.
-        let stale = |e: StoreError| {
-            tracing::debug!(file = %entry.data.key, error = %e, "listed version not confirmed; re-listing");
-            Listed::Stale
-        };
+        let stale = |e| Listed::stale(&entry.data.key, e);
         let key = &entry.data.key;
         let listed = (!entry.data.etag.is_empty()).then_some(entry.data.etag.as_str());
         // Some S3-compatible servers list without ETags: then the version to confirm is
@@ -388,10 +392,7 @@ impl SealFs {
         layout: Layout,
         who: (u32, u32),
     ) -> Result<(Arc<Opened>, Arc<FileSlot>), Listed> {
-        let stale = |e: StoreError| {
-            tracing::debug!(file = %entry.data.key, error = %e, "listed version not confirmed; re-listing");
-            Listed::Stale
-        };
+        let stale = |e| Listed::stale(&entry.data.key, e);
         let listed = (!entry.data.etag.is_empty()).then_some(entry.data.etag.as_str());
         let started = Instant::now();
         let (_, end) = layout.cipher_range(0, 0);
