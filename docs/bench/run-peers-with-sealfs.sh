@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # sealfs in the ../shared/bench peer harness: every figure a side-by-side ratio from one run.
-# Needs the harness built (its setup.sh) and `cargo build --release` here. Results go to
+# Needs the harness built (`BENCH_SIZES=1G ../shared/bench/setup.sh` covers the default files)
+# and `cargo build --release` here. Results go to
 # $OUT (default /tmp/sealfs-peers.md + .json), never into shared/.
 #   docs/bench/run-peers-with-sealfs.sh                          # sealfs + all peers, 4 groups
 #   BENCH_MOUNTS=sealfs BENCH_GROUPS=raw,local,fuse docs/bench/run-peers-with-sealfs.sh   # sealfs rows only
