@@ -59,8 +59,22 @@ pub fn record(service: &'static str, op: &'static str, outcome: &'static str, to
     hist.observe(took);
 }
 
+/// One SDK call: timed and counted as `service`/`op`, and its error mapped by `classify`
+/// under the same `op` name (so the metric and the error message never disagree).
+pub async fn call<T, E: ProvideErrorMetadata, R, X>(
+    service: &'static str,
+    op: &'static str,
+    key: &str,
+    fut: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
+    classify: impl FnOnce(&'static str, &str, SdkError<E, R>) -> X,
+) -> Result<T, X> {
+    timed(service, op, fut)
+        .await
+        .map_err(|e| classify(op, key, e))
+}
+
 /// Times `fut` (one SDK call) and records it with the outcome of its result.
-pub async fn timed<T, E: ProvideErrorMetadata, R>(
+async fn timed<T, E: ProvideErrorMetadata, R>(
     service: &'static str,
     op: &'static str,
     fut: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,

@@ -83,16 +83,28 @@ where
     }
 }
 
+/// One KMS call, counted and classified under `op` ([`crate::calls::call`]).
+async fn call<T, E, R>(
+    op: &'static str,
+    key: &str,
+    req: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
+) -> Result<T, KeyError>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    crate::calls::call("kms", op, key, req, classify).await
+}
+
 impl KmsKey {
     /// Looks up the key's ARN (DescribeKey), which is what slots record and match on.
     pub async fn resolve(client: aws_sdk_kms::Client, spec: &str) -> Result<Self, KeyError> {
-        let out = crate::calls::timed(
-            "kms",
+        let out = call(
             "DescribeKey",
+            spec,
             client.describe_key().key_id(spec).send(),
         )
-        .await
-        .map_err(|e| classify("DescribeKey", spec, e))?;
+        .await?;
         let arn = out
             .key_metadata()
             .and_then(|m| m.arn())
@@ -112,9 +124,9 @@ impl KmsKey {
         &self,
         ctx: &EncryptionContext,
     ) -> Result<(Dek, Vec<u8>), KeyError> {
-        let out = crate::calls::timed(
-            "kms",
+        let out = call(
             "GenerateDataKey",
+            &self.arn,
             self.client
                 .generate_data_key()
                 .key_id(&self.arn)
@@ -122,8 +134,7 @@ impl KmsKey {
                 .set_encryption_context(context_map(ctx))
                 .send(),
         )
-        .await
-        .map_err(|e| classify("GenerateDataKey", &self.arn, e))?;
+        .await?;
         let blob = out.ciphertext_blob.map(Blob::into_inner);
         let mut plain = out.plaintext.map(Blob::into_inner).unwrap_or_default();
         let (Some(blob), 32) = (blob, plain.len()) else {
@@ -139,9 +150,9 @@ impl KmsKey {
     }
 
     pub async fn encrypt(&self, dek: &Dek, ctx: &EncryptionContext) -> Result<Vec<u8>, KeyError> {
-        let out = crate::calls::timed(
-            "kms",
+        let out = call(
             "Encrypt",
+            &self.arn,
             self.client
                 .encrypt()
                 .key_id(&self.arn)
@@ -149,8 +160,7 @@ impl KmsKey {
                 .set_encryption_context(context_map(ctx))
                 .send(),
         )
-        .await
-        .map_err(|e| classify("Encrypt", &self.arn, e))?;
+        .await?;
         out.ciphertext_blob
             .map(Blob::into_inner)
             .ok_or_else(|| KeyError::KmsUnavailable {
@@ -161,9 +171,9 @@ impl KmsKey {
     }
 
     pub async fn decrypt(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Result<Dek, KeyError> {
-        let out = crate::calls::timed(
-            "kms",
+        let out = call(
             "Decrypt",
+            &self.arn,
             self.client
                 .decrypt()
                 .key_id(&self.arn)
@@ -171,8 +181,7 @@ impl KmsKey {
                 .set_encryption_context(context_map(ctx))
                 .send(),
         )
-        .await
-        .map_err(|e| classify("Decrypt", &self.arn, e))?;
+        .await?;
         let mut plain = out.plaintext.map(Blob::into_inner).unwrap_or_default();
         if plain.len() != 32 {
             plain.zeroize();
@@ -190,9 +199,9 @@ impl KmsKey {
         ctx: &EncryptionContext,
         to: &KmsKey,
     ) -> Result<Vec<u8>, KeyError> {
-        let out = crate::calls::timed(
-            "kms",
+        let out = call(
             "ReEncrypt",
+            &self.arn,
             self.client
                 .re_encrypt()
                 .ciphertext_blob(Blob::new(wrapped))
@@ -202,8 +211,7 @@ impl KmsKey {
                 .set_destination_encryption_context(context_map(ctx))
                 .send(),
         )
-        .await
-        .map_err(|e| classify("ReEncrypt", &self.arn, e))?;
+        .await?;
         out.ciphertext_blob
             .map(Blob::into_inner)
             .ok_or_else(|| KeyError::KmsUnavailable {

@@ -62,6 +62,18 @@ where
     }
 }
 
+/// One S3 call, counted and classified under `op` ([`crate::calls::call`]).
+async fn call<T, E>(
+    op: &'static str,
+    key: &str,
+    req: impl std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+) -> Result<T, StoreError>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    crate::calls::call("s3", op, key, req, classify).await
+}
+
 impl S3Store {
     pub async fn new(bucket: &str) -> Result<Self, StoreError> {
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -122,19 +134,8 @@ impl S3Store {
     }
 
     pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
-        let out = crate::calls::timed(
-            "s3",
-            "GetObject",
-            self.client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send(),
-        )
-        .await
-        .map_err(|e| classify("GetObject", key, e))?;
-        let etag = out.e_tag().unwrap_or("").to_string();
-        let body = out.body.collect().await.map_err(|e| StoreError::Failed {
+        let (body, etag) = self.get_object(key, None, None).await?;
+        let body = body.collect().await.map_err(|e| StoreError::Failed {
             op: "GetObject",
             key: key.to_string(),
             message: crate::error_chain(&e),
@@ -149,26 +150,36 @@ impl S3Store {
         end: u64,
         if_match: Option<&str>,
     ) -> Result<(ByteStream, String), StoreError> {
-        let out = crate::calls::timed(
-            "s3",
+        self.get_object(key, Some((start, end)), if_match).await
+    }
+
+    /// GetObject of `[start, end)` (or all of it), pinned by `if_match`: the body and the
+    /// ETag the response carried.
+    async fn get_object(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        if_match: Option<&str>,
+    ) -> Result<(ByteStream, String), StoreError> {
+        let out = call(
             "GetObject",
+            key,
             self.client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
-                .range(format!("bytes={start}-{}", end - 1))
+                .set_range(range.map(|(start, end)| format!("bytes={start}-{}", end - 1)))
                 .set_if_match(if_match.map(str::to_string))
                 .send(),
         )
-        .await
-        .map_err(|e| classify("GetObject", key, e))?;
+        .await?;
         Ok((out.body, out.e_tag.unwrap_or_default()))
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
-        crate::calls::timed(
-            "s3",
+        call(
             "PutObject",
+            key,
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -176,38 +187,35 @@ impl S3Store {
                 .body(ByteStream::from(body))
                 .send(),
         )
-        .await
-        .map_err(|e| classify("PutObject", key, e))?;
+        .await?;
         Ok(())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        crate::calls::timed(
-            "s3",
+        call(
             "DeleteObject",
+            key,
             self.client
                 .delete_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .send(),
         )
-        .await
-        .map_err(|e| classify("DeleteObject", key, e))?;
+        .await?;
         Ok(())
     }
 
     pub async fn start_upload(&self, key: &str) -> Result<S3Upload, StoreError> {
-        let out = crate::calls::timed(
-            "s3",
+        let out = call(
             "CreateMultipartUpload",
+            key,
             self.client
                 .create_multipart_upload()
                 .bucket(&self.bucket)
                 .key(key)
                 .send(),
         )
-        .await
-        .map_err(|e| classify("CreateMultipartUpload", key, e))?;
+        .await?;
         let upload_id = out.upload_id().unwrap_or("").to_string();
         Ok(S3Upload {
             client: self.client.clone(),
@@ -230,9 +238,9 @@ pub struct S3Upload {
 
 impl S3Upload {
     pub async fn put_part(&self, number: u32, body: Bytes) -> Result<(), StoreError> {
-        let out = crate::calls::timed(
-            "s3",
+        let out = call(
             "UploadPart",
+            &self.key,
             self.client
                 .upload_part()
                 .bucket(&self.bucket)
@@ -242,8 +250,7 @@ impl S3Upload {
                 .body(ByteStream::from(body))
                 .send(),
         )
-        .await
-        .map_err(|e| classify("UploadPart", &self.key, e))?;
+        .await?;
         let part = CompletedPart::builder()
             .part_number(number as i32)
             .set_e_tag(out.e_tag().map(str::to_string))
@@ -253,11 +260,11 @@ impl S3Upload {
     }
 
     pub async fn complete(self) -> Result<(), StoreError> {
-        let mut parts = self.parts.into_inner();
+        let mut parts = self.parts.lock().await.split_off(0);
         parts.sort_by_key(|p| p.part_number());
-        let res = crate::calls::timed(
-            "s3",
+        let res = call(
             "CompleteMultipartUpload",
+            &self.key,
             self.client
                 .complete_multipart_upload()
                 .bucket(&self.bucket)
@@ -271,30 +278,21 @@ impl S3Upload {
                 .send(),
         )
         .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let err = classify("CompleteMultipartUpload", &self.key, e);
-                let _ = crate::calls::timed(
-                    "s3",
-                    "AbortMultipartUpload",
-                    self.client
-                        .abort_multipart_upload()
-                        .bucket(&self.bucket)
-                        .key(&self.key)
-                        .upload_id(&self.upload_id)
-                        .send(),
-                )
-                .await;
-                Err(err)
-            }
+        if res.is_err() {
+            // Leave no orphaned parts behind; the completion error is the one to report.
+            let _ = self.abort_upload().await;
         }
+        res.map(|_| ())
     }
 
     pub async fn abort(self) -> Result<(), StoreError> {
-        crate::calls::timed(
-            "s3",
+        self.abort_upload().await
+    }
+
+    async fn abort_upload(&self) -> Result<(), StoreError> {
+        call(
             "AbortMultipartUpload",
+            &self.key,
             self.client
                 .abort_multipart_upload()
                 .bucket(&self.bucket)
@@ -302,8 +300,7 @@ impl S3Upload {
                 .upload_id(&self.upload_id)
                 .send(),
         )
-        .await
-        .map_err(|e| classify("AbortMultipartUpload", &self.key, e))?;
+        .await?;
         Ok(())
     }
 }
