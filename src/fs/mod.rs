@@ -380,28 +380,35 @@ impl SealFs {
                 Err(e) => return Err(stale(e)),
             }
         }
-        self.open_first(entry, layout, who).await
+        self.open_first(entry, layout, None, who).await
     }
 
-    /// A version's first open: the key-object GET and the chunk-0 GET at once, the latter
-    /// pinned to the listed ETag, or (a listing without ETags) pinning the version to the
-    /// ETag it returns.
+    /// A version's first open: the key-object GET (unless `key_object` was fetched already)
+    /// and the chunk-0 GET at once, the latter pinned to the listed ETag, or (a listing
+    /// without ETags) pinning the version to the ETag it returns.
     async fn open_first(
         self: &Arc<Self>,
         entry: &SealedEntry,
         layout: Layout,
+        key_object: Option<bytes::Bytes>,
         who: (u32, u32),
     ) -> Result<(Arc<Opened>, Arc<FileSlot>), Listed> {
         let stale = |e| Listed::stale(&entry.data.key, e);
         let listed = (!entry.data.etag.is_empty()).then_some(entry.data.etag.as_str());
         let started = Instant::now();
         let (_, end) = layout.cipher_range(0, 0);
+        let key_object = async {
+            match key_object {
+                Some(bytes) => Ok(bytes),
+                None => Ok(self.store.get(&entry.key_object.key).await?.0),
+            }
+        };
         let (key_object, first) = tokio::join!(
-            self.store.get(&entry.key_object.key),
+            key_object,
             self.store.get_range_stream(&entry.data.key, 0, end, listed),
         );
         let first = first.map_err(stale)?;
-        let (key_object, _) = key_object.map_err(stale)?;
+        let key_object = key_object.map_err(stale)?;
         let mut version = entry.clone();
         if listed.is_none() {
             version.data.etag = first.etag().to_string();
@@ -442,21 +449,24 @@ impl SealFs {
                 .unwrap_or_else(|p| p.into_inner())
                 .set_entry(ino, fresh.clone(), size);
         }
+        // Still the key object the listing pairs with this data object?
+        let key_object = key_object
+            .ok()
+            .filter(|_| fresh.key_object.key == entry.key_object.key)
+            .map(|(bytes, _)| bytes);
         if fresh.data.etag.is_empty() {
             // A listing without ETags: pin to what this version's first GET returns.
             if let Some(layout) = Layout::from_object_size(fresh.chunk_log2, fresh.data.size) {
-                match self.open_first(&fresh, layout, who).await {
+                match self
+                    .open_first(&fresh, layout, key_object.clone(), who)
+                    .await
+                {
                     Ok(o) => return Ok(o),
                     Err(Listed::Failed(e)) => return Err(e),
                     Err(Listed::Stale) => {} // that GET failed: open as listed
                 }
             }
         }
-        // Still the key object the listing pairs with this data object?
-        let key_object = key_object
-            .ok()
-            .filter(|_| fresh.key_object.key == entry.key_object.key)
-            .map(|(bytes, _)| bytes);
         self.attach(&fresh, key_object, who).await
     }
 

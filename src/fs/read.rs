@@ -58,6 +58,21 @@ impl ReadData {
     }
 }
 
+/// Marks chunks `a..=b` of `o` as in flight, all on one channel: its sender says when
+/// their run is done.
+fn register(
+    inflight: &mut HashMap<ChunkKey, Done>,
+    o: &Opened,
+    a: u64,
+    b: u64,
+) -> watch::Sender<Outcome> {
+    let (tx, rx) = watch::channel(None);
+    for i in a..=b {
+        inflight.insert(chunk_key(o, i), rx.clone());
+    }
+    tx
+}
+
 /// Logs a failed fetch run with its file and chunks; the error goes to every waiter.
 fn run_failed(o: &Opened, a: u64, b: u64, e: crate::Error) -> FsError {
     let err = FsError::from(e);
@@ -203,11 +218,7 @@ impl SealFs {
             let mut inflight = lock(&self.inflight.0);
             let mut open: Option<(u64, u64)> = None;
             let mut close = |run: (u64, u64), inflight: &mut HashMap<ChunkKey, Done>| {
-                let (tx, rx) = watch::channel(None);
-                for i in run.0..=run.1 {
-                    inflight.insert(chunk_key(o, i), rx.clone());
-                }
-                runs.push((run.0, run.1, tx));
+                runs.push((run.0, run.1, register(inflight, o, run.0, run.1)));
             };
             for i in first..=last {
                 let key = chunk_key(o, i);
@@ -244,14 +255,13 @@ impl SealFs {
         started: Instant,
     ) {
         let key = chunk_key(o, 0);
-        let (tx, rx) = watch::channel(None);
-        {
+        let tx = {
             let mut inflight = lock(&self.inflight.0);
             if inflight.contains_key(&key) || self.cache.contains(key) {
                 return;
             }
-            inflight.insert(key, rx);
-        }
+            register(&mut inflight, o, 0, 0)
+        };
         self.spawn_run(o, 0, 0, tx, Some((body, started)));
     }
 

@@ -115,8 +115,13 @@ pub enum Store {
 
 /// The body of a ranged GET, piece by piece.
 pub enum RangeBody {
-    /// The stream, the key (for errors) and the ETag the response carried.
-    S3(aws_sdk_s3::primitives::ByteStream, String, String),
+    S3 {
+        body: aws_sdk_s3::primitives::ByteStream,
+        /// For error messages.
+        key: String,
+        /// The ETag the response carried.
+        etag: String,
+    },
     Local(local::LocalRange),
 }
 
@@ -124,7 +129,7 @@ impl RangeBody {
     /// The ETag of the object version this body comes from (empty if the store sent none).
     pub fn etag(&self) -> &str {
         match self {
-            RangeBody::S3(_, _, etag) => etag,
+            RangeBody::S3 { etag, .. } => etag,
             RangeBody::Local(r) => r.etag(),
         }
     }
@@ -133,7 +138,7 @@ impl RangeBody {
     pub async fn next(&mut self) -> Option<Result<Bytes, StoreError>> {
         match self {
             RangeBody::Local(r) => r.next().await,
-            RangeBody::S3(stream, key, _) => stream.next().await.map(|r| {
+            RangeBody::S3 { body, key, .. } => body.next().await.map(|r| {
                 r.map_err(|e| StoreError::Failed {
                     op: "GetObject",
                     key: key.clone(),
@@ -208,7 +213,11 @@ impl Store {
         match self {
             Store::S3(s) => {
                 let (body, etag) = s.get_range_stream(key, start, end, if_match).await?;
-                Ok(RangeBody::S3(body, key.to_string(), etag))
+                Ok(RangeBody::S3 {
+                    body,
+                    key: key.to_string(),
+                    etag,
+                })
             }
             Store::Local(s) => Ok(RangeBody::Local(
                 s.get_range_stream(key, start, end, if_match).await?,
