@@ -59,8 +59,9 @@ pub fn record(service: &'static str, op: &'static str, outcome: &'static str, to
     hist.observe(took);
 }
 
-/// One SDK call: timed and counted as `service`/`op`, and its error mapped by `classify`
-/// under the same `op` name (so the metric and the error message never disagree).
+/// One SDK call: timed and counted as `service`/`op` with the outcome of its result, and
+/// its error mapped by `classify` under the same `op` name (so the metric and the error
+/// message never disagree).
 pub async fn call<T, E: ProvideErrorMetadata, R, X>(
     service: &'static str,
     op: &'static str,
@@ -68,17 +69,6 @@ pub async fn call<T, E: ProvideErrorMetadata, R, X>(
     fut: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
     classify: impl FnOnce(&'static str, &str, SdkError<E, R>) -> X,
 ) -> Result<T, X> {
-    timed(service, op, fut)
-        .await
-        .map_err(|e| classify(op, key, e))
-}
-
-/// Times `fut` (one SDK call) and records it with the outcome of its result.
-async fn timed<T, E: ProvideErrorMetadata, R>(
-    service: &'static str,
-    op: &'static str,
-    fut: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
-) -> Result<T, SdkError<E, R>> {
     let start = std::time::Instant::now();
     let r = fut.await;
     let outcome = match &r {
@@ -86,7 +76,7 @@ async fn timed<T, E: ProvideErrorMetadata, R>(
         Err(e) => outcome(e),
     };
     record(service, op, outcome, start.elapsed());
-    r
+    r.map_err(|e| classify(op, key, e))
 }
 
 /// The kind of a failed SDK call: the `outcome` metric label (a small fixed set, so alerts
