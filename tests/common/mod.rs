@@ -379,6 +379,17 @@ impl Mount {
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit status code.
+    /// [`Mount::stop`], asserting exit 0; a failure shows the daemon's log.
+    pub fn stop_with_exit_0(&mut self) {
+        let code = self.stop();
+        assert_eq!(
+            code,
+            Some(0),
+            "exit status (None: killed after 20 s); logs:\n{}",
+            self.logs()
+        );
+    }
+
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
