@@ -294,6 +294,35 @@ fn sigterm_unmounts_cleanly_with_exit_0() {
     assert!(m.logs().contains("unmounted; cache wiped"), "{}", m.logs());
 }
 
+/// SIGTERM while a file is open: the mount leaves the namespace at once (detached, as
+/// libfuse does), the open file keeps reading the right bytes, and the daemon exits 0 when
+/// it is closed. Before, the busy unmount failed and the daemon waited forever.
+#[test]
+fn sigterm_with_a_file_open_detaches_and_exits_once_it_is_closed() {
+    let f = Fx::new();
+    let mut m = f.mount(&["--direct-io"]);
+    let want = std::fs::read(f.src("big.bin")).unwrap();
+    let mut held = std::fs::File::open(m.path("big.bin")).unwrap();
+    let mut got = vec![0u8; 1000];
+    held.read_exact(&mut got).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    while m.is_mounted() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "still mounted 10 s after SIGTERM with a file open:\n{}",
+            m.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    held.read_to_end(&mut got).unwrap();
+    assert!(got == want, "the open file kept reading the right bytes");
+    drop(held);
+    m.stop_with_exit_0();
+    assert!(m.logs().contains("mount busy; detaching"), "{}", m.logs());
+}
+
 #[test]
 fn external_fusermount_unmount_ends_the_daemon_with_exit_0() {
     let f = Fx::new();

@@ -247,7 +247,12 @@ fn serve(
         crate::telemetry::sd_notify("STOPPING=1");
         tracing::info!("signal received; unmounting");
         if let Err(e) = unmounter.unmount() {
-            tracing::warn!(error = %e, "unmount failed");
+            // Busy: a file is still open (an mmap'd model, a reader mid-file). Detach, as
+            // libfuse does: the path is gone at once, open files keep being served, and the
+            // loop below ends when the last one closes. Without this the daemon waited for
+            // an unmount that nobody would retry.
+            tracing::warn!(error = %e, "mount busy; detaching it, files still open are served until closed");
+            detach(mountpoint);
         }
     }
     let _ = looper.join();
@@ -417,6 +422,26 @@ fn harden() {
         if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
             tracing::warn!("RLIMIT_CORE failed: {}", std::io::Error::last_os_error());
         }
+    }
+}
+
+/// Lazy unmount (`MNT_DETACH`): `umount2` as root, else the setuid `fusermount3 -u -z`.
+#[allow(unsafe_code)]
+fn detach(mountpoint: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: a NUL-terminated path; umount2 has no other inputs.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return;
+    }
+    let fallback = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mountpoint)
+        .status();
+    if !fallback.is_ok_and(|s| s.success()) {
+        tracing::warn!(mountpoint = %mountpoint.display(), "lazy unmount failed too");
     }
 }
 
