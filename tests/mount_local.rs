@@ -515,11 +515,27 @@ fn daemon_writes_no_file() {
         ],
     );
     let _ = std::fs::read(mnt.join("big.bin")).unwrap();
-    let _ = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(&mnt)
-        .status();
-    let _ = child.wait();
+    // The reader's last close can still be on its way: retry a busy unmount (bounded), and
+    // never wait unbounded for the daemon (this test once hung here).
+    let start = std::time::Instant::now();
+    while mountinfo(&mnt).is_some() {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&mnt)
+            .status();
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("fusermount3 -u kept failing for 10 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the daemon did not exit after its unmount");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let t = std::fs::read_to_string(&trace).unwrap();
     assert!(t.contains("openat"), "trace captured opens: {t}");
     let bad: Vec<&str> = t
