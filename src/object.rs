@@ -39,6 +39,26 @@ pub struct Listing {
     pub unsealed: Vec<ObjectInfo>,
     /// Key objects whose data object is missing.
     pub orphans: Vec<ObjectInfo>,
+    /// Names that are not a clean relative path (`..`, `//`, control characters, …), with
+    /// the reason: never paired, served, or turned into a local path.
+    pub rejected: Vec<(String, naming::NameError)>,
+}
+
+impl Listing {
+    /// Logs the rejected names, escaped, at most `MAX_LOGGED` of them (a hostile listing
+    /// could hold millions).
+    pub fn log_rejected(&self) {
+        const MAX_LOGGED: usize = 16;
+        for (name, why) in self.rejected.iter().take(MAX_LOGGED) {
+            tracing::warn!(name = %naming::escaped(name), reason = %why, "object name refused; hidden");
+        }
+        if self.rejected.len() > MAX_LOGGED {
+            tracing::warn!(
+                count = self.rejected.len(),
+                "more object names refused; only the first {MAX_LOGGED} were logged"
+            );
+        }
+    }
 }
 
 /// Pairs objects into sealed files. A data object with several key objects (several chunk
@@ -46,7 +66,12 @@ pub struct Listing {
 pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
     let mut keys: BTreeMap<String, Vec<(ObjectInfo, u8)>> = BTreeMap::new();
     let mut data = Vec::new();
+    let mut rejected = Vec::new();
     for o in objects {
+        if let Err(why) = naming::check_key(&o.key) {
+            rejected.push((o.key, why));
+            continue;
+        }
         match naming::parse_key_object_name(&o.key) {
             Some((d, log2)) => keys
                 .entry(d.to_string())
@@ -55,7 +80,10 @@ pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
             None => data.push(o),
         }
     }
-    let mut out = Listing::default();
+    let mut out = Listing {
+        rejected,
+        ..Listing::default()
+    };
     for d in data {
         match keys.remove(&d.key) {
             Some(mut ks) if ks.len() == 1 => {
@@ -289,6 +317,33 @@ mod tests {
         let mut orphans: Vec<_> = l.orphans.iter().map(|x| x.key.as_str()).collect();
         orphans.sort();
         assert_eq!(orphans, ["c.sealfs-c20", "d.sealfs-c14", "d.sealfs-c20"]);
+    }
+
+    #[test]
+    fn unclean_names_are_rejected_not_paired() {
+        let l = pair(vec![
+            o("m/../x", 48),
+            o("m/../x.sealfs-c14", 300),
+            o("a//b", 48),
+            o("a//b.sealfs-c14", 300),
+            o("evil\nINFO sealfs::audit", 48),
+            o("ok", 48),
+            o("ok.sealfs-c14", 300),
+        ]);
+        assert_eq!(l.sealed.len(), 1);
+        assert_eq!(l.sealed[0].data.key, "ok");
+        assert!(l.unsealed.is_empty() && l.orphans.is_empty());
+        let why: Vec<_> = l.rejected.iter().map(|(_, w)| *w).collect();
+        assert_eq!(
+            why,
+            [
+                naming::NameError::DotSegment,
+                naming::NameError::DotSegment,
+                naming::NameError::EmptySegment,
+                naming::NameError::EmptySegment,
+                naming::NameError::Control
+            ]
+        );
     }
 
     #[test]

@@ -33,6 +33,64 @@ pub fn is_reserved_name(name: &str) -> bool {
     name.contains(KEY_SUFFIX)
 }
 
+/// Longest object key accepted from a store or written by seal (S3's own limit, in bytes).
+pub const MAX_KEY_LEN: usize = 1024;
+/// Longest path segment (Linux `NAME_MAX`): a longer one could never be a local file.
+pub const MAX_SEGMENT_LEN: usize = 255;
+
+/// Why an object key is not a clean relative path. Keys come from LIST answers and seal
+/// destinations; only clean ones become directory entries, local paths or unseal outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("empty name")]
+    Empty,
+    #[error("longer than {MAX_KEY_LEN} bytes")]
+    TooLong,
+    #[error("a path segment is longer than {MAX_SEGMENT_LEN} bytes")]
+    SegmentTooLong,
+    #[error("starts with '/'")]
+    Absolute,
+    #[error("has an empty path segment ('//' or a trailing '/')")]
+    EmptySegment,
+    #[error("has a '.' or '..' path segment")]
+    DotSegment,
+    #[error("has a control character")]
+    Control,
+}
+
+/// Checks that `key` is a clean relative path: non-empty, at most [`MAX_KEY_LEN`] bytes,
+/// `/`-separated segments that are neither empty, `.` nor `..`, each at most
+/// [`MAX_SEGMENT_LEN`] bytes, and no control character (a newline could forge a log line).
+pub fn check_key(key: &str) -> Result<(), NameError> {
+    if key.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(NameError::TooLong);
+    }
+    if key.chars().any(char::is_control) {
+        return Err(NameError::Control);
+    }
+    if key.starts_with('/') {
+        return Err(NameError::Absolute);
+    }
+    for seg in key.split('/') {
+        match seg {
+            "" => return Err(NameError::EmptySegment),
+            "." | ".." => return Err(NameError::DotSegment),
+            s if s.len() > MAX_SEGMENT_LEN => return Err(NameError::SegmentTooLong),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A name as it may appear in a log line or `inspect` output: control characters, quotes
+/// and backslashes escaped, so that no name can start a new line or close a field.
+pub fn escaped(name: &str) -> String {
+    name.escape_debug().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +121,40 @@ mod tests {
         }
         assert!(is_reserved_name("x.sealfs-c20"));
         assert!(!is_reserved_name("model.safetensors"));
+    }
+
+    #[test]
+    fn only_clean_relative_keys_pass() {
+        for ok in ["a", "m/config.json", "a.b/c-d_e", "ünïcode/名前"] {
+            assert_eq!(check_key(ok), Ok(()), "{ok}");
+        }
+        let long_seg = "x".repeat(256);
+        let long_key = "a/".repeat(600);
+        for (bad, why) in [
+            ("", NameError::Empty),
+            ("/etc/x", NameError::Absolute),
+            ("a//b", NameError::EmptySegment),
+            ("a/", NameError::EmptySegment),
+            ("./a", NameError::DotSegment),
+            ("m/a/../../../../etc/x", NameError::DotSegment),
+            ("a/..", NameError::DotSegment),
+            ("a\nb", NameError::Control),
+            ("a\u{7f}", NameError::Control),
+            ("a\u{85}b", NameError::Control),
+            ("a\0", NameError::Control),
+            (long_seg.as_str(), NameError::SegmentTooLong),
+            (long_key.as_str(), NameError::TooLong),
+        ] {
+            assert_eq!(check_key(bad), Err(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn escaped_names_stay_on_one_line() {
+        let forged = "x\n2026-11-30T00:00:00Z INFO sealfs::audit: dek unwrapped";
+        let e = escaped(forged);
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.starts_with("x\\n2026"), "{e}");
+        assert_eq!(escaped("a\"b"), "a\\\"b");
     }
 }

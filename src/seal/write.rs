@@ -117,6 +117,16 @@ pub async fn seal(
             "{rel}: names containing .sealfs-c are reserved"
         )));
     }
+    // A destination key must be one a mount or an unseal would accept back.
+    for (_, rel) in &files {
+        let key = dest.key(rel);
+        naming::check_key(&key).map_err(|why| {
+            Error::Usage(format!(
+                "{}: not a clean relative object name: {why}",
+                naming::escaped(&key)
+            ))
+        })?;
+    }
     let total: u64 = files
         .iter()
         .map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))

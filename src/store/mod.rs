@@ -59,10 +59,14 @@ impl Location {
             if bucket.is_empty() {
                 return Err(StoreError::BadUri(uri.to_string()));
             }
+            let prefix = prefix.trim_matches('/');
+            if !prefix.is_empty() && crate::format::naming::check_key(prefix).is_err() {
+                return Err(StoreError::BadUri(uri.to_string()));
+            }
             let store = Store::S3(s3::S3Store::new(bucket).await?);
             return Ok(Self {
                 store,
-                prefix: prefix.trim_matches('/').to_string(),
+                prefix: prefix.to_string(),
             });
         }
         if uri.contains("://") && !uri.starts_with("file://") {
