@@ -10,10 +10,11 @@ use bytes::Bytes;
 
 use crate::crypto::{header_digest, open_chunk, Dek, FileKeys};
 use crate::error::{Error, Result};
+use crate::format::header::MAX_KEY_OBJECT_LEN;
 use crate::format::layout::PRELUDE_LEN;
 use crate::format::{naming, KeyObject, Layout, Prelude};
 use crate::keys::Keyring;
-use crate::store::{ObjectInfo, Store};
+use crate::store::{ListLimits, ObjectInfo, Store};
 
 /// A data object and its key object, as a listing shows them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +106,12 @@ pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
 
 /// The sealed files at `prefix`: the one object it names, or everything under it.
 pub async fn find(store: &Store, prefix: &str) -> Result<Listing> {
-    let all = store.list(prefix).await?;
+    find_bounded(store, prefix, &ListLimits::default()).await
+}
+
+/// [`find`] within `limits` (the mount's `--max-objects`).
+pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> Result<Listing> {
+    let all = store.list_bounded(prefix, limits).await?;
     let inside = |k: &str| prefix.is_empty() || k.starts_with(&format!("{prefix}/"));
     let exact =
         |k: &str| k == prefix || naming::parse_key_object_name(k).is_some_and(|(d, _)| d == prefix);
@@ -116,13 +122,11 @@ pub async fn find(store: &Store, prefix: &str) -> Result<Listing> {
     Ok(pair(many.into_iter().filter(|o| inside(&o.key)).collect()))
 }
 
-/// True if `key` (relative to the store root) is where a file sealed for `bound` may live:
-/// equal, or ending with it at a `/` boundary (a local directory may be mounted one level up).
+/// True if `key` (relative to the store root: the bucket, or a local store's root) is where
+/// a file sealed for `bound` may live: exactly there. A copy to any other key, even one
+/// ending with the same path, is refused; a bucket replicated under the same keys opens.
 pub fn path_matches(key: &str, bound: &str) -> bool {
     key == bound
-        || key
-            .strip_suffix(bound)
-            .is_some_and(|head| head.ends_with('/'))
 }
 
 /// A sealed file ready to read: header authenticated, DEK unwrapped and locked.
@@ -139,7 +143,7 @@ pub struct OpenFile {
 /// Reads and parses the key object of `entry`, and checks it against the data object,
 /// without any key. This is all `inspect` trusts, and only as facts to show.
 pub async fn read_key_object(store: &Store, entry: &SealedEntry) -> Result<KeyObject> {
-    let (bytes, _) = store.get(&entry.key_object.key).await?;
+    let (bytes, _) = store.get(&entry.key_object.key, MAX_KEY_OBJECT_LEN).await?;
     parse_key_object(&bytes, entry)
 }
 
@@ -290,6 +294,7 @@ mod tests {
             key: key.into(),
             size,
             etag: "e".into(),
+            modified: None,
         }
     }
 
@@ -349,7 +354,10 @@ mod tests {
     #[test]
     fn path_binding() {
         assert!(path_matches("models/a/model.pt", "models/a/model.pt"));
-        assert!(path_matches("x/model.pt", "model.pt"));
+        assert!(
+            !path_matches("x/model.pt", "model.pt"),
+            "a copy under another prefix"
+        );
         assert!(!path_matches("xmodel.pt", "model.pt"));
         assert!(!path_matches("models/b/model.pt", "models/a/model.pt"));
     }

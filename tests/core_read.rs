@@ -57,6 +57,7 @@ async fn random_reads_match_under_every_setting() {
     ] {
         let config = MountConfig {
             cache_size: cache,
+            max_chunk_log2: 14,
             max_prefetch: prefetch,
             max_fetch: fetch,
             ..Default::default()
@@ -193,7 +194,18 @@ async fn chunks_leave_the_cache_with_their_file() {
     )
     .await
     .unwrap();
-    let new = fs.open(ino, (0, 0)).await.unwrap();
+    // Same path, new version: a new inode, so the kernel's cached pages of the old one
+    // can never be served for it; the old inode refuses new opens with ESTALE (the
+    // kernel then looks the name up again).
+    let stale = fs.open(ino, (0, 0)).await.unwrap_err();
+    assert_eq!(stale.errno(), libc::ESTALE, "{stale}");
+    let ino2 = fs.lookup(ROOT, "f").unwrap().ino;
+    assert_ne!(ino2, ino, "a replaced object gets a new inode");
+    assert_eq!(
+        fs.open(ino, (0, 0)).await.unwrap_err().errno(),
+        libc::ESTALE
+    );
+    let new = fs.open(ino2, (0, 0)).await.unwrap();
     let whole = fs.read(new, 0, len as u32).await.unwrap();
     assert!(whole.bytes() == &pattern(len, 99)[..]);
     drop(whole);

@@ -100,6 +100,13 @@ pub enum Command {
         /// Re-list the prefix this often, so new, replaced and removed files show (0: never).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         list_ttl: std::time::Duration,
+        /// Largest chunk size served (also the cache slot size); files sealed with larger
+        /// chunks are hidden and logged. A power of two from 16KiB to 64MiB.
+        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
+        max_chunk_size: u8,
+        /// Most objects one listing of the prefix may hold; a larger one fails the listing.
+        #[arg(long, default_value_t = crate::store::ListLimits::default().max_objects)]
+        max_objects: usize,
         /// Bypass the kernel page cache (breaks mmap: safetensors, np.memmap).
         #[arg(long)]
         direct_io: bool,
@@ -376,6 +383,8 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         dek_grace,
         max_prefetch,
         list_ttl,
+        max_chunk_size,
+        max_objects,
         direct_io,
         foreground,
         allow_other,
@@ -401,6 +410,11 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         dir_mode,
         direct_io,
         list_ttl,
+        max_chunk_log2: max_chunk_size,
+        list_limits: crate::store::ListLimits {
+            max_objects,
+            ..d.list_limits
+        },
         ..d
     };
     crate::fuse::session::MountArgs {

@@ -27,6 +27,10 @@ const MAX_CONTEXT_FIELD: usize = 1024;
 const MAX_SLOTS: usize = 16;
 const MAX_KEY_ID: usize = 2048;
 const MAX_WRAPPED: usize = 4096;
+/// Largest key object the parser can accept: the longest header, its MAC, and the most
+/// slots at their longest. A store's GET of a key object is cut off past this.
+pub const MAX_KEY_OBJECT_LEN: usize =
+    FIXED_LEN + MAX_HEADER_LEN + MAC_LEN + 2 + MAX_SLOTS * (1 + 2 + MAX_KEY_ID + 2 + MAX_WRAPPED);
 
 /// Reserved encryption context keys that sealfs sets itself.
 pub const CTX_VERSION: &str = "sealfs:version";

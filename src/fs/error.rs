@@ -15,6 +15,9 @@ pub enum FsError {
     ReadOnly,
     #[error("bad file handle")]
     BadHandle,
+    /// The inode names a version that was replaced: the kernel looks the name up again.
+    #[error("stale file version")]
+    Stale,
     /// A key refused: EACCES.
     #[error("{0}")]
     Denied(String),
@@ -31,6 +34,7 @@ impl FsError {
             FsError::IsDir => libc::EISDIR,
             FsError::ReadOnly => libc::EROFS,
             FsError::BadHandle => libc::EBADF,
+            FsError::Stale => libc::ESTALE,
             FsError::Denied(_) => libc::EACCES,
             FsError::Io(_) => libc::EIO,
         }

@@ -1,11 +1,25 @@
 //! The directory tree, built from one paginated LIST of the prefix (any depth). Sizes come
 //! from the listing alone: no GET, HEAD or KMS call answers `ls -l` or `stat`.
+//!
+//! An inode number names one *version* of a file. A replaced object gets a new inode, so
+//! the kernel's page cache of the old version (kept across opens with `FOPEN_KEEP_CACHE`)
+//! can never be served to an open of the new one; the old inode is retired: unlinked, still
+//! answering `getattr` for handles open on it, refused by `open` with ESTALE (the kernel then
+//! looks the name up again and finds the new inode), and freed when the kernel forgets it
+//! or when more than [`MAX_RETIRED`] are waiting.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
+use crate::format::naming::escaped;
 use crate::object::{Listing, SealedEntry};
 
 pub const ROOT: u64 = 1;
+
+/// Retired inodes kept for the kernel at most; the oldest are freed beyond this.
+pub const MAX_RETIRED: usize = 4096;
+
+/// Refused entries logged per listing at most (a hostile listing may hold millions).
+const MAX_LOGGED: usize = 16;
 
 pub enum Node {
     Dir {
@@ -16,34 +30,70 @@ pub enum Node {
         entry: SealedEntry,
         size: u64,
         parent: u64,
+        /// For a listing without ETags: the ETag this inode's first open pinned, the
+        /// version the inode stands for from then on.
+        pinned: Option<String>,
     },
 }
 
 pub struct Tree {
-    nodes: Vec<Node>, // index = inode - 1
+    nodes: HashMap<u64, Node>,
+    next_ino: u64,
+    /// Unlinked inodes the kernel may still hold, oldest first.
+    retired: VecDeque<u64>,
+    retired_set: HashSet<u64>,
+    /// Files sealed with larger chunks are hidden (they would not fit a cache slot).
+    max_chunk_log2: u8,
+}
+
+/// What [`Tree::refresh`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    /// Paths whose object was replaced: each now has a new inode.
+    pub changed: usize,
+    pub removed: usize,
 }
 
 impl Tree {
     /// Builds the tree of the sealed files under `prefix`. Files whose object size is not
-    /// one a sealed file can have are left out (with a warning): they would only fail.
-    pub fn build(listing: Listing, prefix: &str) -> Self {
-        let mut t = Self {
-            nodes: vec![Node::Dir {
+    /// one a sealed file can have, or whose chunk size exceeds `max_chunk_log2`, are left
+    /// out with a warning: they would only fail.
+    pub fn build(listing: Listing, prefix: &str, max_chunk_log2: u8) -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT,
+            Node::Dir {
                 children: BTreeMap::new(),
                 parent: ROOT,
-            }],
+            },
+        );
+        let mut t = Self {
+            nodes,
+            next_ino: ROOT + 1,
+            retired: VecDeque::new(),
+            retired_set: HashSet::new(),
+            max_chunk_log2,
         };
         t.refresh(listing, prefix);
         t
     }
 
-    /// Applies a newer listing. A path keeps its inode number (the kernel may hold it), a
-    /// changed object gets its new entry and size, new files are added, and files gone from
-    /// the listing are unlinked from their directory (an open of a stale inode then re-lists
-    /// and fails with ENOENT). Returns (added, changed, removed).
-    pub fn refresh(&mut self, listing: Listing, prefix: &str) -> (usize, usize, usize) {
-        let (mut added, mut changed) = (0, 0);
-        let mut seen = std::collections::HashSet::new();
+    fn alloc(&mut self, node: Node) -> u64 {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.nodes.insert(ino, node);
+        ino
+    }
+
+    /// Applies a newer listing: new files are added, a replaced object gets a new inode
+    /// (the old one is retired), files gone from the listing are unlinked and retired, and
+    /// directories left empty go with them.
+    pub fn refresh(&mut self, listing: Listing, prefix: &str) -> Changes {
+        listing.log_rejected();
+        let mut c = Changes::default();
+        let mut seen = HashSet::new();
+        let mut hidden = 0usize;
         for e in listing.sealed {
             let rel = if prefix.is_empty() {
                 e.data.key.as_str()
@@ -59,63 +109,161 @@ impl Tree {
                 }
             }
             .to_string();
-            let Some(size) = e.plaintext_size() else {
-                tracing::warn!(file = %e.data.key, size = e.data.size, "object size impossible for a sealed file; hidden");
-                continue;
+            let why = if e.chunk_log2 > self.max_chunk_log2 {
+                Some(format!(
+                    "chunk size 2^{} is above --max-chunk-size 2^{}",
+                    e.chunk_log2, self.max_chunk_log2
+                ))
+            } else if e.plaintext_size().is_none() {
+                Some(format!(
+                    "object size {} impossible for a sealed file",
+                    e.data.size
+                ))
+            } else {
+                None
             };
-            let mut parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+            if let Some(why) = why {
+                if hidden < MAX_LOGGED {
+                    tracing::warn!(file = %escaped(&e.data.key), reason = %why, "hidden");
+                }
+                hidden += 1;
+                continue;
+            }
+            let size = e.plaintext_size().expect("checked just above");
+            // Keys passed naming::check_key, so every segment is a clean, non-empty name.
+            let mut parts: Vec<&str> = rel.split('/').collect();
             let Some(name) = parts.pop() else { continue };
             let mut dir = ROOT;
             for p in parts {
                 dir = self.child_dir(dir, p);
             }
             match self.lookup(dir, name) {
-                Some(ino) => match &mut self.nodes[ino as usize - 1] {
-                    Node::File {
-                        entry, size: sz, ..
-                    } => {
-                        if entry.data.etag != e.data.etag
-                            || entry.key_object.key != e.key_object.key
-                        {
-                            *entry = e.clone();
-                            *sz = size;
-                            changed += 1;
-                        }
+                Some(ino) => {
+                    // A name that is both a file and a directory: the directory wins.
+                    let Some(Node::File { entry, .. }) = self.nodes.get(&ino) else {
+                        continue;
+                    };
+                    // Without ETags a replacement of the same size is invisible here;
+                    // open's pinned GET catches it and moves the path to a new inode.
+                    if entry.data.etag != e.data.etag || entry.key_object.key != e.key_object.key {
+                        let new = self.replace(ino, e.clone(), size);
+                        seen.insert(new);
+                        c.changed += 1;
+                    } else {
                         seen.insert(ino);
                     }
-                    Node::Dir { .. } => {} // a name that is both a file and a directory: the directory wins
-                },
+                }
                 None => {
-                    let ino = self.nodes.len() as u64 + 1;
-                    self.nodes.push(Node::File {
+                    let ino = self.alloc(Node::File {
                         entry: e.clone(),
                         size,
                         parent: dir,
+                        pinned: None,
                     });
                     self.children_mut(dir).insert(name.to_string(), ino);
                     seen.insert(ino);
-                    added += 1;
+                    c.added += 1;
                 }
             }
         }
-        let gone: Vec<(usize, String)> = (0..self.nodes.len())
-            .flat_map(|d| match &self.nodes[d] {
-                Node::Dir { children, .. } => children
-                    .iter()
-                    .filter(|(_, ino)| {
-                        !seen.contains(*ino) && matches!(self.get(**ino), Some(Node::File { .. }))
-                    })
-                    .map(|(name, _)| (d, name.clone()))
-                    .collect(),
-                Node::File { .. } => Vec::new(),
+        if hidden > MAX_LOGGED {
+            tracing::warn!(
+                count = hidden,
+                "more files hidden; only the first {MAX_LOGGED} were logged"
+            );
+        }
+        let gone: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(ino, n)| {
+                matches!(n, Node::File { .. })
+                    && !seen.contains(*ino)
+                    && !self.retired_set.contains(*ino)
             })
+            .map(|(ino, _)| *ino)
             .collect();
-        for (d, name) in &gone {
-            if let Node::Dir { children, .. } = &mut self.nodes[*d] {
-                children.remove(name);
+        c.removed = gone.len();
+        for ino in gone {
+            self.unlink(ino);
+        }
+        c
+    }
+
+    /// Gives the path of file `ino` a new inode holding `entry`, and retires `ino`.
+    /// Returns the new inode.
+    pub fn replace(&mut self, ino: u64, entry: SealedEntry, size: u64) -> u64 {
+        let Some(Node::File { parent, .. }) = self.nodes.get(&ino) else {
+            return ino;
+        };
+        let parent = *parent;
+        let name = match self.nodes.get(&parent) {
+            Some(Node::Dir { children, .. }) => children
+                .iter()
+                .find(|(_, i)| **i == ino)
+                .map(|(n, _)| n.clone()),
+            _ => None,
+        };
+        let new = self.alloc(Node::File {
+            entry,
+            size,
+            parent,
+            pinned: None,
+        });
+        if let Some(name) = name {
+            self.children_mut(parent).insert(name, new);
+        }
+        self.retire(ino);
+        new
+    }
+
+    /// Unlinks `ino` from its directory, retires it, and removes directories left empty.
+    fn unlink(&mut self, ino: u64) {
+        let parent = match self.nodes.get(&ino) {
+            Some(Node::File { parent, .. }) | Some(Node::Dir { parent, .. }) => *parent,
+            None => return,
+        };
+        if let Some(Node::Dir { children, .. }) = self.nodes.get_mut(&parent) {
+            children.retain(|_, i| *i != ino);
+        }
+        self.retire(ino);
+        if parent != ROOT
+            && matches!(self.nodes.get(&parent), Some(Node::Dir { children, .. }) if children.is_empty())
+        {
+            self.unlink(parent);
+        }
+    }
+
+    fn retire(&mut self, ino: u64) {
+        if ino == ROOT || !self.retired_set.insert(ino) {
+            return;
+        }
+        self.retired.push_back(ino);
+        while self.retired.len() > MAX_RETIRED {
+            if let Some(old) = self.retired.pop_front() {
+                self.retired_set.remove(&old);
+                self.nodes.remove(&old);
             }
         }
-        (added, changed, gone.len())
+    }
+
+    /// Records the ETag that file `ino` stands for (a listing without ETags).
+    pub fn pin(&mut self, ino: u64, etag: &str) {
+        if let Some(Node::File { pinned, .. }) = self.nodes.get_mut(&ino) {
+            *pinned = Some(etag.to_string());
+        }
+    }
+
+    /// True if `ino` names a version that is no longer listed (replaced or removed).
+    pub fn is_retired(&self, ino: u64) -> bool {
+        self.retired_set.contains(&ino)
+    }
+
+    /// The kernel dropped its last reference to `ino`: a retired node is freed.
+    pub fn forget(&mut self, ino: u64) {
+        if self.retired_set.remove(&ino) {
+            self.retired.retain(|i| *i != ino);
+            self.nodes.remove(&ino);
+        }
     }
 
     fn child_dir(&mut self, parent: u64, name: &str) -> u64 {
@@ -123,9 +271,10 @@ impl Tree {
             if matches!(self.get(ino), Some(Node::Dir { .. })) {
                 return ino;
             }
+            // A file where a directory is needed now: the directory wins.
+            self.retire(ino);
         }
-        let ino = self.nodes.len() as u64 + 1;
-        self.nodes.push(Node::Dir {
+        let ino = self.alloc(Node::Dir {
             children: BTreeMap::new(),
             parent,
         });
@@ -134,14 +283,14 @@ impl Tree {
     }
 
     fn children_mut(&mut self, dir: u64) -> &mut BTreeMap<String, u64> {
-        match &mut self.nodes[dir as usize - 1] {
-            Node::Dir { children, .. } => children,
-            Node::File { .. } => unreachable!("BUG: inode {dir} is not a directory"),
+        match self.nodes.get_mut(&dir) {
+            Some(Node::Dir { children, .. }) => children,
+            _ => unreachable!("BUG: inode {dir} is not a directory"),
         }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
-        self.nodes.get((ino as usize).checked_sub(1)?)
+        self.nodes.get(&ino)
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Option<u64> {
@@ -151,31 +300,13 @@ impl Tree {
         }
     }
 
+    /// Nodes held, retired ones included.
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
-    }
-
-    /// Largest chunk size of any file (the cache slot size).
-    pub fn max_chunk_log2(&self) -> Option<u8> {
-        self.nodes
-            .iter()
-            .filter_map(|n| match n {
-                Node::File { entry, .. } => Some(entry.chunk_log2),
-                _ => None,
-            })
-            .max()
-    }
-
-    /// Updates a file's entry after an open found the object changed.
-    pub fn set_entry(&mut self, ino: u64, new: SealedEntry, new_size: u64) {
-        if let Some(Node::File { entry, size, .. }) = self.nodes.get_mut(ino as usize - 1) {
-            *entry = new;
-            *size = new_size;
-        }
     }
 }
 
@@ -185,23 +316,29 @@ mod tests {
     use crate::object::pair;
     use crate::store::ObjectInfo;
 
-    #[test]
-    fn tree_from_listing() {
-        let o = |k: &str, s: u64| ObjectInfo {
+    fn o(k: &str, s: u64, e: &str) -> ObjectInfo {
+        ObjectInfo {
             key: k.into(),
             size: s,
-            etag: "e".into(),
-        };
+            etag: e.into(),
+            modified: None,
+        }
+    }
+
+    #[test]
+    fn tree_from_listing() {
         let l = pair(vec![
-            o("p/a", 48),
-            o("p/a.sealfs-c14", 1),
-            o("p/d/e/b", 32 + 10 + 16),
-            o("p/d/e/b.sealfs-c14", 1),
-            o("p/junk", 5),
-            o("p/bad", 40),
-            o("p/bad.sealfs-c14", 1),
+            o("p/a", 48, "e"),
+            o("p/a.sealfs-c14", 1, "e"),
+            o("p/d/e/b", 32 + 10 + 16, "e"),
+            o("p/d/e/b.sealfs-c14", 1, "e"),
+            o("p/junk", 5, "e"),
+            o("p/bad", 40, "e"),
+            o("p/bad.sealfs-c14", 1, "e"),
+            o("p/big", 48, "e"),
+            o("p/big.sealfs-c26", 1, "e"),
         ]);
-        let t = Tree::build(l, "p");
+        let t = Tree::build(l, "p", 20);
         let a = t.lookup(ROOT, "a").unwrap();
         assert!(matches!(t.get(a), Some(Node::File { size: 0, .. })));
         let d = t.lookup(ROOT, "d").unwrap();
@@ -210,16 +347,34 @@ mod tests {
         assert!(matches!(t.get(b), Some(Node::File { size: 10, .. })));
         assert_eq!(t.lookup(ROOT, "junk"), None, "unsealed objects are hidden");
         assert_eq!(t.lookup(ROOT, "bad"), None, "impossible sizes are hidden");
-        assert_eq!(t.max_chunk_log2(), Some(14));
+        assert_eq!(
+            t.lookup(ROOT, "big"),
+            None,
+            "chunks above the maximum are hidden"
+        );
     }
 
     #[test]
-    fn refresh_keeps_inodes_adds_and_unlinks() {
-        let o = |k: &str, s: u64, e: &str| ObjectInfo {
-            key: k.into(),
-            size: s,
-            etag: e.into(),
-        };
+    fn unclean_names_never_become_entries() {
+        let l = pair(vec![
+            o("a//b", 48, "e"),
+            o("a//b.sealfs-c14", 1, "e"),
+            o("./c", 48, "e"),
+            o("./c.sealfs-c14", 1, "e"),
+            o("d/../e", 48, "e"),
+            o("d/../e.sealfs-c14", 1, "e"),
+            o("x\ny", 48, "e"),
+            o("x\ny.sealfs-c14", 1, "e"),
+        ]);
+        let t = Tree::build(l, "", 20);
+        assert_eq!(t.len(), 1, "only the root: nothing was linked");
+        for n in ["a", "b", ".", "..", "c", "d", "e", "x\ny"] {
+            assert_eq!(t.lookup(ROOT, n), None, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn a_replaced_object_gets_a_new_inode_and_removed_files_are_freed() {
         let mut t = Tree::build(
             pair(vec![
                 o("a", 48, "1"),
@@ -228,22 +383,69 @@ mod tests {
                 o("d/b.sealfs-c14", 1, "k"),
             ]),
             "",
+            20,
         );
         let a = t.lookup(ROOT, "a").unwrap();
         let d = t.lookup(ROOT, "d").unwrap();
+        let b = t.lookup(d, "b").unwrap();
+        // Same size, new ETag: a retrained model with the same shapes.
         let next = pair(vec![
-            o("a", 32 + 5 + 16, "2"),
+            o("a", 48, "2"),
             o("a.sealfs-c14", 1, "k"),
             o("c", 48, "1"),
             o("c.sealfs-c14", 1, "k"),
         ]);
-        assert_eq!(t.refresh(next, ""), (1, 1, 1));
-        assert_eq!(t.lookup(ROOT, "a"), Some(a), "same path, same inode");
-        assert!(
-            matches!(t.get(a), Some(Node::File { size: 5, .. })),
-            "new size after replacement"
+        assert_eq!(
+            t.refresh(next, ""),
+            Changes {
+                added: 1,
+                changed: 1,
+                removed: 1
+            }
         );
-        assert!(t.lookup(ROOT, "c").is_some());
-        assert_eq!(t.lookup(d, "b"), None, "removed file unlinked");
+        let a2 = t.lookup(ROOT, "a").unwrap();
+        assert_ne!(a2, a, "a new version is a new inode");
+        assert!(t.is_retired(a) && !t.is_retired(a2));
+        assert!(
+            t.get(a).is_some(),
+            "kept for handles open on it until forgotten"
+        );
+        assert_eq!(t.lookup(ROOT, "d"), None, "emptied directory removed");
+        assert!(t.is_retired(b) && t.is_retired(d));
+        t.forget(a);
+        t.forget(b);
+        t.forget(d);
+        assert!(t.get(a).is_none() && t.get(b).is_none() && t.get(d).is_none());
+        // root, a (new), c
+        assert_eq!(t.len(), 3);
+        // An unchanged listing changes nothing.
+        let same = pair(vec![
+            o("a", 48, "2"),
+            o("a.sealfs-c14", 1, "k"),
+            o("c", 48, "1"),
+            o("c.sealfs-c14", 1, "k"),
+        ]);
+        assert_eq!(t.refresh(same, ""), Changes::default());
+        assert_eq!(t.lookup(ROOT, "a"), Some(a2));
+    }
+
+    #[test]
+    fn churn_does_not_grow_the_tree_without_bound() {
+        let mut t = Tree::build(Listing::default(), "", 20);
+        for round in 0..(MAX_RETIRED as u64 + 500) {
+            let name = format!("f{round}");
+            t.refresh(
+                pair(vec![
+                    o(&name, 48, "e"),
+                    o(&format!("{name}.sealfs-c14"), 1, "k"),
+                ]),
+                "",
+            );
+        }
+        assert!(
+            t.len() <= MAX_RETIRED + 2,
+            "{} nodes after churn: retired nodes must be bounded",
+            t.len()
+        );
     }
 }

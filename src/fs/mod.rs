@@ -23,11 +23,12 @@ pub use inode::{Node, Tree, ROOT};
 pub use read::ReadData;
 
 use crate::cache::{ChunkCache, ChunkKey};
+use crate::format::header::MAX_KEY_OBJECT_LEN;
 use crate::format::layout::PRELUDE_LEN;
 use crate::format::Layout;
 use crate::keys::Keyring;
 use crate::object::{self, OpenFile, SealedEntry};
-use crate::store::{Store, StoreError};
+use crate::store::{ListLimits, Store, StoreError};
 
 /// Mount settings (the `sealfs mount` flags map onto these; docs/CLI.md).
 #[derive(Debug, Clone)]
@@ -47,6 +48,11 @@ pub struct MountConfig {
     pub direct_io: bool,
     /// Re-list the prefix this often so new, replaced and removed files show (zero: never).
     pub list_ttl: Duration,
+    /// Largest chunk size (log2) served; it is the cache slot size. Files sealed with
+    /// larger chunks are hidden, so nothing a store lists can size the locked cache.
+    pub max_chunk_log2: u8,
+    /// Bounds on every LIST of the prefix.
+    pub list_limits: ListLimits,
 }
 
 impl Default for MountConfig {
@@ -63,6 +69,8 @@ impl Default for MountConfig {
             dir_mode: 0o555,
             direct_io: false,
             list_ttl: Duration::from_secs(60),
+            max_chunk_log2: crate::format::DEFAULT_CHUNK_LOG2,
+            list_limits: ListLimits::default(),
         }
     }
 }
@@ -160,6 +168,8 @@ impl Listed {
 pub(crate) struct Opened {
     pub seq: u64,
     pub file: OpenFile,
+    /// The key object this version was opened with.
+    pub key_object_name: String,
     cache: Arc<ChunkCache>,
 }
 
@@ -228,13 +238,10 @@ impl SealFs {
         keyring: Keyring,
         config: MountConfig,
     ) -> crate::Result<Arc<Self>> {
-        let listing = object::find(&store, prefix).await?;
-        let tree = Tree::build(listing, prefix);
-        let chunk = 1usize
-            << tree
-                .max_chunk_log2()
-                .unwrap_or(crate::format::DEFAULT_CHUNK_LOG2);
-        let slot = chunk + crate::format::TAG_LEN as usize;
+        let listing = object::find_bounded(&store, prefix, &config.list_limits).await?;
+        let tree = Tree::build(listing, prefix, config.max_chunk_log2);
+        // From the configuration, never from a listing: a store must not size locked memory.
+        let slot = (1usize << config.max_chunk_log2) + crate::format::TAG_LEN as usize;
         let cache = ChunkCache::new(config.cache_size, slot)?;
         Ok(Arc::new(Self {
             store: Arc::new(store),
@@ -259,9 +266,14 @@ impl SealFs {
     }
 
     fn attr_of(&self, ino: u64, node: &Node) -> Attr {
-        let (size, is_dir, mode) = match node {
-            Node::Dir { .. } => (0, true, self.config.dir_mode),
-            Node::File { size, .. } => (*size, false, self.config.file_mode),
+        let (size, is_dir, mode, mtime) = match node {
+            Node::Dir { .. } => (0, true, self.config.dir_mode, self.started),
+            Node::File { size, entry, .. } => (
+                *size,
+                false,
+                self.config.file_mode,
+                entry.data.modified.unwrap_or(self.started),
+            ),
         };
         Attr {
             ino,
@@ -270,7 +282,7 @@ impl SealFs {
             mode,
             uid: self.config.uid,
             gid: self.config.gid,
-            mtime: self.started,
+            mtime,
         }
     }
 
@@ -321,17 +333,56 @@ impl SealFs {
     }
 
     /// Opens a file for reading; `who` names the requester (uid, pid) for the audit line.
+    ///
+    /// An inode is one version: an open that finds another version than the inode's (the
+    /// object was replaced) moves the path to a new inode and fails with ESTALE, on which
+    /// the kernel looks the name up again and opens the new inode. So the kernel's cached
+    /// pages of the old version can never be served to a reader of the new one.
     pub async fn open(self: &Arc<Self>, ino: u64, who: (u32, u32)) -> Result<u64, FsError> {
-        let entry = match self.tree().get(ino) {
-            Some(Node::File { entry, .. }) => entry.clone(),
-            Some(Node::Dir { .. }) => return Err(FsError::IsDir),
-            None => return Err(FsError::NotFound),
+        let (entry, pinned) = {
+            let t = self.tree();
+            if t.is_retired(ino) {
+                return Err(FsError::Stale);
+            }
+            match t.get(ino) {
+                Some(Node::File { entry, pinned, .. }) => (entry.clone(), pinned.clone()),
+                Some(Node::Dir { .. }) => return Err(FsError::IsDir),
+                None => return Err(FsError::NotFound),
+            }
         };
         let (opened, slot) = match self.open_listed(&entry, who).await {
             Ok(o) => o,
             Err(Listed::Failed(e)) => return Err(e),
-            Err(Listed::Stale) => self.open_relisted(ino, &entry, who).await?,
+            Err(Listed::Stale) => self.open_relisted(&entry, who).await?,
         };
+        // The version this inode stands for: the listed ETag, or (a listing without
+        // ETags) the one its first open pinned.
+        let version = (!entry.data.etag.is_empty())
+            .then(|| entry.data.etag.clone())
+            .or(pinned);
+        if version.as_ref().is_some_and(|v| *v != opened.file.etag) {
+            self.close_slot(&slot);
+            let mut fresh = entry.clone();
+            fresh.data.etag = opened.file.etag.clone();
+            fresh.data.size = opened.file.layout.object_size();
+            fresh.key_object.key = opened.key_object_name.clone();
+            fresh.chunk_log2 = opened.file.layout.chunk_log2();
+            fresh.data.modified = Some(std::time::SystemTime::now());
+            let size = opened.file.layout.plaintext_size();
+            let mut t = self.tree.write().unwrap_or_else(|p| p.into_inner());
+            if !t.is_retired(ino) {
+                let new = t.replace(ino, fresh, size);
+                t.pin(new, &opened.file.etag);
+            }
+            tracing::info!(file = %entry.data.key, "object replaced since listed; the new version gets a new inode");
+            return Err(FsError::Stale);
+        }
+        if version.is_none() {
+            self.tree
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .pin(ino, &opened.file.etag);
+        }
         *lock(&slot.idle_since) = None;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h = Handle {
@@ -400,7 +451,11 @@ impl SealFs {
         let key_object = async {
             match key_object {
                 Some(bytes) => Ok(bytes),
-                None => Ok(self.store.get(&entry.key_object.key).await?.0),
+                None => Ok(self
+                    .store
+                    .get(&entry.key_object.key, MAX_KEY_OBJECT_LEN)
+                    .await?
+                    .0),
             }
         };
         let (key_object, first) = tokio::join!(
@@ -425,13 +480,12 @@ impl SealFs {
     /// replacement gets its new ETag and size) with the key-object GET at the same time.
     async fn open_relisted(
         self: &Arc<Self>,
-        ino: u64,
         entry: &SealedEntry,
         who: (u32, u32),
     ) -> Result<(Arc<Opened>, Arc<FileSlot>), FsError> {
         let (listing, key_object) = tokio::join!(
-            object::find(&self.store, &entry.data.key),
-            self.store.get(&entry.key_object.key)
+            object::find_bounded(&self.store, &entry.data.key, &self.config.list_limits),
+            self.store.get(&entry.key_object.key, MAX_KEY_OBJECT_LEN)
         );
         let listing = listing.map_err(FsError::from)?;
         let fresh = listing
@@ -439,15 +493,11 @@ impl SealFs {
             .into_iter()
             .find(|e| e.data.key == entry.data.key)
             .ok_or(FsError::NotFound)?;
-        if fresh.data.etag != entry.data.etag {
-            let size = fresh
-                .plaintext_size()
-                .ok_or_else(|| FsError::Io("impossible object size".into()))?;
-            tracing::info!(file = %entry.data.key, "object replaced since listed; opening the new version");
-            self.tree
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_entry(ino, fresh.clone(), size);
+        if fresh.plaintext_size().is_none() || fresh.chunk_log2 > self.config.max_chunk_log2 {
+            return Err(FsError::Io(format!(
+                "{}: replaced by an object this mount does not serve (size or chunk size)",
+                fresh.data.key
+            )));
         }
         // Still the key object the listing pairs with this data object?
         let key_object = key_object
@@ -520,7 +570,12 @@ impl SealFs {
                     "dek unwrapped"
                 );
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, FsError>(Arc::new(Opened { seq, file, cache: self.cache.clone() }))
+                Ok::<_, FsError>(Arc::new(Opened {
+                    seq,
+                    file,
+                    key_object_name: entry.key_object.key.clone(),
+                    cache: self.cache.clone(),
+                }))
             })
             .await;
         match opened {
@@ -577,19 +632,32 @@ impl SealFs {
             return;
         }
         *lock(&self.listed_at) = Instant::now();
-        match object::find(&self.store, &self.prefix).await {
+        match object::find_bounded(&self.store, &self.prefix, &self.config.list_limits).await {
             Ok(listing) => {
-                let (added, changed, removed) = self
+                let c = self
                     .tree
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .refresh(listing, &self.prefix);
-                if added + changed + removed > 0 {
-                    tracing::info!(added, changed, removed, "listing refreshed");
+                if c != Default::default() {
+                    tracing::info!(
+                        added = c.added,
+                        changed = c.changed,
+                        removed = c.removed,
+                        "listing refreshed"
+                    );
                 }
             }
             Err(e) => tracing::warn!(error = %e, "re-listing failed; keeping the previous tree"),
         }
+    }
+
+    /// The kernel forgot inode `ino`: a retired one is freed.
+    pub fn forget(&self, ino: u64) {
+        self.tree
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(ino);
     }
 
     pub fn deks_held(&self) -> usize {

@@ -80,6 +80,23 @@ fn run_failed(o: &Opened, a: u64, b: u64, e: crate::Error) -> FsError {
     err
 }
 
+/// Removes a fetch run's chunks from the in-flight map when dropped. Its waiters see the
+/// run's sender go (an error) if it never sent an outcome.
+struct RunGuard {
+    fs: Arc<SealFs>,
+    seq: u64,
+    chunks: (u64, u64),
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.fs.inflight.0);
+        for i in self.chunks.0..=self.chunks.1 {
+            inflight.remove(&(self.seq, i));
+        }
+    }
+}
+
 /// Bounded attempts when a fetched chunk is evicted before its reader pins it.
 const MAX_ROUNDS: usize = 4;
 
@@ -278,16 +295,18 @@ impl SealFs {
         let fs = self.clone();
         let o = o.clone();
         tokio::spawn(async move {
+            // Clears the run's in-flight entries however the task ends (a panic included),
+            // so a failed run never leaves its chunks "in flight" for good.
+            let guard = RunGuard {
+                fs: fs.clone(),
+                seq: o.seq,
+                chunks: (a, b),
+            };
             let res = match body {
                 Some((body, started)) => fs.fill_run(&o, a, b, body, started).await,
                 None => fs.fetch_run(&o, a, b).await,
             };
-            {
-                let mut inflight = lock(&fs.inflight.0);
-                for i in a..=b {
-                    inflight.remove(&chunk_key(&o, i));
-                }
-            }
+            drop(guard);
             let _ = tx.send(Some(res));
         });
     }
@@ -349,6 +368,15 @@ impl SealFs {
                     )));
                 }
                 let need = f.layout.chunk_cipher_len(index) as usize;
+                if need > self.cache.slot_size() {
+                    return Err(fail(crate::Error::integrity(
+                        &f.key,
+                        format!(
+                            "chunk of {need} bytes does not fit a cache slot of {}",
+                            self.cache.slot_size()
+                        ),
+                    )));
+                }
                 let s = match slot.as_mut() {
                     Some(s) => s,
                     None => slot.insert(self.reserve_slot().await?),

@@ -71,6 +71,11 @@ impl Filesystem for Adapter {
         }
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        // Only retired inodes are freed (a listed one stays for the next lookup).
+        self.fs.forget(ino.0);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let t = Instant::now();
         let r = self.fs.getattr(ino.0);

@@ -226,13 +226,23 @@ fn serve(
             Err(e) => tracing::warn!(error = %e, "metrics listener"),
         }
     }
+    // The sweeper has a task of its own: a slow or huge LIST must not hold DEKs and
+    // plaintext of closed files past --dek-grace. It runs until the FUSE loop ends, also
+    // while a signalled daemon waits for the last open file to close.
     let sweeper_fs = fs.clone();
     let sweeper = rt.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             sweeper_fs.sweep();
-            sweeper_fs.refresh_if_due().await;
+        }
+    });
+    let lister_fs = fs.clone();
+    let lister = rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            lister_fs.refresh_if_due().await;
         }
     });
     let ended_by_signal = rt.block_on(async {
@@ -242,7 +252,7 @@ fn serve(
             _ = done_rx => false,
         }
     });
-    sweeper.abort();
+    lister.abort();
     if ended_by_signal {
         crate::telemetry::sd_notify("STOPPING=1");
         tracing::info!("signal received; unmounting");
@@ -256,6 +266,7 @@ fn serve(
         }
     }
     let _ = looper.join();
+    sweeper.abort();
     tracing::info!("unmounted; cache wiped");
     Ok(())
 }

@@ -3,14 +3,40 @@
 //! ETags are derived from (inode, size, mtime), so a replaced file is noticed. Uploads
 //! go to a hidden temporary file in the target directory and appear by `rename`.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{ObjectInfo, StoreError};
+use super::{bounded_key, list_bound, ListLimits, ObjectInfo, StoreError};
 
 const UPLOAD_MARK: &str = ".sealfs-upload-";
+
+/// A regular file of this name marks the root of a local store that holds several
+/// models: keys (and so the path each file is sealed for) are relative to it, as keys are
+/// relative to the bucket on S3. Without one, the directory a URI names is the root.
+pub const ROOT_MARKER: &str = ".sealfs-store";
+
+/// The store root for the local directory `dir` and `dir`'s key prefix within it: the
+/// nearest directory at or above `dir` holding a [`ROOT_MARKER`] file, else `dir` itself.
+pub fn store_root(dir: &Path) -> (PathBuf, String) {
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut rel: Vec<String> = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        let marker = std::fs::symlink_metadata(at.join(ROOT_MARKER));
+        if marker.is_ok_and(|m| m.is_file()) {
+            rel.reverse();
+            return (at.to_path_buf(), rel.join("/"));
+        }
+        let (Some(parent), Some(name)) = (at.parent(), at.file_name().and_then(|n| n.to_str()))
+        else {
+            return (dir.to_path_buf(), String::new());
+        };
+        rel.push(name.to_string());
+        at = parent;
+    }
+}
 
 pub struct LocalStore {
     root: PathBuf,
@@ -56,9 +82,14 @@ impl LocalStore {
         self.path(key).display().to_string()
     }
 
-    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        limits: &ListLimits,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
         let root = self.root.clone();
         let prefix = prefix.to_string();
+        let limits = *limits;
         blocking(move || {
             let mut out = Vec::new();
             // Walk only the directory that can hold matches.
@@ -66,21 +97,31 @@ impl LocalStore {
                 Some(i) => &prefix[..i],
                 None => "",
             };
-            walk(&root, start, &prefix, &mut out)?;
+            let deadline = std::time::Instant::now() + limits.timeout;
+            walk(&root, start, &prefix, &limits, deadline, &mut out)?;
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })
         .await
     }
 
-    pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
+    /// A whole object, read until `max_len`: never allocated from the file's size, never
+    /// through a symlink, never from a FIFO or device (which could block or never end).
+    pub async fn get(&self, key: &str, max_len: usize) -> Result<(Bytes, String), StoreError> {
         let p = self.path(key);
         let k = key.to_string();
         blocking(move || {
-            let f = std::fs::File::open(&p).map_err(io(&k))?;
-            let m = f.metadata().map_err(io(&k))?;
-            let mut buf = Vec::with_capacity(m.size() as usize);
-            std::io::Read::read_to_end(&mut &f, &mut buf).map_err(io(&k))?;
+            let (f, m) = open_regular(&p, &k)?;
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(&f, max_len as u64 + 1), &mut buf)
+                .map_err(io(&k))?;
+            if buf.len() > max_len {
+                return Err(StoreError::Bound {
+                    what: "object",
+                    key: k,
+                    reason: format!("larger than {max_len} bytes"),
+                });
+            }
             Ok((Bytes::from(buf), etag(&m)))
         })
         .await
@@ -98,8 +139,7 @@ impl LocalStore {
         let k = key.to_string();
         let want = if_match.map(str::to_string);
         let (file, etag) = blocking(move || {
-            let f = std::fs::File::open(&p).map_err(io(&k))?;
-            let m = f.metadata().map_err(io(&k))?;
+            let (f, m) = open_regular(&p, &k)?;
             let tag = etag(&m);
             if want.is_some_and(|w| w != tag) {
                 return Err(StoreError::Changed(k));
@@ -164,44 +204,98 @@ impl LocalStore {
     }
 }
 
-fn walk(root: &Path, dir: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Result<(), StoreError> {
-    let rd = match std::fs::read_dir(root.join(dir)) {
-        Ok(rd) => rd,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-            ) =>
-        {
-            return Ok(())
+/// Opens an object file for reading: no symlink as the last component, no FIFO or device
+/// (`O_NONBLOCK` so that opening a FIFO cannot block; it has no effect on regular files).
+fn open_regular(p: &Path, key: &str) -> Result<(std::fs::File, std::fs::Metadata), StoreError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+        .map_err(io(key))?;
+    let m = f.metadata().map_err(io(key))?;
+    if !m.is_file() {
+        return Err(StoreError::Failed {
+            op: "open",
+            key: key.to_string(),
+            message: "not a regular file".into(),
+        });
+    }
+    Ok((f, m))
+}
+
+/// Lists the files under `root/dir` whose key starts with `prefix`, iteratively (no
+/// recursion a deep tree could overflow), within `limits`. Symlinks are never followed.
+fn walk(
+    root: &Path,
+    dir: &str,
+    prefix: &str,
+    limits: &ListLimits,
+    deadline: std::time::Instant,
+    out: &mut Vec<ObjectInfo>,
+) -> Result<(), StoreError> {
+    let mut dirs = vec![dir.to_string()];
+    let mut visited = 0usize;
+    while let Some(dir) = dirs.pop() {
+        visited += 1;
+        if visited > limits.max_objects || std::time::Instant::now() > deadline {
+            return Err(list_bound(
+                prefix,
+                format!(
+                    "more than {} directories or longer than {:?}",
+                    limits.max_objects, limits.timeout
+                ),
+            ));
         }
-        Err(e) => return Err(io(dir)(e)),
-    };
-    for entry in rd {
-        let entry = entry.map_err(io(dir))?;
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        if name.contains(UPLOAD_MARK) {
-            continue;
-        }
-        let key = if dir.is_empty() {
-            name
-        } else {
-            format!("{dir}/{name}")
-        };
-        let ft = entry.file_type().map_err(io(&key))?;
-        if ft.is_dir() {
-            if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
-                walk(root, &key, prefix, out)?;
+        let rd = match std::fs::read_dir(root.join(&dir)) {
+            Ok(rd) => rd,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                continue
             }
-        } else if ft.is_file() && key.starts_with(prefix) {
-            let m = entry.metadata().map_err(io(&key))?;
-            out.push(ObjectInfo {
-                size: m.size(),
-                etag: etag(&m),
-                key,
-            });
+            Err(e) => return Err(io(&dir)(e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(io(&dir))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if name.contains(UPLOAD_MARK) || name == ROOT_MARKER {
+                continue;
+            }
+            let key = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let ft = entry.file_type().map_err(io(&key))?;
+            if ft.is_dir() {
+                // Deeper than a key may be long: nothing below could be a valid object.
+                let inside = key.starts_with(prefix) || prefix.starts_with(&format!("{key}/"));
+                if inside && key.len() <= crate::format::naming::MAX_KEY_LEN {
+                    dirs.push(key);
+                }
+            } else if ft.is_file() && key.starts_with(prefix) {
+                if out.len() >= limits.max_objects {
+                    return Err(list_bound(
+                        prefix,
+                        format!(
+                            "more than {} objects (raise --max-objects)",
+                            limits.max_objects
+                        ),
+                    ));
+                }
+                let m = entry.metadata().map_err(io(&key))?;
+                out.push(ObjectInfo {
+                    size: m.size(),
+                    etag: etag(&m),
+                    modified: m.modified().ok(),
+                    key: bounded_key(&key),
+                });
+            }
         }
     }
     Ok(())

@@ -15,6 +15,8 @@ pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
     pub etag: String,
+    /// Last modification time, as the store reports it (shown as mtime and ctime).
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// Store errors; none carries object bytes.
@@ -43,6 +45,62 @@ pub enum StoreError {
     },
     #[error("{key}: {source}")]
     Io { key: String, source: std::io::Error },
+    /// A store answer past one of sealfs's bounds (a hostile or broken store).
+    #[error("{key}: {what} refused: {reason}")]
+    Bound {
+        what: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Bounds on one LIST, whatever the store answers: a hostile store cannot make a listing
+/// take unbounded memory or time (docs/SECURITY.md, "Resource bounds").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListLimits {
+    /// Objects in one listing at most (data and key objects both count).
+    pub max_objects: usize,
+    /// Pages (requests) at most.
+    pub max_pages: usize,
+    /// Wall time of the whole listing at most.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for ListLimits {
+    fn default() -> Self {
+        Self {
+            max_objects: 200_000,
+            max_pages: 2_000,
+            timeout: std::time::Duration::from_secs(120),
+        }
+    }
+}
+
+/// Longest continuation token accepted (S3's are a few hundred bytes).
+pub const MAX_TOKEN_LEN: usize = 1024;
+/// Most objects one LIST page may hold (S3 sends at most 1,000).
+pub const MAX_PAGE_OBJECTS: usize = 1000;
+
+/// Object keys longer than this are cut to it: they are refused by name checks anyway
+/// (`naming::check_key`), and this bounds what one refused name costs.
+pub(crate) fn bounded_key(key: &str) -> String {
+    let max = crate::format::naming::MAX_KEY_LEN + 1;
+    if key.len() <= max {
+        return key.to_string();
+    }
+    let mut end = max;
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    key[..end].to_string()
+}
+
+pub(crate) fn list_bound(prefix: &str, reason: String) -> StoreError {
+    StoreError::Bound {
+        what: "listing",
+        key: prefix.to_string(),
+        reason,
+    }
 }
 
 /// A store and a key prefix within it, parsed from a URI.
@@ -86,14 +144,21 @@ impl Location {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .ok_or_else(|| StoreError::BadUri(uri.into()))?;
+            let (root, dir) = local::store_root(parent);
+            let prefix = if dir.is_empty() {
+                name.to_string()
+            } else {
+                format!("{dir}/{name}")
+            };
             return Ok(Self {
-                store: Store::Local(local::LocalStore::new(parent)),
-                prefix: name.to_string(),
+                store: Store::Local(local::LocalStore::new(&root)),
+                prefix,
             });
         }
+        let (root, prefix) = local::store_root(path);
         Ok(Self {
-            store: Store::Local(local::LocalStore::new(path)),
-            prefix: String::new(),
+            store: Store::Local(local::LocalStore::new(&root)),
+            prefix,
         })
     }
 
@@ -169,14 +234,25 @@ macro_rules! dispatch {
 }
 
 impl Store {
-    /// Every object whose key starts with `prefix` (a plain string prefix), any depth.
+    /// Every object whose key starts with `prefix` (a plain string prefix), any depth,
+    /// within the default [`ListLimits`].
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        dispatch!(self, s => s.list(prefix).await)
+        self.list_bounded(prefix, &ListLimits::default()).await
     }
 
-    /// A whole (small) object and its ETag.
-    pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
-        dispatch!(self, s => s.get(key).await)
+    /// [`Store::list`] within `limits`: past any of them the listing fails.
+    pub async fn list_bounded(
+        &self,
+        prefix: &str,
+        limits: &ListLimits,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        dispatch!(self, s => s.list(prefix, limits).await)
+    }
+
+    /// A whole small object and its ETag; fails once more than `max_len` bytes arrive,
+    /// whatever size the store claims (nothing is allocated from that claim).
+    pub async fn get(&self, key: &str, max_len: usize) -> Result<(Bytes, String), StoreError> {
+        dispatch!(self, s => s.get(key, max_len).await)
     }
 
     /// Bytes `[start, end)` of `key`; fails with `Changed` if `if_match` no longer holds.
@@ -193,7 +269,16 @@ impl Store {
         let mut body = self.get_range_stream(key, start, end, if_match).await?;
         let mut out = bytes::BytesMut::with_capacity((end - start) as usize);
         while let Some(piece) = body.next().await {
-            out.extend_from_slice(&piece?);
+            let piece = piece?;
+            // A store that ignores Range must not make us buffer the whole object.
+            if out.len() as u64 + piece.len() as u64 > end - start {
+                return Err(StoreError::Failed {
+                    op: "GetObject",
+                    key: key.to_string(),
+                    message: format!("ranged GET answered more than {} bytes", end - start),
+                });
+            }
+            out.extend_from_slice(&piece);
         }
         if out.len() as u64 != end - start {
             return Err(StoreError::Failed {

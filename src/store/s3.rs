@@ -10,7 +10,9 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
-use super::{ObjectInfo, StoreError};
+use super::{
+    bounded_key, list_bound, ListLimits, ObjectInfo, StoreError, MAX_PAGE_OBJECTS, MAX_TOKEN_LEN,
+};
 
 pub struct S3Store {
     client: aws_sdk_s3::Client,
@@ -102,45 +104,112 @@ impl S3Store {
         format!("s3://{}/{key}", self.bucket)
     }
 
-    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
+    /// ListObjectsV2 page by page, within `limits`. Every page is a request of its own (a
+    /// repeated or oversized continuation token ends the listing with an error: a store
+    /// could otherwise keep it going forever).
+    pub async fn list(
+        &self,
+        prefix: &str,
+        limits: &ListLimits,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        let deadline = tokio::time::Instant::now() + limits.timeout;
+        let mut tokens = std::collections::HashSet::new();
+        let mut token: Option<String> = None;
         let mut out = Vec::new();
-        loop {
-            // One page is one request: time and count each.
-            let start = std::time::Instant::now();
-            let Some(page) = pages.next().await else {
-                break;
-            };
-            let outcome = page.as_ref().map_or_else(crate::calls::outcome, |_| "ok");
-            crate::calls::record("s3", "ListObjectsV2", outcome, start.elapsed());
-            let page = page.map_err(|e| classify("ListObjectsV2", prefix, e))?;
-            for o in page.contents() {
+        for page_no in 0.. {
+            if page_no >= limits.max_pages {
+                return Err(list_bound(
+                    prefix,
+                    format!("more than {} pages", limits.max_pages),
+                ));
+            }
+            let req = call(
+                "ListObjectsV2",
+                prefix,
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .set_continuation_token(token.take())
+                    .send(),
+            );
+            let page = tokio::time::timeout_at(deadline, req).await.map_err(|_| {
+                list_bound(prefix, format!("took longer than {:?}", limits.timeout))
+            })??;
+            let contents = page.contents();
+            if contents.len() > MAX_PAGE_OBJECTS {
+                return Err(list_bound(
+                    prefix,
+                    format!("a page held {} objects", contents.len()),
+                ));
+            }
+            if out.len() + contents.len() > limits.max_objects {
+                return Err(list_bound(
+                    prefix,
+                    format!(
+                        "more than {} objects (raise --max-objects)",
+                        limits.max_objects
+                    ),
+                ));
+            }
+            for o in contents {
                 if let Some(key) = o.key() {
                     out.push(ObjectInfo {
-                        key: key.to_string(),
+                        key: bounded_key(key),
                         size: o.size().unwrap_or(0).max(0) as u64,
-                        etag: o.e_tag().unwrap_or("").to_string(),
+                        etag: bounded_key(o.e_tag().unwrap_or("")),
+                        modified: o
+                            .last_modified()
+                            .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                     });
                 }
             }
+            if !page.is_truncated().unwrap_or(false) {
+                break;
+            }
+            let next = page
+                .next_continuation_token()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    list_bound(
+                        prefix,
+                        "a truncated page without a continuation token".into(),
+                    )
+                })?;
+            if next.len() > MAX_TOKEN_LEN {
+                return Err(list_bound(
+                    prefix,
+                    format!("a continuation token of {} bytes", next.len()),
+                ));
+            }
+            if !tokens.insert(next.to_string()) {
+                return Err(list_bound(prefix, "a continuation token repeated".into()));
+            }
+            token = Some(next.to_string());
         }
         Ok(out)
     }
 
-    pub async fn get(&self, key: &str) -> Result<(Bytes, String), StoreError> {
-        let (body, etag) = self.get_object(key, None, None).await?;
-        let body = body.collect().await.map_err(|e| StoreError::Failed {
-            op: "GetObject",
-            key: key.to_string(),
-            message: crate::error_chain(&e),
-        })?;
-        Ok((body.into_bytes(), etag))
+    /// A whole object, read until `max_len`: a longer body fails without being buffered.
+    pub async fn get(&self, key: &str, max_len: usize) -> Result<(Bytes, String), StoreError> {
+        let (mut body, etag) = self.get_object(key, None, None).await?;
+        let mut out = bytes::BytesMut::new();
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| StoreError::Failed {
+                op: "GetObject",
+                key: key.to_string(),
+                message: crate::error_chain(&e),
+            })?;
+            if out.len() + piece.len() > max_len {
+                return Err(StoreError::Bound {
+                    what: "object",
+                    key: key.to_string(),
+                    reason: format!("larger than {max_len} bytes"),
+                });
+            }
+            out.extend_from_slice(&piece);
+        }
+        Ok((out.freeze(), etag))
     }
 
     pub async fn get_range_stream(
@@ -173,7 +242,26 @@ impl S3Store {
                 .send(),
         )
         .await?;
-        Ok((out.body, out.e_tag.unwrap_or_default()))
+        // A store that ignores Range answers with the whole object: refuse it before a
+        // byte of the body is read, instead of reading it to find out.
+        if let Some((start, end)) = range {
+            let want = format!("bytes {start}-{}/", end - 1);
+            let ok = out.content_range().is_some_and(|r| r.starts_with(&want))
+                && out.content_length() == Some((end - start) as i64);
+            if !ok {
+                return Err(StoreError::Failed {
+                    op: "GetObject",
+                    key: key.to_string(),
+                    message: format!(
+                        "asked for bytes {start}-{}, answered {:?} ({:?} bytes): Range ignored",
+                        end - 1,
+                        out.content_range().unwrap_or("no Content-Range"),
+                        out.content_length()
+                    ),
+                });
+            }
+        }
+        Ok((out.body, bounded_key(&out.e_tag.unwrap_or_default())))
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
