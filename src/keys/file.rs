@@ -27,6 +27,9 @@ const ID_LABEL: &[u8] = b"sealfs v1 kek id";
 pub struct FileKek {
     wrap_key: LessSafeKey,
     id: String,
+    /// Unwrap attempts so far: the keyring tests count them.
+    #[cfg(test)]
+    pub(crate) attempts: std::sync::atomic::AtomicUsize,
 }
 
 /// Writes a new random KEK to `path` with mode 0600; never overwrites.
@@ -90,6 +93,8 @@ impl FileKek {
         Self {
             wrap_key,
             id: fingerprint(kek),
+            #[cfg(test)]
+            attempts: Default::default(),
         }
     }
 
@@ -122,6 +127,9 @@ impl FileKek {
     }
 
     pub fn unwrap(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Result<Dek, KeyError> {
+        #[cfg(test)]
+        self.attempts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fail = || KeyError::UnwrapFailed(self.id.clone());
         if wrapped.len() != 12 + DEK_LEN + 16 {
             return Err(fail());
