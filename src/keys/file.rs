@@ -16,6 +16,7 @@ use ring::hkdf;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::KeyError;
+use crate::crypto::locked::{LockError, Locked};
 use crate::crypto::{random_bytes, secret::DEK_LEN, Dek};
 use crate::format::header::encode_context;
 use crate::format::EncryptionContext;
@@ -27,9 +28,10 @@ const ID_LABEL: &[u8] = b"sealfs v1 kek id";
 /// The most a key file may hold: its one line is 79 bytes (`sealfs-kek-v1:` + 64 hex + LF).
 pub const MAX_KEY_FILE: usize = 256;
 
-/// A loaded key file.
+/// A loaded key file. The wrap key opens every DEK wrapped under this file, so its AES-GCM
+/// schedule (inline in ring's `LessSafeKey`) lives in locked, zeroized memory.
 pub struct FileKek {
-    wrap_key: LessSafeKey,
+    wrap_key: Locked<LessSafeKey>,
     id: String,
     /// Unwrap attempts so far: the keyring tests count them.
     #[cfg(test)]
@@ -130,23 +132,25 @@ impl FileKek {
             .ok_or_else(|| err("not a sealfs key file".into()))?;
         let mut kek = Zeroizing::new([0u8; DEK_LEN]);
         hex::decode_to_slice(hexpart, &mut kek[..]).map_err(|_| err("malformed key".into()))?;
-        Ok(Self::from_bytes(&kek))
+        Ok(Self::from_bytes(&kek)?)
     }
 
-    pub fn from_bytes(kek: &[u8; DEK_LEN]) -> Self {
+    /// Fails only when locked memory is refused (RLIMIT_MEMLOCK).
+    pub fn from_bytes(kek: &[u8; DEK_LEN]) -> Result<Self, LockError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(kek);
         let mut k = Zeroizing::new([0u8; 32]);
         prk.expand(&[WRAP_INFO], &aead::AES_256_GCM)
             .and_then(|okm| okm.fill(&mut k[..]))
             .expect("HKDF 32 bytes");
-        let wrap_key =
-            LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, &k[..]).expect("32-byte key"));
-        Self {
+        let wrap_key = Locked::new(LessSafeKey::new(
+            UnboundKey::new(&aead::AES_256_GCM, &k[..]).expect("32-byte key"),
+        ))?;
+        Ok(Self {
             wrap_key,
             id: fingerprint(kek),
             #[cfg(test)]
             attempts: Default::default(),
-        }
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -216,8 +220,8 @@ mod tests {
 
     #[test]
     fn wrap_is_bound_to_key_and_context() {
-        let k1 = FileKek::from_bytes(&[1; 32]);
-        let k2 = FileKek::from_bytes(&[2; 32]);
+        let k1 = FileKek::from_bytes(&[1; 32]).unwrap();
+        let k2 = FileKek::from_bytes(&[2; 32]).unwrap();
         let mut ctx = EncryptionContext::new();
         ctx.insert("a".into(), "b".into());
         let dek = Dek::from_slice_zeroizing(&mut [7; 32]).unwrap();
@@ -340,5 +344,12 @@ mod tests {
         assert!(FileKek::load(&k).is_ok(), "at the limit is fine");
         std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o640)).unwrap();
         refused(&k, "mode 0640 gives group or others access");
+    }
+
+    #[test]
+    fn wrap_key_lives_in_locked_memory() {
+        let k = FileKek::from_bytes(&[1; 32]).unwrap();
+        let addr = &*k.wrap_key as *const LessSafeKey as usize;
+        assert!(crate::crypto::locked::is_locked_undumpable(addr));
     }
 }

@@ -231,7 +231,7 @@ impl Keyring {
         for (kek, slot) in self.candidates(ko) {
             let attempt = async {
                 let dek = kek.unwrap(slot, ctx).await?;
-                let keys = FileKeys::derive(&dek, &ko.header.file_id);
+                let keys = FileKeys::derive(&dek, &ko.header.file_id)?;
                 keys.verify_header(&ko.authenticated, &ko.mac)?;
                 Ok::<_, KeyError>((dek, keys))
             };
@@ -291,7 +291,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn file_kek(b: u8) -> Kek {
-        Kek::File(Box::new(file::FileKek::from_bytes(&[b; 32])))
+        Kek::File(Box::new(file::FileKek::from_bytes(&[b; 32]).unwrap()))
     }
 
     fn attempts(k: &Kek) -> usize {
@@ -316,7 +316,9 @@ mod tests {
         };
         let authenticated = header.encode().unwrap();
         let dek = Dek::random().unwrap();
-        let mac = FileKeys::derive(&dek, &file_id).header_mac(&authenticated);
+        let mac = FileKeys::derive(&dek, &file_id)
+            .unwrap()
+            .header_mac(&authenticated);
         let slots = make(&dek, &header.context);
         KeyObject {
             header,
