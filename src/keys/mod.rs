@@ -296,7 +296,7 @@ mod tests {
 
     fn attempts(k: &Kek) -> usize {
         match k {
-            Kek::File(f) => f.attempts.load(Ordering::Relaxed),
+            Kek::File(f) => f.attempts.0.load(Ordering::Relaxed),
             Kek::Kms(_) => unreachable!("file keys only"),
         }
     }
