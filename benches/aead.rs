@@ -34,10 +34,10 @@ fn measure(size: usize, mut f: impl FnMut(u64)) -> f64 {
     (n as f64 * size as f64) / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// ring and aws-lc-rs through sealfs's own backend switch (a thin match over each crate's
-/// `LessSafeKey`), so these rows are exactly what the mount runs.
+/// ring and aws-lc through sealfs's own backend switch (ring's `LessSafeKey`, or aws-lc's
+/// `EVP_AEAD_CTX`, each in locked memory), so these rows are exactly what the mount runs.
 fn backend_row(b: Backend, size: usize) -> (f64, f64) {
-    let key = ChunkCipher::with_backend(b, &[3; 32]);
+    let key = ChunkCipher::with_backend(b, &[3; 32]).unwrap();
     let mut buf = vec![5u8; size + 16];
     let seal = measure(size, |i| {
         let (d, t) = buf.split_at_mut(size);
@@ -82,7 +82,8 @@ fn aesgcm_row(size: usize) -> (f64, f64) {
 
 fn sealfs_open_row(size: usize) -> f64 {
     use sealfs::crypto::{open_chunk, seal_chunk, Dek, FileKeys};
-    let keys = FileKeys::derive(&Dek::from_slice_zeroizing(&mut [9; 32]).unwrap(), &[1; 16]);
+    let keys =
+        FileKeys::derive(&Dek::from_slice_zeroizing(&mut [9; 32]).unwrap(), &[1; 16]).unwrap();
     let hd = [2u8; 32];
     let mut sealed = vec![5u8; size + 16];
     seal_chunk(&keys, &hd, 3, false, &mut sealed);

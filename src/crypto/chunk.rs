@@ -83,7 +83,7 @@ mod tests {
     use crate::crypto::Dek;
 
     fn keys(b: u8) -> FileKeys {
-        FileKeys::derive(&Dek::from_slice_zeroizing(&mut [b; 32]).unwrap(), &[1; 16])
+        FileKeys::derive(&Dek::from_slice_zeroizing(&mut [b; 32]).unwrap(), &[1; 16]).unwrap()
     }
 
     #[test]

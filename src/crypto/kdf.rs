@@ -6,18 +6,21 @@
 
 use ring::{hkdf, hmac};
 
-use super::aead::ChunkCipher;
 use zeroize::Zeroize;
 
+use super::aead::ChunkCipher;
+use super::locked::{LockError, Locked};
 use super::secret::Dek;
 
 const PAYLOAD_INFO: &[u8] = b"sealfs v1 payload key";
 const MAC_INFO: &[u8] = b"sealfs v1 header mac";
 
-/// The keys of one open file. Holds ring key schedules (heap); never logged.
+/// The keys of one open file: the chunk cipher's key schedule and the HMAC key (ring keeps
+/// its inner and outer SHA-256 states inline), each in locked, zeroized memory like the
+/// DEK they come from. Never logged.
 pub struct FileKeys {
     pub(crate) payload: ChunkCipher,
-    mac: hmac::Key,
+    mac: Locked<hmac::Key>,
 }
 
 /// The header MAC did not verify: wrong DEK for this header, or a tampered header.
@@ -41,15 +44,24 @@ fn expand(prk: &hkdf::Prk, info: &[u8], out: &mut [u8]) {
 }
 
 impl FileKeys {
-    pub fn derive(dek: &Dek, file_id: &[u8; 16]) -> Self {
+    /// Fails only when locked memory is refused (RLIMIT_MEMLOCK).
+    pub fn derive(dek: &Dek, file_id: &[u8; 16]) -> Result<Self, LockError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, file_id).extract(dek.expose());
         let mut k = [0u8; 32];
         expand(&prk, PAYLOAD_INFO, &mut k);
         let payload = ChunkCipher::new(&k);
         expand(&prk, MAC_INFO, &mut k);
-        let mac = hmac::Key::new(hmac::HMAC_SHA256, &k);
+        let mac = Locked::new(hmac::Key::new(hmac::HMAC_SHA256, &k));
         k.zeroize();
-        Self { payload, mac }
+        Ok(Self {
+            payload: payload?,
+            mac: mac?,
+        })
+    }
+
+    /// Where the key schedules live (for tests that check they are locked).
+    pub fn schedule_addrs(&self) -> [usize; 2] {
+        [self.payload.schedule_addr(), self.mac.addr()]
     }
 
     /// HMAC-SHA256 over the authenticated header bytes.
@@ -67,5 +79,36 @@ impl FileKeys {
         mac: &[u8; 32],
     ) -> Result<(), HeaderMacError> {
         hmac::verify(&self.mac, authenticated, mac).map_err(|_| HeaderMacError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::locked::is_locked_undumpable;
+
+    #[test]
+    fn derived_keys_live_in_locked_memory() {
+        let dek = Dek::from_slice_zeroizing(&mut [3; 32]).unwrap();
+        let keys = FileKeys::derive(&dek, &[1; 16]).unwrap();
+        for a in keys.schedule_addrs() {
+            assert!(
+                is_locked_undumpable(a),
+                "key schedule at {a:#x} is not locked"
+            );
+        }
+        // Same keys as before the move: the MAC of a fixed input is pinned.
+        assert_eq!(
+            hex::encode(keys.header_mac(b"sealfs")),
+            hex::encode(hmac::sign(
+                &hmac::Key::new(hmac::HMAC_SHA256, &{
+                    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[1; 16]).extract(&[3; 32]);
+                    let mut k = [0u8; 32];
+                    expand(&prk, MAC_INFO, &mut k);
+                    k
+                }),
+                b"sealfs"
+            ))
+        );
     }
 }

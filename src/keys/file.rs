@@ -6,7 +6,7 @@
 //! `wrapped = nonce (12) || encrypted DEK (32) || tag (16)`.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -14,6 +14,7 @@ use ring::hkdf;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::KeyError;
+use crate::crypto::locked::{LockError, Locked};
 use crate::crypto::{random_bytes, secret::DEK_LEN, Dek};
 use crate::format::header::encode_context;
 use crate::format::EncryptionContext;
@@ -22,11 +23,16 @@ const PREFIX: &str = "sealfs-kek-v1:";
 const WRAP_INFO: &[u8] = b"sealfs v1 kek wrap";
 const WRAP_AAD: &[u8] = b"sealfs v1 wrap";
 const ID_LABEL: &[u8] = b"sealfs v1 kek id";
+/// The most a key file may hold: its one line is 79 bytes (`sealfs-kek-v1:` + 64 hex + LF).
+pub const MAX_KEY_FILE: usize = 256;
 
-/// A loaded key file.
+/// A loaded key file. The wrap key opens every DEK wrapped under this file, so its AES-GCM
+/// schedule (inline in ring's `LessSafeKey`) lives in locked, zeroized memory.
 pub struct FileKek {
-    wrap_key: LessSafeKey,
+    wrap_key: Locked<LessSafeKey>,
     id: String,
+    /// Unwrap attempts so far: the keyring tests count them (nothing outside tests).
+    pub(crate) attempts: Attempts,
 }
 
 /// Writes a new random KEK to `path` with mode 0600; never overwrites.
@@ -60,37 +66,87 @@ fn fingerprint(kek: &[u8; DEK_LEN]) -> String {
 }
 
 impl FileKek {
+    /// Opens the key file once, without following a symlink and without blocking, checks
+    /// the open file (not the path again): a regular file, owned by this user or root, no
+    /// group or other permission bits, at most [`MAX_KEY_FILE`] bytes. Each refusal says
+    /// which check failed. (`O_NOFOLLOW` covers the last path component only.)
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let err = |reason: &str| KeyError::FileKey {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let err = |reason: String| KeyError::FileKey {
             path: path.display().to_string(),
-            reason: reason.into(),
+            reason,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(&e.to_string()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(err("readable by group or others; run `chmod 600` on it"));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => err("is a symbolic link; name the key file itself".into()),
+                _ => err(e.to_string()),
+            })?;
+        let meta = f.metadata().map_err(|e| err(e.to_string()))?;
+        if !meta.file_type().is_file() {
+            return Err(err(
+                "not a regular file (a FIFO, device or directory is never a key)".into(),
+            ));
         }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(&e.to_string()))?);
-        let hexpart = text
-            .trim_end()
-            .strip_prefix(PREFIX)
-            .ok_or_else(|| err("not a sealfs key file"))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        #[allow(unsafe_code)]
+        let euid = unsafe { libc::geteuid() };
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(err(format!(
+                "owned by uid {}, not by this user (uid {euid}) or root",
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(err(format!(
+                "mode {:04o} gives group or others access; run `chmod 600` on it",
+                meta.mode() & 0o7777
+            )));
+        }
+        // One byte more than allowed tells "too long" from "exactly at the limit". The
+        // buffer never grows (no reallocated copies) and is zeroized on drop.
+        let mut buf = Zeroizing::new([0u8; MAX_KEY_FILE + 1]);
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(err(e.to_string())),
+            }
+        }
+        if n > MAX_KEY_FILE {
+            return Err(err(format!(
+                "longer than {MAX_KEY_FILE} bytes: not a sealfs key file"
+            )));
+        }
+        let hexpart = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|t| t.trim_end().strip_prefix(PREFIX))
+            .ok_or_else(|| err("not a sealfs key file".into()))?;
         let mut kek = Zeroizing::new([0u8; DEK_LEN]);
-        hex::decode_to_slice(hexpart, &mut kek[..]).map_err(|_| err("malformed key"))?;
-        Ok(Self::from_bytes(&kek))
+        hex::decode_to_slice(hexpart, &mut kek[..]).map_err(|_| err("malformed key".into()))?;
+        Ok(Self::from_bytes(&kek)?)
     }
 
-    pub fn from_bytes(kek: &[u8; DEK_LEN]) -> Self {
+    /// Fails only when locked memory is refused (RLIMIT_MEMLOCK).
+    pub fn from_bytes(kek: &[u8; DEK_LEN]) -> Result<Self, LockError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(kek);
         let mut k = Zeroizing::new([0u8; 32]);
         prk.expand(&[WRAP_INFO], &aead::AES_256_GCM)
             .and_then(|okm| okm.fill(&mut k[..]))
             .expect("HKDF 32 bytes");
-        let wrap_key =
-            LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, &k[..]).expect("32-byte key"));
-        Self {
+        let wrap_key = Locked::new(LessSafeKey::new(
+            UnboundKey::new(&aead::AES_256_GCM, &k[..]).expect("32-byte key"),
+        ))?;
+        Ok(Self {
             wrap_key,
             id: fingerprint(kek),
-        }
+            attempts: Default::default(),
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -122,6 +178,7 @@ impl FileKek {
     }
 
     pub fn unwrap(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Result<Dek, KeyError> {
+        self.attempts.bump();
         let fail = || KeyError::UnwrapFailed(self.id.clone());
         if wrapped.len() != 12 + DEK_LEN + 16 {
             return Err(fail());
@@ -136,9 +193,34 @@ impl FileKek {
     }
 }
 
+// Test-only items stay down here: scripts/test.sh scans for unwrap() above the first
+// `#[cfg(test)]` of a file.
+
+/// Counts unwrap attempts in tests; nothing in other builds.
+#[cfg(not(test))]
+#[derive(Default)]
+pub(crate) struct Attempts;
+
+#[cfg(not(test))]
+impl Attempts {
+    fn bump(&self) {}
+}
+
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Attempts(pub(crate) std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl Attempts {
+    fn bump(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn keygen_writes_0600_and_refuses_overwrite() {
@@ -157,8 +239,8 @@ mod tests {
 
     #[test]
     fn wrap_is_bound_to_key_and_context() {
-        let k1 = FileKek::from_bytes(&[1; 32]);
-        let k2 = FileKek::from_bytes(&[2; 32]);
+        let k1 = FileKek::from_bytes(&[1; 32]).unwrap();
+        let k2 = FileKek::from_bytes(&[2; 32]).unwrap();
         let mut ctx = EncryptionContext::new();
         ctx.insert("a".into(), "b".into());
         let dek = Dek::from_slice_zeroizing(&mut [7; 32]).unwrap();
@@ -180,5 +262,113 @@ mod tests {
             k1.unwrap(&flipped, &ctx),
             Err(KeyError::UnwrapFailed(_))
         ));
+    }
+
+    /// `FileKek::load` on another thread, failing the test if it takes over 5 s (a FIFO
+    /// without a writer blocks an ordinary open/read forever).
+    fn load_promptly(p: &Path) -> Result<FileKek, KeyError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = p.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(FileKek::load(&p));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("FileKek::load took over 5 s")
+    }
+
+    fn refused(p: &Path, why: &str) {
+        match load_promptly(p) {
+            Err(e @ KeyError::FileKey { .. }) => {
+                let t = e.to_string();
+                assert!(t.contains(why), "{t:?} should say {why:?}");
+                assert_eq!(t.lines().count(), 1, "one line: {t:?}");
+            }
+            Err(e) => panic!("{}: wrong error {e}", p.display()),
+            Ok(_) => panic!("{} was accepted", p.display()),
+        }
+    }
+
+    fn cpath(p: &Path) -> std::ffi::CString {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+    }
+
+    #[test]
+    fn symlink_to_a_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        keygen(&k).unwrap();
+        let l = dir.path().join("link");
+        std::os::unix::fs::symlink(&k, &l).unwrap();
+        refused(&l, "symbolic link");
+        assert!(FileKek::load(&k).is_ok());
+    }
+
+    #[test]
+    fn fifos_and_devices_are_refused_promptly() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        // SAFETY: a valid NUL-terminated path; the result is checked.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::mkfifo(cpath(&fifo).as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
+        refused(&fifo, "not a regular file");
+        refused(Path::new("/dev/zero"), "not a regular file");
+        // /dev/zero itself is 0666 (the old mode check caught it); a 0600 node of it was
+        // read until memory ran out. Only where this process may mknod (root, not in a
+        // restricted container).
+        let zero = dir.path().join("zero");
+        // SAFETY: a valid NUL-terminated path; the result is checked.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            libc::mknod(
+                cpath(&zero).as_ptr(),
+                libc::S_IFCHR | 0o600,
+                libc::makedev(1, 5),
+            )
+        };
+        if rc == 0 {
+            refused(&zero, "not a regular file");
+        } else {
+            eprintln!(
+                "mknod refused ({}): 0600 /dev/zero node not tested",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    #[test]
+    fn key_file_of_another_user_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        keygen(&k).unwrap();
+        match std::os::unix::fs::chown(&k, Some(65534), None) {
+            Ok(()) => refused(&k, "owned by uid 65534"),
+            // Only root can give a file away; CI runs these tests as root.
+            Err(e) => eprintln!("chown refused ({e}): wrong-owner case not tested"),
+        }
+    }
+
+    #[test]
+    fn long_key_file_and_loose_mode_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        keygen(&k).unwrap();
+        // A valid line padded to 2 KiB with whitespace (which `trim_end` used to accept).
+        let mut text = std::fs::read(&k).unwrap();
+        text.resize(2048, b'\n');
+        std::fs::write(&k, &text).unwrap();
+        refused(&k, "longer than 256 bytes");
+        text.truncate(MAX_KEY_FILE);
+        std::fs::write(&k, &text).unwrap();
+        assert!(FileKek::load(&k).is_ok(), "at the limit is fine");
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o640)).unwrap();
+        refused(&k, "mode 0640 gives group or others access");
+    }
+
+    #[test]
+    fn wrap_key_lives_in_locked_memory() {
+        let k = FileKek::from_bytes(&[1; 32]).unwrap();
+        let addr = &*k.wrap_key as *const LessSafeKey as usize;
+        assert!(crate::crypto::locked::is_locked_undumpable(addr));
     }
 }

@@ -202,27 +202,41 @@ impl Keyring {
         Ok((dek, slots))
     }
 
-    fn trusted_for<'a>(&'a self, slot: &KeySlot) -> Option<&'a Kek> {
-        self.keks
-            .iter()
-            .find(|k| k.kind() == slot.kind && k.id() == slot.key_id)
+    /// The slots worth trying, best first: for each trusted key in `--key` order, the first
+    /// slot of the object naming it. At most one slot per trusted key, whatever the object
+    /// holds (a hostile key object with 16 slots under one KMS key costs one Decrypt, not
+    /// 16), in the keyring's order, not the object's (the bucket does not choose which key
+    /// is asked first); slots under other keys are never tried.
+    fn candidates<'a>(&'a self, ko: &'a KeyObject) -> impl Iterator<Item = (&'a Kek, &'a KeySlot)> {
+        self.keks.iter().enumerate().filter_map(move |(i, kek)| {
+            let named = |k: &Kek, s: &KeySlot| k.kind() == s.kind && k.id() == s.key_id;
+            // A key given twice is still tried once.
+            if self.keks[..i]
+                .iter()
+                .any(|k| k.kind() == kek.kind() && k.id() == kek.id())
+            {
+                return None;
+            }
+            ko.slots.iter().find(|s| named(kek, s)).map(|s| (kek, s))
+        })
     }
 
-    /// Unwraps the DEK with the first slot under a trusted key, then checks that it opens
-    /// the header MAC (key commitment). Slots under untrusted keys are never sent to KMS.
+    /// Unwraps the DEK, trying at most one slot per trusted key in `--key` order (see
+    /// [`Self::candidates`]), and checks that it opens the header MAC (key commitment). A
+    /// failure moves on to the next trusted key; the last failure is reported. Slots under
+    /// untrusted keys are never sent to KMS.
     pub async fn unwrap(&self, ko: &KeyObject) -> Result<(Dek, FileKeys), KeyError> {
         let ctx = &ko.header.context;
         let mut last_err = None;
-        for slot in &ko.slots {
-            let Some(kek) = self.trusted_for(slot) else {
-                continue;
+        for (kek, slot) in self.candidates(ko) {
+            let attempt = async {
+                let dek = kek.unwrap(slot, ctx).await?;
+                let keys = FileKeys::derive(&dek, &ko.header.file_id)?;
+                keys.verify_header(&ko.authenticated, &ko.mac)?;
+                Ok::<_, KeyError>((dek, keys))
             };
-            match kek.unwrap(slot, ctx).await {
-                Ok(dek) => {
-                    let keys = FileKeys::derive(&dek, &ko.header.file_id);
-                    keys.verify_header(&ko.authenticated, &ko.mac)?;
-                    return Ok((dek, keys));
-                }
+            match attempt.await {
+                Ok(found) => return Ok(found),
                 Err(e) => last_err = Some(e),
             }
         }
@@ -241,9 +255,11 @@ impl Keyring {
     /// DEK never reaches this process; other pairs unwrap once with `self` and wrap again.
     pub async fn rewrap(&self, ko: &KeyObject, to: &Keyring) -> Result<Vec<KeySlot>, KeyError> {
         let ctx = &ko.header.context;
-        let kms_source = ko.slots.iter().find_map(|s| match self.trusted_for(s) {
-            Some(Kek::Kms(k)) => Some((s, k)),
-            _ => None,
+        // The same rule as `unwrap`: the first trusted KMS key in `--key` order that has a
+        // slot, and its first slot.
+        let kms_source = self.candidates(ko).find_map(|(kek, s)| match kek {
+            Kek::Kms(k) => Some((s, k)),
+            Kek::File(_) => None,
         });
         let mut dek: Option<Dek> = None;
         let mut out = Vec::with_capacity(to.keks.len());
@@ -264,5 +280,127 @@ impl Keyring {
             out.push(target.wrap(d, ctx).await?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::header::{CTX_FILE_ID, CTX_PATH, CTX_VERSION};
+    use crate::format::Header;
+    use std::sync::atomic::Ordering;
+
+    fn file_kek(b: u8) -> Kek {
+        Kek::File(Box::new(file::FileKek::from_bytes(&[b; 32]).unwrap()))
+    }
+
+    fn attempts(k: &Kek) -> usize {
+        match k {
+            Kek::File(f) => f.attempts.0.load(Ordering::Relaxed),
+            Kek::Kms(_) => unreachable!("file keys only"),
+        }
+    }
+
+    /// A key object sealed (DEK, MAC) with `slots` built by `make(dek, ctx)`.
+    fn key_object(make: impl Fn(&Dek, &EncryptionContext) -> Vec<KeySlot>) -> KeyObject {
+        let file_id = [5u8; 16];
+        let mut context = EncryptionContext::new();
+        context.insert(CTX_VERSION.into(), "1".into());
+        context.insert(CTX_FILE_ID.into(), hex::encode(file_id));
+        context.insert(CTX_PATH.into(), "m/a".into());
+        let header = Header {
+            chunk_log2: 14,
+            file_id,
+            plaintext_size: 1,
+            context,
+        };
+        let authenticated = header.encode().unwrap();
+        let dek = Dek::random().unwrap();
+        let mac = FileKeys::derive(&dek, &file_id)
+            .unwrap()
+            .header_mac(&authenticated);
+        let slots = make(&dek, &header.context);
+        KeyObject {
+            header,
+            authenticated,
+            mac,
+            slots,
+        }
+    }
+
+    fn slot(k: &Kek, wrapped: Vec<u8>) -> KeySlot {
+        KeySlot {
+            kind: k.kind(),
+            key_id: k.id().to_string(),
+            wrapped,
+        }
+    }
+
+    fn wrap(k: &Kek, dek: &Dek, ctx: &EncryptionContext) -> KeySlot {
+        match k {
+            Kek::File(f) => slot(k, f.wrap(dek, ctx)),
+            Kek::Kms(_) => unreachable!("file keys only"),
+        }
+    }
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn sixteen_garbage_slots_under_one_trusted_key_cost_one_attempt() {
+        let ring = Keyring {
+            keks: vec![file_kek(1)],
+        };
+        let untrusted = file_kek(2);
+        let ko = key_object(|_, _| {
+            let mut s: Vec<_> = (0..15u8)
+                .map(|i| slot(&ring.keks[0], vec![i; 60]))
+                .collect();
+            s.insert(7, slot(&untrusted, vec![9; 60]));
+            s
+        });
+        assert_eq!(ko.slots.len(), 16);
+        let e = run(ring.unwrap(&ko)).err().unwrap();
+        assert!(matches!(e, KeyError::UnwrapFailed(_)), "{e}");
+        assert_eq!(attempts(&ring.keks[0]), 1, "one attempt per trusted key");
+        assert_eq!(attempts(&untrusted), 0);
+    }
+
+    #[test]
+    fn trusted_keys_are_tried_in_keyring_order_once_each() {
+        let (a, b) = (file_kek(1), file_kek(2));
+        // A's slot comes first in the object; `--key B --key A` must try B first.
+        let ko = key_object(|dek, ctx| vec![wrap(&a, dek, ctx), wrap(&b, dek, ctx)]);
+        let ring = Keyring { keks: vec![b, a] };
+        run(ring.unwrap(&ko)).unwrap();
+        assert_eq!(attempts(&ring.keks[0]), 1, "B tried");
+        assert_eq!(attempts(&ring.keks[1]), 0, "A never needed");
+
+        // A failure under the first trusted key moves on to the next one, once.
+        let (a, b) = (file_kek(1), file_kek(2));
+        let ko = key_object(|dek, ctx| {
+            let mut s: Vec<_> = (0..8u8).map(|i| slot(&a, vec![i; 60])).collect();
+            s.push(wrap(&b, dek, ctx));
+            s.extend((0..7u8).map(|i| slot(&a, vec![i; 60])));
+            s
+        });
+        let ring = Keyring { keks: vec![a, b] };
+        run(ring.unwrap(&ko)).unwrap();
+        assert_eq!(attempts(&ring.keks[0]), 1, "A tried once");
+        assert_eq!(attempts(&ring.keks[1]), 1, "then B");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_tried_once() {
+        let ring = Keyring {
+            keks: vec![file_kek(1), file_kek(1)],
+        };
+        let ko = key_object(|_, _| (0..4u8).map(|i| slot(&ring.keks[0], vec![i; 60])).collect());
+        assert!(run(ring.unwrap(&ko)).is_err());
+        assert_eq!(attempts(&ring.keks[0]) + attempts(&ring.keks[1]), 1);
     }
 }

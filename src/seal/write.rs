@@ -199,7 +199,7 @@ async fn seal_file(
         .await
         .map_err(|e| Error::key(key, e))?;
     KeyObject::validate_slots(&slots).map_err(|e| Error::Usage(e.to_string()))?;
-    let keys = FileKeys::derive(&dek, &file_id);
+    let keys = FileKeys::derive(&dek, &file_id)?;
     drop(dek);
     let ko = KeyObject {
         mac: keys.header_mac(&authenticated),
