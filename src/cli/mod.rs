@@ -430,43 +430,47 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
     }
 }
 
+/// Text `inspect`. Everything shown comes from the store, unauthenticated: every string is
+/// escaped, so a name or a context value cannot start a line of its own.
 fn print_inspect(v: &serde_json::Value) {
+    let t = |x: &serde_json::Value| crate::format::naming::escaped(x.as_str().unwrap_or(""));
     for f in v["files"].as_array().into_iter().flatten() {
-        println!("{}", f["file"].as_str().unwrap_or("?"));
-        if let Some(e) = f["error"].as_str() {
-            println!("  error: {e}");
+        println!("{}", t(&f["file"]));
+        if f["error"].is_string() {
+            println!("  error: {}", t(&f["error"]));
             continue;
         }
         println!(
             "  format:          sealfs v{}, {}",
             f["version"],
-            f["suite"].as_str().unwrap_or("")
+            t(&f["suite"])
         );
         println!(
             "  plaintext size:  {} bytes in {} chunks of {}",
             f["plaintext_size"], f["chunks"], f["chunk_size"]
         );
-        println!("  file id:         {}", f["file_id"].as_str().unwrap_or(""));
+        println!("  file id:         {}", t(&f["file_id"]));
         println!("  context:");
         for (k, val) in f["encryption_context"].as_object().into_iter().flatten() {
-            println!("    {k} = {}", val.as_str().unwrap_or(""));
+            println!("    {} = {}", crate::format::naming::escaped(k), t(val));
         }
         println!("  wrapped keys:");
         for s in f["wrapped_keys"].as_array().into_iter().flatten() {
-            println!(
-                "    {} {}",
-                s["kind"].as_str().unwrap_or(""),
-                s["key_id"].as_str().unwrap_or("")
-            );
+            println!("    {} {}", t(&s["kind"]), t(&s["key_id"]));
         }
     }
     for o in v["unsealed_objects"].as_array().into_iter().flatten() {
-        println!("not sealed: {}", o.as_str().unwrap_or(""));
+        println!("not sealed: {}", t(o));
     }
     for o in v["orphan_key_objects"].as_array().into_iter().flatten() {
+        println!("key object without data object: {}", t(o));
+    }
+    for o in v["refused_names"].as_array().into_iter().flatten() {
+        // Already escaped by inspect.
         println!(
-            "key object without data object: {}",
-            o.as_str().unwrap_or("")
+            "refused name: {} ({})",
+            o["name"].as_str().unwrap_or(""),
+            o["reason"].as_str().unwrap_or("")
         );
     }
 }

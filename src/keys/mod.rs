@@ -241,10 +241,12 @@ impl Keyring {
             }
         }
         Err(last_err.unwrap_or_else(|| KeyError::NoTrustedKey {
+            // Key ids come from the (unauthenticated) key object: escaped, so that one
+            // cannot break the log line this error ends up in.
             carried: ko
                 .slots
                 .iter()
-                .map(|s| s.key_id.as_str())
+                .map(|s| crate::format::naming::escaped(&s.key_id))
                 .collect::<Vec<_>>()
                 .join(", "),
             trusted: self.ids().join(", "),

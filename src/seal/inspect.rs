@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::error::Result;
+use crate::format::naming::escaped;
 use crate::format::SlotKind;
 use crate::object::{find, read_key_object};
 use crate::store::Location;
@@ -48,5 +49,10 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
         "files": files,
         "unsealed_objects": l.unsealed.iter().map(|o| &o.key).collect::<Vec<_>>(),
         "orphan_key_objects": l.orphans.iter().map(|o| &o.key).collect::<Vec<_>>(),
+        "refused_names": l
+            .rejected
+            .iter()
+            .map(|(name, why)| json!({"name": escaped(name), "reason": why.to_string()}))
+            .collect::<Vec<_>>(),
     }))
 }

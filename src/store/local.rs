@@ -378,3 +378,64 @@ impl LocalRange {
         Some(res)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An object swapped for a FIFO, a symlink or a huge file after the listing: refused
+    /// promptly, never followed, never read whole.
+    #[tokio::test]
+    async fn gets_refuse_fifos_symlinks_and_oversized_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let fifo = std::ffi::CString::new(dir.path().join("fifo").display().to_string()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero")).unwrap();
+        std::fs::write(dir.path().join("small"), b"12345").unwrap();
+        let bounded = |f| tokio::time::timeout(std::time::Duration::from_secs(5), f);
+        let e = bounded(store.get("fifo", 100))
+            .await
+            .expect("no hang")
+            .unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = bounded(store.get("zero", 100))
+            .await
+            .expect("no hang")
+            .unwrap_err();
+        assert!(e.to_string().contains("symbolic links"), "{e}");
+        let e = store.get("small", 4).await.unwrap_err();
+        assert_eq!(e.to_string(), "small: object refused: larger than 4 bytes");
+        assert_eq!(&store.get("small", 5).await.unwrap().0[..], b"12345");
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.get_range_stream("fifo", 0, 1, None),
+        )
+        .await
+        .expect("no hang")
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn listings_stop_at_max_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            std::fs::write(dir.path().join(format!("f{i}")), b"x").unwrap();
+        }
+        let store = LocalStore::new(dir.path());
+        let limits = ListLimits {
+            max_objects: 4,
+            ..Default::default()
+        };
+        let e = store.list("", &limits).await.unwrap_err();
+        assert!(e.to_string().contains("more than 4 objects"), "{e}");
+        let limits = ListLimits {
+            max_objects: 5,
+            ..Default::default()
+        };
+        assert_eq!(store.list("", &limits).await.unwrap().len(), 5);
+    }
+}
