@@ -495,6 +495,9 @@ fn service_runs_as_systemd_runs_it_within_its_syscall_filter() {
                         Some(("cache_size", _)) => "cache_size=4MiB".to_owned(),
                         _ => o.to_owned(),
                     })
+                    // Slots of this test's 64 KiB chunks: 8 slots of the default 1 MiB
+                    // would not fit that limit.
+                    .chain(["max_chunk_size=64KiB".to_owned()])
                     .collect::<Vec<_>>()
                     .join(",")
             }
