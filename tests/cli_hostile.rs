@@ -1,11 +1,12 @@
 //! The CLI against a hostile bucket and a hostile local disk: `unseal` never writes outside
-//! DEST (no symlink under DEST is followed), and its outputs are private (0600 files, 0700
-//! directories).
+//! DEST (no symlink under DEST is followed), its outputs are private (0600 files, 0700
+//! directories), and every command runs non-dumpable with a zero core-size limit.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -149,4 +150,83 @@ fn unseal_outputs_are_private_to_the_user() {
         std::fs::read(t.p("two")).unwrap(),
         std::fs::read(t.p("src/top")).unwrap()
     );
+}
+
+/// Runs `sealfs args` under strace and returns the prctl/setrlimit/prlimit64 calls it made.
+fn traced(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=prctl,setrlimit,prlimit64", "-o"])
+        .arg(&log)
+        .arg(bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("strace is required (scripts/install-test-deps.sh)");
+    assert!(
+        out.status.success(),
+        "sealfs {args:?} under strace failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn every_command_is_undumpable_with_no_core_file() {
+    let t = Tree::new();
+    let k2 = t.p("kek2");
+    let to_key = format!("file:{k2}");
+    let key = t.key();
+    let (src, sealed, out) = (t.p("src/top"), t.p("sealed2"), t.p("out"));
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["keygen", &k2],
+        vec!["seal", &src, &sealed, "--key", &key],
+        vec!["inspect", &sealed],
+        vec!["verify", &sealed, "--key", &key],
+        vec!["unseal", &sealed, &out, "--key", &key],
+        vec!["rewrap", &sealed, "--key", &key, "--to-key", &to_key],
+    ];
+    for args in runs {
+        let trace = traced(&args);
+        assert!(
+            trace
+                .lines()
+                .any(|l| l.contains("prctl(PR_SET_DUMPABLE, SUID_DUMP_DISABLE")
+                    && l.ends_with("= 0")),
+            "{}: no PR_SET_DUMPABLE=0:\n{trace}",
+            args[0]
+        );
+        assert!(
+            trace.lines().any(|l| l.contains("RLIMIT_CORE")
+                && l.contains("{rlim_cur=0, rlim_max=0}")
+                && l.ends_with("= 0")),
+            "{}: no RLIMIT_CORE=0:\n{trace}",
+            args[0]
+        );
+    }
+}
+
+#[test]
+fn the_mount_daemon_keeps_a_zero_core_limit() {
+    let t = Tree::new();
+    let mut m = Mount::start(&t.p("sealed"), &["--key", &t.key()], &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", m.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().collect::<Vec<_>>()[4..6],
+        ["0", "0"],
+        "{core}"
+    );
+    assert_eq!(
+        std::fs::read(m.path("top")).unwrap(),
+        std::fs::read(t.p("src/top")).unwrap()
+    );
+    m.stop_with_exit_0();
 }
