@@ -24,3 +24,17 @@ pub fn harden() {
         }
     }
 }
+
+/// Environment variables that make the AWS SDK log HTTP bodies at trace level: the signer's
+/// signable body (`aws-sigv4`) and sensitive responses (`aws-smithy-runtime`). A KMS
+/// `Encrypt` request body and a `GenerateDataKey`/`Decrypt` response hold a DEK.
+pub const BODY_LOGGING_VARS: [&str; 2] = ["LOG_SIGNABLE_BODY", "LOG_SENSITIVE_BODIES"];
+
+/// Removes [`BODY_LOGGING_VARS`] from the environment. Call first thing, while the process
+/// has one thread: changing the environment races with `getenv` in other threads (which is
+/// why `remove_var` is `unsafe` from edition 2024; this crate is edition 2021).
+pub fn scrub_env() {
+    for v in BODY_LOGGING_VARS {
+        std::env::remove_var(v);
+    }
+}

@@ -441,3 +441,96 @@ fn bad_uri_and_missing_credentials_give_one_clear_line() {
     assert_eq!(e.lines().count(), 1, "one line: {e}");
     assert!(e.starts_with("sealfs: error:"), "{e}");
 }
+
+/// With every SDK body-logging switch on (`LOG_SIGNABLE_BODY`, `LOG_SENSITIVE_BODIES`) and
+/// trace logs, a seal whose second KMS key wraps the DEK with `Encrypt` (a request body
+/// that holds the DEK) logs no body and no DEK.
+#[test]
+fn trace_logs_with_sdk_body_logging_switched_on_carry_no_dek() {
+    use sealfs::format::{KeyObject, SlotKind};
+    use sealfs::keys::file::FileKek;
+    let f = fixture();
+    let (a, b) = rt().block_on(async {
+        (
+            f.stack.create_key(None).await,
+            f.stack.create_key(None).await,
+        )
+    });
+    let kek = f.path("escrow.key");
+    expect_code(&f.run(&["keygen", &kek]), 0);
+    let mut env = f.env.clone();
+    for (k, v) in [
+        ("RUST_LOG", "trace"),
+        ("LOG_SIGNABLE_BODY", "true"),
+        ("LOG_SENSITIVE_BODIES", "true"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let out = sealfs(
+        &[
+            "--log-level",
+            "trace",
+            "seal",
+            &f.path("src/sub/model.bin"),
+            "s3://models/t",
+            "--key",
+            &format!("kms:{a}"),
+            "--key",
+            &format!("kms:{b}"),
+            "--key",
+            &format!("file:{kek}"),
+        ],
+        &env,
+    );
+    let logs = expect_code(&out, 0);
+    assert_eq!(
+        f.stack.count("kms:Encrypt"),
+        1,
+        "the second KMS key used Encrypt"
+    );
+    assert!(
+        logs.contains("DEBUG"),
+        "debug logs of the SDK still flow: {logs}"
+    );
+    let ko = rt().block_on(async {
+        f.stack
+            .s3()
+            .await
+            .get_object()
+            .bucket("models")
+            .key("t/model.bin.sealfs-c20")
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes()
+    });
+    let ko = KeyObject::parse(&ko).unwrap();
+    let slot = ko
+        .slots
+        .iter()
+        .find(|s| s.kind == SlotKind::File)
+        .expect("file slot");
+    let dek = FileKek::load(std::path::Path::new(&kek))
+        .unwrap()
+        .unwrap(&slot.wrapped, &ko.header.context)
+        .unwrap();
+    let b64 = aws_smithy_types::base64::encode(dek.expose());
+    assert!(!logs.contains(&b64), "base64 DEK in the trace logs");
+    assert!(
+        !logs.contains(&b64[..16]),
+        "base64 DEK prefix in the trace logs"
+    );
+    assert!(
+        !logs.contains(&hex::encode(dek.expose())),
+        "hex DEK in the trace logs"
+    );
+    assert!(!logs.contains("Plaintext"), "a KMS body in the trace logs");
+    assert!(
+        !logs.contains("EncryptionContext"),
+        "a KMS request body in the trace logs"
+    );
+}
