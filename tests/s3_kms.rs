@@ -442,6 +442,89 @@ fn bad_uri_and_missing_credentials_give_one_clear_line() {
     assert!(e.starts_with("sealfs: error:"), "{e}");
 }
 
+#[test]
+fn rewrap_never_undoes_a_concurrent_write_of_the_key_object() {
+    let f = fixture();
+    let (k1, k2) = (f.path("k1.key"), f.path("k2.key"));
+    expect_code(&f.run(&["keygen", &k1]), 0);
+    expect_code(&f.run(&["keygen", &k2]), 0);
+    expect_code(
+        &f.run(&[
+            "seal",
+            &f.path("src/one"),
+            "s3://models/w",
+            "--key",
+            &format!("file:{k1}"),
+        ]),
+        0,
+    );
+    // Rewrap's key-object PUT is held 3 s; meanwhile someone else writes the key object.
+    f.stack.reset();
+    f.stack
+        .fault(json!({"match": "s3:PUT", "delay": 3.0, "times": 1}));
+    let mut c = std::process::Command::new(bin());
+    c.args([
+        "rewrap",
+        "s3://models/w",
+        "--key",
+        &format!("file:{k1}"),
+        "--to-key",
+        &format!("file:{k2}"),
+    ]);
+    c.env_clear()
+        .envs(f.env.iter().cloned())
+        .env("PATH", std::env::var("PATH").unwrap());
+    let child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while f.stack.count("s3:PUT") == 0 {
+        assert!(start.elapsed().as_secs() < 30, "rewrap never wrote");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let concurrent = b"written by a concurrent reseal".to_vec();
+    rt().block_on(async {
+        f.stack
+            .s3()
+            .await
+            .put_object()
+            .bucket("models")
+            .key("w/one.sealfs-c20")
+            .body(concurrent.clone().into())
+            .send()
+            .await
+            .unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    let t = expect_code(&out, 5);
+    assert!(t.contains("w/one.sealfs-c20"), "{t}");
+    assert!(t.contains("changed"), "{t}");
+    assert_eq!(stderr(&out).lines().count(), 1, "{t}");
+    let now = rt().block_on(async {
+        f.stack
+            .s3()
+            .await
+            .get_object()
+            .bucket("models")
+            .key("w/one.sealfs-c20")
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes()
+    });
+    assert_eq!(
+        now.as_ref(),
+        concurrent.as_slice(),
+        "the concurrent write is kept"
+    );
+}
+
 /// With every SDK body-logging switch on (`LOG_SIGNABLE_BODY`, `LOG_SENSITIVE_BODIES`) and
 /// trace logs, a seal whose second KMS key wraps the DEK with `Encrypt` (a request body
 /// that holds the DEK) logs no body and no DEK.
