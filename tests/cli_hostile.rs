@@ -230,3 +230,34 @@ fn the_mount_daemon_keeps_a_zero_core_limit() {
     );
     m.stop_with_exit_0();
 }
+
+#[test]
+fn reseal_with_force_on_a_local_directory_swaps_both_objects() {
+    let t = Tree::new();
+    std::fs::write(t.p("src/top"), pattern(70_000, 9)).unwrap();
+    let o = sealfs(
+        &[
+            "seal",
+            &t.p("src/top"),
+            &t.p("sealed"),
+            "--key",
+            &t.key(),
+            "--force",
+            "--chunk-size",
+            "32KiB",
+        ],
+        &[],
+    );
+    expect_code(&o, 0);
+    let names = entries(&t.dir.path().join("sealed"));
+    assert_eq!(
+        names,
+        ["sub", "top", "top.sealfs-c15"],
+        "stale key object removed"
+    );
+    let v = expect_code(
+        &sealfs(&["verify", &t.p("sealed"), "--key", &t.key()], &[]),
+        0,
+    );
+    assert!(v.contains("top (70000 bytes)"), "{v}");
+}

@@ -442,6 +442,135 @@ fn bad_uri_and_missing_credentials_give_one_clear_line() {
     assert!(e.starts_with("sealfs: error:"), "{e}");
 }
 
+/// Keys in `bucket` under `prefix`, sorted.
+fn names_under(f: &Fixture, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = rt()
+        .block_on(f.stack.keys_in("models"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn failed_reseal_with_force_keeps_the_old_version() {
+    let f = fixture();
+    let kek = f.path("k.key");
+    expect_code(&f.run(&["keygen", &kek]), 0);
+    let key = format!("file:{kek}");
+    let src = f.path("model.bin");
+    let v1 = pattern(12 << 20, 1);
+    std::fs::write(&src, &v1).unwrap();
+    expect_code(
+        &f.run(&[
+            "seal",
+            &src,
+            "s3://models/r",
+            "--key",
+            &key,
+            "--part-size",
+            "5MiB",
+        ]),
+        0,
+    );
+    let v2 = pattern(11 << 20, 2);
+    std::fs::write(&src, &v2).unwrap();
+    let old_is_intact = |why: &str| {
+        let t = expect_code(&f.run(&["verify", "s3://models/r", "--key", &key]), 0);
+        assert!(t.contains(&format!("({} bytes)", v1.len())), "{why}: {t}");
+        let out = f.path("out.bin");
+        let _ = std::fs::remove_file(&out);
+        expect_code(
+            &f.run(&["unseal", "s3://models/r/model.bin", &out, "--key", &key]),
+            0,
+        );
+        assert_eq!(sha256(&std::fs::read(&out).unwrap()), sha256(&v1), "{why}");
+        assert_eq!(
+            names_under(&f, "r/"),
+            ["r/model.bin", "r/model.bin.sealfs-c20"],
+            "{why}"
+        );
+        assert_eq!(rt().block_on(f.stack.open_uploads("models")), 0, "{why}");
+    };
+
+    // Same chunk size, then a new one: every upload part fails.
+    for chunk in ["1MiB", "16KiB"] {
+        f.stack.reset();
+        f.stack
+            .fault(json!({"match": "s3:UploadPart", "error": "500"}));
+        let t = expect_code(
+            &f.run(&[
+                "seal",
+                &src,
+                "s3://models/r",
+                "--key",
+                &key,
+                "--force",
+                "--part-size",
+                "5MiB",
+                "--chunk-size",
+                chunk,
+            ]),
+            5,
+        );
+        assert!(t.contains("UploadPart"), "{t}");
+        f.stack.reset();
+        old_is_intact(&format!("failed reseal at {chunk}"));
+    }
+
+    // Interrupted in the middle of a slow upload: the old version stays too.
+    f.stack.reset();
+    f.stack
+        .fault(json!({"match": "s3:UploadPart", "delay": 1.0, "times": 100}));
+    let mut c = std::process::Command::new(bin());
+    c.args([
+        "seal",
+        &src,
+        "s3://models/r",
+        "--key",
+        &key,
+        "--force",
+        "--part-size",
+        "5MiB",
+    ]);
+    c.env_clear()
+        .envs(f.env.iter().cloned())
+        .env("PATH", std::env::var("PATH").unwrap());
+    let child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while f.stack.count("s3:UploadPart") == 0 {
+        assert!(start.elapsed().as_secs() < 30, "upload never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    expect_code(&child.wait_with_output().unwrap(), 130);
+    f.stack.reset();
+    old_is_intact("interrupted reseal");
+
+    // A reseal that completes replaces both objects, stale chunk sizes included.
+    expect_code(
+        &f.run(&[
+            "seal",
+            &src,
+            "s3://models/r",
+            "--key",
+            &key,
+            "--force",
+            "--chunk-size",
+            "16KiB",
+        ]),
+        0,
+    );
+    let t = expect_code(&f.run(&["verify", "s3://models/r", "--key", &key]), 0);
+    assert!(t.contains(&format!("({} bytes)", v2.len())), "{t}");
+    assert_eq!(
+        names_under(&f, "r/"),
+        ["r/model.bin", "r/model.bin.sealfs-c14"]
+    );
+}
+
 #[test]
 fn rewrap_never_undoes_a_concurrent_write_of_the_key_object() {
     let f = fixture();
