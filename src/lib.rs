@@ -13,6 +13,7 @@ pub mod fs;
 pub mod fuse;
 pub mod keys;
 pub mod object;
+pub mod process;
 pub mod seal;
 pub mod store;
 pub mod telemetry;

@@ -441,3 +441,308 @@ fn bad_uri_and_missing_credentials_give_one_clear_line() {
     assert_eq!(e.lines().count(), 1, "one line: {e}");
     assert!(e.starts_with("sealfs: error:"), "{e}");
 }
+
+/// Keys in `bucket` under `prefix`, sorted.
+fn names_under(f: &Fixture, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = rt()
+        .block_on(f.stack.keys_in("models"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn failed_reseal_with_force_keeps_the_old_version() {
+    let f = fixture();
+    let kek = f.path("k.key");
+    expect_code(&f.run(&["keygen", &kek]), 0);
+    let key = format!("file:{kek}");
+    let src = f.path("model.bin");
+    let v1 = pattern(12 << 20, 1);
+    std::fs::write(&src, &v1).unwrap();
+    expect_code(
+        &f.run(&[
+            "seal",
+            &src,
+            "s3://models/r",
+            "--key",
+            &key,
+            "--part-size",
+            "5MiB",
+        ]),
+        0,
+    );
+    let v2 = pattern(11 << 20, 2);
+    std::fs::write(&src, &v2).unwrap();
+    let old_is_intact = |why: &str| {
+        let t = expect_code(&f.run(&["verify", "s3://models/r", "--key", &key]), 0);
+        assert!(t.contains(&format!("({} bytes)", v1.len())), "{why}: {t}");
+        let out = f.path("out.bin");
+        let _ = std::fs::remove_file(&out);
+        expect_code(
+            &f.run(&["unseal", "s3://models/r/model.bin", &out, "--key", &key]),
+            0,
+        );
+        assert_eq!(sha256(&std::fs::read(&out).unwrap()), sha256(&v1), "{why}");
+        assert_eq!(
+            names_under(&f, "r/"),
+            ["r/model.bin", "r/model.bin.sealfs-c20"],
+            "{why}"
+        );
+        assert_eq!(rt().block_on(f.stack.open_uploads("models")), 0, "{why}");
+    };
+
+    // Same chunk size, then a new one: every upload part fails.
+    for chunk in ["1MiB", "16KiB"] {
+        f.stack.reset();
+        f.stack
+            .fault(json!({"match": "s3:UploadPart", "error": "500"}));
+        let t = expect_code(
+            &f.run(&[
+                "seal",
+                &src,
+                "s3://models/r",
+                "--key",
+                &key,
+                "--force",
+                "--part-size",
+                "5MiB",
+                "--chunk-size",
+                chunk,
+            ]),
+            5,
+        );
+        assert!(t.contains("UploadPart"), "{t}");
+        f.stack.reset();
+        old_is_intact(&format!("failed reseal at {chunk}"));
+    }
+
+    // Interrupted in the middle of a slow upload: the old version stays too.
+    f.stack.reset();
+    f.stack
+        .fault(json!({"match": "s3:UploadPart", "delay": 1.0, "times": 100}));
+    let mut c = std::process::Command::new(bin());
+    c.args([
+        "seal",
+        &src,
+        "s3://models/r",
+        "--key",
+        &key,
+        "--force",
+        "--part-size",
+        "5MiB",
+    ]);
+    c.env_clear()
+        .envs(f.env.iter().cloned())
+        .env("PATH", std::env::var("PATH").unwrap());
+    let child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while f.stack.count("s3:UploadPart") == 0 {
+        assert!(start.elapsed().as_secs() < 30, "upload never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    expect_code(&child.wait_with_output().unwrap(), 130);
+    f.stack.reset();
+    old_is_intact("interrupted reseal");
+
+    // A reseal that completes replaces both objects, stale chunk sizes included.
+    expect_code(
+        &f.run(&[
+            "seal",
+            &src,
+            "s3://models/r",
+            "--key",
+            &key,
+            "--force",
+            "--chunk-size",
+            "16KiB",
+        ]),
+        0,
+    );
+    let t = expect_code(&f.run(&["verify", "s3://models/r", "--key", &key]), 0);
+    assert!(t.contains(&format!("({} bytes)", v2.len())), "{t}");
+    assert_eq!(
+        names_under(&f, "r/"),
+        ["r/model.bin", "r/model.bin.sealfs-c14"]
+    );
+}
+
+#[test]
+fn rewrap_never_undoes_a_concurrent_write_of_the_key_object() {
+    let f = fixture();
+    let (k1, k2) = (f.path("k1.key"), f.path("k2.key"));
+    expect_code(&f.run(&["keygen", &k1]), 0);
+    expect_code(&f.run(&["keygen", &k2]), 0);
+    expect_code(
+        &f.run(&[
+            "seal",
+            &f.path("src/one"),
+            "s3://models/w",
+            "--key",
+            &format!("file:{k1}"),
+        ]),
+        0,
+    );
+    // Rewrap's key-object PUT is held 3 s; meanwhile someone else writes the key object.
+    f.stack.reset();
+    f.stack
+        .fault(json!({"match": "s3:PUT", "delay": 3.0, "times": 1}));
+    let mut c = std::process::Command::new(bin());
+    c.args([
+        "rewrap",
+        "s3://models/w",
+        "--key",
+        &format!("file:{k1}"),
+        "--to-key",
+        &format!("file:{k2}"),
+    ]);
+    c.env_clear()
+        .envs(f.env.iter().cloned())
+        .env("PATH", std::env::var("PATH").unwrap());
+    let child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while f.stack.count("s3:PUT") == 0 {
+        assert!(start.elapsed().as_secs() < 30, "rewrap never wrote");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let concurrent = b"written by a concurrent reseal".to_vec();
+    rt().block_on(async {
+        f.stack
+            .s3()
+            .await
+            .put_object()
+            .bucket("models")
+            .key("w/one.sealfs-c20")
+            .body(concurrent.clone().into())
+            .send()
+            .await
+            .unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    let t = expect_code(&out, 5);
+    assert!(t.contains("w/one.sealfs-c20"), "{t}");
+    assert!(t.contains("changed"), "{t}");
+    assert_eq!(stderr(&out).lines().count(), 1, "{t}");
+    let now = rt().block_on(async {
+        f.stack
+            .s3()
+            .await
+            .get_object()
+            .bucket("models")
+            .key("w/one.sealfs-c20")
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes()
+    });
+    assert_eq!(
+        now.as_ref(),
+        concurrent.as_slice(),
+        "the concurrent write is kept"
+    );
+}
+
+/// With every SDK body-logging switch on (`LOG_SIGNABLE_BODY`, `LOG_SENSITIVE_BODIES`) and
+/// trace logs, a seal whose second KMS key wraps the DEK with `Encrypt` (a request body
+/// that holds the DEK) logs no body and no DEK.
+#[test]
+fn trace_logs_with_sdk_body_logging_switched_on_carry_no_dek() {
+    use sealfs::format::{KeyObject, SlotKind};
+    use sealfs::keys::file::FileKek;
+    let f = fixture();
+    let (a, b) = rt().block_on(async {
+        (
+            f.stack.create_key(None).await,
+            f.stack.create_key(None).await,
+        )
+    });
+    let kek = f.path("escrow.key");
+    expect_code(&f.run(&["keygen", &kek]), 0);
+    let mut env = f.env.clone();
+    for (k, v) in [
+        ("RUST_LOG", "trace"),
+        ("LOG_SIGNABLE_BODY", "true"),
+        ("LOG_SENSITIVE_BODIES", "true"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let out = sealfs(
+        &[
+            "--log-level",
+            "trace",
+            "seal",
+            &f.path("src/sub/model.bin"),
+            "s3://models/t",
+            "--key",
+            &format!("kms:{a}"),
+            "--key",
+            &format!("kms:{b}"),
+            "--key",
+            &format!("file:{kek}"),
+        ],
+        &env,
+    );
+    let logs = expect_code(&out, 0);
+    assert_eq!(
+        f.stack.count("kms:Encrypt"),
+        1,
+        "the second KMS key used Encrypt"
+    );
+    assert!(
+        logs.contains("DEBUG"),
+        "debug logs of the SDK still flow: {logs}"
+    );
+    let ko = rt().block_on(async {
+        f.stack
+            .s3()
+            .await
+            .get_object()
+            .bucket("models")
+            .key("t/model.bin.sealfs-c20")
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes()
+    });
+    let ko = KeyObject::parse(&ko).unwrap();
+    let slot = ko
+        .slots
+        .iter()
+        .find(|s| s.kind == SlotKind::File)
+        .expect("file slot");
+    let dek = FileKek::load(std::path::Path::new(&kek))
+        .unwrap()
+        .unwrap(&slot.wrapped, &ko.header.context)
+        .unwrap();
+    let b64 = aws_smithy_types::base64::encode(dek.expose());
+    assert!(!logs.contains(&b64), "base64 DEK in the trace logs");
+    assert!(
+        !logs.contains(&b64[..16]),
+        "base64 DEK prefix in the trace logs"
+    );
+    assert!(
+        !logs.contains(&hex::encode(dek.expose())),
+        "hex DEK in the trace logs"
+    );
+    assert!(!logs.contains("Plaintext"), "a KMS body in the trace logs");
+    assert!(
+        !logs.contains("EncryptionContext"),
+        "a KMS request body in the trace logs"
+    );
+}

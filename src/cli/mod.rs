@@ -240,7 +240,11 @@ async fn keyring(specs: &[String]) -> Result<Keyring> {
 
 /// Runs the command; returns the exit code after printing its output or one error line.
 pub fn main_with(cli: Cli) -> i32 {
+    // Before any thread (the runtime, the mount's fork): see process::scrub_env.
+    crate::process::scrub_env();
     crate::telemetry::init(&cli.log_level, cli.log_format == "json");
+    // Every command, not only the mount: seal, unseal and rewrap hold DEKs and plaintext.
+    crate::process::harden();
     if let Command::Mount { .. } = cli.command {
         // The mount forks before any thread exists, so it builds its own runtime.
         return crate::fuse::session::run(mount_args(cli.command));

@@ -61,7 +61,9 @@ pub fn run(args: MountArgs) -> i32 {
             Err(code) => return code,
         }
     }
-    harden();
+    // No core dumps, no ptrace: decrypted chunks and DEKs must not reach a disk through a
+    // crash dump. cli::main_with did it before the fork; repeated for other callers.
+    crate::process::harden();
     let report = |pipe: &mut Option<std::fs::File>, res: Result<(), Fatal>| match (pipe.take(), res)
     {
         (Some(mut p), Ok(())) => {
@@ -410,28 +412,6 @@ fn wait_ready(mut r: std::fs::File) -> i32 {
         None => {
             eprintln!("sealfs: error: the mount daemon exited before the mount was ready");
             exit::FAILURE
-        }
-    }
-}
-
-/// No core dumps and no ptrace by other users: decrypted chunks and DEKs must not reach a
-/// disk through a crash dump.
-#[allow(unsafe_code)]
-fn harden() {
-    // SAFETY: prctl/setrlimit with valid arguments; failures are logged, not fatal.
-    unsafe {
-        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            tracing::warn!(
-                "PR_SET_DUMPABLE failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        let zero = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
-            tracing::warn!("RLIMIT_CORE failed: {}", std::io::Error::last_os_error());
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The CLI's operations on sealed objects: seal, verify, unseal, inspect, rewrap.
 
+pub mod dest;
 pub mod inspect;
 pub mod read;
 pub mod rewrap;

@@ -1,14 +1,17 @@
 //! `sealfs verify` and `sealfs unseal`: read every chunk through the same open path as the
-//! mount. Verify releases nothing; unseal writes to a hidden temporary file that is renamed
-//! into place only after the last chunk authenticated, and removed on any failure.
+//! mount. Verify releases nothing; unseal writes to a hidden temporary file (0600, under
+//! DEST only: [`super::dest`]) that is renamed into place only after the last chunk
+//! authenticated, and removed on any failure.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
+use super::dest::{self, Dest, Target};
 use super::Cancel;
 use crate::error::{Error, Result};
+use crate::format::naming;
 use crate::keys::Keyring;
 use crate::object::{find, OpenFile, SealedEntry};
 use crate::store::Location;
@@ -129,6 +132,10 @@ async fn verify_one(
 
 /// Decrypts the sealed files at `src` to `dest`. One object: `dest` is the output file (or
 /// a directory to put it in). A prefix: `dest` is a directory, files land at relative paths.
+/// Every output name is checked before anything is written (names come from the store), and
+/// every write goes through [`Dest`]: nothing lands outside `dest` (or, for one object to a
+/// file path, outside its directory), no symlink under it is followed, files are 0600 and
+/// new directories 0700.
 pub async fn unseal(
     src: &Location,
     dest: &Path,
@@ -138,31 +145,57 @@ pub async fn unseal(
 ) -> Result<Vec<PathBuf>> {
     let list = entries(src).await?;
     let single = list.len() == 1 && list[0].data.key == src.prefix;
-    let mut written = Vec::new();
-    for e in &list {
-        let out = if single {
-            if dest.is_dir() {
-                dest.join(e.data.key.rsplit('/').next().unwrap_or(&e.data.key))
-            } else {
-                dest.to_path_buf()
-            }
+    // (directory, output names relative to it, whether those names came from the store)
+    let (root, names, from_store) = if single {
+        let key = &list[0].data.key;
+        if dest.is_dir() {
+            let base = key.rsplit('/').next().unwrap_or(key).to_string();
+            (dest.to_path_buf(), vec![base], true)
         } else {
-            let rel = e
-                .data
-                .key
-                .strip_prefix(&src.prefix)
-                .unwrap_or(&e.data.key)
-                .trim_start_matches('/');
-            dest.join(rel)
-        };
-        if out.exists() && !force {
+            let name = dest::file_name(dest)
+                .ok_or_else(|| Error::Usage(format!("{}: not a file name", dest.display())))?;
+            let parent = dest.parent().unwrap_or(Path::new(""));
+            (parent.to_path_buf(), vec![name.to_string()], false)
+        }
+    } else {
+        let names = list
+            .iter()
+            .map(|e| {
+                e.data
+                    .key
+                    .strip_prefix(&src.prefix)
+                    .unwrap_or(&e.data.key)
+                    .trim_start_matches('/')
+                    .to_string()
+            })
+            .collect();
+        (dest.to_path_buf(), names, true)
+    };
+    if from_store {
+        for (e, rel) in list.iter().zip(&names) {
+            naming::check_key(rel).map_err(|why| {
+                Error::integrity(
+                    &naming::escaped(&src.describe(&e.data.key)),
+                    format!(
+                        "not a clean relative name ({why}): refusing to write it under {}",
+                        dest.display()
+                    ),
+                )
+            })?;
+        }
+    }
+    let dir = Dest::open(&root)?;
+    let mut written = Vec::new();
+    for (e, rel) in list.iter().zip(&names) {
+        let out = dir.target(rel)?;
+        if out.exists()? && !force {
             return Err(Error::Usage(format!(
                 "{}: already exists (use --force to replace it)",
-                out.display()
+                out.shown.display()
             )));
         }
         unseal_one(src, e, keyring, &out, cancel).await?;
-        written.push(out);
+        written.push(out.shown);
     }
     Ok(written)
 }
@@ -171,28 +204,15 @@ async fn unseal_one(
     loc: &Location,
     e: &SealedEntry,
     keyring: &Keyring,
-    out: &Path,
+    out: &Target,
     cancel: &Cancel,
 ) -> Result<()> {
     let f = OpenFile::open(&loc.store, e, keyring).await?;
     let io = |source| Error::Io {
-        path: out.display().to_string(),
+        path: out.shown.display().to_string(),
         source,
     };
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let mut rnd = [0u8; 8];
-    crate::crypto::random_bytes(&mut rnd);
-    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let temp = dir.join(format!(".{name}.sealfs-unseal-{}", hex::encode(rnd)));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&temp)
-        .map_err(io)?;
+    let (file, temp) = out.create_temp()?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let res = read_all(loc, &f, false, cancel, |b| w.write_all(b).map_err(io)).await;
     let res = res.and_then(|_| {
@@ -202,9 +222,9 @@ async fn unseal_one(
             .map_err(io)
     });
     match res {
-        Ok(()) => std::fs::rename(&temp, out).map_err(io),
+        Ok(()) => out.commit(&temp),
         Err(err) => {
-            let _ = std::fs::remove_file(&temp);
+            out.discard(&temp);
             Err(err)
         }
     }

@@ -1,14 +1,15 @@
 //! `sealfs rewrap`: replace the wrapped DEKs of sealed files. Only key objects move (a few
 //! hundred bytes each); the data objects, their ETags and the DEKs stay as they are, so
-//! mounts that have the files open keep reading.
+//! mounts that have the files open keep reading. Each key object is written back only over
+//! the version that was read (`If-Match` on its ETag), so a concurrent reseal is never undone.
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::format::KeyObject;
 use crate::keys::Keyring;
-use crate::object::{find, read_key_object};
-use crate::store::Location;
+use crate::object::{find, parse_key_object};
+use crate::store::{Location, StoreError};
 
 /// Rewraps every sealed file at `loc` from `from` (trusted, to unwrap) to exactly `to`.
 pub async fn rewrap(loc: &Location, from: &Keyring, to: &Keyring) -> Result<Vec<String>> {
@@ -21,15 +22,37 @@ pub async fn rewrap(loc: &Location, from: &Keyring, to: &Keyring) -> Result<Vec<
     }
     let mut done = Vec::new();
     for e in &l.sealed {
-        let mut ko = read_key_object(&loc.store, e).await?;
+        let (bytes, etag) = loc
+            .store
+            .get(&e.key_object.key, crate::format::header::MAX_KEY_OBJECT_LEN)
+            .await?;
+        if etag.is_empty() {
+            return Err(Error::Usage(format!(
+                "{}: the store sent no ETag, so rewrap cannot write it conditionally",
+                loc.describe(&e.key_object.key)
+            )));
+        }
+        let mut ko = parse_key_object(&bytes, e)?;
         ko.slots = from
             .rewrap(&ko, to)
             .await
             .map_err(|err| Error::key(&e.data.key, err))?;
         KeyObject::validate_slots(&ko.slots).map_err(|err| Error::Usage(err.to_string()))?;
+        // Only over the version read above: a reseal (or another rewrap) that wrote the key
+        // object meanwhile is never undone.
         loc.store
-            .put(&e.key_object.key, Bytes::from(ko.to_bytes()))
-            .await?;
+            .put_if_match(&e.key_object.key, Bytes::from(ko.to_bytes()), &etag)
+            .await
+            .map_err(|err| match err {
+                StoreError::Changed(_) => StoreError::Failed {
+                    op: "rewrap",
+                    key: loc.describe(&e.key_object.key),
+                    message: "the key object changed since rewrap read it (a concurrent seal or \
+                              rewrap?); it was not written: run rewrap again"
+                        .into(),
+                },
+                other => other,
+            })?;
         tracing::info!(file = %loc.describe(&e.data.key), to = ?to.ids(), "rewrapped");
         done.push(e.data.key.clone());
     }

@@ -1,9 +1,11 @@
 //! `sealfs seal`: encrypt files and upload them as sealed objects.
 //!
-//! Per file: a fresh DEK (one KMS GenerateDataKey), the key object first, then the data
-//! object as a multipart upload of parts read with `pread` and sealed in parallel, at most
-//! `jobs` parts in memory. On any error or cancellation the upload is aborted and the key
-//! object deleted, so no partial file becomes visible.
+//! Per file: a fresh DEK (one KMS GenerateDataKey), then the data object as a multipart
+//! upload of parts read with `pread` and sealed in parallel, at most `jobs` parts in memory.
+//! Only when every part is in: PUT the key object, complete the upload at once, then delete
+//! key objects of another chunk size. On any error or cancellation before that the upload is
+//! aborted and nothing else was touched, so no partial file becomes visible and a file
+//! resealed with `--force` keeps its previous version (docs/FORMAT.md).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -209,12 +211,10 @@ async fn seal_file(
     };
     let digest = header_digest(&ko.authenticated);
 
-    // Old objects of another chunk size would make the pair ambiguous: remove them first.
+    // The old pair (if any) stays untouched, and readable, while the new data object is
+    // uploaded: a multipart upload is invisible until completed (a local upload is a hidden
+    // temporary file). Only once every part is in are the two objects swapped.
     let key_name = naming::key_object_name(key, opts.chunk_log2);
-    for k in old.iter().filter(|k| **k != key && **k != key_name) {
-        store.delete(k).await?;
-    }
-    store.put(&key_name, Bytes::from(ko.to_bytes())).await?;
     let upload = store.start_upload(key).await?;
     let job = Arc::new(PartJob {
         file,
@@ -225,20 +225,67 @@ async fn seal_file(
         chunks_per_part: chunks_per_part(&layout, opts.part_size),
         path: path.display().to_string(),
     });
-    let body = upload_parts(&upload, &job, opts.jobs.max(1), pb);
-    let result = tokio::select! {
-        r = body => r,
-        _ = cancel.cancelled() => Err(Error::Interrupted),
-    };
-    match result {
-        Ok(()) => Ok(upload.complete().await?),
+    let staged = async {
+        tokio::select! {
+            r = upload_parts(&upload, &job, opts.jobs.max(1), pb) => r,
+            _ = cancel.cancelled() => Err(Error::Interrupted),
+        }?;
+        // The key object the new one replaces, to put back should the swap fail.
+        if old.contains(&key_name) {
+            Ok(Some(
+                store
+                    .get(&key_name, crate::format::header::MAX_KEY_OBJECT_LEN)
+                    .await?
+                    .0,
+            ))
+        } else {
+            Ok::<_, Error>(None)
+        }
+    }
+    .await;
+    let previous = match staged {
+        Ok(p) => p,
         Err(e) => {
-            if let Err(a) = upload.abort().await {
-                tracing::warn!(file = %store.describe(key), error = %a, "could not abort the upload");
-            }
-            let _ = store.delete(&key_name).await;
+            abort(store, key, upload).await;
+            return Err(e);
+        }
+    };
+    // The swap: from the key object PUT to the completion, the old data object pairs with
+    // the new key object (an open fails authentication) for one CompleteMultipartUpload
+    // round trip; docs/FORMAT.md explains why this order and not the other.
+    let swapped = match store.put(&key_name, Bytes::from(ko.to_bytes())).await {
+        Ok(()) => upload.complete().await,
+        Err(e) => {
+            abort(store, key, upload).await;
             Err(e)
         }
+    };
+    if let Err(e) = swapped {
+        // The old data object is still in place: so is its key object again (a failed PUT
+        // may still have landed).
+        let restored = match previous {
+            Some(b) => store.put(&key_name, b).await,
+            None => match store.delete(&key_name).await {
+                Err(StoreError::NotFound(_)) => Ok(()),
+                r => r,
+            },
+        };
+        if let Err(r) = restored {
+            tracing::warn!(file = %store.describe(key), error = %r, "could not restore the previous key object");
+        }
+        return Err(e.into());
+    }
+    // Key objects of another chunk size make the pair ambiguous (the file is hidden) until
+    // they are gone.
+    for k in old.iter().filter(|k| **k != key && **k != key_name) {
+        store.delete(k).await?;
+    }
+    Ok(())
+}
+
+async fn abort(store: &Store, key: &str, upload: crate::store::Upload) {
+    if let Err(a) = upload.abort().await {
+        tracing::warn!(file = %store.describe(key), error = %a, "could not abort the upload");
     }
 }
 

@@ -319,6 +319,18 @@ impl Store {
         dispatch!(self, s => s.put(key, body).await)
     }
 
+    /// [`Store::put`] only if `key` is still the version whose ETag is `if_match`, else
+    /// `Changed` and nothing written (S3: `If-Match` on PutObject; local: best effort,
+    /// see [`local::LocalStore::put_if_match`]).
+    pub async fn put_if_match(
+        &self,
+        key: &str,
+        body: Bytes,
+        if_match: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_if_match(key, body, if_match).await)
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         dispatch!(self, s => s.delete(key).await)
     }

@@ -279,6 +279,29 @@ impl S3Store {
         Ok(())
     }
 
+    /// PutObject with `If-Match`: S3 answers 412 (→ `Changed`) if the object is no longer
+    /// the version `if_match` names.
+    pub async fn put_if_match(
+        &self,
+        key: &str,
+        body: Bytes,
+        if_match: &str,
+    ) -> Result<(), StoreError> {
+        call(
+            "PutObject",
+            key,
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .if_match(if_match)
+                .body(ByteStream::from(body))
+                .send(),
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         call(
             "DeleteObject",
