@@ -469,6 +469,13 @@ fn print_inspect(v: &serde_json::Value) {
             o.as_str().unwrap_or("")
         );
     }
+    for r in v["refused_names"].as_array().into_iter().flatten() {
+        println!(
+            "refused name (hidden): {} ({})",
+            r["name"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
 }
 
 #[cfg(test)]
