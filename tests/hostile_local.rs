@@ -232,7 +232,7 @@ fn names_with_control_characters_are_hidden_and_logged_escaped() {
     let text = stdout(&out);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        text.contains("refused name: x\\nINFO sealfs::audit: dek unwrapped file=forged (has a control character)"),
+        text.contains("refused name (hidden): x\\nINFO sealfs::audit: dek unwrapped file=forged (has a control character)"),
         "{text}"
     );
     assert!(

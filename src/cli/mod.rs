@@ -469,12 +469,12 @@ fn print_inspect(v: &serde_json::Value) {
     for o in v["orphan_key_objects"].as_array().into_iter().flatten() {
         println!("key object without data object: {}", t(o));
     }
-    for o in v["refused_names"].as_array().into_iter().flatten() {
+    for r in v["refused_names"].as_array().into_iter().flatten() {
         // Already escaped by inspect.
         println!(
-            "refused name: {} ({})",
-            o["name"].as_str().unwrap_or(""),
-            o["reason"].as_str().unwrap_or("")
+            "refused name (hidden): {} ({})",
+            r["name"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
         );
     }
 }

@@ -4,12 +4,12 @@
 use serde_json::{json, Value};
 
 use crate::error::Result;
-use crate::format::naming::escaped;
-use crate::format::SlotKind;
+use crate::format::{naming, SlotKind};
 use crate::object::{find, read_key_object};
 use crate::store::Location;
 
-/// One JSON value per sealed file (errors included as `"error"`), plus unsealed objects.
+/// One JSON value per sealed file (errors included as `"error"`), plus unsealed objects and
+/// the names refused as not clean relative paths (escaped: a name never spans two lines).
 pub async fn inspect(loc: &Location) -> Result<Value> {
     let l = find(&loc.store, &loc.prefix).await?;
     let mut files = Vec::new();
@@ -52,7 +52,7 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
         "refused_names": l
             .rejected
             .iter()
-            .map(|(name, why)| json!({"name": escaped(name), "reason": why.to_string()}))
+            .map(|(name, why)| json!({"name": naming::escaped(name), "reason": why.to_string()}))
             .collect::<Vec<_>>(),
     }))
 }

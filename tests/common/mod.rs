@@ -189,6 +189,50 @@ impl Stack {
         http(self.proxy_port, "POST", "/__proxy/fault", &spec.to_string()).expect("proxy fault");
     }
 
+    fn control(&self, path: &str, body: &str) {
+        let (status, text) = http(self.proxy_port, "POST", path, body).expect("proxy control");
+        assert_eq!(status, 200, "{path} {body}: {text}");
+    }
+
+    /// From now until `reset`, every ListObjectsV2 is answered by the proxy: truncated,
+    /// with `objects` objects per page and a continuation token that is fresh each page
+    /// (`same_token` false) or always the same: a listing that never ends by itself.
+    pub fn endless_list(&self, same_token: bool, objects: usize) {
+        let mode = if same_token { "same" } else { "fresh" };
+        self.control(
+            "/__proxy/list-mode",
+            &serde_json::json!({"endless": mode, "objects": objects}).to_string(),
+        );
+    }
+
+    /// From now until `reset`, a GET of a key ending with `suffix` is answered with `bytes`
+    /// bytes, streamed (the proxy stops when the client hangs up; see `huge_bytes_sent`).
+    pub fn huge_get(&self, suffix: &str, bytes: u64) {
+        self.control(
+            "/__proxy/huge-get",
+            &serde_json::json!({"suffix": suffix, "bytes": bytes}).to_string(),
+        );
+    }
+
+    /// From now until `reset`, GETs reach the store without their `Range` header: it
+    /// answers 200 with the whole object, as a store ignoring Range does.
+    pub fn ignore_range(&self) {
+        self.control("/__proxy/ignore-range", "");
+    }
+
+    /// From now until `reset`, the first page of every LIST whose prefix a key starts with
+    /// also holds these `(key, size)` entries, whatever bytes the keys hold.
+    pub fn inject_list(&self, entries: &[(&str, u64)]) {
+        let entries: Vec<_> = entries
+            .iter()
+            .map(|(k, n)| serde_json::json!({"key": k, "size": n}))
+            .collect();
+        self.control(
+            "/__proxy/inject-list",
+            &serde_json::json!({ "entries": entries }).to_string(),
+        );
+    }
+
     /// SDK config pointing at moto directly (setup calls stay out of the proxy's counts).
     async fn sdk(&self) -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -441,6 +485,70 @@ pub fn peak_rss(pid: u32) -> u64 {
         .parse::<u64>()
         .unwrap()
         * 1024
+}
+
+/// How a bounded `sealfs` run ended.
+pub struct Bounded {
+    /// Exit code; `None` if it had to be killed at the time limit (or died by a signal).
+    pub code: Option<i32>,
+    /// stdout then stderr.
+    pub output: String,
+    pub elapsed: Duration,
+    /// Peak RSS of the process (`ru_maxrss` from `wait4`), in bytes.
+    pub peak_rss: u64,
+    pub timed_out: bool,
+}
+
+/// Runs `sealfs` like [`sealfs`], but kills it after `limit` (a test never hangs on a
+/// process that does not end) and measures that one process's peak RSS.
+pub fn sealfs_bounded(args: &[&str], env: &[(String, String)], limit: Duration) -> Bounded {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (tmp.path().join("out"), tmp.path().join("err"));
+    let mut c = Command::new(bin());
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    let start = Instant::now();
+    let child = c.spawn().expect("run sealfs");
+    let pid = child.id() as libc::pid_t;
+    // Reaped by wait4 below, so `child` is never waited on (nor killed) through std.
+    std::mem::forget(child);
+    let mut timed_out = false;
+    let (status, usage) = loop {
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(r >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if r == pid {
+            break (status, usage);
+        }
+        if !timed_out && start.elapsed() > limit {
+            timed_out = true;
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = start.elapsed();
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    let output = format!(
+        "{}{}",
+        std::fs::read_to_string(&out_path).unwrap_or_default(),
+        std::fs::read_to_string(&err_path).unwrap_or_default()
+    );
+    Bounded {
+        code,
+        output,
+        elapsed,
+        peak_rss: usage.ru_maxrss as u64 * 1024,
+        timed_out,
+    }
 }
 
 /// Runs `tests/python/<script>` with args; panics with its output on failure.
