@@ -423,3 +423,32 @@ fn a_listing_past_max_objects_fails_with_one_line() {
     let m = Mount::start(&s.p("sealed"), &["--key", &key, "--max-objects", "12"], &[]);
     assert_eq!(read_all(&m.path("f5")), b"x");
 }
+
+/// Point 2 (the seal side): a source file whose name would not come back as a clean
+/// relative key (here a newline) is refused with one line before anything is uploaded,
+/// and an `s3://` prefix with a `..` segment is a bad URI. Before the fix both were sealed.
+#[test]
+fn seal_refuses_names_a_mount_or_unseal_would_refuse() {
+    let s = Site::new();
+    s.write("src/ok", b"fine");
+    s.write("src/bad\nname", b"x");
+    let key = s.key();
+    let out = sealfs(&["seal", &s.p("src"), &s.p("sealed"), "--key", &key], &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("bad\\nname: not a clean relative object name: has a control character"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        !s.path("sealed").exists() || std::fs::read_dir(s.path("sealed")).unwrap().count() == 0,
+        "nothing written"
+    );
+    let out = sealfs(
+        &["seal", &s.p("src/ok"), "s3://bucket/m/../x", "--key", &key],
+        &[],
+    );
+    let err = stderr(&out);
+    assert!(err.contains("bad location \"s3://bucket/m/../x\""), "{err}");
+}
