@@ -24,11 +24,14 @@ pub use error::{Error, Result};
 /// the AWS credential chain gives, are joined with `; `).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let s = chain(err);
-    s.lines()
+    let joined = s
+        .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    // Messages carry store and KMS text: no control character reaches a terminal or log.
+    format::naming::printable(&joined, 4096)
 }
 
 fn chain(err: &dyn std::error::Error) -> String {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use common::*;
@@ -253,5 +254,80 @@ async fn sequential_read_ahead_fetches_in_whole_ranged_gets() {
         fs.stats.fetched_bytes.load(Relaxed),
         32 + chunks * (16384 + 16)
     );
+    fs.release(fh);
+}
+
+/// A store that keeps the ETag while the bytes change (here: a local writer rewriting both
+/// objects in place and restoring the mtime; on S3, a server reusing or omitting ETags)
+/// cannot give one inode two versions: the inode is bound to the header MAC its first open
+/// authenticated, so the next open after the DEK left fails with ESTALE and the path moves
+/// to a new inode (the kernel's cached pages of the old version stay with the old one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inode_keeps_its_version_even_when_the_etag_does_not_change() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let len = 3 * 16384 + 5;
+    let config = MountConfig {
+        dek_grace: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let (fs, ino, data) = core_over(dir.path(), len, config).await;
+    let fh = fs.open(ino, (0, 0)).await.unwrap();
+    assert!(fs.read(fh, 0, len as u32).await.unwrap().bytes() == &data[..]);
+    fs.release(fh);
+    fs.sweep();
+    assert_eq!(fs.deks_held(), 0);
+
+    // A second version of the same size, sealed elsewhere, written over the first in place.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(other.join("src")).unwrap();
+    std::fs::write(other.join("src/f"), pattern(len, 5)).unwrap();
+    let ring = Keyring::resolve(&[KeySpec::File(dir.path().join("k"))])
+        .await
+        .unwrap();
+    let dest = Location::parse(&other.join("sealed").display().to_string())
+        .await
+        .unwrap();
+    let opts = SealOptions {
+        chunk_log2: 14,
+        ..Default::default()
+    };
+    seal(&other.join("src"), &dest, &ring, &opts, &Cancel::never())
+        .await
+        .unwrap();
+    for name in ["f", "f.sealfs-c14"] {
+        let target = dir.path().join("sealed").join(name);
+        let before = std::fs::metadata(&target).unwrap();
+        let bytes = std::fs::read(other.join("sealed").join(name)).unwrap();
+        assert_eq!(bytes.len() as u64, before.len(), "same sizes: same ETag");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap();
+        f.write_all_at(&bytes, 0).unwrap();
+        drop(f);
+        let times = [
+            libc::timespec {
+                tv_sec: before.atime(),
+                tv_nsec: before.atime_nsec(),
+            },
+            libc::timespec {
+                tv_sec: before.mtime(),
+                tv_nsec: before.mtime_nsec(),
+            },
+        ];
+        let c = std::ffi::CString::new(target.display().to_string()).unwrap();
+        // SAFETY: a valid path and two timespecs.
+        assert_eq!(
+            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+            0
+        );
+    }
+    let e = fs.open(ino, (0, 0)).await.unwrap_err();
+    assert_eq!(e.errno(), libc::ESTALE, "{e}");
+    let ino2 = fs.lookup(ROOT, "f").unwrap().ino;
+    assert_ne!(ino2, ino);
+    let fh = fs.open(ino2, (0, 0)).await.unwrap();
+    assert!(fs.read(fh, 0, len as u32).await.unwrap().bytes() == &pattern(len, 5)[..]);
     fs.release(fh);
 }

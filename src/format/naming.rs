@@ -68,7 +68,7 @@ pub fn check_key(key: &str) -> Result<(), NameError> {
     if key.len() > MAX_KEY_LEN {
         return Err(NameError::TooLong);
     }
-    if key.chars().any(char::is_control) {
+    if key.chars().any(|c| c.is_control() || is_invisible(c)) {
         return Err(NameError::Control);
     }
     if key.starts_with('/') {
@@ -83,6 +83,34 @@ pub fn check_key(key: &str) -> Result<(), NameError> {
         }
     }
     Ok(())
+}
+
+/// Characters that reorder or break what a terminal shows (bidirectional overrides and
+/// isolates, line and paragraph separators, zero-width marks): a name with one could show
+/// as another name.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+    )
+}
+
+/// Store-supplied text (an error message from an S3 or KMS answer) made safe for one log
+/// line or terminal line: control and invisible characters escaped, at most `max` bytes.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        if c.is_control() || is_invisible(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() >= max {
+            out.push('…');
+            break;
+        }
+    }
+    out
 }
 
 /// A name as it may appear in a log line or `inspect` output: control characters, quotes
@@ -142,11 +170,23 @@ mod tests {
             ("a\u{7f}", NameError::Control),
             ("a\u{85}b", NameError::Control),
             ("a\0", NameError::Control),
+            ("evil\u{202E}txt.pt", NameError::Control),
+            ("a\u{2028}b", NameError::Control),
             (long_seg.as_str(), NameError::SegmentTooLong),
             (long_key.as_str(), NameError::TooLong),
         ] {
             assert_eq!(check_key(bad), Err(why), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn store_text_is_printable_and_bounded() {
+        let forged = "oops\r\nINFO sealfs::audit: dek unwrapped \u{1b}]52;c;AAAA\u{7}";
+        let p = printable(forged, 256);
+        assert!(!p.chars().any(|c| c.is_control()), "{p}");
+        assert!(p.starts_with("oops\\r\\nINFO"), "{p}");
+        assert!(printable(&"x".repeat(1000), 64).len() <= 64 + '…'.len_utf8());
+        assert_eq!(printable("say \"hi\"", 64), "say \"hi\"", "quotes kept");
     }
 
     #[test]

@@ -25,14 +25,17 @@ pub enum Node {
     Dir {
         children: BTreeMap<String, u64>,
         parent: u64,
+        name: String,
     },
     File {
         entry: SealedEntry,
         size: u64,
         parent: u64,
-        /// For a listing without ETags: the ETag this inode's first open pinned, the
-        /// version the inode stands for from then on.
-        pinned: Option<String>,
+        name: String,
+        /// The header MAC of the version this inode's first open authenticated: the
+        /// version the inode stands for from then on, whatever ETags the store sends
+        /// (it commits to the header and the DEK, so two versions never share it).
+        identity: Option<[u8; 32]>,
     },
 }
 
@@ -66,6 +69,7 @@ impl Tree {
             Node::Dir {
                 children: BTreeMap::new(),
                 parent: ROOT,
+                name: String::new(),
             },
         );
         let mut t = Self {
@@ -144,8 +148,11 @@ impl Tree {
                         continue;
                     };
                     // Without ETags a replacement of the same size is invisible here;
-                    // open's pinned GET catches it and moves the path to a new inode.
-                    if entry.data.etag != e.data.etag || entry.key_object.key != e.key_object.key {
+                    // open's identity check catches it and moves the path to a new inode.
+                    if entry.data.etag != e.data.etag
+                        || entry.data.size != e.data.size
+                        || entry.key_object.key != e.key_object.key
+                    {
                         let new = self.replace(ino, e.clone(), size);
                         seen.insert(new);
                         c.changed += 1;
@@ -158,7 +165,8 @@ impl Tree {
                         entry: e.clone(),
                         size,
                         parent: dir,
-                        pinned: None,
+                        name: name.to_string(),
+                        identity: None,
                     });
                     self.children_mut(dir).insert(name.to_string(), ino);
                     seen.insert(ino);
@@ -192,24 +200,18 @@ impl Tree {
     /// Gives the path of file `ino` a new inode holding `entry`, and retires `ino`.
     /// Returns the new inode.
     pub fn replace(&mut self, ino: u64, entry: SealedEntry, size: u64) -> u64 {
-        let Some(Node::File { parent, .. }) = self.nodes.get(&ino) else {
+        let Some(Node::File { parent, name, .. }) = self.nodes.get(&ino) else {
             return ino;
         };
-        let parent = *parent;
-        let name = match self.nodes.get(&parent) {
-            Some(Node::Dir { children, .. }) => children
-                .iter()
-                .find(|(_, i)| **i == ino)
-                .map(|(n, _)| n.clone()),
-            _ => None,
-        };
+        let (parent, name) = (*parent, name.clone());
         let new = self.alloc(Node::File {
             entry,
             size,
             parent,
-            pinned: None,
+            name: name.clone(),
+            identity: None,
         });
-        if let Some(name) = name {
+        if self.lookup(parent, &name) == Some(ino) {
             self.children_mut(parent).insert(name, new);
         }
         self.retire(ino);
@@ -218,12 +220,17 @@ impl Tree {
 
     /// Unlinks `ino` from its directory, retires it, and removes directories left empty.
     fn unlink(&mut self, ino: u64) {
-        let parent = match self.nodes.get(&ino) {
-            Some(Node::File { parent, .. }) | Some(Node::Dir { parent, .. }) => *parent,
+        let (parent, name) = match self.nodes.get(&ino) {
+            Some(Node::File { parent, name, .. }) | Some(Node::Dir { parent, name, .. }) => {
+                (*parent, name.clone())
+            }
             None => return,
         };
+        // By name (O(log n)): removing many files is not quadratic under the tree lock.
         if let Some(Node::Dir { children, .. }) = self.nodes.get_mut(&parent) {
-            children.retain(|_, i| *i != ino);
+            if children.get(&name) == Some(&ino) {
+                children.remove(&name);
+            }
         }
         self.retire(ino);
         if parent != ROOT
@@ -246,10 +253,12 @@ impl Tree {
         }
     }
 
-    /// Records the ETag that file `ino` stands for (a listing without ETags).
-    pub fn pin(&mut self, ino: u64, etag: &str) {
-        if let Some(Node::File { pinned, .. }) = self.nodes.get_mut(&ino) {
-            *pinned = Some(etag.to_string());
+    /// The version file `ino` stands for: the identity (header MAC) the first open
+    /// authenticated, recorded then. `true` if `mac` is that version.
+    pub fn same_version(&mut self, ino: u64, mac: &[u8; 32]) -> bool {
+        match self.nodes.get_mut(&ino) {
+            Some(Node::File { identity, .. }) => *identity.get_or_insert(*mac) == *mac,
+            _ => false,
         }
     }
 
@@ -277,6 +286,7 @@ impl Tree {
         let ino = self.alloc(Node::Dir {
             children: BTreeMap::new(),
             parent,
+            name: name.to_string(),
         });
         self.children_mut(parent).insert(name.to_string(), ino);
         ino

@@ -149,6 +149,13 @@ impl Stats {
     }
 }
 
+/// Bounds of the LIST an open sends for one object's current version.
+const RELIST_LIMITS: ListLimits = ListLimits {
+    max_objects: 1000,
+    max_pages: 4,
+    timeout: Duration::from_secs(30),
+};
+
 /// Why [`SealFs::open_listed`] could not open the version the tree lists.
 enum Listed {
     /// Not confirmed: changed or gone since listed, no ETag to pin it by, or the GET
@@ -307,7 +314,10 @@ impl SealFs {
     /// Entries of a directory, `.` and `..` first, as (ino, is_dir, name).
     pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, bool, String)>, FsError> {
         let t = self.tree();
-        let Some(Node::Dir { children, parent }) = t.get(ino) else {
+        let Some(Node::Dir {
+            children, parent, ..
+        }) = t.get(ino)
+        else {
             return Err(if t.get(ino).is_some() {
                 FsError::NotDir
             } else {
@@ -339,13 +349,13 @@ impl SealFs {
     /// the kernel looks the name up again and opens the new inode. So the kernel's cached
     /// pages of the old version can never be served to a reader of the new one.
     pub async fn open(self: &Arc<Self>, ino: u64, who: (u32, u32)) -> Result<u64, FsError> {
-        let (entry, pinned) = {
+        let entry = {
             let t = self.tree();
             if t.is_retired(ino) {
                 return Err(FsError::Stale);
             }
             match t.get(ino) {
-                Some(Node::File { entry, pinned, .. }) => (entry.clone(), pinned.clone()),
+                Some(Node::File { entry, .. }) => entry.clone(),
                 Some(Node::Dir { .. }) => return Err(FsError::IsDir),
                 None => return Err(FsError::NotFound),
             }
@@ -355,12 +365,17 @@ impl SealFs {
             Err(Listed::Failed(e)) => return Err(e),
             Err(Listed::Stale) => self.open_relisted(&entry, who).await?,
         };
-        // The version this inode stands for: the listed ETag, or (a listing without
-        // ETags) the one its first open pinned.
-        let version = (!entry.data.etag.is_empty())
-            .then(|| entry.data.etag.clone())
-            .or(pinned);
-        if version.as_ref().is_some_and(|v| *v != opened.file.etag) {
+        // The version this inode stands for: the listed ETag, and (whatever ETags the
+        // store sends, or none) the header MAC its first open authenticated, checked and
+        // set under the tree lock so that two first opens cannot give it two versions.
+        let listed_other = !entry.data.etag.is_empty() && entry.data.etag != opened.file.etag;
+        let same = !listed_other
+            && self
+                .tree
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .same_version(ino, &opened.file.key_object.mac);
+        if !same {
             self.close_slot(&slot);
             let mut fresh = entry.clone();
             fresh.data.etag = opened.file.etag.clone();
@@ -372,16 +387,10 @@ impl SealFs {
             let mut t = self.tree.write().unwrap_or_else(|p| p.into_inner());
             if !t.is_retired(ino) {
                 let new = t.replace(ino, fresh, size);
-                t.pin(new, &opened.file.etag);
+                t.same_version(new, &opened.file.key_object.mac);
             }
             tracing::info!(file = %entry.data.key, "object replaced since listed; the new version gets a new inode");
             return Err(FsError::Stale);
-        }
-        if version.is_none() {
-            self.tree
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .pin(ino, &opened.file.etag);
         }
         *lock(&slot.idle_since) = None;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -484,7 +493,9 @@ impl SealFs {
         who: (u32, u32),
     ) -> Result<(Arc<Opened>, Arc<FileSlot>), FsError> {
         let (listing, key_object) = tokio::join!(
-            object::find_bounded(&self.store, &entry.data.key, &self.config.list_limits),
+            // One object's names: a small bound, so that opens answered "changed" cannot
+            // each cost a listing of --max-objects.
+            object::find_bounded(&self.store, &entry.data.key, &RELIST_LIMITS),
             self.store.get(&entry.key_object.key, MAX_KEY_OBJECT_LEN)
         );
         let listing = listing.map_err(FsError::from)?;

@@ -59,7 +59,8 @@ where
     match &err {
         SdkError::ServiceError(se) => {
             let e = se.err();
-            let message = e.message().unwrap_or("").to_string();
+            // KMS's (or a proxy's) own words: escaped and cut, they end up in log lines.
+            let message = crate::format::naming::printable(e.message().unwrap_or(""), 256);
             let code = e.code().unwrap_or("");
             match crate::calls::outcome(&err) {
                 "denied" => KeyError::KmsDenied { op, key, message },
@@ -71,7 +72,7 @@ where
                 _ => KeyError::KmsUnavailable {
                     op,
                     key,
-                    message: format!("{code}: {message}"),
+                    message: format!("{}: {message}", crate::format::naming::printable(code, 64)),
                 },
             }
         }

@@ -269,7 +269,7 @@ fn walk(
     out: &mut Vec<ObjectInfo>,
 ) -> Result<(), StoreError> {
     let mut dirs = vec![dir.to_string()];
-    let mut visited = 0usize;
+    let (mut visited, mut entries) = (0usize, 0usize);
     while let Some(dir) = dirs.pop() {
         visited += 1;
         if visited > limits.max_objects || std::time::Instant::now() > deadline {
@@ -294,6 +294,20 @@ fn walk(
             Err(e) => return Err(io(&dir)(e)),
         };
         for entry in rd {
+            // Per entry, not per directory: one directory can hold millions of names.
+            entries += 1;
+            if entries > limits.max_objects.saturating_mul(4)
+                || std::time::Instant::now() > deadline
+            {
+                return Err(list_bound(
+                    prefix,
+                    format!(
+                        "more than {} entries or longer than {:?}",
+                        limits.max_objects.saturating_mul(4),
+                        limits.timeout
+                    ),
+                ));
+            }
             let entry = entry.map_err(io(&dir))?;
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;

@@ -26,18 +26,20 @@ where
     let key = key.to_string();
     if let SdkError::ServiceError(se) = &err {
         let e = se.err();
-        let message = e.message().unwrap_or("").to_string();
+        // The store's own words: escaped and cut, they end up in log lines.
+        let message = crate::format::naming::printable(e.message().unwrap_or(""), 256);
         // The code table is crate::calls::outcome, shared with the metrics.
         match (crate::calls::outcome(&err), e.code().unwrap_or("")) {
             ("not_found", _) => return StoreError::NotFound(key),
             ("changed", _) => return StoreError::Changed(key),
             ("denied", _) => return StoreError::Denied { op, key, message },
             (_, code) if !code.is_empty() => {
+                let code = crate::format::naming::printable(code, 64);
                 return StoreError::Failed {
                     op,
                     key,
                     message: format!("{code}: {message}"),
-                }
+                };
             }
             _ => {}
         }
