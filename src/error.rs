@@ -33,6 +33,9 @@ pub enum Error {
     NothingSealed(String),
     #[error("interrupted; the partial upload was aborted")]
     Interrupted,
+    /// A model (or a file of it) the manifest or the trusted signers refuse.
+    #[error(transparent)]
+    Model(#[from] crate::manifest::ModelError),
 }
 
 impl Error {
@@ -54,6 +57,7 @@ impl Error {
     pub fn is_integrity(&self) -> bool {
         match self {
             Error::Integrity { .. } | Error::Format { .. } => true,
+            Error::Model(m) => !m.is_untrusted(),
             Error::Key { source, .. } | Error::KeySetup(source) => source.is_integrity(),
             _ => false,
         }
@@ -63,6 +67,7 @@ impl Error {
     pub fn is_access_denied(&self) -> bool {
         match self {
             Error::Key { source, .. } | Error::KeySetup(source) => source.is_access_denied(),
+            Error::Model(m) => m.is_untrusted(),
             _ => false,
         }
     }

@@ -12,9 +12,11 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod manifest;
 pub mod object;
 pub mod process;
 pub mod seal;
+pub mod sign;
 pub mod store;
 pub mod telemetry;
 

@@ -250,13 +250,20 @@ fn reseal_with_force_on_a_local_directory_swaps_both_objects() {
     );
     expect_code(&o, 0);
     let names = entries(&t.dir.path().join("sealed"));
+    // The seal is a (one-file) model now: its manifest replaces the old one.
     assert_eq!(
         names,
-        ["sub", "top", "top.sealfs-c15"],
+        [
+            ".sealfs-manifest",
+            ".sealfs-manifest.sealfs-c15",
+            "sub",
+            "top",
+            "top.sealfs-c15"
+        ],
         "stale key object removed"
     );
     let v = expect_code(
-        &sealfs(&["verify", &t.p("sealed"), "--key", &t.key()], &[]),
+        &sealfs(&["verify", &t.p("sealed/top"), "--key", &t.key()], &[]),
         0,
     );
     assert!(v.contains("top (70000 bytes)"), "{v}");

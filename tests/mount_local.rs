@@ -570,10 +570,13 @@ fn new_and_removed_files_show_after_the_list_ttl() {
     let ino_before = std::fs::metadata(m.path("edge")).unwrap().ino();
     let late = f.dir.path().join("late.bin");
     std::fs::write(&late, pattern(70_000, 5)).unwrap();
+    // A second model beside the first, in the same store (a sealed directory is a model:
+    // sealing into it again would replace it). The marker makes `sealed` the store root.
+    std::fs::write(f.dir.path().join("sealed/.sealfs-store"), b"").unwrap();
     let args = [
         "seal",
         &late.display().to_string(),
-        &f.p("sealed"),
+        &f.p("sealed/late"),
         "--key",
         &f.key("k1"),
         "--chunk-size",
@@ -591,7 +594,7 @@ fn new_and_removed_files_show_after_the_list_ttl() {
     };
     let refreshed = || {
         let n = names();
-        n.iter().any(|x| x == "late.bin") && !n.iter().any(|x| x == "one")
+        n.iter().any(|x| x == "late") && !n.iter().any(|x| x == "one")
     };
     while !refreshed() {
         assert!(
@@ -603,7 +606,7 @@ fn new_and_removed_files_show_after_the_list_ttl() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(
-        std::fs::read(m.path("late.bin")).unwrap(),
+        std::fs::read(m.path("late/late.bin")).unwrap(),
         pattern(70_000, 5)
     );
     assert_eq!(
@@ -687,8 +690,17 @@ fn audit_events_and_no_secrets_in_logs() {
         .collect();
     let audit: Vec<&serde_json::Value> = events
         .iter()
-        .filter(|e| e["target"] == "sealfs::audit")
+        .filter(|e| e["target"] == "sealfs::audit" && e["message"] == "dek unwrapped")
         .collect();
+    // And one event for the model manifest, loaded once.
+    let models: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["target"] == "sealfs::audit" && e["message"] == "model manifest loaded")
+        .collect();
+    assert_eq!(models.len(), 1, "{logs}");
+    for field in ["model", "version", "digest", "signer"] {
+        assert!(!models[0][field].is_null(), "model event lacks {field}");
+    }
     assert_eq!(
         audit.len(),
         files.len() + 1,

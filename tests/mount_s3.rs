@@ -132,7 +132,8 @@ fn repeated_and_parallel_opens_cost_one_kms_decrypt() {
             .read_exact(&mut b)
             .unwrap();
     }
-    assert_eq!(f.stack.count("kms:Decrypt"), 1, "20 open/close cycles");
+    // One Decrypt for the model's manifest (once per mount), one for the file's DEK.
+    assert_eq!(f.stack.count("kms:Decrypt"), 2, "20 open/close cycles");
     // With the DEK held, an open costs one GET (the 32-byte prelude, pinned to the listed
     // ETag) and no LIST or key-object GET; the data comes from the page cache.
     f.stack.reset();
@@ -169,7 +170,8 @@ fn dek_is_dropped_after_the_grace_and_unwrapped_again() {
     let m = f.mount(&["--dek-grace", "1s"]);
     f.stack.reset();
     drop(std::fs::read(m.path("edge")).unwrap());
-    assert_eq!(f.stack.count("kms:Decrypt"), 1);
+    // The model's manifest and the file's DEK.
+    assert_eq!(f.stack.count("kms:Decrypt"), 2);
     // The sweeper runs every second and the grace is 1 s, so the DEK is gone within 2 s of
     // the close; 4 s leaves room for a loaded CI machine. (Time-based expiry: a sleep is
     // the thing under test, not a readiness guess.)
@@ -177,8 +179,8 @@ fn dek_is_dropped_after_the_grace_and_unwrapped_again() {
     drop(std::fs::read(m.path("edge")).unwrap());
     assert_eq!(
         f.stack.count("kms:Decrypt"),
-        2,
-        "a new unwrap after the grace"
+        3,
+        "a new unwrap of the file's DEK after the grace (the manifest stays loaded)"
     );
 }
 
@@ -343,11 +345,12 @@ fn metrics_count_s3_and_kms_calls_by_outcome() {
         f.stack.count("s3:GET"),
         "{v:?}"
     );
-    assert_eq!(calls(&v, "kms", "Decrypt", "ok"), 1);
-    assert_eq!(f.stack.count("kms:Decrypt"), 1);
+    // The model's manifest and the file's DEK.
+    assert_eq!(calls(&v, "kms", "Decrypt", "ok"), 2);
+    assert_eq!(f.stack.count("kms:Decrypt"), 2);
     assert_eq!(
         v["sealfs_request_seconds_count{service=\"kms\",op=\"Decrypt\"}"],
-        1
+        2
     );
     let fetches = v["sealfs_chunk_fetches_total"];
     assert!(fetches >= 1, "{v:?}");
@@ -371,5 +374,6 @@ fn metrics_count_s3_and_kms_calls_by_outcome() {
     let v = scrape(port);
     assert!(calls(&v, "s3", "GetObject", "throttled") >= 1, "{v:?}");
     assert_eq!(calls(&v, "kms", "Decrypt", "key_disabled"), 1, "{v:?}");
-    assert_eq!(calls(&v, "kms", "Decrypt", "ok"), 2);
+    // Two files' DEKs and the model's manifest.
+    assert_eq!(calls(&v, "kms", "Decrypt", "ok"), 3);
 }

@@ -32,8 +32,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Write a new random 256-bit key file (mode 0600); never overwrites.
-    Keygen { path: PathBuf },
+    /// Write a new random 256-bit key file (mode 0600); never overwrites. With --signing, an
+    /// ECDSA P-256 signing key (PKCS#8 PEM, 0600) and its public key at PATH.pub.
+    Keygen {
+        path: PathBuf,
+        #[arg(long)]
+        signing: bool,
+    },
     /// Encrypt a file or directory and upload it as sealed objects under DEST.
     Seal {
         src: PathBuf,
@@ -57,6 +62,12 @@ pub enum Command {
         /// Parts sealed and uploaded in parallel.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
+        /// Sign the model's manifest: file:<ECDSA P-256 PEM> or kms:<ECC_NIST_P256 key>.
+        #[arg(long)]
+        sign: Option<String>,
+        /// The model version recorded in the manifest (default: the sealing time in ms).
+        #[arg(long, default_value_t = 0)]
+        model_version: u64,
     },
     /// Show what the key objects say (no key needed, nothing authenticated).
     Inspect {
@@ -69,6 +80,10 @@ pub enum Command {
         uri: String,
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
+        /// Require every model to be signed by one of these: file:<PEM public key> or
+        /// kms:<key>; repeatable. Files outside a signed model are refused.
+        #[arg(long = "trust-signer")]
+        trust_signers: Vec<String>,
     },
     /// Break-glass: decrypt sealed files to a local path.
     Unseal {
@@ -88,6 +103,10 @@ pub enum Command {
         /// Trusted keys: files wrapped under none of them are refused (EACCES).
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
+        /// Serve only models signed by one of these (file:<PEM public key> or kms:<key>),
+        /// every chunk checked against the signed manifest before it is released.
+        #[arg(long = "trust-signer")]
+        trust_signers: Vec<String>,
         /// Locked memory for decrypted chunks.
         #[arg(long, default_value = "256MiB", value_parser = parse_size)]
         cache_size: u64,
@@ -230,6 +249,30 @@ fn parse_chunk_size(s: &str) -> Result<u8, String> {
     }
 }
 
+async fn signer(spec: &str) -> Result<crate::sign::Signer> {
+    let spec: crate::sign::SignerSpec = spec.parse().map_err(sign_err)?;
+    crate::sign::Signer::resolve(&spec).await.map_err(sign_err)
+}
+
+/// The `--trust-signer` set.
+pub async fn trusted_signers(specs: &[String]) -> Result<crate::sign::TrustedSigners> {
+    let specs = specs
+        .iter()
+        .map(|s| s.parse::<crate::sign::SignerSpec>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(sign_err)?;
+    crate::sign::TrustedSigners::resolve(&specs)
+        .await
+        .map_err(sign_err)
+}
+
+fn sign_err(e: crate::sign::SignError) -> Error {
+    match e {
+        crate::sign::SignError::Kms(k) => Error::KeySetup(k),
+        other => Error::Usage(other.to_string()),
+    }
+}
+
 async fn keyring(specs: &[String]) -> Result<Keyring> {
     let specs = specs
         .iter()
@@ -280,9 +323,14 @@ pub fn main_with(cli: Cli) -> i32 {
 async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
     match cmd {
         Command::Mount { .. } => unreachable!("handled in main_with"),
-        Command::Keygen { path } => {
-            let id = crate::keys::file::keygen(&path)?;
-            println!("wrote {} ({id})", path.display());
+        Command::Keygen { path, signing } => {
+            if signing {
+                let id = crate::sign::keygen(&path).map_err(|e| Error::Usage(e.to_string()))?;
+                println!("wrote {} and {}.pub ({id})", path.display(), path.display());
+            } else {
+                let id = crate::keys::file::keygen(&path)?;
+                println!("wrote {} ({id})", path.display());
+            }
         }
         Command::Seal {
             src,
@@ -293,6 +341,8 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             force,
             part_size,
             jobs,
+            sign,
+            model_version,
         } => {
             if part_size < 5 << 20 {
                 return Err(Error::Usage(
@@ -308,10 +358,27 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                 part_size,
                 jobs,
                 progress: std::io::stderr().is_terminal(),
+                model_version,
             };
-            for k in seal::seal(&src, &dest, &ring, &opts, cancel).await? {
-                println!("sealed {}", dest.describe(&k));
+            let signer = match sign {
+                Some(s) => Some(signer(&s).await?),
+                None => None,
+            };
+            let model =
+                seal::seal_model(&src, &dest, &ring, &opts, signer.as_ref(), cancel).await?;
+            for k in &model.files {
+                println!("sealed {}", dest.describe(k));
             }
+            println!(
+                "model {} version {} digest sha256:{} {}",
+                dest.describe(&model.manifest),
+                model.version,
+                model.digest,
+                match &model.signer {
+                    Some(id) => format!("signed by {id}"),
+                    None => "unsigned".into(),
+                }
+            );
         }
         Command::Inspect { uri, json } => {
             let loc = Location::parse(&uri).await?;
@@ -325,10 +392,15 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                 return Err(Error::NothingSealed(uri));
             }
         }
-        Command::Verify { uri, keys } => {
+        Command::Verify {
+            uri,
+            keys,
+            trust_signers,
+        } => {
             let loc = Location::parse(&uri).await?;
             let ring = keyring(&keys).await?;
-            let reports = seal::verify(&loc, &ring, cancel).await?;
+            let trusted = trusted_signers(&trust_signers).await?;
+            let reports = seal::verify(&loc, &ring, &trusted, cancel).await?;
             let mut failed: Vec<&Error> = Vec::new();
             for r in &reports {
                 match &r.result {
@@ -383,6 +455,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         uri,
         mountpoint,
         keys,
+        trust_signers,
         cache_size,
         dek_grace,
         max_prefetch,
@@ -427,6 +500,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         uri,
         mountpoint,
         keys,
+        trust_signers,
         config,
         foreground,
         allow_other,

@@ -22,6 +22,11 @@ pub fn header_digest(authenticated: &[u8]) -> [u8; 32] {
     out
 }
 
+/// SHA-256 of `bytes` (chunk digests in manifests, manifest digests).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    header_digest(bytes)
+}
+
 /// Fills `buf` from the system CSPRNG.
 pub fn random_bytes(buf: &mut [u8]) {
     use ring::rand::SecureRandom;

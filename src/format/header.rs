@@ -36,6 +36,9 @@ pub const MAX_KEY_OBJECT_LEN: usize =
 pub const CTX_VERSION: &str = "sealfs:version";
 pub const CTX_FILE_ID: &str = "sealfs:file-id";
 pub const CTX_PATH: &str = "sealfs:path";
+/// The model root a file was sealed as part of (docs/FORMAT.md, "Models"); absent on files
+/// sealed before models existed, which are served as loose files.
+pub const CTX_MODEL: &str = "sealfs:model";
 
 /// The KMS encryption context: string pairs, ordered so that the encoding is canonical.
 pub type EncryptionContext = BTreeMap<String, String>;

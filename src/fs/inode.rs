@@ -47,6 +47,8 @@ pub struct Tree {
     retired_set: HashSet<u64>,
     /// Files sealed with larger chunks are hidden (they would not fit a cache slot).
     max_chunk_log2: u8,
+    /// Model manifests in the listing, by model root: hidden, consulted by `open`.
+    manifests: HashMap<String, SealedEntry>,
 }
 
 /// What [`Tree::refresh`] changed.
@@ -78,6 +80,7 @@ impl Tree {
             retired: VecDeque::new(),
             retired_set: HashSet::new(),
             max_chunk_log2,
+            manifests: HashMap::new(),
         };
         t.refresh(listing, prefix);
         t
@@ -98,7 +101,12 @@ impl Tree {
         let mut c = Changes::default();
         let mut seen = HashSet::new();
         let mut hidden = 0usize;
+        self.manifests.clear();
         for e in listing.sealed {
+            if let Some(root) = crate::manifest::manifest_root(&e.data.key) {
+                self.manifests.insert(root.to_string(), e);
+                continue;
+            }
             let rel = if prefix.is_empty() {
                 e.data.key.as_str()
             } else {
@@ -251,6 +259,11 @@ impl Tree {
                 self.nodes.remove(&old);
             }
         }
+    }
+
+    /// The listed manifest of the model at `root`.
+    pub fn manifest(&self, root: &str) -> Option<&SealedEntry> {
+        self.manifests.get(root)
     }
 
     /// The version file `ino` stands for: the identity (header MAC) the first open

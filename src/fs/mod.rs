@@ -27,6 +27,7 @@ use crate::format::header::MAX_KEY_OBJECT_LEN;
 use crate::format::layout::PRELUDE_LEN;
 use crate::format::Layout;
 use crate::keys::Keyring;
+use crate::manifest::{self, Model, ModelError};
 use crate::object::{self, OpenFile, SealedEntry};
 use crate::store::{ListLimits, Store, StoreError};
 
@@ -175,6 +176,9 @@ impl Listed {
 pub(crate) struct Opened {
     pub seq: u64,
     pub file: OpenFile,
+    /// Under `--trust-signer`: the signed manifest's SHA-256 of every sealed chunk, checked
+    /// before a chunk is decrypted (a DEK holder can forge a chunk, not its digest).
+    pub digests: Option<Arc<Vec<[u8; 32]>>>,
     /// The key object this version was opened with.
     pub key_object_name: String,
     cache: Arc<ChunkCache>,
@@ -218,6 +222,18 @@ pub struct SealFs {
     started: std::time::SystemTime,
     prefix: String,
     listed_at: Mutex<Instant>,
+    /// `--trust-signer`: with any, only models signed by one of them are served.
+    trusted: crate::sign::TrustedSigners,
+    /// Loaded model manifests by root, for the listed manifest ETag.
+    models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    /// Highest manifest version served per model root: never go back (rollback).
+    served: Mutex<HashMap<String, u64>>,
+}
+
+/// A model's manifest, loaded once per manifest version (single flight).
+struct ModelSlot {
+    etag: String,
+    cell: tokio::sync::OnceCell<Arc<Model>>,
 }
 
 /// What `getattr` and `lookup` return.
@@ -245,6 +261,17 @@ impl SealFs {
         keyring: Keyring,
         config: MountConfig,
     ) -> crate::Result<Arc<Self>> {
+        Self::with_signers(store, prefix, keyring, Default::default(), config).await
+    }
+
+    /// [`SealFs::new`] serving only models signed by one of `trusted` (when any).
+    pub async fn with_signers(
+        store: Store,
+        prefix: &str,
+        keyring: Keyring,
+        trusted: crate::sign::TrustedSigners,
+        config: MountConfig,
+    ) -> crate::Result<Arc<Self>> {
         let listing = object::find_bounded(&store, prefix, &config.list_limits).await?;
         let tree = Tree::build(listing, prefix, config.max_chunk_log2);
         // From the configuration, never from a listing: a store must not size locked memory.
@@ -265,6 +292,9 @@ impl SealFs {
             started: std::time::SystemTime::now(),
             prefix: prefix.to_string(),
             listed_at: Mutex::new(Instant::now()),
+            trusted,
+            models: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -391,6 +421,16 @@ impl SealFs {
             }
             tracing::info!(file = %entry.data.key, "object replaced since listed; the new version gets a new inode");
             return Err(FsError::Stale);
+        }
+        // Every open, not only a version's first: the model's current manifest must still
+        // list this version (a new manifest is adopted for new opens as a whole).
+        if let Err(e) = self
+            .admit(&entry.data.key, &opened.file.key_object, false)
+            .await
+        {
+            self.close_slot(&slot);
+            tracing::warn!(file = %entry.data.key, uid = who.0, pid = who.1, error = %e, "open refused");
+            return Err(e);
         }
         *lock(&slot.idle_since) = None;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -555,16 +595,23 @@ impl SealFs {
             .cell
             .get_or_try_init(|| async {
                 let opened = async {
-                    match key_object {
-                        Some(bytes) => {
-                            let ko = object::parse_key_object(&bytes, entry)?;
-                            OpenFile::open_parsed(ko, entry, &self.keyring).await
-                        }
-                        None => OpenFile::open(&self.store, entry, &self.keyring).await,
-                    }
+                    let ko = match key_object {
+                        Some(bytes) => object::parse_key_object(&bytes, entry)?,
+                        None => object::read_key_object(&self.store, entry).await?,
+                    };
+                    // The model's verdict before any KMS call: a refused file costs none.
+                    let digests = self
+                        .admit(&entry.data.key, &ko, true)
+                        .await
+                        .map_err(Denial)?;
+                    let file = OpenFile::open_parsed(ko, entry, &self.keyring).await?;
+                    Ok::<_, OpenError>((file, digests))
                 };
-                let file = opened.await.map_err(|e| {
-                    let err = FsError::from(e);
+                let (file, digests) = opened.await.map_err(|e| {
+                    let err = match e {
+                        OpenError::Denied(Denial(d)) => d,
+                        OpenError::Other(e) => FsError::from(e),
+                    };
                     tracing::warn!(file = %entry.data.key, uid = who.0, pid = who.1, error = %err, "open refused");
                     err
                 })?;
@@ -584,6 +631,7 @@ impl SealFs {
                 Ok::<_, FsError>(Arc::new(Opened {
                     seq,
                     file,
+                    digests,
                     key_object_name: entry.key_object.key.clone(),
                     cache: self.cache.clone(),
                 }))
@@ -663,6 +711,120 @@ impl SealFs {
         }
     }
 
+    /// Whether the file `key` with key object `ko` may be served: a file of a model must be
+    /// the version its model's manifest lists (and, with trusted signers, the model must be
+    /// signed by one of them); a loose file (sealed before models) is served only when no
+    /// signer is trusted. With `digests`, returns the manifest's chunk digests to check
+    /// (only under trusted signers: otherwise whoever can unwrap could forge them too).
+    async fn admit(
+        &self,
+        key: &str,
+        ko: &crate::format::KeyObject,
+        digests: bool,
+    ) -> Result<Option<Arc<Vec<[u8; 32]>>>, FsError> {
+        let denied = |e: ModelError| FsError::Denied(crate::error_chain(&e));
+        let root = match manifest::model_of(key, &ko.header.context).map_err(denied)? {
+            Some(root) => root,
+            None if self.trusted.is_empty() => return Ok(None),
+            None => return Err(denied(ModelError::Loose { file: key.into() })),
+        };
+        let header = crate::crypto::header_digest(&ko.authenticated);
+        let check = |model: &Model| {
+            model
+                .check_file(
+                    key,
+                    manifest::relative(key, &root),
+                    &ko.header.file_id,
+                    &header,
+                    ko.header.chunk_log2,
+                    ko.header.layout().object_size(),
+                )
+                .map(|e| (digests && !self.trusted.is_empty()).then(|| Arc::new(e.chunk_digests())))
+        };
+        // The listing may be older than the file (a reseal writes its files first and its
+        // manifest last, and a re-list may fall in between): before refusing, ask the store
+        // for the current manifest once, and load it whatever ETag it has.
+        match self.model(&root, false).await {
+            Ok(m) => {
+                if let Ok(d) = check(&m) {
+                    return Ok(d);
+                }
+            }
+            // A key or a signer said no: asking again would change nothing but cost a call.
+            Err(e) if e.is_untrusted() => return Err(denied(e)),
+            Err(_) => {}
+        }
+        let current = self.model(&root, true).await.map_err(denied)?;
+        check(&current).map_err(denied)
+    }
+
+    /// The model at `root`, loaded (and signature-checked) once per manifest version; never
+    /// one older than a version already served.
+    async fn model(&self, root: &str, fresh: bool) -> Result<Arc<Model>, ModelError> {
+        let listed = if fresh {
+            None
+        } else {
+            self.tree().manifest(root).cloned()
+        };
+        // A mount of part of a model lists no manifest: look it up by name.
+        let listed = match listed {
+            Some(e) => Some(e),
+            None => manifest::find_manifest(&self.store, root)
+                .await
+                .map_err(|e| ModelError::from_load(root, e))?,
+        };
+        let etag = listed
+            .as_ref()
+            .map(|e| e.data.etag.clone())
+            .unwrap_or_default();
+        let slot = {
+            let mut models = lock(&self.models);
+            let s = models
+                .entry(root.to_string())
+                .or_insert_with(|| Arc::new(ModelSlot::new(&etag)));
+            // Fresh: an ETag proves nothing (a store may keep it across versions).
+            if s.etag != etag || (fresh && s.cell.initialized()) {
+                *s = Arc::new(ModelSlot::new(&etag));
+            }
+            s.clone()
+        };
+        let model = slot
+            .cell
+            .get_or_try_init(|| async {
+                let m = manifest::load(
+                    &self.store,
+                    listed.as_ref(),
+                    root,
+                    &self.keyring,
+                    &self.trusted,
+                )
+                .await
+                .map_err(|e| ModelError::from_load(root, e))?;
+                tracing::info!(
+                    target: "sealfs::audit",
+                    model = %self.store.describe(root),
+                    version = m.manifest.version,
+                    digest = %m.digest,
+                    signer = m.signer.as_deref().unwrap_or("none"),
+                    "model manifest loaded"
+                );
+                Ok::<_, ModelError>(Arc::new(m))
+            })
+            .await?
+            .clone();
+        let mut served = lock(&self.served);
+        let high = served.entry(root.to_string()).or_insert(0);
+        if model.manifest.version < *high {
+            return Err(ModelError::Rollback {
+                model: root.to_string(),
+                found: model.manifest.version,
+                served: *high,
+            });
+        }
+        *high = model.manifest.version;
+        Ok(model)
+    }
+
     /// The kernel forgot inode `ino`: a retired one is freed.
     pub fn forget(&self, ino: u64) {
         self.tree
@@ -676,6 +838,35 @@ impl SealFs {
             .values()
             .filter(|s| s.cell.initialized())
             .count()
+    }
+}
+
+impl ModelSlot {
+    fn new(etag: &str) -> Self {
+        Self {
+            etag: etag.to_string(),
+            cell: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+/// A model refusal, kept apart from other open failures so that it is always EACCES.
+struct Denial(FsError);
+
+enum OpenError {
+    Denied(Denial),
+    Other(crate::Error),
+}
+
+impl From<Denial> for OpenError {
+    fn from(d: Denial) -> Self {
+        OpenError::Denied(d)
+    }
+}
+
+impl From<crate::Error> for OpenError {
+    fn from(e: crate::Error) -> Self {
+        OpenError::Other(e)
     }
 }
 

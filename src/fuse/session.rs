@@ -26,6 +26,8 @@ pub struct MountArgs {
     pub uri: String,
     pub mountpoint: PathBuf,
     pub keys: Vec<String>,
+    /// `--trust-signer`: serve only models signed by one of these.
+    pub trust_signers: Vec<String>,
     pub config: MountConfig,
     pub foreground: bool,
     pub allow_other: bool,
@@ -125,7 +127,15 @@ async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(Error::from)?;
     let keyring = Keyring::resolve(&specs).await.map_err(Error::from)?;
-    let fs = SealFs::new(loc.store, &loc.prefix, keyring, args.config.clone()).await?;
+    let trusted = crate::cli::trusted_signers(&args.trust_signers).await?;
+    let fs = SealFs::with_signers(
+        loc.store,
+        &loc.prefix,
+        keyring,
+        trusted,
+        args.config.clone(),
+    )
+    .await?;
     tracing::info!(uri = %args.uri, files = fs.file_count(), "listed");
     Ok(fs)
 }

@@ -121,6 +121,34 @@ impl KmsKey {
         &self.arn
     }
 
+    /// The SubjectPublicKeyInfo DER of an asymmetric key (GetPublicKey), for signatures.
+    pub async fn signing_public_key(&self) -> Result<Vec<u8>, KeyError> {
+        let out = call(
+            "GetPublicKey",
+            &self.arn,
+            self.client.get_public_key().key_id(&self.arn).send(),
+        )
+        .await?;
+        Ok(out.public_key.map(Blob::into_inner).unwrap_or_default())
+    }
+
+    /// An ECDSA P-256/SHA-256 signature (DER) of `message`, hashed by KMS (`RAW`).
+    pub async fn sign_raw(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let out = call(
+            "Sign",
+            &self.arn,
+            self.client
+                .sign()
+                .key_id(&self.arn)
+                .message(Blob::new(message))
+                .message_type(aws_sdk_kms::types::MessageType::Raw)
+                .signing_algorithm(aws_sdk_kms::types::SigningAlgorithmSpec::EcdsaSha256)
+                .send(),
+        )
+        .await?;
+        Ok(out.signature.map(Blob::into_inner).unwrap_or_default())
+    }
+
     pub async fn generate_data_key(
         &self,
         ctx: &EncryptionContext,

@@ -9,7 +9,7 @@ pub mod write;
 pub use inspect::inspect;
 pub use read::{unseal, verify, VerifyReport};
 pub use rewrap::rewrap;
-pub use write::{seal, SealOptions};
+pub use write::{seal, seal_model, SealOptions, SealedModel};
 
 /// Set once on Ctrl-C/SIGTERM; long operations stop and clean up when they see it.
 #[derive(Clone)]

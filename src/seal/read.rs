@@ -13,8 +13,12 @@ use super::Cancel;
 use crate::error::{Error, Result};
 use crate::format::naming;
 use crate::keys::Keyring;
-use crate::object::{find, OpenFile, SealedEntry};
+use crate::manifest::{self, Model, ModelError};
+use crate::object::{find, read_key_object, OpenFile, SealedEntry};
+use crate::sign::TrustedSigners;
 use crate::store::Location;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 /// Chunks fetched per ranged GET by verify/unseal (≈ 8 MiB at the default chunk size).
 const BATCH_BYTES: u64 = 8 << 20;
@@ -24,11 +28,24 @@ const IN_FLIGHT: usize = 4;
 const MAX_NAMED: usize = 16;
 
 async fn entries(loc: &Location) -> Result<Vec<SealedEntry>> {
+    Ok(split(loc).await?.0)
+}
+
+/// The sealed files at `loc` and, apart, the manifests of the models among them (by root).
+async fn split(loc: &Location) -> Result<(Vec<SealedEntry>, HashMap<String, SealedEntry>)> {
     let l = find(&loc.store, &loc.prefix).await?;
-    if l.sealed.is_empty() {
+    let (manifests, files): (Vec<_>, Vec<_>) = l
+        .sealed
+        .into_iter()
+        .partition(|e| manifest::manifest_root(&e.data.key).is_some());
+    if files.is_empty() {
         return Err(Error::NothingSealed(loc.describe(&loc.prefix)));
     }
-    Ok(l.sealed)
+    let manifests = manifests
+        .into_iter()
+        .filter_map(|e| Some((manifest::manifest_root(&e.data.key)?.to_string(), e)))
+        .collect();
+    Ok((files, manifests))
 }
 
 fn batches(f: &OpenFile) -> impl Iterator<Item = (u64, u64)> {
@@ -43,6 +60,7 @@ fn batches(f: &OpenFile) -> impl Iterator<Item = (u64, u64)> {
 async fn read_all(
     loc: &Location,
     f: &OpenFile,
+    digests: Option<&[[u8; 32]]>,
     keep_going: bool,
     cancel: &Cancel,
     mut sink: impl FnMut(&[u8]) -> Result<()>,
@@ -69,7 +87,16 @@ async fn read_all(
             let len = f.layout.chunk_cipher_len(i) as usize;
             let chunk = &mut buf[at..at + len];
             at += len;
-            match f.open_chunk(i, chunk) {
+            // The manifest's digest of this sealed chunk first: a key holder can make a
+            // chunk that authenticates, not one with the digest the manifest lists.
+            let listed = match digests.and_then(|d| d.get(i as usize)) {
+                Some(d) if crate::crypto::sha256(chunk) != *d => Err(Error::integrity(
+                    &f.key,
+                    format!("chunk {i} differs from the model manifest"),
+                )),
+                _ => Ok(()),
+            };
+            match listed.and_then(|()| f.open_chunk(i, chunk)) {
                 Ok(n) => sink(&chunk[..n])?,
                 Err(e) if keep_going => {
                     tracing::warn!(file = %f.key, chunk = i, error = %e, "chunk failed authentication");
@@ -89,15 +116,32 @@ pub struct VerifyReport {
     pub result: Result<u64>,
 }
 
-/// Authenticates every chunk of every sealed file at `loc`; writes no plaintext.
+/// Authenticates every chunk of every sealed file at `loc`; writes no plaintext. Files of
+/// a model are checked against its manifest (present, the listed version, every chunk's
+/// digest), each model's missing files are reported, and with `trusted` signers every
+/// model must carry a signature by one of them (loose files are refused).
 pub async fn verify(
     loc: &Location,
     keyring: &Keyring,
+    trusted: &TrustedSigners,
     cancel: &Cancel,
 ) -> Result<Vec<VerifyReport>> {
+    let (files, manifests) = split(loc).await?;
+    let mut models: BTreeMap<String, std::result::Result<Arc<Model>, ModelError>> = BTreeMap::new();
+    let mut seen: HashMap<String, HashSet<String>> = HashMap::new();
     let mut out = Vec::new();
-    for e in entries(loc).await? {
-        let result = verify_one(loc, &e, keyring, cancel).await;
+    for e in &files {
+        let result = verify_one(
+            loc,
+            e,
+            keyring,
+            trusted,
+            &manifests,
+            &mut models,
+            &mut seen,
+            cancel,
+        )
+        .await;
         if matches!(result, Err(Error::Interrupted)) {
             return Err(Error::Interrupted);
         }
@@ -106,17 +150,110 @@ pub async fn verify(
             result,
         });
     }
+    // Every model found (through its files or its manifest): its missing files, and a
+    // manifest no file could be checked against.
+    for (root, m) in &manifests {
+        if models.contains_key(root) {
+            continue;
+        }
+        let r = manifest::load(&loc.store, Some(m), root, keyring, trusted).await;
+        models.insert(
+            root.clone(),
+            r.map(Arc::new).map_err(|e| ModelError::from_load(root, e)),
+        );
+    }
+    for (root, m) in &models {
+        let key = manifest::under(root, manifest::MANIFEST_NAME);
+        let model = match m {
+            Ok(m) => m,
+            Err(e) if seen.contains_key(root) => {
+                // Already reported on each of its files.
+                let _ = e;
+                continue;
+            }
+            Err(e) => {
+                out.push(VerifyReport {
+                    file: loc.describe(&key),
+                    result: Err(e.clone().into()),
+                });
+                continue;
+            }
+        };
+        let present = seen.get(root);
+        for f in &model.manifest.files {
+            if !present.is_some_and(|p| p.contains(&f.path)) {
+                out.push(VerifyReport {
+                    file: loc.describe(&manifest::under(root, &f.path)),
+                    result: Err(ModelError::File {
+                        file: manifest::under(root, &f.path),
+                        reason: format!(
+                            "listed in the manifest (model {root:?} version {}) but missing",
+                            model.manifest.version
+                        ),
+                    }
+                    .into()),
+                });
+            }
+        }
+    }
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn verify_one(
     loc: &Location,
     e: &SealedEntry,
     keyring: &Keyring,
+    trusted: &TrustedSigners,
+    manifests: &HashMap<String, SealedEntry>,
+    models: &mut BTreeMap<String, std::result::Result<Arc<Model>, ModelError>>,
+    seen: &mut HashMap<String, HashSet<String>>,
     cancel: &Cancel,
 ) -> Result<u64> {
-    let f = OpenFile::open(&loc.store, e, keyring).await?;
-    let bad = read_all(loc, &f, true, cancel, |_| Ok(())).await?;
+    let ko = read_key_object(&loc.store, e).await?;
+    let root = manifest::model_of(&e.data.key, &ko.header.context)?;
+    let digests = match &root {
+        None if !trusted.is_empty() => {
+            return Err(ModelError::Loose {
+                file: e.data.key.clone(),
+            }
+            .into())
+        }
+        None => None,
+        Some(root) => {
+            seen.entry(root.clone()).or_default();
+            if !models.contains_key(root) {
+                let listed = match manifests.get(root) {
+                    Some(m) => Some(m.clone()),
+                    None => manifest::find_manifest(&loc.store, root).await?,
+                };
+                let r = manifest::load(&loc.store, listed.as_ref(), root, keyring, trusted).await;
+                models.insert(
+                    root.clone(),
+                    r.map(Arc::new).map_err(|e| ModelError::from_load(root, e)),
+                );
+            }
+            let model = match &models[root] {
+                Ok(m) => m.clone(),
+                Err(e) => return Err(e.clone().into()),
+            };
+            let rel = manifest::relative(&e.data.key, root);
+            let entry = model.check_file(
+                &e.data.key,
+                rel,
+                &ko.header.file_id,
+                &crate::crypto::header_digest(&ko.authenticated),
+                e.chunk_log2,
+                e.data.size,
+            )?;
+            seen.entry(root.clone())
+                .or_default()
+                .insert(rel.to_string());
+            Some(entry.chunk_digests())
+        }
+    };
+    let f = OpenFile::open_parsed(ko, e, keyring).await?;
+    let bad = read_all(loc, &f, digests.as_deref(), true, cancel, |_| Ok(())).await?;
     if bad.is_empty() {
         return Ok(f.layout.plaintext_size());
     }
@@ -214,7 +351,7 @@ async fn unseal_one(
     };
     let (file, temp) = out.create_temp()?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let res = read_all(loc, &f, false, cancel, |b| w.write_all(b).map_err(io)).await;
+    let res = read_all(loc, &f, None, false, cancel, |b| w.write_all(b).map_err(io)).await;
     let res = res.and_then(|_| {
         w.into_inner()
             .map_err(|e| io(e.into_error()))?

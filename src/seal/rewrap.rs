@@ -21,7 +21,36 @@ pub async fn rewrap(loc: &Location, from: &Keyring, to: &Keyring) -> Result<Vec<
         return Err(Error::NothingSealed(loc.describe(&loc.prefix)));
     }
     let mut done = Vec::new();
+    let mut roots = std::collections::BTreeSet::new();
     for e in &l.sealed {
+        if let Some(root) = rewrap_one(loc, e, from, to).await? {
+            roots.insert(root);
+        }
+        done.push(e.data.key.clone());
+    }
+    // A file rewrapped alone takes its model's manifest along: the manifest must open with
+    // the keys that open the files.
+    for root in roots {
+        let key = crate::manifest::under(&root, crate::manifest::MANIFEST_NAME);
+        if done.contains(&key) {
+            continue;
+        }
+        if let Some(m) = crate::manifest::find_manifest(&loc.store, &root).await? {
+            rewrap_one(loc, &m, from, to).await?;
+            done.push(key);
+        }
+    }
+    Ok(done)
+}
+
+/// Rewraps one sealed file; returns the model root its header names.
+async fn rewrap_one(
+    loc: &Location,
+    e: &crate::object::SealedEntry,
+    from: &Keyring,
+    to: &Keyring,
+) -> Result<Option<String>> {
+    {
         let (bytes, etag) = loc
             .store
             .get(&e.key_object.key, crate::format::header::MAX_KEY_OBJECT_LEN)
@@ -54,7 +83,6 @@ pub async fn rewrap(loc: &Location, from: &Keyring, to: &Keyring) -> Result<Vec<
                 other => other,
             })?;
         tracing::info!(file = %loc.describe(&e.data.key), to = ?to.ids(), "rewrapped");
-        done.push(e.data.key.clone());
+        Ok(crate::manifest::model_of(&e.data.key, &ko.header.context)?)
     }
-    Ok(done)
 }

@@ -17,12 +17,14 @@ use futures::{StreamExt, TryStreamExt};
 use super::Cancel;
 use crate::crypto::{header_digest, random_bytes, seal_chunk, FileKeys};
 use crate::error::{Error, Result};
-use crate::format::header::{CTX_FILE_ID, CTX_PATH, CTX_VERSION};
+use crate::format::header::{CTX_FILE_ID, CTX_MODEL, CTX_PATH, CTX_VERSION};
 use crate::format::layout::PRELUDE_LEN;
 use crate::format::{
     naming, EncryptionContext, Header, KeyObject, Layout, Prelude, TAG_LEN, VERSION,
 };
 use crate::keys::Keyring;
+use crate::manifest::{self, FileEntry, Manifest, SignatureObject};
+use crate::sign::Signer;
 use crate::store::{Location, Store, StoreError};
 
 /// Options of `sealfs seal`.
@@ -38,6 +40,8 @@ pub struct SealOptions {
     /// Parts sealed and uploaded concurrently (memory ≈ jobs × part size).
     pub jobs: usize,
     pub progress: bool,
+    /// The model version written into the manifest (0: the sealing time in milliseconds).
+    pub model_version: u64,
 }
 
 impl Default for SealOptions {
@@ -49,6 +53,7 @@ impl Default for SealOptions {
             part_size: 16 << 20,
             jobs: 4,
             progress: false,
+            model_version: 0,
         }
     }
 }
@@ -95,7 +100,8 @@ fn source_files(src: &Path) -> Result<Vec<(PathBuf, String)>> {
     Ok(out)
 }
 
-/// Seals `src` (a file or a directory) to `dest`. Returns the data object keys written.
+/// Seals `src` (a file or a directory) to `dest` as an unsigned model. Returns the data
+/// object keys of its files.
 pub async fn seal(
     src: &Path,
     dest: &Location,
@@ -103,6 +109,36 @@ pub async fn seal(
     opts: &SealOptions,
     cancel: &Cancel,
 ) -> Result<Vec<String>> {
+    Ok(seal_model(src, dest, keyring, opts, None, cancel)
+        .await?
+        .files)
+}
+
+/// What [`seal_model`] wrote.
+#[derive(Debug)]
+pub struct SealedModel {
+    /// Data object keys of the model's files.
+    pub files: Vec<String>,
+    /// The manifest's key.
+    pub manifest: String,
+    pub version: u64,
+    /// Hex SHA-256 of the manifest plaintext (what `--model-digest` pins).
+    pub digest: String,
+    /// The signer id, if signed.
+    pub signer: Option<String>,
+}
+
+/// Seals `src` (a file or a directory) to `dest` as a model: every file, then its manifest
+/// (a sealed file listing them, with the digest of every sealed chunk), then, with a
+/// `signer`, the publisher signature. Returns the data object keys written.
+pub async fn seal_model(
+    src: &Path,
+    dest: &Location,
+    keyring: &Keyring,
+    opts: &SealOptions,
+    signer: Option<&Signer>,
+    cancel: &Cancel,
+) -> Result<SealedModel> {
     if keyring.is_empty() {
         return Err(Error::Usage("seal needs at least one --key".into()));
     }
@@ -119,6 +155,22 @@ pub async fn seal(
             "{rel}: names containing .sealfs-c are reserved"
         )));
     }
+    if let Some((_, rel)) = files
+        .iter()
+        .find(|(_, r)| manifest::is_reserved(r.rsplit('/').next().unwrap_or(r)))
+    {
+        return Err(Error::Usage(format!(
+            "{rel}: {} and {} are reserved names",
+            manifest::MANIFEST_NAME,
+            manifest::SIGNATURE_NAME
+        )));
+    }
+    let root = dest.prefix.as_str();
+    let manifest_key = manifest::under(root, manifest::MANIFEST_NAME);
+    // A model is replaced whole: without --force an existing one stays as it is.
+    if !opts.force && !existing(&dest.store, &manifest_key).await?.is_empty() {
+        return Err(StoreError::Exists(dest.describe(&manifest_key)).into());
+    }
     // A destination key must be one a mount or an unseal would accept back.
     for (_, rel) in &files {
         let key = dest.key(rel);
@@ -134,16 +186,68 @@ pub async fn seal(
         .map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
     let pb = super::progress(total, opts.progress);
-    let mut written = Vec::with_capacity(files.len());
+    let mut written = Vec::with_capacity(files.len() + 1);
+    let user_context = opts.context.iter().cloned().collect();
+    let mut m = Manifest::new(root, opts.model_version, user_context);
     for (path, rel) in &files {
         let key = dest.key(rel);
         pb.set_message(rel.clone());
-        seal_file(path, &dest.store, &key, keyring, opts, cancel, &pb).await?;
+        let source = Source::open(path)?;
+        let entry = seal_file(source, &dest.store, &key, root, keyring, opts, cancel, &pb).await?;
+        m.files.push(FileEntry {
+            path: manifest::relative(&key, root).to_string(),
+            ..entry
+        });
         tracing::info!(file = %dest.describe(&key), "sealed");
         written.push(key);
     }
+    // The manifest last: until it is in, a mount refuses the new files (they are not in
+    // the old manifest), never serving a mix of two versions.
+    let bytes = zeroize::Zeroizing::new(m.to_bytes());
+    let digest = crate::crypto::sha256(&bytes);
+    let plain = SealOptions {
+        force: true,
+        ..opts.clone()
+    };
+    let source = Source::Mem(bytes);
+    seal_file(
+        source,
+        &dest.store,
+        &manifest_key,
+        root,
+        keyring,
+        &plain,
+        cancel,
+        &pb,
+    )
+    .await?;
+    let sig_key = manifest::under(root, manifest::SIGNATURE_NAME);
+    let signed_by = match signer {
+        Some(signer) => {
+            let sig = signer
+                .sign(&crate::sign::signed_message(&digest))
+                .await
+                .map_err(|e| Error::Usage(format!("signing the manifest: {e}")))?;
+            let obj = SignatureObject::new(signer, &m, &digest, &sig);
+            let body = serde_json::to_vec_pretty(&obj).expect("serializes");
+            dest.store.put(&sig_key, Bytes::from(body)).await?;
+            tracing::info!(model = %dest.describe(root), signer = %obj.signer, version = m.version, "manifest signed");
+            Some(obj.signer)
+        }
+        // A signature of the previous version would only fail: remove it.
+        None => match dest.store.delete(&sig_key).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        },
+    };
     pb.finish_and_clear();
-    Ok(written)
+    Ok(SealedModel {
+        files: written,
+        manifest: manifest_key,
+        version: m.version,
+        digest: hex::encode(digest),
+        signer: signed_by,
+    })
 }
 
 async fn existing(store: &Store, key: &str) -> Result<Vec<String>> {
@@ -156,30 +260,67 @@ async fn existing(store: &Store, key: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// What a file is sealed from: a local file, or bytes in memory (the manifest).
+enum Source {
+    File(std::fs::File, String),
+    Mem(zeroize::Zeroizing<Vec<u8>>),
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Source::File(file, path.display().to_string()))
+    }
+
+    fn len(&self) -> Result<u64> {
+        match self {
+            Source::File(f, p) => Ok(f
+                .metadata()
+                .map_err(|source| Error::Io {
+                    path: p.clone(),
+                    source,
+                })?
+                .len()),
+            Source::Mem(b) => Ok(b.len() as u64),
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        match self {
+            Source::File(f, p) => f.read_exact_at(buf, at).map_err(|source| Error::Io {
+                path: format!("{p} (changed while sealing?)"),
+                source,
+            }),
+            Source::Mem(b) => {
+                let at = at as usize;
+                buf.copy_from_slice(&b[at..at + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Seals one file at `key` as part of the model at `root`; returns its manifest entry
+/// (with `path` still to be made relative to the root).
+#[allow(clippy::too_many_arguments)]
 async fn seal_file(
-    path: &Path,
+    file: Source,
     store: &Store,
     key: &str,
+    root: &str,
     keyring: &Keyring,
     opts: &SealOptions,
     cancel: &Cancel,
     pb: &indicatif::ProgressBar,
-) -> Result<()> {
+) -> Result<FileEntry> {
     let old = existing(store, key).await?;
     if !old.is_empty() && !opts.force {
         return Err(StoreError::Exists(store.describe(key)).into());
     }
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?
-        .len();
+    let size = file.len()?;
     let layout = Layout::new(opts.chunk_log2, size).map_err(|e| Error::Usage(e.to_string()))?;
 
     let mut file_id = [0u8; 16];
@@ -188,6 +329,7 @@ async fn seal_file(
     context.insert(CTX_VERSION.into(), VERSION.to_string());
     context.insert(CTX_FILE_ID.into(), hex::encode(file_id));
     context.insert(CTX_PATH.into(), key.to_string());
+    context.insert(CTX_MODEL.into(), root.to_string());
     let header = Header {
         chunk_log2: opts.chunk_log2,
         file_id,
@@ -223,7 +365,7 @@ async fn seal_file(
         layout,
         file_id,
         chunks_per_part: chunks_per_part(&layout, opts.part_size),
-        path: path.display().to_string(),
+        chunk_digests: std::sync::Mutex::new(vec![[0u8; 32]; layout.chunk_count() as usize]),
     });
     let staged = async {
         tokio::select! {
@@ -280,7 +422,17 @@ async fn seal_file(
     for k in old.iter().filter(|k| **k != key && **k != key_name) {
         store.delete(k).await?;
     }
-    Ok(())
+    let chunks = std::mem::take(&mut *job.chunk_digests.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(FileEntry {
+        path: key.to_string(),
+        file_id: hex::encode(file_id),
+        header_sha256: hex::encode(digest),
+        format_version: VERSION,
+        chunk_log2: layout.chunk_log2(),
+        plaintext_size: layout.plaintext_size(),
+        object_size: layout.object_size(),
+        chunks: chunks.iter().map(hex::encode).collect(),
+    })
 }
 
 async fn abort(store: &Store, key: &str, upload: crate::store::Upload) {
@@ -299,13 +451,14 @@ fn chunks_per_part(layout: &Layout, part_size: u64) -> u64 {
 }
 
 struct PartJob {
-    file: std::fs::File,
+    file: Source,
     keys: FileKeys,
     digest: [u8; 32],
     layout: Layout,
     file_id: [u8; 16],
     chunks_per_part: u64,
-    path: String,
+    /// SHA-256 of each sealed chunk, for the manifest.
+    chunk_digests: std::sync::Mutex<Vec<[u8; 32]>>,
 }
 
 impl PartJob {
@@ -335,11 +488,7 @@ impl PartJob {
             let at = buf.len();
             buf.resize(at + n + TAG_LEN as usize, 0);
             self.file
-                .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())
-                .map_err(|source| Error::Io {
-                    path: format!("{} (changed while sealing?)", self.path),
-                    source,
-                })?;
+                .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())?;
             seal_chunk(
                 &self.keys,
                 &self.digest,
@@ -347,6 +496,8 @@ impl PartJob {
                 self.layout.is_last(i),
                 &mut buf[at..],
             );
+            let d = crate::crypto::sha256(&buf[at..]);
+            self.chunk_digests.lock().unwrap_or_else(|p| p.into_inner())[i as usize] = d;
             plain_bytes += n as u64;
         }
         Ok((start, Bytes::from(buf), plain_bytes))

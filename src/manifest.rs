@@ -1,0 +1,546 @@
+//! Models and their manifests: a directory seal is a model, and its manifest lists every
+//! file (path, file id, header digest, sizes) and the SHA-256 of every sealed chunk.
+//!
+//! The manifest is itself a sealed file at `ROOT/.sealfs-manifest` (same keys, same path
+//! binding), so a bucket writer can neither read nor forge it, and it reveals nothing: its
+//! chunk digests are of *ciphertext*, which the store holds anyway. Every file of a model
+//! names its model root in its encryption context (`sealfs:model`), so deleting the manifest
+//! does not turn a model into loose files. A publisher may sign the manifest: the signature
+//! object `ROOT/.sealfs-manifest.sig` (clear JSON, no secret) holds an ECDSA P-256
+//! signature over the SHA-256 of the manifest's plaintext (docs/FORMAT.md, "Models").
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::format::naming;
+use crate::sign::TrustedSigners;
+
+/// Name of a model's manifest (a sealed file) under the model root.
+pub const MANIFEST_NAME: &str = ".sealfs-manifest";
+/// Name of the publisher signature object (clear JSON) under the model root.
+pub const SIGNATURE_NAME: &str = ".sealfs-manifest.sig";
+/// Largest manifest accepted (about a million chunks: 1 TiB at 1 MiB chunks).
+pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
+/// Largest signature object accepted.
+pub const MAX_SIGNATURE_LEN: usize = 64 << 10;
+
+const FORMAT: &str = "sealfs-manifest-v1";
+const SIG_FORMAT: &str = "sealfs-signature-v1";
+const ALGORITHM: &str = "ecdsa-p256-sha256";
+
+/// The key of `name` under model root `root`.
+pub fn under(root: &str, name: &str) -> String {
+    if root.is_empty() {
+        name.to_string()
+    } else {
+        format!("{root}/{name}")
+    }
+}
+
+/// If `key` is a model's manifest, that model's root.
+pub fn manifest_root(key: &str) -> Option<&str> {
+    if key == MANIFEST_NAME {
+        return Some("");
+    }
+    key.strip_suffix(MANIFEST_NAME)?.strip_suffix('/')
+}
+
+/// True for the names sealfs keeps for itself under a model root.
+pub fn is_reserved(base: &str) -> bool {
+    base == MANIFEST_NAME || base == SIGNATURE_NAME
+}
+
+/// A model manifest (its plaintext is this, as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    /// The model root: a key prefix relative to the store root ("" for the root).
+    pub model: String,
+    /// Set at seal time (`--model-version`, else the sealing time in milliseconds); a
+    /// mount never goes back to a lower one.
+    pub version: u64,
+    /// Unix seconds.
+    pub sealed_at: u64,
+    /// The user pairs of the encryption context (`--context`).
+    pub context: BTreeMap<String, String>,
+    pub files: Vec<FileEntry>,
+}
+
+/// One file of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Relative to the model root.
+    pub path: String,
+    /// Hex.
+    pub file_id: String,
+    /// Hex SHA-256 of the key object's authenticated header bytes (the chunks' AAD digest).
+    pub header_sha256: String,
+    pub format_version: u16,
+    pub chunk_log2: u8,
+    pub plaintext_size: u64,
+    pub object_size: u64,
+    /// Hex SHA-256 of each sealed chunk (ciphertext and tag), in order.
+    pub chunks: Vec<String>,
+}
+
+/// Why a model, or one file of it, is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    #[error("model {model}: manifest malformed: {reason}")]
+    Malformed { model: String, reason: String },
+    #[error("model {model}: manifest missing (its files name it as their model)")]
+    MissingManifest { model: String },
+    #[error(
+        "model {model}: not signed (no {SIGNATURE_NAME}), and --trust-signer requires a signature"
+    )]
+    Unsigned { model: String },
+    #[error(
+        "model {model}: signed by {found}, which is not a trusted signer (trusted: {trusted})"
+    )]
+    UntrustedSigner {
+        model: String,
+        found: String,
+        trusted: String,
+    },
+    #[error("model {model}: the signature does not cover this manifest (altered)")]
+    Altered { model: String },
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("{file}: not part of a signed model, and --trust-signer requires one")]
+    Loose { file: String },
+    #[error("model {model}: manifest unreadable: {reason}")]
+    Unreadable {
+        model: String,
+        reason: String,
+        /// A key refused (access), rather than bytes failing.
+        denied: bool,
+    },
+    #[error("model {model}: manifest version {found} is older than version {served} already served (rollback)")]
+    Rollback {
+        model: String,
+        found: u64,
+        served: u64,
+    },
+}
+
+impl ModelError {
+    /// True when the refusal is about trust (no signature, an untrusted signer, a loose
+    /// file under --trust-signer): exit 4 at the CLI. Every model refusal is EACCES at the
+    /// mount; the others are tampering (exit 3).
+    pub fn is_untrusted(&self) -> bool {
+        matches!(
+            self,
+            ModelError::Unsigned { .. }
+                | ModelError::UntrustedSigner { .. }
+                | ModelError::Loose { .. }
+                | ModelError::Unreadable { denied: true, .. }
+        )
+    }
+
+    /// Any error of loading model `root`, as a model error.
+    pub fn from_load(root: &str, e: crate::Error) -> Self {
+        match e {
+            crate::Error::Model(m) => m,
+            other => ModelError::Unreadable {
+                model: root.to_string(),
+                reason: crate::error_chain(&other),
+                denied: other.is_access_denied(),
+            },
+        }
+    }
+}
+
+impl Manifest {
+    pub fn new(model: &str, version: u64, context: BTreeMap<String, String>) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            format: FORMAT.into(),
+            model: model.into(),
+            version: if version == 0 {
+                now.as_millis() as u64
+            } else {
+                version
+            },
+            sealed_at: now.as_secs(),
+            context,
+            files: Vec::new(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a manifest always serializes")
+    }
+
+    /// Parses and checks manifest plaintext sealed at model root `root`.
+    pub fn parse(bytes: &[u8], root: &str) -> Result<Self, ModelError> {
+        let bad = |reason: String| ModelError::Malformed {
+            model: root.to_string(),
+            reason,
+        };
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if m.format != FORMAT {
+            return Err(bad(format!(
+                "unknown format {:?}",
+                naming::escaped(&m.format)
+            )));
+        }
+        if m.model != root {
+            return Err(bad(format!(
+                "made for model {:?}, found at {root:?}",
+                naming::escaped(&m.model)
+            )));
+        }
+        let mut seen = HashSet::new();
+        for f in &m.files {
+            naming::check_key(&f.path)
+                .map_err(|why| bad(format!("file {:?}: {why}", naming::escaped(&f.path))))?;
+            if !seen.insert(f.path.as_str()) {
+                return Err(bad(format!("file {:?} listed twice", f.path)));
+            }
+            let n = crate::format::Layout::new(f.chunk_log2, f.plaintext_size)
+                .map_err(|e| bad(format!("file {:?}: {e}", f.path)))?;
+            if n.chunk_count() != f.chunks.len() as u64 || n.object_size() != f.object_size {
+                return Err(bad(format!("file {:?}: sizes and chunks disagree", f.path)));
+            }
+            let hex32 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex32(&f.header_sha256)
+                || f.file_id.len() != 32
+                || !f.chunks.iter().all(|c| hex32(c))
+            {
+                return Err(bad(format!("file {:?}: malformed digest or id", f.path)));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn file(&self, rel: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.path == rel)
+    }
+}
+
+impl FileEntry {
+    /// The chunk digests as bytes.
+    pub fn chunk_digests(&self) -> Vec<[u8; 32]> {
+        self.chunks
+            .iter()
+            .map(|c| {
+                let mut d = [0u8; 32];
+                // Checked by Manifest::parse (64 hex digits).
+                let _ = hex::decode_to_slice(c, &mut d);
+                d
+            })
+            .collect()
+    }
+}
+
+/// The publisher signature object, in the clear (it reveals nothing about the plaintext:
+/// the manifest it signs is sealed and holds random file ids).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureObject {
+    pub format: String,
+    pub algorithm: String,
+    /// `sha256:` + hex SHA-256 of the signer's SubjectPublicKeyInfo DER.
+    pub signer: String,
+    /// Where the key was held (`file`, `kms:ARN`): informative only.
+    pub holder: String,
+    pub model: String,
+    pub version: u64,
+    pub sealed_at: u64,
+    /// Hex SHA-256 of the manifest plaintext.
+    pub manifest_sha256: String,
+    /// Hex ECDSA signature (ASN.1 DER) over [`crate::sign::signed_message`].
+    pub signature: String,
+}
+
+impl SignatureObject {
+    pub fn new(signer: &crate::sign::Signer, m: &Manifest, digest: &[u8; 32], sig: &[u8]) -> Self {
+        Self {
+            format: SIG_FORMAT.into(),
+            algorithm: ALGORITHM.into(),
+            signer: signer.id(),
+            holder: signer.holder(),
+            model: m.model.clone(),
+            version: m.version,
+            sealed_at: m.sealed_at,
+            manifest_sha256: hex::encode(digest),
+            signature: hex::encode(sig),
+        }
+    }
+
+    pub fn parse(bytes: &[u8], root: &str) -> Result<Self, ModelError> {
+        let bad = |reason: String| ModelError::Malformed {
+            model: root.to_string(),
+            reason: format!("signature object: {reason}"),
+        };
+        let s: SignatureObject = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if s.format != SIG_FORMAT || s.algorithm != ALGORITHM {
+            return Err(bad("unknown format or algorithm".into()));
+        }
+        Ok(s)
+    }
+
+    /// The trusted signer that signed the manifest whose plaintext SHA-256 is `digest`.
+    pub fn check(
+        &self,
+        trusted: &TrustedSigners,
+        digest: &[u8; 32],
+        root: &str,
+    ) -> Result<String, ModelError> {
+        let sig = hex::decode(&self.signature).unwrap_or_default();
+        let message = crate::sign::signed_message(digest);
+        if let Some(id) = trusted.check(&self.signer, &message, &sig) {
+            return Ok(id.to_string());
+        }
+        let signed_this = self.manifest_sha256 == hex::encode(digest);
+        if signed_this && trusted.ids().contains(&self.signer) {
+            // A trusted id whose signature does not verify over this manifest.
+            return Err(ModelError::Altered {
+                model: root.to_string(),
+            });
+        }
+        if !signed_this {
+            return Err(ModelError::Altered {
+                model: root.to_string(),
+            });
+        }
+        Err(ModelError::UntrustedSigner {
+            model: root.to_string(),
+            found: naming::escaped(&self.signer),
+            trusted: trusted.ids().join(", "),
+        })
+    }
+}
+
+/// A loaded, checked model.
+#[derive(Debug)]
+pub struct Model {
+    pub root: String,
+    pub manifest: Manifest,
+    /// Hex SHA-256 of the manifest plaintext: what `--model-digest` pins.
+    pub digest: String,
+    /// The trusted signer that signed it (`None`: unsigned, or no signer trusted).
+    pub signer: Option<String>,
+}
+
+impl Model {
+    /// Checks a file that names this model as its own against the manifest: the same
+    /// path, file id, header, sizes. `rel` is its key relative to the model root.
+    pub fn check_file(
+        &self,
+        file: &str,
+        rel: &str,
+        file_id: &[u8; 16],
+        header_digest: &[u8; 32],
+        chunk_log2: u8,
+        object_size: u64,
+    ) -> Result<&FileEntry, ModelError> {
+        let refuse = |reason: &str| ModelError::File {
+            file: file.to_string(),
+            reason: format!(
+                "{reason} (model {:?} version {})",
+                self.root, self.manifest.version
+            ),
+        };
+        let e = self.manifest.file(rel).ok_or_else(|| {
+            refuse("not in the model's manifest: an extra file, or one copied in")
+        })?;
+        if e.file_id != hex::encode(file_id) || e.header_sha256 != hex::encode(header_digest) {
+            return Err(refuse(
+                "not the version the manifest lists: a file of another version or model",
+            ));
+        }
+        if e.chunk_log2 != chunk_log2 || e.object_size != object_size {
+            return Err(refuse("sizes differ from the manifest's"));
+        }
+        Ok(e)
+    }
+}
+
+/// Reads, decrypts, parses and (with trusted signers) checks the signature of the model
+/// whose manifest is `entry` (`None`: no manifest listed at `root`).
+pub async fn load(
+    store: &crate::store::Store,
+    entry: Option<&crate::object::SealedEntry>,
+    root: &str,
+    keyring: &crate::keys::Keyring,
+    trusted: &TrustedSigners,
+) -> crate::Result<Model> {
+    let entry = entry.ok_or_else(|| ModelError::MissingManifest {
+        model: root.to_string(),
+    })?;
+    let f = crate::object::OpenFile::open(store, entry, keyring).await?;
+    let bad = |reason: String| ModelError::Malformed {
+        model: root.to_string(),
+        reason,
+    };
+    if f.key_object
+        .header
+        .context
+        .get(crate::format::header::CTX_MODEL)
+        .map(String::as_str)
+        != Some(root)
+    {
+        return Err(bad("its key object names another model".into()).into());
+    }
+    let size = f.layout.plaintext_size();
+    if size > MAX_MANIFEST_LEN {
+        return Err(bad(format!("{size} bytes, more than {MAX_MANIFEST_LEN}")).into());
+    }
+    // One ranged GET (a manifest is small), every chunk authenticated before it is used.
+    let last = f.layout.last_index();
+    let mut ct = zeroize::Zeroizing::new(f.fetch(store, 0, last).await?.to_vec());
+    let mut plain = Vec::with_capacity(size as usize);
+    let mut at = 0usize;
+    for i in 0..=last {
+        let len = f.layout.chunk_cipher_len(i) as usize;
+        let chunk = ct
+            .get_mut(at..at + len)
+            .ok_or_else(|| bad("shorter than its header says".into()))?;
+        let n = f.open_chunk(i, chunk)?;
+        plain.extend_from_slice(&chunk[..n]);
+        at += len;
+    }
+    let manifest = Manifest::parse(&plain, root)?;
+    let digest = crate::crypto::sha256(&plain);
+    let signer = if trusted.is_empty() {
+        None
+    } else {
+        let key = under(root, SIGNATURE_NAME);
+        let bytes = match store.get(&key, MAX_SIGNATURE_LEN).await {
+            Ok((b, _)) => b,
+            Err(crate::store::StoreError::NotFound(_)) => {
+                return Err(ModelError::Unsigned {
+                    model: root.to_string(),
+                }
+                .into())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let sig = SignatureObject::parse(&bytes, root)?;
+        Some(sig.check(trusted, &digest, root)?)
+    };
+    Ok(Model {
+        root: root.to_string(),
+        manifest,
+        digest: hex::encode(digest),
+        signer,
+    })
+}
+
+/// The manifest entry of the model at `root`, listed on its own (for a file whose model root
+/// lies outside the listed prefix: a mount or verify of part of a model).
+pub async fn find_manifest(
+    store: &crate::store::Store,
+    root: &str,
+) -> crate::Result<Option<crate::object::SealedEntry>> {
+    let key = under(root, MANIFEST_NAME);
+    let l = crate::object::find(store, &key).await?;
+    Ok(l.sealed.into_iter().find(|e| e.data.key == key))
+}
+
+/// The model root a file's context names, if any, checked to enclose the file's key.
+pub fn model_of(
+    file: &str,
+    ctx: &crate::format::EncryptionContext,
+) -> Result<Option<String>, ModelError> {
+    let Some(root) = ctx.get(crate::format::header::CTX_MODEL) else {
+        return Ok(None);
+    };
+    let inside = root.is_empty() || file.starts_with(&format!("{root}/"));
+    if !inside {
+        return Err(ModelError::File {
+            file: file.to_string(),
+            reason: format!(
+                "sealed for model {:?}, which does not contain it",
+                naming::escaped(root)
+            ),
+        });
+    }
+    Ok(Some(root.clone()))
+}
+
+/// `rel` of `key` under `root`.
+pub fn relative<'a>(key: &'a str, root: &str) -> &'a str {
+    if root.is_empty() {
+        key
+    } else {
+        key.strip_prefix(root)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str) -> FileEntry {
+        let l = crate::format::Layout::new(14, 100).unwrap();
+        FileEntry {
+            path: path.into(),
+            file_id: "00".repeat(16),
+            header_sha256: "11".repeat(32),
+            format_version: 1,
+            chunk_log2: 14,
+            plaintext_size: 100,
+            object_size: l.object_size(),
+            chunks: vec!["22".repeat(32)],
+        }
+    }
+
+    #[test]
+    fn parse_checks_root_names_sizes_and_digests() {
+        let mut m = Manifest::new("m", 3, Default::default());
+        m.files.push(entry("a/config.json"));
+        let b = m.to_bytes();
+        assert_eq!(Manifest::parse(&b, "m").unwrap(), m);
+        assert!(matches!(
+            Manifest::parse(&b, "other"),
+            Err(ModelError::Malformed { .. })
+        ));
+        for bad in [
+            {
+                let mut x = m.clone();
+                x.files.push(entry("a/config.json"));
+                x
+            },
+            {
+                let mut x = m.clone();
+                x.files[0].path = "../x".into();
+                x
+            },
+            {
+                let mut x = m.clone();
+                x.files[0].chunks.push("22".repeat(32));
+                x
+            },
+            {
+                let mut x = m.clone();
+                x.files[0].header_sha256 = "zz".into();
+                x
+            },
+        ] {
+            assert!(Manifest::parse(&bad.to_bytes(), "m").is_err(), "{bad:?}");
+        }
+        let mut extra = serde_json::to_value(&m).unwrap();
+        extra["unknown"] = serde_json::json!(1);
+        assert!(Manifest::parse(extra.to_string().as_bytes(), "m").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(manifest_root(".sealfs-manifest"), Some(""));
+        assert_eq!(manifest_root("a/b/.sealfs-manifest"), Some("a/b"));
+        assert_eq!(manifest_root("a/b.sealfs-manifest"), None);
+        assert_eq!(under("", MANIFEST_NAME), ".sealfs-manifest");
+        assert_eq!(relative("m/a/b", "m"), "a/b");
+        assert_eq!(relative("a/b", ""), "a/b");
+    }
+}

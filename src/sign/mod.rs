@@ -1,0 +1,376 @@
+//! Publisher signatures over model manifests: the one joint where signing keys vary, as
+//! `keys/` is for KEKs.
+//!
+//! `--sign file:PATH` (an ECDSA P-256 private key in PEM, SEC1 or PKCS#8) or `--sign kms:KEY`
+//! (an AWS KMS `ECC_NIST_P256` key: `Sign`, `GetPublicKey`); `--trust-signer file:PATH.pub`
+//! (a PEM SubjectPublicKeyInfo) or `--trust-signer kms:KEY` (its public key, fetched once and
+//! checked offline). A signer is named by the SHA-256 of its SubjectPublicKeyInfo DER, so a
+//! file key and the same key held in KMS are the same signer.
+//!
+//! The signature is ECDSA P-256 with SHA-256 (ASN.1 DER) over [`signed_message`]: a domain
+//! label and the SHA-256 of the manifest's plaintext bytes.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+    ECDSA_P256_SHA256_ASN1_SIGNING,
+};
+use zeroize::Zeroizing;
+
+use crate::keys::{kms, KeyError};
+
+/// Domain label of what a sealfs publisher signs (never valid as any other message).
+const SIGNED_LABEL: &[u8] = b"sealfs manifest signature v1\0";
+/// Longest PEM file read as a signing or public key.
+const MAX_PEM: u64 = 16 * 1024;
+
+/// Signing and signature-checking errors; none carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    #[error("bad signer {0:?}: expected file:<path> or kms:<key id|ARN|alias/NAME>")]
+    BadSpec(String),
+    #[error("signing key {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("signing key {0} already exists; refusing to overwrite it")]
+    Exists(String),
+    #[error(transparent)]
+    Kms(#[from] KeyError),
+    #[error("KMS key {key} is not an ECC_NIST_P256 signing key: {reason}")]
+    KmsKeyType { key: String, reason: String },
+    #[error("signing failed")]
+    Failed,
+}
+
+/// The message a publisher signs for a manifest whose plaintext SHA-256 is `digest`.
+pub fn signed_message(digest: &[u8; 32]) -> Vec<u8> {
+    [SIGNED_LABEL, &digest[..]].concat()
+}
+
+/// The signer id: `sha256:` and the hex SHA-256 of a SubjectPublicKeyInfo DER.
+pub fn signer_id(spki_der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, spki_der);
+    format!("sha256:{}", hex::encode(d.as_ref()))
+}
+
+/// A parsed `--sign` / `--trust-signer` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignerSpec {
+    File(PathBuf),
+    Kms(String),
+}
+
+impl std::str::FromStr for SignerSpec {
+    type Err = SignError;
+    fn from_str(s: &str) -> Result<Self, SignError> {
+        match s.split_once(':') {
+            Some(("file", p)) if !p.is_empty() => Ok(SignerSpec::File(p.into())),
+            Some(("kms", id)) if !id.is_empty() => Ok(SignerSpec::Kms(id.to_string())),
+            _ => Err(SignError::BadSpec(s.to_string())),
+        }
+    }
+}
+
+/// A private signing key: a local PEM file, or a KMS key that signs remotely.
+pub enum Signer {
+    File { key: EcdsaKeyPair, spki: Vec<u8> },
+    Kms { key: kms::KmsKey, spki: Vec<u8> },
+}
+
+impl Signer {
+    pub async fn resolve(spec: &SignerSpec) -> Result<Self, SignError> {
+        match spec {
+            SignerSpec::File(p) => {
+                let pem = read_pem(p)?;
+                let (label, der) = pem_rfc7468::decode_vec(pem.as_bytes())
+                    .map_err(|e| file_err(p, format!("not PEM: {e}")))?;
+                let der = Zeroizing::new(der);
+                if label != "PRIVATE KEY" && label != "EC PRIVATE KEY" {
+                    return Err(file_err(
+                        p,
+                        format!("a PEM {label:?}, not an EC private key (PRIVATE KEY or EC PRIVATE KEY)"),
+                    ));
+                }
+                let key = EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_ASN1_SIGNING, &der)
+                    .map_err(|e| file_err(p, format!("not an ECDSA P-256 private key: {e}")))?;
+                let spki = key
+                    .public_key()
+                    .as_der()
+                    .map_err(|_| file_err(p, "public key not encodable".into()))?
+                    .as_ref()
+                    .to_vec();
+                Ok(Signer::File { key, spki })
+            }
+            SignerSpec::Kms(id) => {
+                let client = kms::client(kms::region_of(id)).await?;
+                let key = kms::KmsKey::resolve(client, id).await?;
+                let spki = key.signing_public_key().await?;
+                check_p256(&spki).map_err(|reason| SignError::KmsKeyType {
+                    key: key.arn().to_string(),
+                    reason,
+                })?;
+                Ok(Signer::Kms { key, spki })
+            }
+        }
+    }
+
+    /// The SubjectPublicKeyInfo DER of this signer.
+    pub fn spki(&self) -> &[u8] {
+        match self {
+            Signer::File { spki, .. } | Signer::Kms { spki, .. } => spki,
+        }
+    }
+
+    pub fn id(&self) -> String {
+        signer_id(self.spki())
+    }
+
+    /// Where the key is held, for `inspect` and logs (`file` or the KMS key ARN).
+    pub fn holder(&self) -> String {
+        match self {
+            Signer::File { .. } => "file".into(),
+            Signer::Kms { key, .. } => format!("kms:{}", key.arn()),
+        }
+    }
+
+    /// An ECDSA P-256/SHA-256 DER signature over `message`.
+    pub async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        let sig = match self {
+            Signer::File { key, .. } => key
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), message)
+                .map_err(|_| SignError::Failed)?
+                .as_ref()
+                .to_vec(),
+            // KMS hashes RAW messages itself (moto ignores MessageType=DIGEST).
+            Signer::Kms { key, .. } => key.sign_raw(message).await?,
+        };
+        // Never publish a signature that does not verify under the key we name.
+        if !verify(self.spki(), message, &sig) {
+            return Err(SignError::Failed);
+        }
+        Ok(sig)
+    }
+}
+
+/// Checks that a SubjectPublicKeyInfo DER is an EC P-256 key.
+fn check_p256(spki: &[u8]) -> Result<(), String> {
+    aws_lc_rs::signature::ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// True if `sig` (DER) is a valid ECDSA P-256/SHA-256 signature of `message` under the
+/// SubjectPublicKeyInfo `spki`.
+pub fn verify(spki: &[u8], message: &[u8], sig: &[u8]) -> bool {
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki)
+        .verify(message, sig)
+        .is_ok()
+}
+
+/// The public keys a command trusts (`--trust-signer`), by signer id.
+#[derive(Default)]
+pub struct TrustedSigners {
+    keys: Vec<(String, Vec<u8>, String)>, // (id, spki, where it came from)
+}
+
+impl TrustedSigners {
+    pub async fn resolve(specs: &[SignerSpec]) -> Result<Self, SignError> {
+        let mut keys = Vec::new();
+        for spec in specs {
+            let (spki, from) = match spec {
+                SignerSpec::File(p) => {
+                    let pem = read_pem(p)?;
+                    let (label, der) = pem_rfc7468::decode_vec(pem.as_bytes())
+                        .map_err(|e| file_err(p, format!("not PEM: {e}")))?;
+                    if label != "PUBLIC KEY" {
+                        return Err(file_err(
+                            p,
+                            format!("a PEM {label:?}, not a PUBLIC KEY (SubjectPublicKeyInfo)"),
+                        ));
+                    }
+                    check_p256(&der)
+                        .map_err(|e| file_err(p, format!("not an EC P-256 public key: {e}")))?;
+                    (der, format!("file:{}", p.display()))
+                }
+                SignerSpec::Kms(id) => {
+                    let client = kms::client(kms::region_of(id)).await?;
+                    let key = kms::KmsKey::resolve(client, id).await?;
+                    let spki = key.signing_public_key().await?;
+                    check_p256(&spki).map_err(|reason| SignError::KmsKeyType {
+                        key: key.arn().to_string(),
+                        reason,
+                    })?;
+                    (spki, format!("kms:{}", key.arn()))
+                }
+            };
+            keys.push((signer_id(&spki), spki, from));
+        }
+        Ok(Self { keys })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Ids of the trusted signers, for messages.
+    pub fn ids(&self) -> Vec<String> {
+        self.keys.iter().map(|(id, _, _)| id.clone()).collect()
+    }
+
+    /// The trusted signer that made `sig` over `message`, if any (by the id it claims,
+    /// then by the signature itself: a claimed id proves nothing).
+    pub fn check(&self, claimed: &str, message: &[u8], sig: &[u8]) -> Option<&str> {
+        self.keys
+            .iter()
+            .filter(|(id, _, _)| id == claimed)
+            .find(|(_, spki, _)| verify(spki, message, sig))
+            .map(|(id, _, _)| id.as_str())
+    }
+}
+
+fn file_err(p: &Path, reason: String) -> SignError {
+    SignError::File {
+        path: p.display().to_string(),
+        reason,
+    }
+}
+
+/// Reads a small PEM file once, without following a symlink or blocking on a FIFO.
+fn read_pem(p: &Path) -> Result<Zeroizing<String>, SignError> {
+    use std::io::Read;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+        .map_err(|e| file_err(p, e.to_string()))?;
+    let m = f.metadata().map_err(|e| file_err(p, e.to_string()))?;
+    if !m.is_file() {
+        return Err(file_err(p, "not a regular file".into()));
+    }
+    let mut s = Zeroizing::new(String::new());
+    f.take(MAX_PEM + 1)
+        .read_to_string(&mut s)
+        .map_err(|e| file_err(p, e.to_string()))?;
+    if s.len() as u64 > MAX_PEM {
+        return Err(file_err(p, format!("longer than {MAX_PEM} bytes")));
+    }
+    Ok(s)
+}
+
+/// `sealfs keygen --signing PATH`: a new ECDSA P-256 key in PKCS#8 PEM at `path` (mode
+/// 0600, never overwrites) and its public key, a PEM SubjectPublicKeyInfo, at `PATH.pub`.
+/// Returns the signer id.
+pub fn keygen(path: &Path) -> Result<String, SignError> {
+    let pub_path = PathBuf::from(format!("{}.pub", path.display()));
+    let doc = EcdsaKeyPair::generate_pkcs8(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &aws_lc_rs::rand::SystemRandom::new(),
+    )
+    .map_err(|_| file_err(path, "key generation failed".into()))?;
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, doc.as_ref())
+        .map_err(|e| file_err(path, e.to_string()))?;
+    let spki = key
+        .public_key()
+        .as_der()
+        .map_err(|_| file_err(path, "public key not encodable".into()))?
+        .as_ref()
+        .to_vec();
+    let private = Zeroizing::new(
+        pem_rfc7468::encode_string("PRIVATE KEY", pem_rfc7468::LineEnding::LF, doc.as_ref())
+            .map_err(|e| file_err(path, e.to_string()))?,
+    );
+    let public = pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, &spki)
+        .map_err(|e| file_err(path, e.to_string()))?;
+    let create = |p: &Path, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(p)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => SignError::Exists(p.display().to_string()),
+                _ => file_err(p, e.to_string()),
+            })
+    };
+    if pub_path.exists() {
+        return Err(SignError::Exists(pub_path.display().to_string()));
+    }
+    let mut f = create(path, 0o600)?;
+    f.write_all(private.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| file_err(path, e.to_string()))?;
+    let mut f = create(&pub_path, 0o644)?;
+    f.write_all(public.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| file_err(&pub_path, e.to_string()))?;
+    Ok(signer_id(&spki))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keygen_sign_verify_round_trip_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("pub.key");
+        let id = keygen(&k).unwrap();
+        assert!(matches!(keygen(&k), Err(SignError::Exists(_))));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let signer = Signer::resolve(&SignerSpec::File(k.clone())).await.unwrap();
+        assert_eq!(signer.id(), id);
+        let msg = signed_message(&[7; 32]);
+        let sig = signer.sign(&msg).await.unwrap();
+        let trusted = TrustedSigners::resolve(&[SignerSpec::File(dir.path().join("pub.key.pub"))])
+            .await
+            .unwrap();
+        assert_eq!(trusted.check(&id, &msg, &sig), Some(id.as_str()));
+        assert_eq!(trusted.check(&id, &signed_message(&[8; 32]), &sig), None);
+        assert_eq!(trusted.check("sha256:00", &msg, &sig), None);
+        let mut bad = sig.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(trusted.check(&id, &msg, &bad), None);
+        // A private key where a public one is expected, and the other way round.
+        assert!(TrustedSigners::resolve(&[SignerSpec::File(k.clone())])
+            .await
+            .is_err());
+        assert!(
+            Signer::resolve(&SignerSpec::File(dir.path().join("pub.key.pub")))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn openssl_sec1_keys_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("ec.pem");
+        let st = std::process::Command::new("openssl")
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ])
+            .arg(&k)
+            .status()
+            .expect("openssl is needed by this test");
+        assert!(st.success());
+        let text = std::fs::read_to_string(&k).unwrap();
+        assert!(text.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{text}");
+        let signer = Signer::resolve(&SignerSpec::File(k)).await.unwrap();
+        let sig = signer.sign(b"m").await.unwrap();
+        assert!(verify(signer.spki(), b"m", &sig));
+    }
+}

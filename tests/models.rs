@@ -1,0 +1,331 @@
+//! Models (issue 10): every seal writes a manifest; `verify` and the mount serve exactly
+//! the manifest's files; under `--trust-signer` only a model signed by a trusted publisher
+//! is served, and every chunk is checked against the signed manifest first, so even a
+//! holder of the DEK cannot change a byte. Real binary, real mounts, local store.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+const C: usize = 64 * 1024;
+
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    /// A key file `k`, signing keys `pub.key` (the publisher) and `other.key`, and a model
+    /// source `src` (three files, one nested).
+    fn new() -> Self {
+        let s = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        expect_code(&sealfs(&["keygen", &s.p("k")], &[]), 0);
+        for k in ["pub.key", "other.key"] {
+            let out = expect_code(&sealfs(&["keygen", "--signing", &s.p(k)], &[]), 0);
+            assert!(out.contains("sha256:"), "{out}");
+        }
+        s.write("src/a.bin", &pattern(3 * C + 17, 1));
+        s.write("src/config.json", b"{\"layers\": 2}\n");
+        s.write("src/sub/b.bin", &pattern(C, 2));
+        s
+    }
+    fn p(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    fn key(&self) -> String {
+        format!("file:{}", self.p("k"))
+    }
+    fn trust(&self, signer: &str) -> String {
+        format!("file:{}", self.p(&format!("{signer}.pub")))
+    }
+    /// Seals `src` to `dest`; `sign`: a signing key name, or "" for unsigned.
+    fn seal(&self, src: &str, dest: &str, sign: &str, extra: &[&str]) -> String {
+        let key = self.key();
+        let signer = format!("file:{}", self.p(sign));
+        let mut args = vec![
+            "seal",
+            src,
+            dest,
+            "--key",
+            key.as_str(),
+            "--chunk-size",
+            "64KiB",
+        ];
+        if !sign.is_empty() {
+            args.extend(["--sign", signer.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        expect_code(&sealfs(&args, &[]), 0)
+    }
+    /// `verify` of `uri` (optionally trusting `signer`): (exit code, stdout + stderr).
+    fn verify(&self, uri: &str, signer: Option<&str>) -> (i32, String) {
+        let key = self.key();
+        let trust = signer.map(|s| self.trust(s));
+        let mut args = vec!["verify", uri, "--key", key.as_str()];
+        if let Some(t) = &trust {
+            args.extend(["--trust-signer", t.as_str()]);
+        }
+        let out = sealfs(&args, &[]);
+        (
+            out.status.code().unwrap_or(-1),
+            format!("{}{}", stdout(&out), stderr(&out)),
+        )
+    }
+    fn mount(&self, uri: &str, signer: Option<&str>, extra: &[&str]) -> Mount {
+        let key = self.key();
+        let trust = signer.map(|s| self.trust(s));
+        let mut args = vec!["--key", key.as_str()];
+        if let Some(t) = &trust {
+            args.extend(["--trust-signer", t.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        Mount::start(uri, &args, &[])
+    }
+}
+
+fn read(p: &Path) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    std::fs::File::open(p)?.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+fn errno(r: std::io::Result<Vec<u8>>) -> i32 {
+    r.expect_err("the read must fail").raw_os_error().unwrap_or(0)
+}
+
+/// Copies a sealed file's two objects (data and key object) from `from` to `to`.
+fn copy_pair(s: &Site, from: &str, to: &str) {
+    for suffix in ["", ".sealfs-c16"] {
+        let dst = s.path(&format!("{to}{suffix}"));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(s.path(&format!("{from}{suffix}")), dst).unwrap();
+    }
+}
+
+#[test]
+fn a_signed_model_verifies_and_mounts_under_its_signer() {
+    let s = Site::new();
+    let out = s.seal(&s.p("src"), &s.p("m"), "pub.key", &[]);
+    assert!(out.contains("signed by sha256:"), "{out}");
+    assert!(s.path("m/.sealfs-manifest.sig").exists());
+    let (code, text) = s.verify(&s.p("m"), Some("pub.key"));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(text.matches("ok ").count(), 3, "{text}");
+    // Without --trust-signer the same model verifies too (its manifest still binds it).
+    assert_eq!(s.verify(&s.p("m"), None).0, 0);
+    let m = s.mount(&s.p("m"), Some("pub.key"), &[]);
+    for f in ["a.bin", "config.json", "sub/b.bin"] {
+        assert_eq!(read(&m.path(f)).unwrap(), std::fs::read(s.path(&format!("src/{f}"))).unwrap(), "{f}");
+    }
+    assert!(!m.path(".sealfs-manifest").exists(), "the manifest is not a model file");
+    assert!(m.logs().contains("model manifest loaded"), "{}", m.logs());
+}
+
+/// Unsigned, signed by someone else, or a signature moved from another model: refused as a
+/// whole by verify (exit 4 or 3, naming the model and the signer) and by the mount (EACCES
+/// on every file, a log line).
+#[test]
+fn unsigned_foreign_and_moved_signatures_are_refused() {
+    let s = Site::new();
+    s.seal(&s.p("src"), &s.p("unsigned"), "", &[]);
+    s.seal(&s.p("src"), &s.p("foreign"), "other.key", &[]);
+    s.seal(&s.p("src"), &s.p("moved"), "pub.key", &[]);
+    s.seal(&s.p("src"), &s.p("donor"), "pub.key", &[]);
+    std::fs::copy(
+        s.path("donor/.sealfs-manifest.sig"),
+        s.path("moved/.sealfs-manifest.sig"),
+    )
+    .unwrap();
+    for (dir, code, want) in [
+        ("unsigned", 4, "not signed"),
+        ("foreign", 4, "which is not a trusted signer"),
+        ("moved", 3, "the signature does not cover this manifest (altered)"),
+    ] {
+        let (c, text) = s.verify(&s.p(dir), Some("pub.key"));
+        assert_eq!(c, code, "{dir}: {text}");
+        assert!(text.contains(want), "{dir}: {text}");
+        assert!(!text.contains("ok "), "{dir}: nothing verifies: {text}");
+        let m = s.mount(&s.p(dir), Some("pub.key"), &[]);
+        assert_eq!(errno(read(&m.path("config.json"))), libc::EACCES, "{dir}");
+        assert!(m.logs().contains(want), "{dir}: {}", m.logs());
+    }
+    // Files sealed before models existed (the frozen v1 vectors) are loose: served without
+    // --trust-signer, refused with it.
+    let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/v1/objects");
+    let kek = s.path("vector-kek");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/v1/kek"),
+        &kek,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = sealfs(
+        &[
+            "verify",
+            &vectors.join("ok-one-byte").display().to_string(),
+            "--key",
+            &format!("file:{}", kek.display()),
+            "--trust-signer",
+            &s.trust("pub.key"),
+        ],
+        &[],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(text.contains("not part of a signed model"), "{text}");
+}
+
+/// A holder of the DEK (any host that can unwrap) re-encrypts a chunk with valid AES-GCM:
+/// without --trust-signer it is served (that rung is what signatures are for); with it, the
+/// read of that chunk fails and nothing of it is released, and verify names the chunk.
+#[test]
+fn a_chunk_forged_by_a_dek_holder_is_refused_under_trust_signer() {
+    let s = Site::new();
+    s.seal(&s.p("src"), &s.p("m"), "pub.key", &[]);
+    forge_chunk(&s, "m/a.bin", 1);
+    let (code, text) = s.verify(&s.p("m"), Some("pub.key"));
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("chunks failed authentication: 1"), "{text}");
+    let original = std::fs::read(s.path("src/a.bin")).unwrap();
+    {
+        let m = s.mount(&s.p("m"), None, &["--direct-io"]);
+        let got = read(&m.path("a.bin")).unwrap();
+        assert!(got[C..2 * C] != original[C..2 * C], "the forgery authenticates under GCM");
+    }
+    let m = s.mount(&s.p("m"), Some("pub.key"), &["--direct-io"]);
+    let mut f = std::fs::File::open(m.path("a.bin")).unwrap();
+    let mut first = vec![0u8; C];
+    f.read_exact(&mut first).unwrap();
+    assert!(first == original[..C], "the untouched chunk is served");
+    let mut second = vec![0u8; C];
+    let e = f.read_exact(&mut second).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        m.logs().contains("differs from the signed model manifest"),
+        "{}",
+        m.logs()
+    );
+}
+
+/// Re-encrypts chunk `index` of the sealed file `rel` with its own DEK (as a DEK holder
+/// can), so that it authenticates under AES-GCM but holds other plaintext.
+fn forge_chunk(s: &Site, rel: &str, index: u64) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use sealfs::keys::{KeySpec, Keyring};
+        let ring = Keyring::resolve(&[KeySpec::File(s.path("k"))]).await.unwrap();
+        let bytes = std::fs::read(s.path(&format!("{rel}.sealfs-c16"))).unwrap();
+        let ko = sealfs::format::KeyObject::parse(&bytes).unwrap();
+        let (_dek, keys) = ring.unwrap(&ko).await.unwrap();
+        let layout = ko.header.layout();
+        let digest = sealfs::crypto::header_digest(&ko.authenticated);
+        let n = layout.chunk_plain_len(index);
+        let mut buf = vec![0xEEu8; n + 16];
+        sealfs::crypto::seal_chunk(&keys, &digest, index, layout.is_last(index), &mut buf);
+        let (start, _) = layout.cipher_range(index, index);
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.path(rel))
+            .unwrap();
+        f.write_all_at(&buf, start).unwrap();
+    });
+}
+
+/// The set of files is the manifest's: a shard of an older version put back beside the
+/// new ones, a file left over from an older version, and a missing file are each reported
+/// by verify (naming the file) and not served by the mount (EACCES), with no option.
+#[test]
+fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
+    let s = Site::new();
+    s.write("src/old-only.bin", b"dropped in v2");
+    s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "1"]);
+    let keep = s.path("v1");
+    copy_pair(&s, "m/a.bin", "v1/a.bin");
+    std::fs::remove_file(s.path("src/old-only.bin")).unwrap();
+    s.write("src/a.bin", &pattern(3 * C + 17, 9));
+    s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "2", "--force"]);
+    assert_eq!(s.verify(&s.p("m"), None).0, 3, "old-only.bin is left over from v1");
+    // v1's a.bin back beside v2's other files.
+    copy_pair(&s, "v1/a.bin", "m/a.bin");
+    drop(keep);
+    // v2's sub/b.bin gone.
+    for suffix in ["", ".sealfs-c16"] {
+        std::fs::remove_file(s.path(&format!("m/sub/b.bin{suffix}"))).unwrap();
+    }
+    let (code, text) = s.verify(&s.p("m"), None);
+    assert_eq!(code, 3, "{text}");
+    for (file, why) in [
+        ("a.bin", "not the version the manifest lists"),
+        ("old-only.bin", "not in the model's manifest"),
+        ("sub/b.bin", "listed in the manifest (model"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(file) && l.contains(why)),
+            "{file}: {why}:\n{text}"
+        );
+    }
+    assert!(text.lines().any(|l| l.starts_with("ok ") && l.contains("config.json")), "{text}");
+    let m = s.mount(&s.p("m"), None, &[]);
+    assert_eq!(errno(read(&m.path("a.bin"))), libc::EACCES);
+    assert_eq!(errno(read(&m.path("old-only.bin"))), libc::EACCES);
+    assert_eq!(read(&m.path("config.json")).unwrap(), b"{\"layers\": 2}\n");
+    assert!(
+        m.logs().contains("not the version the manifest lists"),
+        "{}",
+        m.logs()
+    );
+}
+
+/// A mount never goes back to an older manifest than one it has served: the whole of an
+/// older sealed version put back (a rollback that authenticates) is refused after the
+/// re-list; the version it served keeps being refused too until a newer one comes.
+#[test]
+fn a_mount_refuses_a_rolled_back_model() {
+    let s = Site::new();
+    s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "1"]);
+    let v1 = s.path("v1-copy");
+    let st = std::process::Command::new("cp")
+        .args(["-a", &s.p("m"), &v1.display().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    s.write("src/config.json", b"{\"layers\": 3}\n");
+    s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "2", "--force"]);
+    let m = s.mount(&s.p("m"), None, &["--list-ttl", "1s"]);
+    assert_eq!(read(&m.path("config.json")).unwrap(), b"{\"layers\": 3}\n");
+    // Put v1 back whole (manifest and files).
+    std::fs::remove_dir_all(s.path("m")).unwrap();
+    let st = std::process::Command::new("cp")
+        .args(["-a", &v1.display().to_string(), &s.p("m")])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let start = std::time::Instant::now();
+    loop {
+        match read(&m.path("config.json")) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => break,
+            Ok(b) => assert_ne!(b, b"{\"layers\": 2}\n".to_vec(), "v1 served after v2"),
+            Err(_) => {}
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "no refusal 15 s after the rollback:\n{}",
+            m.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(m.logs().contains("rollback"), "{}", m.logs());
+}
