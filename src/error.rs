@@ -57,7 +57,7 @@ impl Error {
     pub fn is_integrity(&self) -> bool {
         match self {
             Error::Integrity { .. } | Error::Format { .. } => true,
-            Error::Model(m) => !m.is_untrusted(),
+            Error::Model(m) => m.is_tampering(),
             Error::Key { source, .. } | Error::KeySetup(source) => source.is_integrity(),
             _ => false,
         }

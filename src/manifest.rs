@@ -116,8 +116,7 @@ pub enum ModelError {
     Unreadable {
         model: String,
         reason: String,
-        /// A key refused (access), rather than bytes failing.
-        denied: bool,
+        class: Unreadable,
     },
     #[error("model {model}: manifest version {found} is older than version {served} already served (rollback)")]
     Rollback {
@@ -127,7 +126,26 @@ pub enum ModelError {
     },
 }
 
+/// Why a manifest could not be read, for exit codes and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// Bytes failed authentication or parsing.
+    Tampered,
+    /// A key refused.
+    Denied,
+    /// The store or KMS failed (after bounded retries).
+    Unavailable,
+}
+
 impl ModelError {
+    /// True when bytes were tampered with (exit 3 at the CLI).
+    pub fn is_tampering(&self) -> bool {
+        match self {
+            ModelError::Unreadable { class, .. } => *class == Unreadable::Tampered,
+            other => !other.is_untrusted(),
+        }
+    }
+
     /// True when the refusal is about trust (no signature, an untrusted signer, a loose
     /// file under --trust-signer): exit 4 at the CLI. Every model refusal is EACCES at the
     /// mount; the others are tampering (exit 3).
@@ -137,7 +155,10 @@ impl ModelError {
             ModelError::Unsigned { .. }
                 | ModelError::UntrustedSigner { .. }
                 | ModelError::Loose { .. }
-                | ModelError::Unreadable { denied: true, .. }
+                | ModelError::Unreadable {
+                    class: Unreadable::Denied,
+                    ..
+                }
         )
     }
 
@@ -148,7 +169,13 @@ impl ModelError {
             other => ModelError::Unreadable {
                 model: root.to_string(),
                 reason: crate::error_chain(&other),
-                denied: other.is_access_denied(),
+                class: if other.is_access_denied() {
+                    Unreadable::Denied
+                } else if other.is_integrity() {
+                    Unreadable::Tampered
+                } else {
+                    Unreadable::Unavailable
+                },
             },
         }
     }

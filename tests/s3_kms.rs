@@ -84,9 +84,10 @@ fn seal_verify_unseal_rewrap_verify_with_two_kms_keys_and_a_file_key() {
         6,
         "{text}"
     );
-    // One data key per file; the second KMS key wraps that same DEK with Encrypt.
-    assert_eq!(f.stack.count("kms:GenerateDataKey"), 6);
-    assert_eq!(f.stack.count("kms:Encrypt"), 6);
+    // One data key per file and one for the model's manifest; the second KMS key wraps
+    // that same DEK with Encrypt.
+    assert_eq!(f.stack.count("kms:GenerateDataKey"), 7);
+    assert_eq!(f.stack.count("kms:Encrypt"), 7);
     assert_eq!(f.stack.count("kms:Decrypt"), 0);
 
     // LIST alone gives plaintext sizes: data objects are prelude + plaintext + tags.
@@ -152,7 +153,8 @@ fn seal_verify_unseal_rewrap_verify_with_two_kms_keys_and_a_file_key() {
         ]),
         0,
     );
-    assert_eq!(f.stack.count("kms:ReEncrypt"), 6);
+    // Six files and the model's manifest.
+    assert_eq!(f.stack.count("kms:ReEncrypt"), 7);
     assert_eq!(f.stack.count("kms:Decrypt"), 0);
     expect_code(
         &f.run(&["verify", "s3://models/llama", "--key", &format!("kms:{b}")]),
@@ -230,7 +232,9 @@ fn rewrap_of_an_87_mib_object_moves_under_1_mib_and_keeps_the_data_object() {
     assert!(moved < 1 << 20, "rewrap moved {moved} bytes");
     eprintln!("rewrap of an 87 MiB object moved {moved} bytes through the client");
     assert_eq!(etag(&f.stack), before, "the data object is untouched");
-    assert_eq!(c["s3:PUT"], 1, "only the key object is written: {c}");
+    // The file's key object, and its model manifest's (rewrapped along: it must open with
+    // the keys that open its files).
+    assert_eq!(c["s3:PUT"], 2, "only key objects are written: {c}");
 }
 
 #[test]
@@ -292,7 +296,8 @@ fn kms_throttling_is_retried_a_bounded_number_of_times() {
         &f.run(&["verify", "s3://models/x", "--key", &format!("kms:{a}")]),
         0,
     );
-    assert_eq!(f.stack.count("kms:Decrypt"), 3);
+    // The file's DEK and the model manifest's, after two throttles.
+    assert_eq!(f.stack.count("kms:Decrypt"), 4);
     // Throttled forever: bounded attempts, then a clear failure.
     f.stack.reset();
     f.stack
@@ -489,7 +494,12 @@ fn failed_reseal_with_force_keeps_the_old_version() {
         assert_eq!(sha256(&std::fs::read(&out).unwrap()), sha256(&v1), "{why}");
         assert_eq!(
             names_under(&f, "r/"),
-            ["r/model.bin", "r/model.bin.sealfs-c20"],
+            [
+                "r/.sealfs-manifest",
+                "r/.sealfs-manifest.sealfs-c20",
+                "r/model.bin",
+                "r/model.bin.sealfs-c20"
+            ],
             "{why}"
         );
         assert_eq!(rt().block_on(f.stack.open_uploads("models")), 0, "{why}");
@@ -567,7 +577,12 @@ fn failed_reseal_with_force_keeps_the_old_version() {
     assert!(t.contains(&format!("({} bytes)", v2.len())), "{t}");
     assert_eq!(
         names_under(&f, "r/"),
-        ["r/model.bin", "r/model.bin.sealfs-c14"]
+        [
+            "r/.sealfs-manifest",
+            "r/.sealfs-manifest.sealfs-c14",
+            "r/model.bin",
+            "r/model.bin.sealfs-c14"
+        ]
     );
 }
 
@@ -695,9 +710,10 @@ fn trace_logs_with_sdk_body_logging_switched_on_carry_no_dek() {
         &env,
     );
     let logs = expect_code(&out, 0);
+    // The file's DEK and its model manifest's.
     assert_eq!(
         f.stack.count("kms:Encrypt"),
-        1,
+        2,
         "the second KMS key used Encrypt"
     );
     assert!(

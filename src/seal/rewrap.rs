@@ -22,7 +22,10 @@ pub async fn rewrap(loc: &Location, from: &Keyring, to: &Keyring) -> Result<Vec<
     }
     let mut done = Vec::new();
     let mut roots = std::collections::BTreeSet::new();
-    for e in &l.sealed {
+    // Files first, manifests last (a manifest is only useful once its files open).
+    let mut entries: Vec<_> = l.sealed.iter().collect();
+    entries.sort_by_key(|e| crate::manifest::manifest_root(&e.data.key).is_some());
+    for e in entries {
         if let Some(root) = rewrap_one(loc, e, from, to).await? {
             roots.insert(root);
         }
