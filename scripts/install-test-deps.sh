@@ -11,6 +11,8 @@ command -v strace >/dev/null || need+=(strace)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v setpriv >/dev/null && command -v prlimit >/dev/null || need+=(util-linux)
 command -v mount >/dev/null || need+=(mount)
+# openssl: the signing tests check that keys openssl writes (SEC1 PEM) are accepted.
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -133,8 +133,10 @@ pub enum Unreadable {
     Tampered,
     /// A key refused.
     Denied,
-    /// The store or KMS failed (after bounded retries).
+    /// KMS failed (after bounded retries).
     Unavailable,
+    /// The store failed or answered wrongly.
+    Store,
 }
 
 impl ModelError {
@@ -173,6 +175,8 @@ impl ModelError {
                     Unreadable::Denied
                 } else if other.is_integrity() {
                     Unreadable::Tampered
+                } else if matches!(other, crate::Error::Store(_)) {
+                    Unreadable::Store
                 } else {
                     Unreadable::Unavailable
                 },

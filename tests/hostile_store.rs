@@ -271,7 +271,8 @@ fn a_huge_key_object_is_not_read_whole() {
         sent >> 10,
         FILES.len()
     );
-    assert_eq!(f.stack.count("s3:GET-huge"), FILES.len() as u64);
+    // Every file's key object, and the model manifest's (read once).
+    assert_eq!(f.stack.count("s3:GET-huge"), FILES.len() as u64 + 1);
     assert!(
         sent < 64 << 20,
         "the client kept reading: {} MiB of {} sent",
@@ -593,19 +594,19 @@ fn many_objects_past_max_objects_fail_the_listing() {
     let f = Fx::new();
     f.seal("s3://models/p");
     let err = f
-        .try_mount("s3://models/p", &["--max-objects", "11"])
+        .try_mount("s3://models/p", &["--max-objects", "13"])
         .err()
-        .expect("12 objects past --max-objects 11");
+        .expect("14 objects (12 and the manifest's 2) past --max-objects 13");
     assert!(err.contains("exit status: 5"), "{err}");
     let line = one_line(&err, "listing refused");
     assert!(
         line.ends_with(
-            "sealfs: error: p: listing refused: more than 11 objects (raise --max-objects)"
+            "sealfs: error: p: listing refused: more than 13 objects (raise --max-objects)"
         ),
         "{err}"
     );
     let m = f
-        .try_mount("s3://models/p", &["--max-objects", "12"])
+        .try_mount("s3://models/p", &["--max-objects", "14"])
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         std::fs::read(m.path("sub/c.txt")).unwrap(),

@@ -102,7 +102,9 @@ fn read(p: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 fn errno(r: std::io::Result<Vec<u8>>) -> i32 {
-    r.expect_err("the read must fail").raw_os_error().unwrap_or(0)
+    r.expect_err("the read must fail")
+        .raw_os_error()
+        .unwrap_or(0)
 }
 
 /// Copies a sealed file's two objects (data and key object) from `from` to `to`.
@@ -127,9 +129,16 @@ fn a_signed_model_verifies_and_mounts_under_its_signer() {
     assert_eq!(s.verify(&s.p("m"), None).0, 0);
     let m = s.mount(&s.p("m"), Some("pub.key"), &[]);
     for f in ["a.bin", "config.json", "sub/b.bin"] {
-        assert_eq!(read(&m.path(f)).unwrap(), std::fs::read(s.path(&format!("src/{f}"))).unwrap(), "{f}");
+        assert_eq!(
+            read(&m.path(f)).unwrap(),
+            std::fs::read(s.path(&format!("src/{f}"))).unwrap(),
+            "{f}"
+        );
     }
-    assert!(!m.path(".sealfs-manifest").exists(), "the manifest is not a model file");
+    assert!(
+        !m.path(".sealfs-manifest").exists(),
+        "the manifest is not a model file"
+    );
     assert!(m.logs().contains("model manifest loaded"), "{}", m.logs());
 }
 
@@ -151,7 +160,11 @@ fn unsigned_foreign_and_moved_signatures_are_refused() {
     for (dir, code, want) in [
         ("unsigned", 4, "not signed"),
         ("foreign", 4, "which is not a trusted signer"),
-        ("moved", 3, "the signature does not cover this manifest (altered)"),
+        (
+            "moved",
+            3,
+            "the signature does not cover this manifest (altered)",
+        ),
     ] {
         let (c, text) = s.verify(&s.p(dir), Some("pub.key"));
         assert_eq!(c, code, "{dir}: {text}");
@@ -202,7 +215,10 @@ fn a_chunk_forged_by_a_dek_holder_is_refused_under_trust_signer() {
     {
         let m = s.mount(&s.p("m"), None, &["--direct-io"]);
         let got = read(&m.path("a.bin")).unwrap();
-        assert!(got[C..2 * C] != original[C..2 * C], "the forgery authenticates under GCM");
+        assert!(
+            got[C..2 * C] != original[C..2 * C],
+            "the forgery authenticates under GCM"
+        );
     }
     let m = s.mount(&s.p("m"), Some("pub.key"), &["--direct-io"]);
     let mut f = std::fs::File::open(m.path("a.bin")).unwrap();
@@ -225,7 +241,9 @@ fn forge_chunk(s: &Site, rel: &str, index: u64) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use sealfs::keys::{KeySpec, Keyring};
-        let ring = Keyring::resolve(&[KeySpec::File(s.path("k"))]).await.unwrap();
+        let ring = Keyring::resolve(&[KeySpec::File(s.path("k"))])
+            .await
+            .unwrap();
         let bytes = std::fs::read(s.path(&format!("{rel}.sealfs-c16"))).unwrap();
         let ko = sealfs::format::KeyObject::parse(&bytes).unwrap();
         let (_dek, keys) = ring.unwrap(&ko).await.unwrap();
@@ -256,8 +274,17 @@ fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
     copy_pair(&s, "m/a.bin", "v1/a.bin");
     std::fs::remove_file(s.path("src/old-only.bin")).unwrap();
     s.write("src/a.bin", &pattern(3 * C + 17, 9));
-    s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "2", "--force"]);
-    assert_eq!(s.verify(&s.p("m"), None).0, 3, "old-only.bin is left over from v1");
+    s.seal(
+        &s.p("src"),
+        &s.p("m"),
+        "",
+        &["--model-version", "2", "--force"],
+    );
+    assert_eq!(
+        s.verify(&s.p("m"), None).0,
+        3,
+        "old-only.bin is left over from v1"
+    );
     // v1's a.bin back beside v2's other files.
     copy_pair(&s, "v1/a.bin", "m/a.bin");
     drop(keep);
@@ -277,7 +304,11 @@ fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
             "{file}: {why}:\n{text}"
         );
     }
-    assert!(text.lines().any(|l| l.starts_with("ok ") && l.contains("config.json")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok ") && l.contains("config.json")),
+        "{text}"
+    );
     let m = s.mount(&s.p("m"), None, &[]);
     assert_eq!(errno(read(&m.path("a.bin"))), libc::EACCES);
     assert_eq!(errno(read(&m.path("old-only.bin"))), libc::EACCES);
@@ -303,7 +334,12 @@ fn a_mount_refuses_a_rolled_back_model() {
         .unwrap();
     assert!(st.success());
     s.write("src/config.json", b"{\"layers\": 3}\n");
-    s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "2", "--force"]);
+    s.seal(
+        &s.p("src"),
+        &s.p("m"),
+        "",
+        &["--model-version", "2", "--force"],
+    );
     let m = s.mount(&s.p("m"), None, &["--list-ttl", "1s"]);
     assert_eq!(read(&m.path("config.json")).unwrap(), b"{\"layers\": 3}\n");
     // Put v1 back whole (manifest and files).

@@ -24,6 +24,10 @@ pub fn code(err: &Error) -> i32 {
         Error::KeySetup(crate::keys::KeyError::BadUri(_)) => USAGE,
         Error::Store(crate::store::StoreError::BadUri(_)) => USAGE,
         Error::Store(_) => STORE,
+        Error::Model(crate::manifest::ModelError::Unreadable {
+            class: crate::manifest::Unreadable::Store,
+            ..
+        }) => STORE,
         Error::Interrupted => INTERRUPTED,
         _ => FAILURE,
     }

@@ -537,6 +537,24 @@ fn print_inspect(v: &serde_json::Value) {
             println!("    {} {}", t(&s["kind"]), t(&s["key_id"]));
         }
     }
+    for m in v["models"].as_array().into_iter().flatten() {
+        println!("model {}", t(&m["model"]));
+        if m["signed"] == serde_json::json!(true) {
+            println!(
+                "  signed by:       {} ({})",
+                t(&m["signer"]),
+                t(&m["holder"])
+            );
+            println!("  version:         {}", m["version"]);
+            println!("  sealed at:       {} (unix seconds)", m["sealed_at"]);
+            println!("  manifest digest: {}", t(&m["manifest_digest"]));
+        } else {
+            println!("  unsigned (the manifest's version and digest need a key: sealfs verify)");
+        }
+        if m["error"].is_string() {
+            println!("  error: {}", t(&m["error"]));
+        }
+    }
     for o in v["unsealed_objects"].as_array().into_iter().flatten() {
         println!("not sealed: {}", t(o));
     }

@@ -722,7 +722,18 @@ impl SealFs {
         ko: &crate::format::KeyObject,
         digests: bool,
     ) -> Result<Option<Arc<Vec<[u8; 32]>>>, FsError> {
-        let denied = |e: ModelError| FsError::Denied(crate::error_chain(&e));
+        // A refusal is EACCES; a manifest the store could not deliver intact is EIO, as
+        // any read the store fails.
+        let denied = |e: ModelError| match &e {
+            ModelError::Unreadable {
+                class:
+                    manifest::Unreadable::Unavailable
+                    | manifest::Unreadable::Tampered
+                    | manifest::Unreadable::Store,
+                ..
+            } => FsError::Io(crate::error_chain(&e)),
+            _ => FsError::Denied(crate::error_chain(&e)),
+        };
         let root = match manifest::model_of(key, &ko.header.context).map_err(denied)? {
             Some(root) => root,
             None if self.trusted.is_empty() => return Ok(None),

@@ -13,7 +13,12 @@ use crate::store::Location;
 pub async fn inspect(loc: &Location) -> Result<Value> {
     let l = find(&loc.store, &loc.prefix).await?;
     let mut files = Vec::new();
+    let mut models = Vec::new();
     for e in &l.sealed {
+        if let Some(root) = crate::manifest::manifest_root(&e.data.key) {
+            models.push(model_facts(loc, root).await);
+            continue;
+        }
         let mut v = json!({
             "file": loc.describe(&e.data.key),
             "object_size": e.data.size,
@@ -49,10 +54,46 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
         "files": files,
         "unsealed_objects": l.unsealed.iter().map(|o| &o.key).collect::<Vec<_>>(),
         "orphan_key_objects": l.orphans.iter().map(|o| &o.key).collect::<Vec<_>>(),
+        "models": models,
         "refused_names": l
             .rejected
             .iter()
             .map(|(name, why)| json!({"name": naming::escaped(name), "reason": why.to_string()}))
             .collect::<Vec<_>>(),
     }))
+}
+
+/// What can be said of a model without a key: its manifest is sealed, so the facts shown
+/// are the signature object's claims (`signed: false` when there is none). They are
+/// authenticated only by `verify --trust-signer` or a mount with it.
+async fn model_facts(loc: &Location, root: &str) -> Value {
+    use crate::manifest::{
+        under, SignatureObject, MANIFEST_NAME, MAX_SIGNATURE_LEN, SIGNATURE_NAME,
+    };
+    let mut v = json!({
+        "model": loc.describe(root),
+        "manifest": loc.describe(&under(root, MANIFEST_NAME)),
+        "signed": false,
+    });
+    match loc
+        .store
+        .get(&under(root, SIGNATURE_NAME), MAX_SIGNATURE_LEN)
+        .await
+    {
+        Ok((bytes, _)) => match SignatureObject::parse(&bytes, root) {
+            Ok(s) => {
+                v["signed"] = json!(true);
+                v["signer"] = json!(naming::escaped(&s.signer));
+                v["holder"] = json!(naming::escaped(&s.holder));
+                v["version"] = json!(s.version);
+                v["sealed_at"] = json!(s.sealed_at);
+                v["manifest_digest"] =
+                    json!(format!("sha256:{}", naming::escaped(&s.manifest_sha256)));
+            }
+            Err(e) => v["error"] = json!(e.to_string()),
+        },
+        Err(crate::store::StoreError::NotFound(_)) => {}
+        Err(e) => v["error"] = json!(crate::error_chain(&e)),
+    }
+    v
 }

@@ -127,6 +127,7 @@ pub async fn verify(
     cancel: &Cancel,
 ) -> Result<Vec<VerifyReport>> {
     let (files, manifests) = split(loc).await?;
+    let listed: HashSet<String> = files.iter().map(|e| e.data.key.clone()).collect();
     let mut models: BTreeMap<String, std::result::Result<Arc<Model>, ModelError>> = BTreeMap::new();
     let mut seen: HashMap<String, HashSet<String>> = HashMap::new();
     let mut out = Vec::new();
@@ -179,9 +180,13 @@ pub async fn verify(
                 continue;
             }
         };
-        let present = seen.get(root);
         for f in &model.manifest.files {
-            if !present.is_some_and(|p| p.contains(&f.path)) {
+            let key = manifest::under(root, &f.path);
+            // Only what this verify covers: a prefix inside a model checks its part.
+            let covered = loc.prefix.is_empty()
+                || key == loc.prefix
+                || key.starts_with(&format!("{}/", loc.prefix));
+            if covered && !listed.contains(&key) {
                 out.push(VerifyReport {
                     file: loc.describe(&manifest::under(root, &f.path)),
                     result: Err(ModelError::File {
