@@ -28,6 +28,7 @@ pub const MAX_SIGNATURE_LEN: usize = 64 << 10;
 const FORMAT: &str = "sealfs-manifest-v1";
 const SIG_FORMAT: &str = "sealfs-signature-v1";
 const ALGORITHM: &str = "ecdsa-p256-sha256";
+const CHUNK_DIGEST: &str = "blake3";
 
 /// The key of `name` under model root `root`.
 pub fn under(root: &str, name: &str) -> String {
@@ -65,6 +66,8 @@ pub struct Manifest {
     pub sealed_at: u64,
     /// The user pairs of the encryption context (`--context`).
     pub context: BTreeMap<String, String>,
+    /// How `chunks` are computed: `blake3` (BLAKE3-256 of each sealed chunk).
+    pub chunk_digest: String,
     pub files: Vec<FileEntry>,
 }
 
@@ -82,7 +85,7 @@ pub struct FileEntry {
     pub chunk_log2: u8,
     pub plaintext_size: u64,
     pub object_size: u64,
-    /// Hex SHA-256 of each sealed chunk (ciphertext and tag), in order.
+    /// Hex BLAKE3-256 of each sealed chunk (ciphertext and tag), in order.
     pub chunks: Vec<String>,
 }
 
@@ -200,6 +203,7 @@ impl Manifest {
             },
             sealed_at: now.as_secs(),
             context,
+            chunk_digest: CHUNK_DIGEST.into(),
             files: Vec::new(),
         }
     }
@@ -219,6 +223,12 @@ impl Manifest {
             return Err(bad(format!(
                 "unknown format {:?}",
                 naming::escaped(&m.format)
+            )));
+        }
+        if m.chunk_digest != CHUNK_DIGEST {
+            return Err(bad(format!(
+                "unknown chunk digest {:?}",
+                naming::escaped(&m.chunk_digest)
             )));
         }
         if m.model != root {

@@ -391,7 +391,9 @@ impl SealFs {
                     // first: a DEK holder can make a chunk that authenticates, not one with
                     // the digest the publisher signed.
                     let listed = match o.digests.as_ref().map(|d| d.get(index as usize)) {
-                        Some(Some(d)) if crate::crypto::sha256(&full.buf()[..need]) == *d => Ok(()),
+                        Some(Some(d)) if crate::crypto::chunk_digest(&full.buf()[..need]) == *d => {
+                            Ok(())
+                        }
                         Some(_) => Err(crate::Error::integrity(
                             &f.key,
                             format!("chunk {index} differs from the signed model manifest"),

@@ -90,7 +90,7 @@ async fn read_all(
             // The manifest's digest of this sealed chunk first: a key holder can make a
             // chunk that authenticates, not one with the digest the manifest lists.
             let listed = match digests.and_then(|d| d.get(i as usize)) {
-                Some(d) if crate::crypto::sha256(chunk) != *d => Err(Error::integrity(
+                Some(d) if crate::crypto::chunk_digest(chunk) != *d => Err(Error::integrity(
                     &f.key,
                     format!("chunk {i} differs from the model manifest"),
                 )),

@@ -496,7 +496,7 @@ impl PartJob {
                 self.layout.is_last(i),
                 &mut buf[at..],
             );
-            let d = crate::crypto::sha256(&buf[at..]);
+            let d = crate::crypto::chunk_digest(&buf[at..]);
             self.chunk_digests.lock().unwrap_or_else(|p| p.into_inner())[i as usize] = d;
             plain_bytes += n as u64;
         }
