@@ -762,3 +762,66 @@ fn trace_logs_with_sdk_body_logging_switched_on_carry_no_dek() {
         "a KMS request body in the trace logs"
     );
 }
+
+/// A publisher key that never leaves KMS: `seal --sign kms:KEY` signs the manifest with KMS
+/// Sign (the SubjectPublicKeyInfo from GetPublicKey names the signer); `verify
+/// --trust-signer kms:KEY` checks it offline against GetPublicKey; another KMS key, or the
+/// same key's public key given as a file, behave as the signer they are.
+#[test]
+fn a_model_signed_by_a_kms_key_verifies_under_that_key_only() {
+    let f = fixture();
+    let (signer, other) = rt().block_on(async {
+        (
+            f.stack.create_signing_key().await,
+            f.stack.create_signing_key().await,
+        )
+    });
+    let k = f.path("k.key");
+    expect_code(&f.run(&["keygen", &k]), 0);
+    let key = format!("file:{k}");
+    f.stack.reset();
+    let out = expect_code(
+        &f.run(&[
+            "seal",
+            &f.path("src"),
+            "s3://models/signed",
+            "--key",
+            &key,
+            "--sign",
+            &format!("kms:{signer}"),
+        ]),
+        0,
+    );
+    assert!(out.contains("signed by sha256:"), "{out}");
+    assert_eq!(f.stack.count("kms:Sign"), 1, "one signature per model");
+    let ok = expect_code(
+        &f.run(&[
+            "verify",
+            "s3://models/signed",
+            "--key",
+            &key,
+            "--trust-signer",
+            &format!("kms:{signer}"),
+        ]),
+        0,
+    );
+    assert_eq!(ok.matches("ok ").count(), 6, "{ok}");
+    let refused = f.run(&[
+        "verify",
+        "s3://models/signed",
+        "--key",
+        &key,
+        "--trust-signer",
+        &format!("kms:{other}"),
+    ]);
+    let text = format!("{}{}", stdout(&refused), stderr(&refused));
+    assert_eq!(refused.status.code(), Some(4), "{text}");
+    assert!(text.contains("which is not a trusted signer"), "{text}");
+    // inspect shows the signature's claims without any key.
+    let insp = f.run(&["inspect", "s3://models/signed", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&insp)).unwrap();
+    let m = &v["models"][0];
+    assert_eq!(m["signed"], true, "{v}");
+    assert!(m["holder"].as_str().unwrap().starts_with("kms:arn:"), "{m}");
+    assert!(m["manifest_digest"].as_str().unwrap().starts_with("sha256:"), "{m}");
+}

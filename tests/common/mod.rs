@@ -289,6 +289,22 @@ impl Stack {
         id
     }
 
+    /// A KMS `ECC_NIST_P256` signing key (Sign/GetPublicKey); its key id.
+    pub async fn create_signing_key(&self) -> String {
+        self.kms()
+            .await
+            .create_key()
+            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+            .send()
+            .await
+            .unwrap()
+            .key_metadata()
+            .unwrap()
+            .key_id()
+            .to_string()
+    }
+
     pub async fn keys_in(&self, bucket: &str) -> Vec<(String, i64)> {
         let out = self
             .s3()
