@@ -115,6 +115,12 @@ pub enum ModelError {
     File { file: String, reason: String },
     #[error("{file}: not part of a signed model, and --trust-signer requires one")]
     Loose { file: String },
+    #[error("model {model}: manifest digest sha256:{found} is not the pinned sha256:{pinned} (--model-digest)")]
+    NotPinned {
+        model: String,
+        found: String,
+        pinned: String,
+    },
     #[error("model {model}: manifest unreadable: {reason}")]
     Unreadable {
         model: String,
@@ -158,6 +164,7 @@ impl ModelError {
         matches!(
             self,
             ModelError::Unsigned { .. }
+                | ModelError::NotPinned { .. }
                 | ModelError::UntrustedSigner { .. }
                 | ModelError::Loose { .. }
                 | ModelError::Unreadable {

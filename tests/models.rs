@@ -365,3 +365,51 @@ fn a_mount_refuses_a_rolled_back_model() {
     }
     assert!(m.logs().contains("rollback"), "{}", m.logs());
 }
+
+/// Deploy by digest: `--model-digest sha256:…` (as `seal` prints it) serves exactly that
+/// manifest; any other version of the model, newer ones included, is refused (EACCES).
+#[test]
+fn model_digest_pins_one_manifest() {
+    let s = Site::new();
+    let out = s.seal(&s.p("src"), &s.p("m"), "pub.key", &["--model-version", "1"]);
+    let digest = out
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:") && w.len() == 71)
+        .unwrap_or_else(|| panic!("no digest in {out}"))
+        .to_string();
+    let pinned = ["--model-digest", digest.as_str(), "--list-ttl", "1s"];
+    {
+        let m = s.mount(&s.p("m"), Some("pub.key"), &pinned);
+        assert_eq!(read(&m.path("config.json")).unwrap(), b"{\"layers\": 2}\n");
+    }
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let m = s.mount(&s.p("m"), None, &["--model-digest", &wrong]);
+    assert_eq!(errno(read(&m.path("config.json"))), libc::EACCES);
+    assert!(m.logs().contains("is not the pinned"), "{}", m.logs());
+    drop(m);
+    // A newer version sealed over it is not followed by a pinned mount.
+    let m = s.mount(&s.p("m"), None, &pinned);
+    assert_eq!(read(&m.path("config.json")).unwrap(), b"{\"layers\": 2}\n");
+    s.write("src/config.json", b"{\"layers\": 3}\n");
+    s.seal(
+        &s.p("src"),
+        &s.p("m"),
+        "pub.key",
+        &["--model-version", "2", "--force"],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2500)); // two re-lists
+    assert_eq!(errno(read(&m.path("config.json"))), libc::EACCES);
+    let bad = sealfs(
+        &[
+            "mount",
+            &s.p("m"),
+            &s.p("nowhere"),
+            "--key",
+            &s.key(),
+            "--model-digest",
+            "sha256:xyz",
+        ],
+        &[],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+}

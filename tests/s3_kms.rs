@@ -823,5 +823,11 @@ fn a_model_signed_by_a_kms_key_verifies_under_that_key_only() {
     let m = &v["models"][0];
     assert_eq!(m["signed"], true, "{v}");
     assert!(m["holder"].as_str().unwrap().starts_with("kms:arn:"), "{m}");
-    assert!(m["manifest_digest"].as_str().unwrap().starts_with("sha256:"), "{m}");
+    assert!(
+        m["manifest_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{m}"
+    );
 }

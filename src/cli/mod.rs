@@ -107,6 +107,10 @@ pub enum Command {
         /// every chunk checked against the signed manifest before it is released.
         #[arg(long = "trust-signer")]
         trust_signers: Vec<String>,
+        /// Serve only the model whose manifest has this digest (sha256:HEX, as `seal` and
+        /// `inspect` print it): deploy by digest.
+        #[arg(long, value_parser = parse_digest)]
+        model_digest: Option<String>,
         /// Locked memory for decrypted chunks.
         #[arg(long, default_value = "256MiB", value_parser = parse_size)]
         cache_size: u64,
@@ -226,6 +230,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "h" => std::time::Duration::from_secs(n * 3600),
         _ => return Err(format!("{s:?}: unknown unit (use ms, s, m, h)")),
     })
+}
+
+fn parse_digest(s: &str) -> Result<String, String> {
+    let hex = s.strip_prefix("sha256:").unwrap_or(s).to_ascii_lowercase();
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(format!("{s:?}: expected sha256:<64 hex digits>"))
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u16, String> {
@@ -456,6 +469,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         mountpoint,
         keys,
         trust_signers,
+        model_digest,
         cache_size,
         dek_grace,
         max_prefetch,
@@ -488,6 +502,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         direct_io,
         list_ttl,
         max_chunk_log2: max_chunk_size,
+        model_digest,
         list_limits: crate::store::ListLimits {
             max_objects,
             ..d.list_limits

@@ -54,6 +54,8 @@ pub struct MountConfig {
     pub max_chunk_log2: u8,
     /// Bounds on every LIST of the prefix.
     pub list_limits: ListLimits,
+    /// `--model-digest`: serve only the model whose manifest has this SHA-256 (hex).
+    pub model_digest: Option<String>,
 }
 
 impl Default for MountConfig {
@@ -72,6 +74,7 @@ impl Default for MountConfig {
             list_ttl: Duration::from_secs(60),
             max_chunk_log2: crate::format::DEFAULT_CHUNK_LOG2,
             list_limits: ListLimits::default(),
+            model_digest: None,
         }
     }
 }
@@ -823,6 +826,15 @@ impl SealFs {
             })
             .await?
             .clone();
+        if let Some(pin) = &self.config.model_digest {
+            if *pin != model.digest {
+                return Err(ModelError::NotPinned {
+                    model: root.to_string(),
+                    found: model.digest.clone(),
+                    pinned: pin.clone(),
+                });
+            }
+        }
         let mut served = lock(&self.served);
         let high = served.entry(root.to_string()).or_insert(0);
         if model.manifest.version < *high {
