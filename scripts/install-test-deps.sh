@@ -18,7 +18,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # moto >= 5.2.5: 5.2.1 answers CompleteMultipartUpload with a root element aws-sdk-s3 rejects.
-python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors 2>&1 \
+# model-signing (+ pyopenssl, which it needs): the OpenSSF Model Signing reference tool, for
+# the OMS interop tests (tests/models.rs).
+python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors \
+  "model-signing==1.1.1" pyopenssl 2>&1 \
   | grep -v "Running pip as the 'root' user" || true
 python3 - <<'PY'
 import importlib.metadata as m

@@ -9,6 +9,8 @@ fail() { echo "test.sh: $*" >&2; exit 1; }
 command -v moto_server >/dev/null || fail "moto_server missing: run scripts/install-test-deps.sh"
 command -v fusermount3 >/dev/null || fail "fusermount3 missing: run scripts/install-test-deps.sh"
 command -v strace >/dev/null || fail "strace missing: run scripts/install-test-deps.sh"
+command -v model_signing >/dev/null || fail "model_signing missing: run scripts/install-test-deps.sh"
+command -v openssl >/dev/null || fail "openssl missing: run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
 

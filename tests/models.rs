@@ -413,3 +413,137 @@ fn model_digest_pins_one_manifest() {
     );
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
+
+/// `model_signing` (OpenSSF Model Signing 1.1.1, the reference tool) runs `cmd` with
+/// `args`; it must be installed (scripts/install-test-deps.sh): missing is a failure.
+fn model_signing(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("model_signing")
+        .args(args)
+        .output()
+        .expect("model_signing is required: pip install model-signing==1.1.1 pyopenssl")
+}
+
+/// OMS interop both ways, with the real `model_signing`: a model sealed with `--sign`
+/// carries an OMS `model.sig` that `model_signing verify key` accepts on the mount (and
+/// refuses under another key); and a pipeline gate seals a directory only if its own
+/// `model.sig` (made by `model_signing sign key`) verifies under the training key.
+#[test]
+fn oms_signatures_interoperate_with_model_signing_both_ways() {
+    let s = Site::new();
+    s.seal(&s.p("src"), &s.p("m"), "pub.key", &[]);
+    {
+        let m = s.mount(&s.p("m"), Some("pub.key"), &[]);
+        let mnt = m.dir.display().to_string();
+        let sig = m.path("model.sig").display().to_string();
+        let ok = model_signing(&[
+            "verify",
+            "key",
+            "--signature",
+            &sig,
+            "--public_key",
+            &s.p("pub.key.pub"),
+            &mnt,
+        ]);
+        assert!(
+            ok.status.success(),
+            "model_signing refused sealfs's signature on the mount:\n{}{}",
+            stdout(&ok),
+            stderr(&ok)
+        );
+        let other = model_signing(&[
+            "verify",
+            "key",
+            "--signature",
+            &sig,
+            "--public_key",
+            &s.p("other.key.pub"),
+            &mnt,
+        ]);
+        assert!(!other.status.success(), "accepted under another key");
+    }
+    // The other way: training signs SRC with model_signing (an openssl SEC1 key).
+    let train = s.p("training.pem");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &train,
+        ])
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    let st = std::process::Command::new("openssl")
+        .args(["ec", "-in", &train, "-pubout", "-out", &s.p("training.pub")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let signed = model_signing(&[
+        "sign",
+        "key",
+        "--private_key",
+        &train,
+        "--signature",
+        &s.p("src/model.sig"),
+        &s.p("src"),
+    ]);
+    assert!(signed.status.success(), "{}", stderr(&signed));
+    let gate = format!("file:{}", s.p("training.pub"));
+    let out = s.seal(
+        &s.p("src"),
+        &s.p("gated"),
+        "pub.key",
+        &["--trust-signer", &gate],
+    );
+    assert!(out.contains("signed by"), "{out}");
+    assert_eq!(s.verify(&s.p("gated"), Some("pub.key")).0, 0);
+    // A file changed after training signed: refused, nothing written.
+    s.write("src/config.json", b"{\"layers\": 99}\n");
+    let key = s.key();
+    let sign = format!("file:{}", s.p("pub.key"));
+    let refused = sealfs(
+        &[
+            "seal",
+            &s.p("src"),
+            &s.p("gated2"),
+            "--key",
+            &key,
+            "--sign",
+            &sign,
+            "--trust-signer",
+            &gate,
+        ],
+        &[],
+    );
+    let err = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("content changed"),
+        "{err}"
+    );
+    assert!(!s.path("gated2").exists(), "nothing written");
+    // And under a key training did not use.
+    let wrong = format!("file:{}", s.p("other.key.pub"));
+    let refused = sealfs(
+        &[
+            "seal",
+            &s.p("src"),
+            &s.p("gated3"),
+            "--key",
+            &key,
+            "--trust-signer",
+            &wrong,
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&refused).contains("not by a trusted signer"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!s.path("gated3").exists());
+}

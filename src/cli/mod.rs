@@ -68,6 +68,10 @@ pub enum Command {
         /// The model version recorded in the manifest (default: the sealing time in ms).
         #[arg(long, default_value_t = 0)]
         model_version: u64,
+        /// Seal only if SRC's model.sig (OpenSSF model_signing) verifies under one of these:
+        /// file:<PEM public key> or kms:<key>; repeatable. Nothing is written otherwise.
+        #[arg(long = "trust-signer")]
+        trust_signers: Vec<String>,
     },
     /// Show what the key objects say (no key needed, nothing authenticated).
     Inspect {
@@ -356,6 +360,7 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             jobs,
             sign,
             model_version,
+            trust_signers,
         } => {
             if part_size < 5 << 20 {
                 return Err(Error::Usage(
@@ -373,12 +378,13 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                 progress: std::io::stderr().is_terminal(),
                 model_version,
             };
+            let gate = trusted_signers(&trust_signers).await?;
             let signer = match sign {
                 Some(s) => Some(signer(&s).await?),
                 None => None,
             };
             let model =
-                seal::seal_model(&src, &dest, &ring, &opts, signer.as_ref(), cancel).await?;
+                seal::seal_model(&src, &dest, &ring, &opts, signer.as_ref(), &gate, cancel).await?;
             for k in &model.files {
                 println!("sealed {}", dest.describe(k));
             }

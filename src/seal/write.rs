@@ -24,7 +24,7 @@ use crate::format::{
 };
 use crate::keys::Keyring;
 use crate::manifest::{self, FileEntry, Manifest, SignatureObject};
-use crate::sign::Signer;
+use crate::sign::{oms, Signer};
 use crate::store::{Location, Store, StoreError};
 
 /// Options of `sealfs seal`.
@@ -109,9 +109,11 @@ pub async fn seal(
     opts: &SealOptions,
     cancel: &Cancel,
 ) -> Result<Vec<String>> {
-    Ok(seal_model(src, dest, keyring, opts, None, cancel)
-        .await?
-        .files)
+    Ok(
+        seal_model(src, dest, keyring, opts, None, &Default::default(), cancel)
+            .await?
+            .files,
+    )
 }
 
 /// What [`seal_model`] wrote.
@@ -137,6 +139,7 @@ pub async fn seal_model(
     keyring: &Keyring,
     opts: &SealOptions,
     signer: Option<&Signer>,
+    gate: &crate::sign::TrustedSigners,
     cancel: &Cancel,
 ) -> Result<SealedModel> {
     if keyring.is_empty() {
@@ -165,6 +168,21 @@ pub async fn seal_model(
             manifest::SIGNATURE_NAME
         )));
     }
+    // A pipeline gate: seal only what training signed (DIR/model.sig, OMS), checked before
+    // anything is written.
+    if !gate.is_empty() {
+        oms::verify_dir(src, &files, gate).map_err(|e| {
+            Error::integrity(&src.display().to_string(), format!("refusing to seal: {e}"))
+        })?;
+    }
+    // With a signer, the model's own OMS signature replaces any model.sig in SRC.
+    let files: Vec<_> = match signer {
+        Some(_) => files
+            .into_iter()
+            .filter(|(_, rel)| rel != oms::SIGNATURE_FILE)
+            .collect(),
+        None => files,
+    };
     let root = dest.prefix.as_str();
     let manifest_key = manifest::under(root, manifest::MANIFEST_NAME);
     // A model is replaced whole: without --force an existing one stays as it is.
@@ -201,14 +219,50 @@ pub async fn seal_model(
         tracing::info!(file = %dest.describe(&key), "sealed");
         written.push(key);
     }
+    // The publisher's OMS signature over the plaintext (model_signing verifies it on the
+    // mount), sealed like the other files and listed in the manifest.
+    if let Some(signer) = signer {
+        let mut digests = Vec::with_capacity(files.len());
+        for (path, rel) in &files {
+            let d = oms::file_sha256(path).map_err(|source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            digests.push((rel.clone(), d));
+        }
+        let name = src
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into());
+        let payload = oms::statement(&name, &digests);
+        let bundle = oms::bundle(signer, &payload)
+            .await
+            .map_err(|e| Error::Usage(format!("signing the OMS signature: {e}")))?;
+        let key = dest.key(oms::SIGNATURE_FILE);
+        let source = Source::Mem(zeroize::Zeroizing::new(bundle));
+        let entry = seal_file(
+            source,
+            &dest.store,
+            &key,
+            root,
+            keyring,
+            &plain_force(opts),
+            cancel,
+            &pb,
+        )
+        .await?;
+        m.files.push(FileEntry {
+            path: manifest::relative(&key, root).to_string(),
+            ..entry
+        });
+        written.push(key);
+    }
     // The manifest last: until it is in, a mount refuses the new files (they are not in
     // the old manifest), never serving a mix of two versions.
     let bytes = zeroize::Zeroizing::new(m.to_bytes());
     let digest = crate::crypto::sha256(&bytes);
-    let plain = SealOptions {
-        force: true,
-        ..opts.clone()
-    };
+    let plain = plain_force(opts);
     let source = Source::Mem(bytes);
     seal_file(
         source,
@@ -258,6 +312,14 @@ async fn existing(store: &Store, key: &str) -> Result<Vec<String>> {
         .map(|o| o.key)
         .filter(|k| k == key || naming::parse_key_object_name(k).is_some_and(|(d, _)| d == key))
         .collect())
+}
+
+/// `opts` for objects sealfs writes itself (model.sig, the manifest): always replaced.
+fn plain_force(opts: &SealOptions) -> SealOptions {
+    SealOptions {
+        force: true,
+        ..opts.clone()
+    }
 }
 
 /// What a file is sealed from: a local file, or bytes in memory (the manifest).

@@ -23,6 +23,8 @@ use zeroize::Zeroizing;
 
 use crate::keys::{kms, KeyError};
 
+pub mod oms;
+
 /// Domain label of what a sealfs publisher signs (never valid as any other message).
 const SIGNED_LABEL: &[u8] = b"sealfs manifest signature v1\0";
 /// Longest PEM file read as a signing or public key.
@@ -219,6 +221,13 @@ impl TrustedSigners {
     /// Ids of the trusted signers, for messages.
     pub fn ids(&self) -> Vec<String> {
         self.keys.iter().map(|(id, _, _)| id.clone()).collect()
+    }
+
+    /// True if any trusted key made `sig` over `message` (a signature that names no key).
+    pub fn verifies(&self, message: &[u8], sig: &[u8]) -> bool {
+        self.keys
+            .iter()
+            .any(|(_, spki, _)| verify(spki, message, sig))
     }
 
     /// The trusted signer that made `sig` over `message`, if any (by the id it claims,

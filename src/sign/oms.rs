@@ -1,0 +1,253 @@
+//! OpenSSF Model Signing (OMS) signatures, as `model_signing` 1.x writes and reads them
+//! (`model_signing sign key` / `verify key`): a Sigstore bundle (v0.3) holding a DSSE
+//! envelope over an in-toto Statement v1 that lists the SHA-256 of every plaintext file.
+//!
+//! A signed seal writes one over the model's plaintext as `model.sig` at the model root (a
+//! sealed file like the others, so never in the clear), so `model_signing verify key` run on
+//! the mount accepts the model; and a pipeline can require the source directory's own
+//! `model.sig` (from training) to verify before sealing. Byte-level notes: docs/FORMAT.md.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::{Signer, TrustedSigners};
+
+/// The name `model_signing` uses for the signature file.
+pub const SIGNATURE_FILE: &str = "model.sig";
+const MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+const PREDICATE_TYPE: &str = "https://model_signing/signature/v1.0";
+/// Paths `model_signing` leaves out by default (at the model root), and the signature.
+const IGNORED: [&str; 5] = [
+    ".git",
+    ".gitattributes",
+    ".github",
+    ".gitignore",
+    SIGNATURE_FILE,
+];
+/// Largest `model.sig` read.
+pub const MAX_BUNDLE_LEN: u64 = 64 << 20;
+
+/// Why an OMS signature does not hold.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OmsError {
+    #[error("{0}: malformed OMS signature: {1}")]
+    Malformed(String, String),
+    #[error("{0}: the OMS signature is not by a trusted signer (trusted: {1})")]
+    Untrusted(String, String),
+    #[error("{0}: {1} does not match the OMS signature ({2})")]
+    Mismatch(String, String, &'static str),
+    #[error("{0}: {1}")]
+    Io(String, String),
+}
+
+/// The DSSE v1 pre-authentication encoding: what is signed.
+pub fn pae(payload: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "DSSEv1 {} {PAYLOAD_TYPE} {} ",
+        PAYLOAD_TYPE.len(),
+        payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The bundle's key hint: SHA-256 (hex) of the public key as PEM text (64-column lines,
+/// LF), as `model_signing` computes it.
+pub fn hint(spki_der: &[u8]) -> String {
+    let pem = pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, spki_der)
+        .unwrap_or_default();
+    hex::encode(crate::crypto::sha256(pem.as_bytes()))
+}
+
+/// Orders resources as `model_signing` does (by path components).
+fn by_components(a: &str, b: &str) -> std::cmp::Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
+/// The in-toto statement over `files` (relative name, SHA-256 of the plaintext).
+pub fn statement(name: &str, files: &[(String, [u8; 32])]) -> Vec<u8> {
+    let mut files = files.to_vec();
+    files.sort_by(|a, b| by_components(&a.0, &b.0));
+    let root: Vec<u8> = files.iter().flat_map(|(_, d)| d.to_vec()).collect();
+    let v = json!({
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": hex::encode(crate::crypto::sha256(&root))}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": {
+                "method": "files",
+                "hash_type": "sha256",
+                "allow_symlinks": false,
+                "ignore_paths": IGNORED,
+            },
+            "resources": files.iter().map(|(n, d)| json!({
+                "name": n, "algorithm": "sha256", "digest": hex::encode(d)
+            })).collect::<Vec<_>>(),
+        }
+    });
+    serde_json::to_vec(&v).expect("a statement always serializes")
+}
+
+/// A `model.sig` bundle: `payload` (a statement) signed by `signer` over its PAE.
+pub async fn bundle(signer: &Signer, payload: &[u8]) -> Result<Vec<u8>, super::SignError> {
+    use base64::Engine;
+    let sig = signer.sign(&pae(payload)).await?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let v = json!({
+        "mediaType": MEDIA_TYPE,
+        "verificationMaterial": {"publicKey": {"hint": hint(signer.spki())}, "tlogEntries": []},
+        "dsseEnvelope": {
+            "payload": b64.encode(payload),
+            "payloadType": PAYLOAD_TYPE,
+            "signatures": [{"sig": b64.encode(&sig), "keyid": ""}],
+        }
+    });
+    Ok(serde_json::to_vec(&v).expect("a bundle always serializes"))
+}
+
+/// SHA-256 of a whole file.
+pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+/// True for a relative path `model_signing` leaves out.
+fn ignored(rel: &str, extra: &[String]) -> bool {
+    let first = rel.split('/').next().unwrap_or(rel);
+    IGNORED.contains(&first)
+        || extra
+            .iter()
+            .any(|p| rel == p || rel.starts_with(&format!("{p}/")))
+}
+
+/// Verifies `dir/model.sig` against `trusted` and the files of `dir` (`files`: every
+/// regular file under it as (path, relative name)), as `model_signing verify key` does: the
+/// signature, the statement, and exactly the listed files with exactly those digests.
+pub fn verify_dir(
+    dir: &Path,
+    files: &[(std::path::PathBuf, String)],
+    trusted: &TrustedSigners,
+) -> Result<(), OmsError> {
+    use base64::Engine;
+    let sig_path = dir.join(SIGNATURE_FILE);
+    let shown = sig_path.display().to_string();
+    let bad = |why: &str| OmsError::Malformed(shown.clone(), why.to_string());
+    let meta = std::fs::symlink_metadata(&sig_path)
+        .map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
+    if !meta.is_file() || meta.len() > MAX_BUNDLE_LEN {
+        return Err(bad("not a regular file of a sensible size"));
+    }
+    let bytes = std::fs::read(&sig_path).map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
+    let b: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
+    if b["mediaType"] != MEDIA_TYPE {
+        return Err(bad("not a Sigstore bundle v0.3"));
+    }
+    let env = &b["dsseEnvelope"];
+    if env["payloadType"] != PAYLOAD_TYPE {
+        return Err(bad("payload is not an in-toto statement"));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let payload = b64
+        .decode(env["payload"].as_str().unwrap_or(""))
+        .map_err(|_| bad("payload is not base64"))?;
+    let sig = b64
+        .decode(env["signatures"][0]["sig"].as_str().unwrap_or(""))
+        .map_err(|_| bad("signature is not base64"))?;
+    let signed = pae(&payload);
+    if !trusted.verifies(&signed, &sig) {
+        return Err(OmsError::Untrusted(shown, trusted.ids().join(", ")));
+    }
+    let s: Value = serde_json::from_slice(&payload).map_err(|e| bad(&e.to_string()))?;
+    if s["_type"] != STATEMENT_TYPE || s["predicateType"] != PREDICATE_TYPE {
+        return Err(bad("not a model_signing v1.0 statement"));
+    }
+    let ser = &s["predicate"]["serialization"];
+    if ser["method"] != "files" || ser["hash_type"] != "sha256" {
+        return Err(bad("only the \"files\"/sha256 serialization is supported"));
+    }
+    let extra: Vec<String> = ser["ignore_paths"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    let mut listed = std::collections::BTreeMap::new();
+    let mut root = Vec::new();
+    for r in s["predicate"]["resources"].as_array().into_iter().flatten() {
+        let (Some(name), Some(d)) = (r["name"].as_str(), r["digest"].as_str()) else {
+            return Err(bad("a resource without name or digest"));
+        };
+        let digest = hex::decode(d).map_err(|_| bad("a digest is not hex"))?;
+        if r["algorithm"] != "sha256" || digest.len() != 32 {
+            return Err(bad("a resource is not sha256"));
+        }
+        root.extend_from_slice(&digest);
+        listed.insert(name.to_string(), digest);
+    }
+    let subject = s["subject"][0]["digest"]["sha256"].as_str().unwrap_or("");
+    if s["subject"].as_array().map(Vec::len) != Some(1)
+        || subject != hex::encode(crate::crypto::sha256(&root))
+    {
+        return Err(bad("the statement's subject does not match its resources"));
+    }
+    let mut present = std::collections::BTreeSet::new();
+    for (path, rel) in files {
+        if ignored(rel, &extra) {
+            continue;
+        }
+        present.insert(rel.clone());
+        let Some(want) = listed.get(rel) else {
+            return Err(OmsError::Mismatch(
+                shown,
+                rel.clone(),
+                "not in the signature",
+            ));
+        };
+        let got = file_sha256(path).map_err(|e| OmsError::Io(rel.clone(), e.to_string()))?;
+        if got[..] != want[..] {
+            return Err(OmsError::Mismatch(shown, rel.clone(), "content changed"));
+        }
+    }
+    if let Some(missing) = listed.keys().find(|k| !present.contains(*k)) {
+        return Err(OmsError::Mismatch(
+            shown,
+            missing.clone(),
+            "listed but missing",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pae_and_order_match_model_signing() {
+        assert!(pae(b"{}").starts_with(b"DSSEv1 28 application/vnd.in-toto+json 2 {}"));
+        let mut v = ["a.txt", "a/b", "B/x", "a-b"];
+        v.sort_by(|a, b| by_components(a, b));
+        assert_eq!(
+            v,
+            ["B/x", "a/b", "a-b", "a.txt"],
+            "Python's PurePosixPath order"
+        );
+    }
+}
