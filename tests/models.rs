@@ -124,7 +124,8 @@ fn a_signed_model_verifies_and_mounts_under_its_signer() {
     assert!(s.path("m/.sealfs-manifest.sig").exists());
     let (code, text) = s.verify(&s.p("m"), Some("pub.key"));
     assert_eq!(code, 0, "{text}");
-    assert_eq!(text.matches("ok ").count(), 3, "{text}");
+    // The three files and the model's OMS signature (model.sig).
+    assert_eq!(text.matches("ok ").count(), 4, "{text}");
     // Without --trust-signer the same model verifies too (its manifest still binds it).
     assert_eq!(s.verify(&s.p("m"), None).0, 0);
     let m = s.mount(&s.p("m"), Some("pub.key"), &[]);
@@ -546,4 +547,54 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
         stderr(&refused)
     );
     assert!(!s.path("gated3").exists());
+}
+
+/// Roll forward: a mount under `--trust-signer` adopts a newer signed version at re-list
+/// time for new opens, as a whole; a handle opened on the old version never returns a byte
+/// of the new one (it keeps its version, or fails once that version is gone).
+#[test]
+fn a_new_signed_version_is_adopted_whole_and_old_handles_keep_theirs() {
+    use std::io::{Seek, SeekFrom};
+    let s = Site::new();
+    s.seal(&s.p("src"), &s.p("m"), "pub.key", &["--model-version", "1"]);
+    let m = s.mount(
+        &s.p("m"),
+        Some("pub.key"),
+        &["--list-ttl", "1s", "--direct-io"],
+    );
+    let v1 = std::fs::read(s.path("src/a.bin")).unwrap();
+    let mut old = std::fs::File::open(m.path("a.bin")).unwrap();
+    let mut head = vec![0u8; C];
+    old.read_exact(&mut head).unwrap();
+    assert!(head == v1[..C]);
+    let v2 = pattern(v1.len(), 42);
+    s.write("src/a.bin", &v2);
+    s.write("src/config.json", b"{\"layers\": 3}\n");
+    s.seal(
+        &s.p("src"),
+        &s.p("m"),
+        "pub.key",
+        &["--model-version", "2", "--force"],
+    );
+    let start = std::time::Instant::now();
+    while read(&m.path("config.json")).ok().as_deref() != Some(&b"{\"layers\": 3}\n"[..]) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "v2 never adopted:\n{}",
+            m.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        read(&m.path("a.bin")).unwrap(),
+        v2,
+        "new opens see v2 whole"
+    );
+    // The old handle: v1's bytes or an error, never v2's.
+    old.seek(SeekFrom::Start(C as u64)).unwrap();
+    let mut rest = Vec::new();
+    match old.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest == v1[C..], "an old handle served other bytes"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
 }

@@ -793,7 +793,11 @@ fn a_model_signed_by_a_kms_key_verifies_under_that_key_only() {
         0,
     );
     assert!(out.contains("signed by sha256:"), "{out}");
-    assert_eq!(f.stack.count("kms:Sign"), 1, "one signature per model");
+    assert_eq!(
+        f.stack.count("kms:Sign"),
+        2,
+        "per model: the manifest and the OMS model.sig"
+    );
     let ok = expect_code(
         &f.run(&[
             "verify",
@@ -805,7 +809,8 @@ fn a_model_signed_by_a_kms_key_verifies_under_that_key_only() {
         ]),
         0,
     );
-    assert_eq!(ok.matches("ok ").count(), 6, "{ok}");
+    // Six files and the OMS model.sig.
+    assert_eq!(ok.matches("ok ").count(), 7, "{ok}");
     let refused = f.run(&[
         "verify",
         "s3://models/signed",
