@@ -108,13 +108,7 @@ impl Signer {
                 Ok(Signer::File { key, spki })
             }
             SignerSpec::Kms(id) => {
-                let client = kms::client(kms::region_of(id)).await?;
-                let key = kms::KmsKey::resolve(client, id).await?;
-                let spki = key.signing_public_key().await?;
-                check_p256(&spki).map_err(|reason| SignError::KmsKeyType {
-                    key: key.arn().to_string(),
-                    reason,
-                })?;
+                let (key, spki) = kms_signing_key(id).await?;
                 Ok(Signer::Kms { key, spki })
             }
         }
@@ -158,6 +152,18 @@ impl Signer {
     }
 }
 
+/// A KMS key and its public key (GetPublicKey), checked to be an ECC_NIST_P256 key.
+async fn kms_signing_key(id: &str) -> Result<(kms::KmsKey, Vec<u8>), SignError> {
+    let client = kms::client(kms::region_of(id)).await?;
+    let key = kms::KmsKey::resolve(client, id).await?;
+    let spki = key.signing_public_key().await?;
+    check_p256(&spki).map_err(|reason| SignError::KmsKeyType {
+        key: key.arn().to_string(),
+        reason,
+    })?;
+    Ok((key, spki))
+}
+
 /// Checks that a SubjectPublicKeyInfo DER is an EC P-256 key.
 fn check_p256(spki: &[u8]) -> Result<(), String> {
     aws_lc_rs::signature::ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki)
@@ -199,13 +205,7 @@ impl TrustedSigners {
                     (der, format!("file:{}", p.display()))
                 }
                 SignerSpec::Kms(id) => {
-                    let client = kms::client(kms::region_of(id)).await?;
-                    let key = kms::KmsKey::resolve(client, id).await?;
-                    let spki = key.signing_public_key().await?;
-                    check_p256(&spki).map_err(|reason| SignError::KmsKeyType {
-                        key: key.arn().to_string(),
-                        reason,
-                    })?;
+                    let (key, spki) = kms_signing_key(id).await?;
                     (spki, format!("kms:{}", key.arn()))
                 }
             };
