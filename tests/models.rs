@@ -378,6 +378,12 @@ fn model_digest_pins_one_manifest() {
         .find(|w| w.starts_with("sha256:") && w.len() == 71)
         .unwrap_or_else(|| panic!("no digest in {out}"))
         .to_string();
+    let (code, text) = s.verify(&s.p("m"), Some("pub.key"));
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("version 1 digest {digest} signed by sha256:")),
+        "verify prints what seal printed: {text}"
+    );
     let pinned = ["--model-digest", digest.as_str(), "--list-ttl", "1s"];
     {
         let m = s.mount(&s.p("m"), Some("pub.key"), &pinned);

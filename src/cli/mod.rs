@@ -419,7 +419,19 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             let loc = Location::parse(&uri).await?;
             let ring = keyring(&keys).await?;
             let trusted = trusted_signers(&trust_signers).await?;
-            let reports = seal::verify(&loc, &ring, &trusted, cancel).await?;
+            let (reports, models) = seal::verify(&loc, &ring, &trusted, cancel).await?;
+            for m in &models {
+                println!(
+                    "model {} version {} digest sha256:{} {}",
+                    m.model,
+                    m.version,
+                    m.digest,
+                    match &m.signer {
+                        Some(id) => format!("signed by {id}"),
+                        None => "(signature not checked: no --trust-signer)".into(),
+                    }
+                );
+            }
             let mut failed: Vec<&Error> = Vec::new();
             for r in &reports {
                 match &r.result {

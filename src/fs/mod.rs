@@ -237,7 +237,11 @@ pub struct SealFs {
 struct ModelSlot {
     etag: String,
     cell: tokio::sync::OnceCell<Arc<Model>>,
+    created: Instant,
 }
+
+/// A refused open reloads its model's manifest at most this often (per model).
+const FRESH_RELOAD: Duration = Duration::from_secs(1);
 
 /// What `getattr` and `lookup` return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -796,8 +800,10 @@ impl SealFs {
             let s = models
                 .entry(root.to_string())
                 .or_insert_with(|| Arc::new(ModelSlot::new(&etag)));
-            // Fresh: an ETag proves nothing (a store may keep it across versions).
-            if s.etag != etag || (fresh && s.cell.initialized()) {
+            // Fresh: an ETag proves nothing (a store may keep it across versions). At most
+            // once per FRESH_RELOAD, so refused opens cannot each cost a GET and a Decrypt.
+            let stale = fresh && s.cell.initialized() && s.created.elapsed() >= FRESH_RELOAD;
+            if s.etag != etag || stale {
                 *s = Arc::new(ModelSlot::new(&etag));
             }
             s.clone()
@@ -869,6 +875,7 @@ impl ModelSlot {
         Self {
             etag: etag.to_string(),
             cell: tokio::sync::OnceCell::new(),
+            created: Instant::now(),
         }
     }
 }

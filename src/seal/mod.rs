@@ -7,7 +7,7 @@ pub mod rewrap;
 pub mod write;
 
 pub use inspect::inspect;
-pub use read::{unseal, verify, VerifyReport};
+pub use read::{unseal, verify, ModelReport, VerifyReport};
 pub use rewrap::rewrap;
 pub use write::{seal, seal_model, SealOptions, SealedModel};
 

@@ -116,6 +116,33 @@ pub struct VerifyReport {
     pub result: Result<u64>,
 }
 
+/// One line per model from `verify`: what a host would pin (`--model-digest`).
+#[derive(Debug)]
+pub struct ModelReport {
+    pub model: String,
+    pub version: u64,
+    /// Hex SHA-256 of the manifest plaintext.
+    pub digest: String,
+    pub signer: Option<String>,
+}
+
+/// The models [`verify`] checked and loaded (those that failed are in its file reports).
+pub fn loaded_models(
+    loc: &Location,
+    models: &BTreeMap<String, std::result::Result<Arc<Model>, ModelError>>,
+) -> Vec<ModelReport> {
+    models
+        .values()
+        .filter_map(|m| m.as_ref().ok())
+        .map(|m| ModelReport {
+            model: loc.describe(&m.root),
+            version: m.manifest.version,
+            digest: m.digest.clone(),
+            signer: m.signer.clone(),
+        })
+        .collect()
+}
+
 /// Authenticates every chunk of every sealed file at `loc`; writes no plaintext. Files of
 /// a model are checked against its manifest (present, the listed version, every chunk's
 /// digest), each model's missing files are reported, and with `trusted` signers every
@@ -125,7 +152,7 @@ pub async fn verify(
     keyring: &Keyring,
     trusted: &TrustedSigners,
     cancel: &Cancel,
-) -> Result<Vec<VerifyReport>> {
+) -> Result<(Vec<VerifyReport>, Vec<ModelReport>)> {
     let (files, manifests) = split(loc).await?;
     let listed: HashSet<String> = files.iter().map(|e| e.data.key.clone()).collect();
     let mut models: BTreeMap<String, std::result::Result<Arc<Model>, ModelError>> = BTreeMap::new();
@@ -201,7 +228,8 @@ pub async fn verify(
             }
         }
     }
-    Ok(out)
+    let loaded = loaded_models(loc, &models);
+    Ok((out, loaded))
 }
 
 #[allow(clippy::too_many_arguments)]
