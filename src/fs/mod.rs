@@ -238,6 +238,8 @@ struct ModelSlot {
     etag: String,
     cell: tokio::sync::OnceCell<Arc<Model>>,
     created: Instant,
+    /// Made by a fresh reload (a refused check): the next one waits FRESH_RELOAD.
+    fresh: bool,
 }
 
 /// A refused open reloads its model's manifest at most this often (per model).
@@ -799,12 +801,13 @@ impl SealFs {
             let mut models = lock(&self.models);
             let s = models
                 .entry(root.to_string())
-                .or_insert_with(|| Arc::new(ModelSlot::new(&etag)));
+                .or_insert_with(|| Arc::new(ModelSlot::new(&etag, fresh)));
             // Fresh: an ETag proves nothing (a store may keep it across versions). At most
             // once per FRESH_RELOAD, so refused opens cannot each cost a GET and a Decrypt.
-            let stale = fresh && s.cell.initialized() && s.created.elapsed() >= FRESH_RELOAD;
+            let stale =
+                fresh && s.cell.initialized() && (!s.fresh || s.created.elapsed() >= FRESH_RELOAD);
             if s.etag != etag || stale {
-                *s = Arc::new(ModelSlot::new(&etag));
+                *s = Arc::new(ModelSlot::new(&etag, fresh));
             }
             s.clone()
         };
@@ -871,11 +874,12 @@ impl SealFs {
 }
 
 impl ModelSlot {
-    fn new(etag: &str) -> Self {
+    fn new(etag: &str, fresh: bool) -> Self {
         Self {
             etag: etag.to_string(),
             cell: tokio::sync::OnceCell::new(),
             created: Instant::now(),
+            fresh,
         }
     }
 }
