@@ -12,6 +12,7 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod localfile;
 pub mod manifest;
 pub mod object;
 pub mod process;

@@ -72,40 +72,12 @@ impl FileKek {
     /// which check failed. (`O_NOFOLLOW` covers the last path component only.)
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         use std::io::Read;
-        use std::os::unix::fs::MetadataExt;
         let err = |reason: String| KeyError::FileKey {
             path: path.display().to_string(),
             reason,
         };
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => err("is a symbolic link; name the key file itself".into()),
-                _ => err(e.to_string()),
-            })?;
-        let meta = f.metadata().map_err(|e| err(e.to_string()))?;
-        if !meta.file_type().is_file() {
-            return Err(err(
-                "not a regular file (a FIFO, device or directory is never a key)".into(),
-            ));
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        #[allow(unsafe_code)]
-        let euid = unsafe { libc::geteuid() };
-        if meta.uid() != euid && meta.uid() != 0 {
-            return Err(err(format!(
-                "owned by uid {}, not by this user (uid {euid}) or root",
-                meta.uid()
-            )));
-        }
-        if meta.mode() & 0o077 != 0 {
-            return Err(err(format!(
-                "mode {:04o} gives group or others access; run `chmod 600` on it",
-                meta.mode() & 0o7777
-            )));
-        }
+        let (mut f, meta) = crate::localfile::open_regular(path).map_err(|e| err(e.to_string()))?;
+        crate::localfile::check_private(&meta).map_err(err)?;
         // One byte more than allowed tells "too long" from "exactly at the limit". The
         // buffer never grows (no reallocated copies) and is zeroized on drop.
         let mut buf = Zeroizing::new([0u8; MAX_KEY_FILE + 1]);

@@ -87,7 +87,7 @@ impl Signer {
     pub async fn resolve(spec: &SignerSpec) -> Result<Self, SignError> {
         match spec {
             SignerSpec::File(p) => {
-                let pem = read_pem(p)?;
+                let pem = read_pem(p, true)?;
                 let (label, der) = pem_rfc7468::decode_vec(pem.as_bytes())
                     .map_err(|e| file_err(p, format!("not PEM: {e}")))?;
                 let der = Zeroizing::new(der);
@@ -191,7 +191,7 @@ impl TrustedSigners {
         for spec in specs {
             let (spki, from) = match spec {
                 SignerSpec::File(p) => {
-                    let pem = read_pem(p)?;
+                    let pem = read_pem(p, false)?;
                     let (label, der) = pem_rfc7468::decode_vec(pem.as_bytes())
                         .map_err(|e| file_err(p, format!("not PEM: {e}")))?;
                     if label != "PUBLIC KEY" {
@@ -248,17 +248,13 @@ fn file_err(p: &Path, reason: String) -> SignError {
     }
 }
 
-/// Reads a small PEM file once, without following a symlink or blocking on a FIFO.
-fn read_pem(p: &Path) -> Result<Zeroizing<String>, SignError> {
+/// Reads a small PEM file once ([`crate::localfile::open_regular`]); a private key must
+/// also be closed to other users, as a key file is.
+fn read_pem(p: &Path, private: bool) -> Result<Zeroizing<String>, SignError> {
     use std::io::Read;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(p)
-        .map_err(|e| file_err(p, e.to_string()))?;
-    let m = f.metadata().map_err(|e| file_err(p, e.to_string()))?;
-    if !m.is_file() {
-        return Err(file_err(p, "not a regular file".into()));
+    let (f, m) = crate::localfile::open_regular(p).map_err(|e| file_err(p, e.to_string()))?;
+    if private {
+        crate::localfile::check_private(&m).map_err(|r| file_err(p, r))?;
     }
     let mut s = Zeroizing::new(String::new());
     f.take(MAX_PEM + 1)
@@ -378,6 +374,18 @@ mod tests {
         assert!(st.success());
         let text = std::fs::read_to_string(&k).unwrap();
         assert!(text.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{text}");
+        // A private key readable by others is refused, as a key file is.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Signer::resolve(&SignerSpec::File(k.clone()))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("gives group or others access"),
+            "{e}"
+        );
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
         let signer = Signer::resolve(&SignerSpec::File(k)).await.unwrap();
         let sig = signer.sign(b"m").await.unwrap();
         assert!(verify(signer.spki(), b"m", &sig));

@@ -3,7 +3,7 @@
 //! ETags are derived from (inode, size, mtime), so a replaced file is noticed. Uploads
 //! go to a hidden temporary file in the target directory and appear by `rename`.
 
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -239,23 +239,18 @@ impl LocalStore {
     }
 }
 
-/// Opens an object file for reading: no symlink as the last component, no FIFO or device
-/// (`O_NONBLOCK` so that opening a FIFO cannot block; it has no effect on regular files).
+/// Opens an object file for reading ([`crate::localfile::open_regular`]).
 fn open_regular(p: &Path, key: &str) -> Result<(std::fs::File, std::fs::Metadata), StoreError> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(p)
-        .map_err(io(key))?;
-    let m = f.metadata().map_err(io(key))?;
-    if !m.is_file() {
-        return Err(StoreError::Failed {
+    use crate::localfile::OpenError;
+    crate::localfile::open_regular(p).map_err(|e| match e {
+        OpenError::Io(e) => io(key)(e),
+        OpenError::Symlink => io(key)(std::io::Error::from_raw_os_error(libc::ELOOP)),
+        other => StoreError::Failed {
             op: "open",
             key: key.to_string(),
-            message: "not a regular file".into(),
-        });
-    }
-    Ok((f, m))
+            message: other.to_string(),
+        },
+    })
 }
 
 /// Lists the files under `root/dir` whose key starts with `prefix`, iteratively (no

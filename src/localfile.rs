@@ -1,0 +1,55 @@
+//! Opening a local file that a user or a store names: a key file, a signing key, a local
+//! store's object. One rule for all: never through a symlink as the last component, never
+//! blocking on a FIFO (`O_NONBLOCK` has no effect on regular files), a regular file only.
+
+use std::fs::{File, Metadata};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Why [`open_regular`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("is a symbolic link; name the file itself")]
+    Symlink,
+    #[error("not a regular file (a FIFO, device or directory)")]
+    NotRegular,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens `path` for reading as described in the module docs.
+pub fn open_regular(path: &Path) -> Result<(File, Metadata), OpenError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => OpenError::Symlink,
+            _ => OpenError::Io(e),
+        })?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(OpenError::NotRegular);
+    }
+    Ok((f, m))
+}
+
+/// A private key file must be this user's (or root's) and closed to group and others.
+pub fn check_private(m: &Metadata) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if m.uid() != euid && m.uid() != 0 {
+        return Err(format!(
+            "owned by uid {}, not by this user (uid {euid}) or root",
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "mode {:04o} gives group or others access; run `chmod 600` on it",
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
