@@ -605,22 +605,15 @@ impl SealFs {
             .get_or_try_init(|| async {
                 let opened = async {
                     let ko = match key_object {
-                        Some(bytes) => object::parse_key_object(&bytes, entry)?,
-                        None => object::read_key_object(&self.store, entry).await?,
-                    };
+                        Some(bytes) => object::parse_key_object(&bytes, entry),
+                        None => object::read_key_object(&self.store, entry).await,
+                    }?;
                     // The model's verdict before any KMS call: a refused file costs none.
-                    let digests = self
-                        .admit(&entry.data.key, &ko, true)
-                        .await
-                        .map_err(Denial)?;
+                    let digests = self.admit(&entry.data.key, &ko, true).await?;
                     let file = OpenFile::open_parsed(ko, entry, &self.keyring).await?;
-                    Ok::<_, OpenError>((file, digests))
+                    Ok::<_, FsError>((file, digests))
                 };
-                let (file, digests) = opened.await.map_err(|e| {
-                    let err = match e {
-                        OpenError::Denied(Denial(d)) => d,
-                        OpenError::Other(e) => FsError::from(e),
-                    };
+                let (file, digests) = opened.await.map_err(|err| {
                     tracing::warn!(file = %entry.data.key, uid = who.0, pid = who.1, error = %err, "open refused");
                     err
                 })?;
@@ -881,26 +874,6 @@ impl ModelSlot {
             created: Instant::now(),
             fresh,
         }
-    }
-}
-
-/// A model refusal, kept apart from other open failures so that it is always EACCES.
-struct Denial(FsError);
-
-enum OpenError {
-    Denied(Denial),
-    Other(crate::Error),
-}
-
-impl From<Denial> for OpenError {
-    fn from(d: Denial) -> Self {
-        OpenError::Denied(d)
-    }
-}
-
-impl From<crate::Error> for OpenError {
-    fn from(e: crate::Error) -> Self {
-        OpenError::Other(e)
     }
 }
 
