@@ -493,7 +493,7 @@ async fn seal_file(
         chunk_log2: layout.chunk_log2(),
         plaintext_size: layout.plaintext_size(),
         object_size: layout.object_size(),
-        chunks: chunks.iter().map(hex::encode).collect(),
+        chunks: chunks.into_iter().map(manifest::Digest).collect(),
     })
 }
 
