@@ -156,20 +156,9 @@ pub async fn verify(
     let (files, manifests) = split(loc).await?;
     let listed: HashSet<String> = files.iter().map(|e| e.data.key.clone()).collect();
     let mut models: BTreeMap<String, std::result::Result<Arc<Model>, ModelError>> = BTreeMap::new();
-    let mut seen: HashMap<String, HashSet<String>> = HashMap::new();
     let mut out = Vec::new();
     for e in &files {
-        let result = verify_one(
-            loc,
-            e,
-            keyring,
-            trusted,
-            &manifests,
-            &mut models,
-            &mut seen,
-            cancel,
-        )
-        .await;
+        let result = verify_one(loc, e, keyring, trusted, &manifests, &mut models, cancel).await;
         if matches!(result, Err(Error::Interrupted)) {
             return Err(Error::Interrupted);
         }
@@ -180,25 +169,19 @@ pub async fn verify(
     }
     // Every model found (through its files or its manifest): its missing files, and a
     // manifest no file could be checked against.
+    let referenced: HashSet<String> = models.keys().cloned().collect();
     for (root, m) in &manifests {
-        if models.contains_key(root) {
-            continue;
+        if !models.contains_key(root) {
+            let r = load_model(loc, Some(m), root, keyring, trusted).await;
+            models.insert(root.clone(), r);
         }
-        let r = manifest::load(&loc.store, Some(m), root, keyring, trusted).await;
-        models.insert(
-            root.clone(),
-            r.map(Arc::new).map_err(|e| ModelError::from_load(root, e)),
-        );
     }
     for (root, m) in &models {
         let key = manifest::under(root, manifest::MANIFEST_NAME);
         let model = match m {
             Ok(m) => m,
-            Err(e) if seen.contains_key(root) => {
-                // Already reported on each of its files.
-                let _ = e;
-                continue;
-            }
+            // Already reported on each of its files.
+            Err(_) if referenced.contains(root) => continue,
             Err(e) => {
                 out.push(VerifyReport {
                     file: loc.describe(&key),
@@ -232,7 +215,27 @@ pub async fn verify(
     Ok((out, loaded))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The model at `root` from its listed manifest, or (a verify of part of a model) the one
+/// found by name.
+async fn load_model(
+    loc: &Location,
+    listed: Option<&SealedEntry>,
+    root: &str,
+    keyring: &Keyring,
+    trusted: &TrustedSigners,
+) -> std::result::Result<Arc<Model>, ModelError> {
+    let found = match listed {
+        Some(m) => Some(m.clone()),
+        None => manifest::find_manifest(&loc.store, root)
+            .await
+            .map_err(|e| ModelError::from_load(root, e))?,
+    };
+    manifest::load(&loc.store, found.as_ref(), root, keyring, trusted)
+        .await
+        .map(Arc::new)
+        .map_err(|e| ModelError::from_load(root, e))
+}
+
 async fn verify_one(
     loc: &Location,
     e: &SealedEntry,
@@ -240,7 +243,6 @@ async fn verify_one(
     trusted: &TrustedSigners,
     manifests: &HashMap<String, SealedEntry>,
     models: &mut BTreeMap<String, std::result::Result<Arc<Model>, ModelError>>,
-    seen: &mut HashMap<String, HashSet<String>>,
     cancel: &Cancel,
 ) -> Result<u64> {
     let ko = read_key_object(&loc.store, e).await?;
@@ -254,17 +256,9 @@ async fn verify_one(
         }
         None => None,
         Some(root) => {
-            seen.entry(root.clone()).or_default();
             if !models.contains_key(root) {
-                let listed = match manifests.get(root) {
-                    Some(m) => Some(m.clone()),
-                    None => manifest::find_manifest(&loc.store, root).await?,
-                };
-                let r = manifest::load(&loc.store, listed.as_ref(), root, keyring, trusted).await;
-                models.insert(
-                    root.clone(),
-                    r.map(Arc::new).map_err(|e| ModelError::from_load(root, e)),
-                );
+                let r = load_model(loc, manifests.get(root), root, keyring, trusted).await;
+                models.insert(root.clone(), r);
             }
             let model = match &models[root] {
                 Ok(m) => m.clone(),
@@ -279,9 +273,6 @@ async fn verify_one(
                 e.chunk_log2,
                 e.data.size,
             )?;
-            seen.entry(root.clone())
-                .or_default()
-                .insert(rel.to_string());
             Some(entry.chunk_digests())
         }
     };
