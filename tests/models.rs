@@ -442,30 +442,25 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
         let m = s.mount(&s.p("m"), Some("pub.key"), &[]);
         let mnt = m.dir.display().to_string();
         let sig = m.path("model.sig").display().to_string();
-        let ok = model_signing(&[
-            "verify",
-            "key",
-            "--signature",
-            &sig,
-            "--public_key",
-            &s.p("pub.key.pub"),
-            &mnt,
-        ]);
+        let verify_under = |public_key: &str| {
+            model_signing(&[
+                "verify",
+                "key",
+                "--signature",
+                &sig,
+                "--public_key",
+                &s.p(public_key),
+                &mnt,
+            ])
+        };
+        let ok = verify_under("pub.key.pub");
         assert!(
             ok.status.success(),
             "model_signing refused sealfs's signature on the mount:\n{}{}",
             stdout(&ok),
             stderr(&ok)
         );
-        let other = model_signing(&[
-            "verify",
-            "key",
-            "--signature",
-            &sig,
-            "--public_key",
-            &s.p("other.key.pub"),
-            &mnt,
-        ]);
+        let other = verify_under("other.key.pub");
         assert!(!other.status.success(), "accepted under another key");
     }
     // The other way: training signs SRC with model_signing (an openssl SEC1 key).
@@ -512,20 +507,23 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
     s.write("src/config.json", b"{\"layers\": 99}\n");
     let key = s.key();
     let sign = format!("file:{}", s.p("pub.key"));
-    let refused = sealfs(
-        &[
-            "seal",
-            &s.p("src"),
-            &s.p("gated2"),
-            "--key",
-            &key,
-            "--sign",
-            &sign,
-            "--trust-signer",
-            &gate,
-        ],
-        &[],
-    );
+    let gated_seal = |dest: &str, trust: &str| {
+        sealfs(
+            &[
+                "seal",
+                &s.p("src"),
+                &s.p(dest),
+                "--key",
+                &key,
+                "--sign",
+                &sign,
+                "--trust-signer",
+                trust,
+            ],
+            &[],
+        )
+    };
+    let refused = gated_seal("gated2", &gate);
     let err = stderr(&refused);
     assert_eq!(refused.status.code(), Some(3), "{err}");
     assert!(
@@ -535,18 +533,7 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
     assert!(!s.path("gated2").exists(), "nothing written");
     // And under a key training did not use.
     let wrong = format!("file:{}", s.p("other.key.pub"));
-    let refused = sealfs(
-        &[
-            "seal",
-            &s.p("src"),
-            &s.p("gated3"),
-            "--key",
-            &key,
-            "--trust-signer",
-            &wrong,
-        ],
-        &[],
-    );
+    let refused = gated_seal("gated3", &wrong);
     assert!(
         stderr(&refused).contains("not by a trusted signer"),
         "{}",

@@ -149,12 +149,15 @@ pub fn verify_dir(
     let sig_path = dir.join(SIGNATURE_FILE);
     let shown = sig_path.display().to_string();
     let bad = |why: &str| OmsError::Malformed(shown.clone(), why.to_string());
-    let meta = std::fs::symlink_metadata(&sig_path)
+    // Opened once (no check-then-read race), read no further than the bound.
+    let (f, _) = crate::localfile::open_regular(&sig_path)
         .map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
-    if !meta.is_file() || meta.len() > MAX_BUNDLE_LEN {
-        return Err(bad("not a regular file of a sensible size"));
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_BUNDLE_LEN + 1), &mut bytes)
+        .map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
+    if bytes.len() as u64 > MAX_BUNDLE_LEN {
+        return Err(bad("larger than a model.sig can be"));
     }
-    let bytes = std::fs::read(&sig_path).map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
     let b: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
     if b["mediaType"] != MEDIA_TYPE {
         return Err(bad("not a Sigstore bundle v0.3"));
