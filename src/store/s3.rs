@@ -267,18 +267,7 @@ impl S3Store {
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
-        call(
-            "PutObject",
-            key,
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .body(ByteStream::from(body))
-                .send(),
-        )
-        .await?;
-        Ok(())
+        self.put_object(key, body, None).await
     }
 
     /// PutObject with `If-Match`: S3 answers 412 (→ `Changed`) if the object is no longer
@@ -289,6 +278,15 @@ impl S3Store {
         body: Bytes,
         if_match: &str,
     ) -> Result<(), StoreError> {
+        self.put_object(key, body, Some(if_match)).await
+    }
+
+    async fn put_object(
+        &self,
+        key: &str,
+        body: Bytes,
+        if_match: Option<&str>,
+    ) -> Result<(), StoreError> {
         call(
             "PutObject",
             key,
@@ -296,7 +294,7 @@ impl S3Store {
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key)
-                .if_match(if_match)
+                .set_if_match(if_match.map(str::to_string))
                 .body(ByteStream::from(body))
                 .send(),
         )
