@@ -59,6 +59,9 @@ pub enum SlotKind {
     Kms = 1,
     /// AES-256-GCM under a local key file; the id is the KEK fingerprint.
     File = 2,
+    /// Wrapped inside a PKCS#11 token (AES-GCM or RSA-OAEP); the id is the key's RFC 7512
+    /// token and object attributes.
+    Pkcs11 = 3,
 }
 
 /// One wrapped copy of the DEK.
@@ -283,6 +286,7 @@ impl KeyObject {
             let kind = match r.u8("slot kind")? {
                 1 => SlotKind::Kms,
                 2 => SlotKind::File,
+                3 => SlotKind::Pkcs11,
                 k => return Err(invalid("slot kind", format!("unknown kind {k}"))),
             };
             let key_id = r.string("slot key id", MAX_KEY_ID)?;

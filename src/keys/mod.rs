@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod kms;
+pub mod pkcs11;
 
 use std::collections::BTreeMap;
 
@@ -44,6 +45,20 @@ pub enum KeyError {
         key: String,
         message: String,
     },
+    #[error("bad PKCS#11 URI {uri:?}: {reason}")]
+    Pkcs11Uri { uri: String, reason: String },
+    #[error("PKCS#11 token refused {op} with key {key}: {message}")]
+    Pkcs11Denied {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("PKCS#11 token unavailable for {key} ({op}): {message}")]
+    Pkcs11Unavailable {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
     #[error("no AWS region: set AWS_REGION or give a key ARN")]
     NoRegion,
     #[error("wrapped key under {0} did not authenticate: wrong key file, tampered key object or context")]
@@ -67,6 +82,9 @@ impl KeyError {
                 | KeyError::KmsDisabled { .. }
                 | KeyError::KmsNotFound { .. }
                 | KeyError::NoTrustedKey { .. }
+                // A token that is gone is refused like a key that is: EACCES, bounded.
+                | KeyError::Pkcs11Denied { .. }
+                | KeyError::Pkcs11Unavailable { .. }
         )
     }
 
@@ -86,6 +104,7 @@ impl KeyError {
 pub enum KeySpec {
     Kms(String),
     File(std::path::PathBuf),
+    Pkcs11(Box<pkcs11::Pkcs11Uri>),
 }
 
 impl std::str::FromStr for KeySpec {
@@ -94,7 +113,11 @@ impl std::str::FromStr for KeySpec {
         match s.split_once(':') {
             Some(("kms", id)) if !id.is_empty() => Ok(KeySpec::Kms(id.to_string())),
             Some(("file", p)) if !p.is_empty() => Ok(KeySpec::File(p.into())),
-            _ => Err(KeyError::BadUri(s.to_string())),
+            Some(("pkcs11", _)) => Ok(KeySpec::Pkcs11(Box::new(s.parse()?))),
+            _ => Err(KeyError::BadUri(
+                // A mistyped pkcs11 URI may hold a PIN: never echo a query.
+                s.split('?').next().unwrap_or("").to_string(),
+            )),
         }
     }
 }
@@ -103,6 +126,7 @@ impl std::str::FromStr for KeySpec {
 pub enum Kek {
     Kms(kms::KmsKey),
     File(Box<file::FileKek>),
+    Pkcs11(pkcs11::Pkcs11Key),
 }
 
 impl Kek {
@@ -111,6 +135,7 @@ impl Kek {
         match self {
             Kek::Kms(k) => k.arn(),
             Kek::File(f) => f.id(),
+            Kek::Pkcs11(k) => k.id(),
         }
     }
 
@@ -118,6 +143,7 @@ impl Kek {
         match self {
             Kek::Kms(_) => SlotKind::Kms,
             Kek::File(_) => SlotKind::File,
+            Kek::Pkcs11(_) => SlotKind::Pkcs11,
         }
     }
 
@@ -125,6 +151,7 @@ impl Kek {
         let wrapped = match self {
             Kek::Kms(k) => k.encrypt(dek, ctx).await?,
             Kek::File(f) => f.wrap(dek, ctx),
+            Kek::Pkcs11(k) => k.wrap(dek, ctx).await?,
         };
         Ok(KeySlot {
             kind: self.kind(),
@@ -137,6 +164,7 @@ impl Kek {
         match self {
             Kek::Kms(k) => k.decrypt(&slot.wrapped, ctx).await,
             Kek::File(f) => f.unwrap(&slot.wrapped, ctx),
+            Kek::Pkcs11(k) => k.unwrap(&slot.wrapped, ctx).await,
         }
     }
 }
@@ -155,6 +183,7 @@ impl Keyring {
         for spec in specs {
             keks.push(match spec {
                 KeySpec::File(p) => Kek::File(Box::new(file::FileKek::load(p)?)),
+                KeySpec::Pkcs11(u) => Kek::Pkcs11(pkcs11::Pkcs11Key::resolve(u).await?),
                 KeySpec::Kms(id) => {
                     let region = kms::region_of(id);
                     let client = match kms_clients.get(&region) {
@@ -261,7 +290,7 @@ impl Keyring {
         // slot, and its first slot.
         let kms_source = self.candidates(ko).find_map(|(kek, s)| match kek {
             Kek::Kms(k) => Some((s, k)),
-            Kek::File(_) => None,
+            Kek::File(_) | Kek::Pkcs11(_) => None,
         });
         let mut dek: Option<Dek> = None;
         let mut out = Vec::with_capacity(to.keks.len());
@@ -299,7 +328,7 @@ mod tests {
     fn attempts(k: &Kek) -> usize {
         match k {
             Kek::File(f) => f.attempts.0.load(Ordering::Relaxed),
-            Kek::Kms(_) => unreachable!("file keys only"),
+            _ => unreachable!("file keys only"),
         }
     }
 
@@ -341,7 +370,7 @@ mod tests {
     fn wrap(k: &Kek, dek: &Dek, ctx: &EncryptionContext) -> KeySlot {
         match k {
             Kek::File(f) => slot(k, f.wrap(dek, ctx)),
-            Kek::Kms(_) => unreachable!("file keys only"),
+            _ => unreachable!("file keys only"),
         }
     }
 
