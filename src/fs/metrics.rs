@@ -144,7 +144,7 @@ fn render_calls(out: &mut String) {
     let name = "sealfs_requests_total";
     let _ = writeln!(
         out,
-        "# HELP {name} S3 and KMS calls by operation and outcome (SDK retries inside).\n# TYPE {name} counter"
+        "# HELP {name} S3, KMS and key-provider calls by operation and outcome (SDK retries inside).\n# TYPE {name} counter"
     );
     for ((service, op), outcomes, _) in &rows {
         for (outcome, n) in outcomes {

@@ -538,14 +538,24 @@ async fn bounded<T: Send + 'static>(
         },
         Fail::Rejected => KeyError::UnwrapFailed(key.to_string()),
     };
-    match tokio::time::timeout(CALL_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+    let start = std::time::Instant::now();
+    let out = match tokio::time::timeout(CALL_TIMEOUT, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r.map_err(named),
         Ok(Err(_)) => Err(named(Fail::Unavailable("token call panicked".into()))),
         Err(_) => Err(named(Fail::Unavailable(format!(
             "no answer from the token in {} s",
             CALL_TIMEOUT.as_secs()
         )))),
-    }
+    };
+    // Counted beside S3 and KMS on the metrics page (sealfs_requests_total{service="pkcs11"}).
+    let outcome = match &out {
+        Ok(_) => "ok",
+        Err(e) if e.is_access_denied() => "denied",
+        Err(e) if e.is_integrity() => "rejected",
+        Err(_) => "unavailable",
+    };
+    crate::calls::record("pkcs11", op, outcome, start.elapsed());
+    out
 }
 
 impl Pkcs11Key {
@@ -579,7 +589,11 @@ impl Pkcs11Key {
                     })
                     .map_err(|e| classify(&e))?;
                 match kind {
-                    None => Err(Fail::Denied("no such key in the token (or not visible to this user)".into())),
+                    None => Err(Fail::Denied(
+                        "the key is not in the token (destroyed, or not visible to this user: \
+                         a private key needs pin-source=)"
+                            .into(),
+                    )),
                     Some(Err(why)) => Err(Fail::Denied(why.into())),
                     Some(Ok(k)) => Ok((token, k)),
                 }
@@ -709,18 +723,18 @@ impl Pkcs11Key {
                     Ok(Zeroizing::new(plain))
                 })
                 .map_err(|e| match classify(&e) {
-                    // An OAEP decoding failure is reported as a generic error by some tokens.
+                    // Tokens report a failed GCM tag or OAEP decoding in C_Decrypt as a
+                    // generic error (SoftHSM: CKR_GENERAL_ERROR): the bytes are rejected.
                     Fail::Unavailable(_)
-                        if kind == Kind::Rsa
-                            && matches!(
-                                e,
-                                CkError::Pkcs11(
-                                    RvError::GeneralError
-                                        | RvError::DataInvalid
-                                        | RvError::DataLenRange,
-                                    _
-                                )
-                            ) =>
+                        if matches!(
+                            e,
+                            CkError::Pkcs11(
+                                RvError::GeneralError
+                                    | RvError::DataInvalid
+                                    | RvError::DataLenRange,
+                                cryptoki::context::Function::Decrypt
+                            )
+                        ) =>
                     {
                         Fail::Rejected
                     }
@@ -836,5 +850,68 @@ impl Pkcs11Signer {
                 .map_err(|e| classify(&e))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc7512_uris_parse_and_name_the_key_by_token_and_object_only() {
+        let u: Pkcs11Uri = "pkcs11:token=My%20HSM;object=kek-1;id=%01%ff?module-path=/usr/lib/m.so&pin-source=file:/run/pin"
+            .parse()
+            .unwrap();
+        assert_eq!(u.token.as_deref(), Some("My HSM"));
+        assert_eq!(u.object.as_deref(), Some("kek-1"));
+        assert_eq!(u.id.as_deref(), Some(&[0x01, 0xff][..]));
+        assert_eq!(u.module_path, PathBuf::from("/usr/lib/m.so"));
+        assert_eq!(u.pin_source, Some(PathBuf::from("/run/pin")));
+        // Host-local parts (module, PIN, slot number) are not the key's identity.
+        assert_eq!(u.key_id(), "pkcs11:token=My%20HSM;object=kek-1;id=%01%FF");
+        let v: Pkcs11Uri =
+            "pkcs11:slot-id=7;token=My%20HSM;id=%01%FF;object=kek-1?module-path=/opt/x.so"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            v.key_id(),
+            u.key_id(),
+            "attribute order and host parts do not matter"
+        );
+    }
+
+    #[test]
+    fn unsafe_or_incomplete_uris_are_refused_without_echoing_the_query() {
+        for (uri, why) in [
+            (
+                "pkcs11:token=t;object=o?module-path=/m.so&pin-value=1234",
+                "pin-value is refused",
+            ),
+            ("pkcs11:token=t;object=o", "module-path"),
+            ("pkcs11:token=t;object=o?module-path=m.so", "module-path"),
+            ("pkcs11:object=o?module-path=/m.so", "name the token"),
+            ("pkcs11:token=t?module-path=/m.so", "name the key"),
+            (
+                "pkcs11:token=t;token=u;object=o?module-path=/m.so",
+                "given twice",
+            ),
+            (
+                "pkcs11:token=t;object=o;pin=1?module-path=/m.so",
+                "unsupported path attribute",
+            ),
+            (
+                "pkcs11:token=t;object=o?module-path=/m.so&pin-source=rel",
+                "absolute",
+            ),
+            (
+                "pkcs11:token=t;object=o?module-path=/m.so&module-name=x",
+                "unsupported query",
+            ),
+            ("pkcs11:token=%ff;object=o?module-path=/m.so", "not UTF-8"),
+        ] {
+            let e = uri.parse::<Pkcs11Uri>().unwrap_err().to_string();
+            assert!(e.contains(why), "{uri}: {e}");
+            assert!(!e.contains("1234"), "{e}");
+        }
     }
 }

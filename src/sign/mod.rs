@@ -4,7 +4,9 @@
 //! `--sign file:PATH` (an ECDSA P-256 private key in PEM, SEC1 or PKCS#8) or `--sign kms:KEY`
 //! (an AWS KMS `ECC_NIST_P256` key: `Sign`, `GetPublicKey`); `--trust-signer file:PATH.pub`
 //! (a PEM SubjectPublicKeyInfo) or `--trust-signer kms:KEY` (its public key, fetched once and
-//! checked offline). A signer is named by the SHA-256 of its SubjectPublicKeyInfo DER, so a
+//! checked offline); `pkcs11:…` (an EC P-256 key pair in a token, RFC 7512 URI as for
+//! `--key`): the private key signs inside the token, the public key object is read without
+//! a login. A signer is named by the SHA-256 of its SubjectPublicKeyInfo DER, so a
 //! file key and the same key held in KMS are the same signer.
 //!
 //! The signature is ECDSA P-256 with SHA-256 (ASN.1 DER) over [`signed_message`]: a domain
@@ -21,7 +23,7 @@ use aws_lc_rs::signature::{
 };
 use zeroize::Zeroizing;
 
-use crate::keys::{kms, KeyError};
+use crate::keys::{kms, pkcs11, KeyError};
 
 pub mod oms;
 
@@ -34,7 +36,7 @@ const MAX_PEM: u64 = 16 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SignError {
-    #[error("bad signer {0:?}: expected file:<path> or kms:<key id|ARN|alias/NAME>")]
+    #[error("bad signer {0:?}: expected file:<path>, kms:<key id|ARN|alias/NAME> or pkcs11:<RFC 7512 URI>")]
     BadSpec(String),
     #[error("signing key {path}: {reason}")]
     File { path: String, reason: String },
@@ -64,6 +66,7 @@ pub fn signer_id(spki_der: &[u8]) -> String {
 pub enum SignerSpec {
     File(PathBuf),
     Kms(String),
+    Pkcs11(Box<pkcs11::Pkcs11Uri>),
 }
 
 impl std::str::FromStr for SignerSpec {
@@ -72,15 +75,29 @@ impl std::str::FromStr for SignerSpec {
         match s.split_once(':') {
             Some(("file", p)) if !p.is_empty() => Ok(SignerSpec::File(p.into())),
             Some(("kms", id)) if !id.is_empty() => Ok(SignerSpec::Kms(id.to_string())),
-            _ => Err(SignError::BadSpec(s.to_string())),
+            Some(("pkcs11", _)) => Ok(SignerSpec::Pkcs11(Box::new(s.parse()?))),
+            // Never echo a query: a mistyped pkcs11 URI may hold a PIN.
+            _ => Err(SignError::BadSpec(
+                s.split('?').next().unwrap_or("").to_string(),
+            )),
         }
     }
 }
 
 /// A private signing key: a local PEM file, or a KMS key that signs remotely.
 pub enum Signer {
-    File { key: EcdsaKeyPair, spki: Vec<u8> },
-    Kms { key: kms::KmsKey, spki: Vec<u8> },
+    File {
+        key: EcdsaKeyPair,
+        spki: Vec<u8>,
+    },
+    Kms {
+        key: kms::KmsKey,
+        spki: Vec<u8>,
+    },
+    Pkcs11 {
+        key: pkcs11::Pkcs11Signer,
+        spki: Vec<u8>,
+    },
 }
 
 impl Signer {
@@ -111,13 +128,19 @@ impl Signer {
                 let (key, spki) = kms_signing_key(id).await?;
                 Ok(Signer::Kms { key, spki })
             }
+            SignerSpec::Pkcs11(u) => {
+                let (key, spki) = pkcs11::Pkcs11Signer::resolve(u).await?;
+                Ok(Signer::Pkcs11 { key, spki })
+            }
         }
     }
 
     /// The SubjectPublicKeyInfo DER of this signer.
     pub fn spki(&self) -> &[u8] {
         match self {
-            Signer::File { spki, .. } | Signer::Kms { spki, .. } => spki,
+            Signer::File { spki, .. } | Signer::Kms { spki, .. } | Signer::Pkcs11 { spki, .. } => {
+                spki
+            }
         }
     }
 
@@ -130,6 +153,7 @@ impl Signer {
         match self {
             Signer::File { .. } => "file".into(),
             Signer::Kms { key, .. } => format!("kms:{}", key.arn()),
+            Signer::Pkcs11 { key, .. } => key.id().to_string(),
         }
     }
 
@@ -143,6 +167,10 @@ impl Signer {
                 .to_vec(),
             // KMS hashes RAW messages itself (moto ignores MessageType=DIGEST).
             Signer::Kms { key, .. } => key.sign_raw(message).await?,
+            Signer::Pkcs11 { key, .. } => {
+                let rs = key.sign_raw(message).await?;
+                ecdsa_der(&rs).ok_or(SignError::Failed)?
+            }
         };
         // Never publish a signature that does not verify under the key we name.
         if !verify(self.spki(), message, &sig) {
@@ -150,6 +178,29 @@ impl Signer {
         }
         Ok(sig)
     }
+}
+
+/// A raw P-256 ECDSA signature `r || s` (PKCS#11's form) as ASN.1 DER
+/// `SEQUENCE { INTEGER r, INTEGER s }` (the form sealfs and model_signing publish). `None`
+/// unless it is exactly 64 bytes.
+fn ecdsa_der(rs: &[u8]) -> Option<Vec<u8>> {
+    if rs.len() != 64 {
+        return None;
+    }
+    // A DER INTEGER: minimal big-endian, with a 0 byte before a set high bit.
+    let int = |x: &[u8]| {
+        let x = &x[x.iter().position(|&b| b != 0).unwrap_or(x.len() - 1)..];
+        let pad = x[0] & 0x80 != 0;
+        let mut v = vec![0x02, (x.len() + usize::from(pad)) as u8];
+        if pad {
+            v.push(0);
+        }
+        v.extend_from_slice(x);
+        v
+    };
+    let body = [int(&rs[..32]), int(&rs[32..])].concat();
+    // At most 2 * (2 + 33) = 70 bytes: a one-byte length.
+    Some([vec![0x30, body.len() as u8], body].concat())
 }
 
 /// A KMS key and its public key (GetPublicKey), checked to be an ECC_NIST_P256 key.
@@ -207,6 +258,10 @@ impl TrustedSigners {
                 SignerSpec::Kms(id) => {
                     let (key, spki) = kms_signing_key(id).await?;
                     (spki, format!("kms:{}", key.arn()))
+                }
+                SignerSpec::Pkcs11(u) => {
+                    let (key, spki) = pkcs11::Pkcs11Signer::resolve(u).await?;
+                    (spki, key.id().to_string())
                 }
             };
             keys.push((signer_id(&spki), spki, from));
@@ -318,6 +373,32 @@ pub fn keygen(path: &Path) -> Result<String, SignError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token's raw `r || s` becomes a DER signature that verifies, for many signatures
+    /// (so r and s with a high bit set and with leading zero bytes both occur).
+    #[test]
+    fn raw_token_signatures_become_der_that_verifies() {
+        use aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref()).unwrap();
+        let spki = key.public_key().as_der().unwrap().as_ref().to_vec();
+        let (mut high, mut short) = (0, 0);
+        for i in 0..400u32 {
+            let msg = i.to_be_bytes();
+            let rs = key.sign(&rng, &msg).unwrap().as_ref().to_vec();
+            high += usize::from(rs[0] & 0x80 != 0);
+            short += usize::from(rs[0] == 0 || rs[32] == 0);
+            let der = ecdsa_der(&rs).unwrap();
+            assert!(verify(&spki, &msg, &der), "signature {i}");
+            assert!(!verify(&spki, b"other", &der));
+        }
+        assert!(
+            high > 0 && short > 0,
+            "both edge cases occurred ({high}, {short})"
+        );
+        assert!(ecdsa_der(&[1; 63]).is_none());
+    }
 
     #[tokio::test]
     async fn keygen_sign_verify_round_trip_and_refusals() {

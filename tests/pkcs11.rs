@@ -1,0 +1,654 @@
+//! `pkcs11:` keys and signers against a real SoftHSM2 token (one token directory per test,
+//! through `SOFTHSM2_CONF`), driven by the real binary and a real mount. A missing SoftHSM2,
+//! pkcs11-tool or model_signing is a failure, never a skip.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOKEN: &str = "sealfs-test";
+const C: usize = 1 << 20;
+
+/// A SoftHSM2 token of its own with an AES-256 KEK (`kek1`), a second one (`kek2`), an RSA
+/// pair (`rsa1`) and an EC P-256 pair (`signer1`), a PIN file, a key file and a model.
+struct Hsm {
+    dir: tempfile::TempDir,
+    pin: String,
+}
+
+fn run(cmd: &mut Command) -> String {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/install-test-deps.sh)"));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{cmd:?} failed:\n{all}");
+    all
+}
+
+impl Hsm {
+    fn new() -> Self {
+        assert!(
+            Path::new(MODULE).exists(),
+            "{MODULE} missing: install softhsm2 (scripts/install-test-deps.sh)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // A PIN no other string in the run contains, to scan logs for.
+        let pin = format!("pin{:016x}", rand_u64());
+        let h = Self { dir, pin };
+        std::fs::create_dir(h.path("tokens")).unwrap();
+        std::fs::write(
+            h.path("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                h.p("tokens")
+            ),
+        )
+        .unwrap();
+        h.write_private("pin", h.pin.as_bytes());
+        run(h.cmd("softhsm2-util").args([
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN,
+            "--so-pin",
+            "0000",
+            "--pin",
+            &h.pin,
+        ]));
+        for (args, label, id) in [
+            (&["--keygen", "--key-type", "AES:32"][..], "kek1", "01"),
+            (&["--keygen", "--key-type", "AES:32"][..], "kek2", "04"),
+            (
+                &["--keypairgen", "--key-type", "rsa:2048"][..],
+                "rsa1",
+                "03",
+            ),
+            (
+                &["--keypairgen", "--key-type", "EC:prime256v1"][..],
+                "signer1",
+                "02",
+            ),
+        ] {
+            run(h
+                .tool()
+                .args(["--login", "--pin", &h.pin])
+                .args(args)
+                .args(["--label", label, "--id", id]));
+        }
+        expect_code(&sealfs(&["keygen", &h.p("file.key")], &[]), 0);
+        h.write("src/a.bin", &pattern(2 * C + 333, 1));
+        h.write("src/config.json", b"{\"layers\": 2}\n");
+        h.write("src/sub/b.bin", &pattern(C / 2, 2));
+        h
+    }
+    fn p(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    fn write_private(&self, rel: &str, data: &[u8]) {
+        self.write(rel, data);
+        std::fs::set_permissions(self.path(rel), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    fn env(&self) -> Vec<(String, String)> {
+        vec![(s("SOFTHSM2_CONF"), self.p("softhsm2.conf"))]
+    }
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new(prog);
+        c.env("SOFTHSM2_CONF", self.p("softhsm2.conf"));
+        c
+    }
+    fn tool(&self) -> Command {
+        let mut c = self.cmd("pkcs11-tool");
+        c.args(["--module", MODULE, "--token-label", TOKEN]);
+        c
+    }
+    /// The URI of `object`, logged in with the PIN file when `login`.
+    fn uri(&self, object: &str, login: bool) -> String {
+        let mut u = format!("pkcs11:token={TOKEN};object={object}?module-path={MODULE}");
+        if login {
+            u += &format!("&pin-source=file:{}", self.p("pin"));
+        }
+        u
+    }
+    fn file_key(&self) -> String {
+        format!("file:{}", self.p("file.key"))
+    }
+    fn sealfs(&self, args: &[&str]) -> std::process::Output {
+        sealfs(args, &self.env())
+    }
+    /// Runs sealfs, asserts `code`, and that the PIN appears nowhere in what it printed.
+    #[track_caller]
+    fn expect(&self, args: &[&str], code: i32) -> String {
+        let out = expect_code(&self.sealfs(args), code);
+        assert!(!out.contains(&self.pin), "the PIN was printed:\n{out}");
+        out
+    }
+    fn assert_same_tree(&self, dir: &str) {
+        for f in ["a.bin", "config.json", "sub/b.bin"] {
+            assert_eq!(
+                sha256(&std::fs::read(self.path(&format!("{dir}/{f}"))).unwrap()),
+                sha256(&std::fs::read(self.path(&format!("src/{f}"))).unwrap()),
+                "{dir}/{f}"
+            );
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+fn errno_of_open(p: &Path) -> Option<i32> {
+    std::fs::read(p).err().and_then(|e| e.raw_os_error())
+}
+
+/// Seal, inspect, verify, unseal and a mount under an AES key in the token: every byte
+/// equal, the slot named by the token and object only (no module path, no PIN), one unwrap
+/// per file opened and none for `ls`/`stat`, and no PIN in any output or log line.
+#[test]
+fn an_hsm_aes_key_seals_verifies_unseals_and_mounts_with_one_unwrap_per_file() {
+    let h = Hsm::new();
+    let k = h.uri("kek1", true);
+    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &k], 0);
+    let inspect = h.expect(&["inspect", &h.p("sealed/a.bin")], 0);
+    assert!(
+        inspect.contains(&format!("pkcs11 pkcs11:token={TOKEN};object=kek1\n")),
+        "{inspect}"
+    );
+    assert!(
+        !inspect.contains("module-path") && !inspect.contains("pin"),
+        "{inspect}"
+    );
+    let verify = h.expect(&["verify", &h.p("sealed"), "--key", &k], 0);
+    assert!(verify.contains("ok    "), "{verify}");
+    h.expect(&["unseal", &h.p("sealed"), &h.p("out"), "--key", &k], 0);
+    h.assert_same_tree("out");
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut m = Mount::start(
+        &h.p("sealed"),
+        &["--key", &k, "--metrics-addr", &addr],
+        &h.env(),
+    );
+    let unwraps = || {
+        scrape(port)
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with("sealfs_requests_total{service=\"pkcs11\",op=\"unwrap\"")
+            })
+            .map(|(_, v)| v)
+            .sum::<u64>()
+    };
+    let names: Vec<_> = std::fs::read_dir(m.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    for n in ["a.bin", "config.json", "sub"] {
+        assert!(names.contains(&n.to_string()), "{names:?}");
+        std::fs::metadata(m.path(n)).unwrap();
+    }
+    std::fs::metadata(m.path("sub/b.bin")).unwrap();
+    assert_eq!(unwraps(), 0, "ls and stat never ask the token");
+    let mut expected = 0;
+    for f in ["a.bin", "config.json", "sub/b.bin"] {
+        assert_eq!(
+            sha256(&std::fs::read(m.path(f)).unwrap()),
+            sha256(&std::fs::read(h.path(&format!("src/{f}"))).unwrap())
+        );
+        // The first open also admits the model: its manifest is one more sealed file.
+        expected += if f == "a.bin" { 2 } else { 1 };
+        assert_eq!(unwraps(), expected, "after reading {f}");
+    }
+    // A second read of an open-able file reuses the held DEK.
+    std::fs::read(m.path("a.bin")).unwrap();
+    assert_eq!(
+        unwraps(),
+        expected,
+        "a reopen within the DEK grace asks again"
+    );
+    m.stop_with_exit_0();
+    let logs = m.logs();
+    assert!(
+        !logs.contains(&h.pin),
+        "the PIN is in the mount log:\n{logs}"
+    );
+    assert!(
+        !logs.contains("pin-source"),
+        "the PIN path is in the mount log:\n{logs}"
+    );
+}
+
+/// An RSA pair: a publisher seals with the public key object and no PIN; a host without the
+/// PIN cannot unwrap (exit 4, one line); a host with it can.
+#[test]
+fn an_hsm_rsa_key_seals_without_login_and_only_a_logged_in_host_unwraps() {
+    let h = Hsm::new();
+    h.expect(
+        &[
+            "seal",
+            &h.p("src"),
+            &h.p("sealed"),
+            "--key",
+            &h.uri("rsa1", false),
+        ],
+        0,
+    );
+    let out = h.expect(
+        &[
+            "unseal",
+            &h.p("sealed"),
+            &h.p("nologin"),
+            "--key",
+            &h.uri("rsa1", false),
+        ],
+        4,
+    );
+    assert!(out.contains("not logged in"), "{out}");
+    assert!(
+        !h.path("nologin/a.bin").exists(),
+        "nothing unsealed without a login"
+    );
+    h.expect(
+        &[
+            "unseal",
+            &h.p("sealed"),
+            &h.p("out"),
+            "--key",
+            &h.uri("rsa1", true),
+        ],
+        0,
+    );
+    h.assert_same_tree("out");
+}
+
+/// `rewrap` between the token and a key file, both ways: after each, only the new key opens
+/// the files (strict trust), and the bytes are unchanged.
+#[test]
+fn rewrap_moves_files_between_a_key_file_and_the_token_both_ways() {
+    let h = Hsm::new();
+    let (file, hsm) = (h.file_key(), h.uri("kek1", true));
+    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &file], 0);
+    h.expect(
+        &["rewrap", &h.p("sealed"), "--key", &file, "--to-key", &hsm],
+        0,
+    );
+    let out = h.expect(&["verify", &h.p("sealed"), "--key", &file], 4);
+    assert!(out.contains("no trusted key can open it"), "{out}");
+    h.expect(&["unseal", &h.p("sealed"), &h.p("out1"), "--key", &hsm], 0);
+    h.assert_same_tree("out1");
+
+    // Token to token (AES to RSA), then back to the key file.
+    let rsa = h.uri("rsa1", true);
+    h.expect(
+        &["rewrap", &h.p("sealed"), "--key", &hsm, "--to-key", &rsa],
+        0,
+    );
+    h.expect(&["verify", &h.p("sealed"), "--key", &hsm], 4);
+    h.expect(
+        &["rewrap", &h.p("sealed"), "--key", &rsa, "--to-key", &file],
+        0,
+    );
+    h.expect(&["verify", &h.p("sealed"), "--key", &hsm], 4);
+    h.expect(&["unseal", &h.p("sealed"), &h.p("out2"), "--key", &file], 0);
+    h.assert_same_tree("out2");
+}
+
+/// The last `len` bytes of a key object are its only slot's wrapped DEK.
+fn key_object(dir: &Path, file: &str) -> PathBuf {
+    dir.join(format!("{file}.sealfs-c20"))
+}
+
+/// Another key in the same token is refused without a token call (strict trust); a flipped
+/// byte in the wrapped DEK, or a wrapped DEK moved from another file, is rejected *inside
+/// the token* (the context is GCM's AAD): exit 3 and nothing unsealed.
+#[test]
+fn another_key_a_flipped_slot_and_a_slot_moved_between_files_are_refused() {
+    let h = Hsm::new();
+    let k = h.uri("kek1", true);
+    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &k], 0);
+    let out = h.expect(
+        &[
+            "unseal",
+            &h.p("sealed"),
+            &h.p("o1"),
+            "--key",
+            &h.uri("kek2", true),
+        ],
+        4,
+    );
+    assert!(out.contains("no trusted key can open it"), "{out}");
+    assert!(!h.path("o1/a.bin").exists());
+
+    const WRAPPED: usize = 1 + 12 + 32 + 16;
+    let sealed = h.path("sealed");
+    let a = std::fs::read(key_object(&sealed, "a.bin")).unwrap();
+    // Move config.json's wrapped DEK into a.bin's key object (same key, other context).
+    let c = std::fs::read(key_object(&sealed, "config.json")).unwrap();
+    let mut moved = a.clone();
+    let n = moved.len();
+    moved[n - WRAPPED..].copy_from_slice(&c[c.len() - WRAPPED..]);
+    std::fs::write(key_object(&sealed, "a.bin"), &moved).unwrap();
+    let out = h.expect(
+        &[
+            "unseal",
+            &h.p("sealed/a.bin"),
+            &h.p("o2/a.bin"),
+            "--key",
+            &k,
+        ],
+        3,
+    );
+    assert!(out.contains("did not authenticate"), "{out}");
+    assert!(!h.path("o2/a.bin").exists());
+
+    let mut flipped = a.clone();
+    flipped[n - 5] ^= 0x01;
+    std::fs::write(key_object(&sealed, "a.bin"), &flipped).unwrap();
+    let out = h.expect(
+        &[
+            "unseal",
+            &h.p("sealed/a.bin"),
+            &h.p("o3/a.bin"),
+            "--key",
+            &k,
+        ],
+        3,
+    );
+    assert!(out.contains("did not authenticate"), "{out}");
+    assert!(!h.path("o3/a.bin").exists());
+
+    // The untouched key object still opens: the refusals were about the bytes.
+    std::fs::write(key_object(&sealed, "a.bin"), &a).unwrap();
+    h.expect(
+        &[
+            "unseal",
+            &h.p("sealed/a.bin"),
+            &h.p("o4/a.bin"),
+            "--key",
+            &k,
+        ],
+        0,
+    );
+}
+
+/// Crypto-shredding and a missing token: once the KEK is destroyed in the token (by another
+/// process, as an operator would), a running mount refuses new opens with EACCES within
+/// a bounded time and the CLI says so in one line; a token that is not there at all fails
+/// at once. Files opened before keep their held DEKs (revocation of those is the
+/// `--revalidate` work).
+#[test]
+fn a_destroyed_key_or_a_missing_token_is_refused_in_bounded_time() {
+    let h = Hsm::new();
+    let k = h.uri("kek1", true);
+    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &k], 0);
+    let m = Mount::start(&h.p("sealed"), &["--key", &k], &h.env());
+    assert_eq!(
+        std::fs::read(m.path("config.json")).unwrap(),
+        b"{\"layers\": 2}\n"
+    );
+    run(h.tool().args([
+        "--login",
+        "--pin",
+        &h.pin,
+        "--delete-object",
+        "--type",
+        "secrkey",
+        "--label",
+        "kek1",
+    ]));
+    let start = Instant::now();
+    assert_eq!(
+        errno_of_open(&m.path("a.bin")),
+        Some(libc::EACCES),
+        "{}",
+        m.logs()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        start.elapsed()
+    );
+    let logs = m.logs();
+    assert!(logs.contains("the key is not in the token"), "{logs}");
+    drop(m);
+
+    let start = Instant::now();
+    let out = h.expect(&["verify", &h.p("sealed"), "--key", &k], 4);
+    assert!(out.contains("the key is not in the token"), "{out}");
+    assert!(start.elapsed() < Duration::from_secs(12));
+
+    let gone = format!("pkcs11:token=no-such-token;object=kek1?module-path={MODULE}");
+    let start = Instant::now();
+    let out = h.expect(&["verify", &h.p("sealed"), "--key", &gone], 4);
+    assert!(out.contains("no token with that"), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
+    assert!(start.elapsed() < Duration::from_secs(12));
+}
+
+/// URIs that would put a PIN in argv, name a relative or unsafe module, or name nothing,
+/// are refused with one line that never echoes the query.
+#[test]
+fn unsafe_or_incomplete_pkcs11_uris_are_refused() {
+    let h = Hsm::new();
+    let src = h.p("src");
+    let dst = h.p("sealed");
+    let secret = "pin-value=SECRET1234";
+    let with_pin = format!("pkcs11:token={TOKEN};object=kek1?module-path={MODULE}&{secret}");
+    let out = h.expect(&["seal", &src, &dst, "--key", &with_pin], 2);
+    assert!(out.contains("pin-value is refused"), "{out}");
+    assert!(!out.contains("SECRET1234"), "{out}");
+    let out = h.expect(
+        &[
+            "seal",
+            &src,
+            &dst,
+            "--key",
+            &format!("pkcs11:token={TOKEN};object=kek1"),
+        ],
+        2,
+    );
+    assert!(out.contains("module-path"), "{out}");
+    let out = h.expect(
+        &[
+            "seal",
+            &src,
+            &dst,
+            "--key",
+            &format!("pkcs11:object=kek1?module-path={MODULE}"),
+        ],
+        2,
+    );
+    assert!(out.contains("name the token"), "{out}");
+
+    // A module anyone may write is code anyone may run in this process.
+    let copy = h.path("open-module.so");
+    std::fs::copy(MODULE, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let uri = format!(
+        "pkcs11:token={TOKEN};object=kek1?module-path={}",
+        copy.display()
+    );
+    let out = h.expect(&["seal", &src, &dst, "--key", &uri], 4);
+    assert!(out.contains("writable by group or others"), "{out}");
+    // A PIN file others can read is refused like a key file.
+    h.write("loose-pin", h.pin.as_bytes());
+    std::fs::set_permissions(h.path("loose-pin"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let uri = format!(
+        "pkcs11:token={TOKEN};object=kek1?module-path={MODULE}&pin-source=file:{}",
+        h.p("loose-pin")
+    );
+    let out = h.expect(&["seal", &src, &dst, "--key", &uri], 4);
+    assert!(out.contains("PIN file"), "{out}");
+    assert!(!h.path("sealed").exists(), "nothing sealed");
+}
+
+fn model_signing(h: &Hsm, args: &[&str]) -> std::process::Output {
+    h.cmd("model_signing")
+        .args(args)
+        .output()
+        .expect("model_signing is required: pip install 'model-signing[pkcs11]==1.1.1' pyopenssl")
+}
+
+/// The token signs: `seal --sign pkcs11:…` (private key never leaves the token) verifies under
+/// `--trust-signer pkcs11:…` (public key read without a login) and under model_signing with
+/// the exported public key; and `model_signing sign pkcs11-key` signatures pass the seal
+/// gate `--trust-signer pkcs11:…` while another trusted signer refuses them.
+#[test]
+fn a_token_ec_key_signs_models_and_interoperates_with_model_signing() {
+    let h = Hsm::new();
+    let k = h.uri("kek1", true);
+    let signer = h.uri("signer1", true);
+    let trust = h.uri("signer1", false);
+    h.expect(
+        &[
+            "seal",
+            &h.p("src"),
+            &h.p("sealed"),
+            "--key",
+            &k,
+            "--sign",
+            &signer,
+        ],
+        0,
+    );
+    let out = h.expect(
+        &[
+            "verify",
+            &h.p("sealed"),
+            "--key",
+            &k,
+            "--trust-signer",
+            &trust,
+        ],
+        0,
+    );
+    assert!(out.contains("signed by sha256:"), "{out}");
+    expect_code(&sealfs(&["keygen", "--signing", &h.p("other.key")], &[]), 0);
+    let other = format!("file:{}", h.p("other.key.pub"));
+    h.expect(
+        &[
+            "verify",
+            &h.p("sealed"),
+            "--key",
+            &k,
+            "--trust-signer",
+            &other,
+        ],
+        4,
+    );
+
+    // The token's public key, exported as PEM, verifies the OMS model.sig on the mount.
+    run(h.tool().args([
+        "--read-object",
+        "--type",
+        "pubkey",
+        "--label",
+        "signer1",
+        "-o",
+        &h.p("pub.der"),
+    ]));
+    run(Command::new("openssl").args([
+        "pkey",
+        "-pubin",
+        "-inform",
+        "DER",
+        "-in",
+        &h.p("pub.der"),
+        "-out",
+        &h.p("pub.pem"),
+    ]));
+    let m = Mount::start(
+        &h.p("sealed"),
+        &["--key", &k, "--trust-signer", &trust],
+        &h.env(),
+    );
+    let o = model_signing(
+        &h,
+        &[
+            "verify",
+            "key",
+            "--signature",
+            &m.path("model.sig").display().to_string(),
+            "--public_key",
+            &h.p("pub.pem"),
+            &m.path("").display().to_string(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "model_signing refused the token's signature:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    drop(m);
+
+    // The other way: training signs with the token through model_signing.
+    let ms_uri = format!(
+        "pkcs11:token={TOKEN};object=signer1?module-path={MODULE}&pin-value={}",
+        h.pin
+    );
+    let o = model_signing(
+        &h,
+        &[
+            "sign",
+            "pkcs11-key",
+            "--signature",
+            &h.p("src/model.sig"),
+            "--pkcs11_uri",
+            &ms_uri,
+            &h.p("src"),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    h.expect(
+        &[
+            "seal",
+            &h.p("src"),
+            &h.p("gated"),
+            "--key",
+            &k,
+            "--trust-signer",
+            &trust,
+        ],
+        0,
+    );
+    h.expect(&["verify", &h.p("gated"), "--key", &k], 0);
+    let out = h.expect(
+        &[
+            "seal",
+            &h.p("src"),
+            &h.p("refused"),
+            "--key",
+            &k,
+            "--trust-signer",
+            &other,
+        ],
+        3,
+    );
+    assert!(out.contains("not by a trusted signer"), "{out}");
+    assert!(!h.path("refused").exists(), "nothing visible at DEST");
+}
