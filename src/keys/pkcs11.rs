@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -254,6 +255,12 @@ fn describe(e: &CkError) -> String {
 
 fn classify(e: &CkError) -> Fail {
     match e {
+        // Tokens report a failed GCM tag or OAEP decoding in C_Decrypt as a generic error
+        // (SoftHSM: CKR_GENERAL_ERROR): the bytes are rejected.
+        CkError::Pkcs11(
+            RvError::GeneralError | RvError::DataInvalid | RvError::DataLenRange,
+            cryptoki::context::Function::Decrypt,
+        ) => Fail::Rejected,
         CkError::Pkcs11(rv, _) => match rv {
             RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => Fail::Rejected,
             RvError::PinIncorrect
@@ -370,6 +377,17 @@ struct Token {
     uri: Pkcs11Uri,
     pin: Option<AuthPin>,
     session: Mutex<Option<Session>>,
+    /// When the call in progress started (ms since the first call), 0 when idle.
+    busy_since: AtomicU64,
+}
+
+/// Milliseconds since the first call (monotonic).
+fn now_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 impl Token {
@@ -403,6 +421,7 @@ impl Token {
             pin: uri.pin_source.as_deref().map(read_pin).transpose()?,
             uri: uri.clone(),
             session: Mutex::new(None),
+            busy_since: AtomicU64::new(0),
         });
         map.insert(key, t.clone());
         Ok(t)
@@ -450,8 +469,30 @@ impl Token {
 
     /// Runs `f` in the session, opening it first if needed, and once more in a fresh
     /// session after a session or device error.
-    fn with<T>(&self, f: impl Fn(&Session) -> Result<T, CkError>) -> Result<T, CkError> {
+    ///
+    /// A call still running after [`CALL_TIMEOUT`] holds the session: later calls fail at
+    /// once instead of queueing behind it (each would cost its caller the full timeout and
+    /// a blocking thread).
+    fn with<T>(&self, f: impl Fn(&Session) -> Result<T, CkError>) -> Result<T, Fail> {
+        let since = self.busy_since.load(Ordering::Acquire);
+        if since != 0 && now_ms().saturating_sub(since) > CALL_TIMEOUT.as_millis() as u64 {
+            return Err(Fail::Unavailable(format!(
+                "a call to the token has not returned for over {} s",
+                CALL_TIMEOUT.as_secs()
+            )));
+        }
         let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        self.busy_since.store(now_ms().max(1), Ordering::Release);
+        let out = self.with_session(&mut guard, f).map_err(|e| classify(&e));
+        self.busy_since.store(0, Ordering::Release);
+        out
+    }
+
+    fn with_session<T>(
+        &self,
+        guard: &mut Option<Session>,
+        f: impl Fn(&Session) -> Result<T, CkError>,
+    ) -> Result<T, CkError> {
         for attempt in 0..2 {
             if guard.is_none() {
                 match self.open() {
@@ -587,7 +628,7 @@ impl Pkcs11Key {
                             }
                         }
                     })
-                    .map_err(|e| classify(&e))?;
+                    ?;
                 match kind {
                     None => Err(Fail::Denied(
                         "the key is not in the token (destroyed, or not visible to this user: \
@@ -662,7 +703,7 @@ impl Pkcs11Key {
                     }
                 }
             });
-            let out = out.map_err(|e| classify(&e))?;
+            let out = out?;
             if kind == Kind::Aes && out.len() != GCM_WRAPPED {
                 return Err(Fail::Unavailable(format!(
                     "token returned {} bytes for AES-GCM",
@@ -690,56 +731,35 @@ impl Pkcs11Key {
         let aad = aad(ctx);
         let wrapped = wrapped.to_vec();
         let mut plain = bounded(&self.id, "unwrap", move || {
-            token
-                .with(|s| {
-                    let plain = match kind {
-                        Kind::Aes => {
-                            let h = find_one(s, &uri, ObjectClass::SECRET_KEY)?.ok_or(
-                                CkError::Pkcs11(
-                                    RvError::KeyHandleInvalid,
-                                    cryptoki::context::Function::FindObjects,
-                                ),
-                            )?;
-                            let mut iv = [0u8; 12];
-                            iv.copy_from_slice(&wrapped[1..13]);
-                            let params = GcmParams::new(&mut iv, &aad, 128.into())?;
-                            s.decrypt(&Mechanism::AesGcm(params), h, &wrapped[13..])?
-                        }
-                        Kind::Rsa => {
-                            let h = find_one(s, &uri, ObjectClass::PRIVATE_KEY)?.ok_or(
-                                CkError::Pkcs11(
-                                    RvError::UserNotLoggedIn,
-                                    cryptoki::context::Function::FindObjects,
-                                ),
-                            )?;
-                            let label = crate::crypto::sha256(&aad);
-                            s.decrypt(
-                                &Mechanism::RsaPkcsOaep(oaep(wrapped[0], &label)),
-                                h,
-                                &wrapped[1..],
-                            )?
-                        }
-                    };
-                    Ok(Zeroizing::new(plain))
-                })
-                .map_err(|e| match classify(&e) {
-                    // Tokens report a failed GCM tag or OAEP decoding in C_Decrypt as a
-                    // generic error (SoftHSM: CKR_GENERAL_ERROR): the bytes are rejected.
-                    Fail::Unavailable(_)
-                        if matches!(
-                            e,
-                            CkError::Pkcs11(
-                                RvError::GeneralError
-                                    | RvError::DataInvalid
-                                    | RvError::DataLenRange,
-                                cryptoki::context::Function::Decrypt
-                            )
-                        ) =>
-                    {
-                        Fail::Rejected
+            token.with(|s| {
+                let plain = match kind {
+                    Kind::Aes => {
+                        let h =
+                            find_one(s, &uri, ObjectClass::SECRET_KEY)?.ok_or(CkError::Pkcs11(
+                                RvError::KeyHandleInvalid,
+                                cryptoki::context::Function::FindObjects,
+                            ))?;
+                        let mut iv = [0u8; 12];
+                        iv.copy_from_slice(&wrapped[1..13]);
+                        let params = GcmParams::new(&mut iv, &aad, 128.into())?;
+                        s.decrypt(&Mechanism::AesGcm(params), h, &wrapped[13..])?
                     }
-                    other => other,
-                })
+                    Kind::Rsa => {
+                        let h =
+                            find_one(s, &uri, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
+                                RvError::UserNotLoggedIn,
+                                cryptoki::context::Function::FindObjects,
+                            ))?;
+                        let label = crate::crypto::sha256(&aad);
+                        s.decrypt(
+                            &Mechanism::RsaPkcsOaep(oaep(wrapped[0], &label)),
+                            h,
+                            &wrapped[1..],
+                        )?
+                    }
+                };
+                Ok(Zeroizing::new(plain))
+            })
         })
         .await?;
         if plain.len() != DEK_LEN {
@@ -802,8 +822,7 @@ impl Pkcs11Signer {
                                 AttributeType::EcPoint,
                             ],
                         )?)),
-                    })
-                    .map_err(|e| classify(&e))?
+                    })?
                     .ok_or_else(|| Fail::Denied("no such public key in the token".into()))?;
                 let mut point = None;
                 let mut p256 = false;
@@ -839,15 +858,13 @@ impl Pkcs11Signer {
         let digest = crate::crypto::sha256(message);
         let (token, uri) = (self.token.clone(), self.uri.clone());
         bounded(&self.id, "sign", move || {
-            token
-                .with(|s| {
-                    let h = find_one(s, &uri, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
-                        RvError::UserNotLoggedIn,
-                        cryptoki::context::Function::FindObjects,
-                    ))?;
-                    s.sign(&Mechanism::Ecdsa, h, &digest)
-                })
-                .map_err(|e| classify(&e))
+            token.with(|s| {
+                let h = find_one(s, &uri, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
+                    RvError::UserNotLoggedIn,
+                    cryptoki::context::Function::FindObjects,
+                ))?;
+                s.sign(&Mechanism::Ecdsa, h, &digest)
+            })
         })
         .await
     }
