@@ -59,6 +59,9 @@ pub enum SlotKind {
     Kms = 1,
     /// AES-256-GCM under a local key file; the id is the KEK fingerprint.
     File = 2,
+    /// AES-256-GCM under a KEK split k-of-n into share files (`keys/shares.rs`); the id is
+    /// `shares:<K>-of-<N>:<key check>`. (3 and 4 are kept for the HSM and Transit slots.)
+    Shares = 5,
 }
 
 /// One wrapped copy of the DEK.
@@ -283,6 +286,7 @@ impl KeyObject {
             let kind = match r.u8("slot kind")? {
                 1 => SlotKind::Kms,
                 2 => SlotKind::File,
+                5 => SlotKind::Shares,
                 k => return Err(invalid("slot kind", format!("unknown kind {k}"))),
             };
             let key_id = r.string("slot key id", MAX_KEY_ID)?;
@@ -388,6 +392,23 @@ mod tests {
     fn round_trip() {
         let k = sample();
         assert_eq!(KeyObject::parse(&k.to_bytes()), Ok(k));
+    }
+
+    #[test]
+    fn shares_slot_is_kind_5() {
+        let mut k = sample();
+        k.slots.push(KeySlot {
+            kind: SlotKind::Shares,
+            key_id: "shares:2-of-3:00112233445566778899aabbccddeeff".into(),
+            wrapped: vec![7; 60],
+        });
+        let mut b = k.to_bytes();
+        // The last slot's kind byte: 1 + 2 + id + 2 + 60 bytes from the end.
+        let at = b.len() - (1 + 2 + k.slots[2].key_id.len() + 2 + 60);
+        assert_eq!(KeyObject::parse(&b), Ok(k));
+        assert_eq!(b[at], 5);
+        b[at] = 6;
+        assert!(KeyObject::parse(&b).is_err(), "unknown kinds stay refused");
     }
 
     #[test]
