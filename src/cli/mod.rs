@@ -33,18 +33,25 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Write a new random 256-bit key file (mode 0600); never overwrites. With --signing, an
-    /// ECDSA P-256 signing key (PKCS#8 PEM, 0600) and its public key at PATH.pub.
+    /// ECDSA P-256 signing key (PKCS#8 PEM, 0600) and its public key at PATH.pub. With
+    /// --shares K-of-N, a key ceremony: PATH is a directory (created 0700) that receives N
+    /// share files, any K of which open the key (`--key shares:PATH,PATH,…`); the whole
+    /// key is written nowhere.
     Keygen {
         path: PathBuf,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "shares")]
         signing: bool,
+        /// Split the key into N share files, any K of which open it (e.g. 2-of-3, 3-of-5).
+        #[arg(long, value_name = "K-of-N", value_parser = parse_threshold)]
+        shares: Option<crate::keys::shares::Threshold>,
     },
     /// Encrypt a file or directory and upload it as sealed objects under DEST.
     Seal {
         src: PathBuf,
         /// s3://BUCKET/PREFIX, file://PATH or a directory path.
         dest: String,
-        /// kms:<key id|ARN|alias/NAME> or file:<path>; repeat to wrap the DEK under several.
+        /// kms:<key id|ARN|alias/NAME>, file:<path> or shares:<path>,<path>,… (K share files
+        /// of a `keygen --shares` ceremony); repeat to wrap the DEK under several.
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
         /// Extra encryption context pair (k=v), shown in every KMS audit record.
@@ -236,6 +243,10 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     })
 }
 
+fn parse_threshold(s: &str) -> Result<crate::keys::shares::Threshold, String> {
+    s.parse()
+}
+
 fn parse_digest(s: &str) -> Result<String, String> {
     let hex = s.strip_prefix("sha256:").unwrap_or(s).to_ascii_lowercase();
     if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -340,8 +351,21 @@ pub fn main_with(cli: Cli) -> i32 {
 async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
     match cmd {
         Command::Mount { .. } => unreachable!("handled in main_with"),
-        Command::Keygen { path, signing } => {
-            if signing {
+        Command::Keygen {
+            path,
+            signing,
+            shares,
+        } => {
+            if let Some(t) = shares {
+                let c = crate::keys::shares::keygen(t, &path)?;
+                println!(
+                    "wrote {} shares of key {} (ceremony {}): any {} of them open it",
+                    t.n, c.key_id, c.id, t.k
+                );
+                for f in &c.files {
+                    println!("  {}", f.display());
+                }
+            } else if signing {
                 let id = crate::sign::keygen(&path).map_err(|e| Error::Usage(e.to_string()))?;
                 println!("wrote {} and {}.pub ({id})", path.display(), path.display());
             } else {
@@ -567,7 +591,12 @@ fn print_inspect(v: &serde_json::Value) {
         }
         println!("  wrapped keys:");
         for s in f["wrapped_keys"].as_array().into_iter().flatten() {
-            println!("    {} {}", t(&s["kind"]), t(&s["key_id"]));
+            let escrow = if s["escrow"] == serde_json::json!(true) {
+                " (escrow: break-glass only)"
+            } else {
+                ""
+            };
+            println!("    {} {}{escrow}", t(&s["kind"]), t(&s["key_id"]));
         }
     }
     for m in v["models"].as_array().into_iter().flatten() {

@@ -62,6 +62,9 @@ pub enum SlotKind {
     /// Wrapped inside a PKCS#11 token (AES-GCM or RSA-OAEP); the id is the key's RFC 7512
     /// token and object attributes.
     Pkcs11 = 3,
+    /// AES-256-GCM under a KEK split k-of-n into share files (`keys/shares.rs`); the id is
+    /// `shares:<K>-of-<N>:<key check>`. (4 is kept for Transit slots.)
+    Shares = 5,
 }
 
 /// One wrapped copy of the DEK.
@@ -287,6 +290,7 @@ impl KeyObject {
                 1 => SlotKind::Kms,
                 2 => SlotKind::File,
                 3 => SlotKind::Pkcs11,
+                5 => SlotKind::Shares,
                 k => return Err(invalid("slot kind", format!("unknown kind {k}"))),
             };
             let key_id = r.string("slot key id", MAX_KEY_ID)?;
@@ -392,6 +396,23 @@ mod tests {
     fn round_trip() {
         let k = sample();
         assert_eq!(KeyObject::parse(&k.to_bytes()), Ok(k));
+    }
+
+    #[test]
+    fn shares_slot_is_kind_5() {
+        let mut k = sample();
+        k.slots.push(KeySlot {
+            kind: SlotKind::Shares,
+            key_id: "shares:2-of-3:00112233445566778899aabbccddeeff".into(),
+            wrapped: vec![7; 60],
+        });
+        let mut b = k.to_bytes();
+        // The last slot's kind byte: 1 + 2 + id + 2 + 60 bytes from the end.
+        let at = b.len() - (1 + 2 + k.slots[2].key_id.len() + 2 + 60);
+        assert_eq!(KeyObject::parse(&b), Ok(k));
+        assert_eq!(b[at], 5);
+        b[at] = 6;
+        assert!(KeyObject::parse(&b).is_err(), "unknown kinds stay refused");
     }
 
     #[test]

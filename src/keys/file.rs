@@ -106,9 +106,16 @@ impl FileKek {
 
     /// Fails only when locked memory is refused (RLIMIT_MEMLOCK).
     pub fn from_bytes(kek: &[u8; DEK_LEN]) -> Result<Self, LockError> {
+        Self::derive(kek, WRAP_INFO, fingerprint(kek))
+    }
+
+    /// The same AES-256-GCM wrap under `HKDF[-, info](kek, 32)`, with slot id `id`: other
+    /// 256-bit KEKs (`shares:`) reuse it with their own `info`, so that the same 32 bytes
+    /// as a key file and as a shares key never open each other's slots.
+    pub(crate) fn derive(kek: &[u8; DEK_LEN], info: &[u8], id: String) -> Result<Self, LockError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(kek);
         let mut k = Zeroizing::new([0u8; 32]);
-        prk.expand(&[WRAP_INFO], &aead::AES_256_GCM)
+        prk.expand(&[info], &aead::AES_256_GCM)
             .and_then(|okm| okm.fill(&mut k[..]))
             .expect("HKDF 32 bytes");
         let wrap_key = Locked::new(LessSafeKey::new(
@@ -116,7 +123,7 @@ impl FileKek {
         ))?;
         Ok(Self {
             wrap_key,
-            id: fingerprint(kek),
+            id,
             attempts: Default::default(),
         })
     }

@@ -1,12 +1,13 @@
 //! KEK providers: the one place where key algorithms vary (age's "one joint").
 //!
-//! `--key` URIs: `kms:<key id | ARN | alias/…>` or `file:<path>`. A [`Keyring`] is the
-//! ordered list a command was given; for reads it is also the *trusted* list: a DEK wrapped
-//! only under other keys is refused without any KMS call (strict mode).
+//! `--key` URIs: `kms:<key id | ARN | alias/…>`, `file:<path>` or `shares:<path>,<path>,…`.
+//! A [`Keyring`] is the ordered list a command was given; for reads it is also the *trusted*
+//! list: a DEK wrapped only under other keys is refused without any KMS call (strict mode).
 
 pub mod file;
 pub mod kms;
 pub mod pkcs11;
+pub mod shares;
 
 use std::collections::BTreeMap;
 
@@ -17,12 +18,18 @@ use crate::format::{EncryptionContext, KeyObject, KeySlot, SlotKind};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME> or file:<path>")]
+    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI> or shares:<path>,<path>,…")]
     BadUri(String),
     #[error("key file {path}: {reason}")]
     FileKey { path: String, reason: String },
     #[error("key file {0} already exists; refusing to overwrite it")]
     FileExists(String),
+    /// One share file of a `shares:` key is unusable (unreadable, loose mode, corrupted).
+    #[error("share file {path}: {reason}")]
+    ShareFile { path: String, reason: String },
+    /// The share files of a `shares:` key do not make a key together.
+    #[error("shares key: {0}")]
+    Shares(String),
     #[error("KMS denied {op} with key {key}: {message}")]
     KmsDenied {
         op: &'static str,
@@ -61,7 +68,9 @@ pub enum KeyError {
     },
     #[error("no AWS region: set AWS_REGION or give a key ARN")]
     NoRegion,
-    #[error("wrapped key under {0} did not authenticate: wrong key file, tampered key object or context")]
+    #[error(
+        "wrapped key under {0} did not authenticate: wrong key, tampered key object or context"
+    )]
     UnwrapFailed(String),
     #[error(
         "no trusted key can open it: it is wrapped under [{carried}], trusted are [{trusted}]"
@@ -105,6 +114,8 @@ pub enum KeySpec {
     Kms(String),
     File(std::path::PathBuf),
     Pkcs11(Box<pkcs11::Pkcs11Uri>),
+    /// At least K of the N share files of one key ceremony (`keys/shares.rs`).
+    Shares(Vec<std::path::PathBuf>),
 }
 
 impl std::str::FromStr for KeySpec {
@@ -114,6 +125,10 @@ impl std::str::FromStr for KeySpec {
             Some(("kms", id)) if !id.is_empty() => Ok(KeySpec::Kms(id.to_string())),
             Some(("file", p)) if !p.is_empty() => Ok(KeySpec::File(p.into())),
             Some(("pkcs11", _)) => Ok(KeySpec::Pkcs11(Box::new(s.parse()?))),
+            // Paths are comma-separated: a share path cannot hold a comma.
+            Some(("shares", ps)) if !ps.split(',').any(str::is_empty) => {
+                Ok(KeySpec::Shares(ps.split(',').map(Into::into).collect()))
+            }
             _ => Err(KeyError::BadUri(
                 // A mistyped pkcs11 URI may hold a PIN: never echo a query.
                 s.split('?').next().unwrap_or("").to_string(),
@@ -127,6 +142,8 @@ pub enum Kek {
     Kms(kms::KmsKey),
     File(Box<file::FileKek>),
     Pkcs11(pkcs11::Pkcs11Key),
+    /// The KEK combined from shares: the key-file wrap under its own label (`shares.rs`).
+    Shares(Box<file::FileKek>),
 }
 
 impl Kek {
@@ -134,7 +151,7 @@ impl Kek {
     pub fn id(&self) -> &str {
         match self {
             Kek::Kms(k) => k.arn(),
-            Kek::File(f) => f.id(),
+            Kek::File(f) | Kek::Shares(f) => f.id(),
             Kek::Pkcs11(k) => k.id(),
         }
     }
@@ -144,13 +161,14 @@ impl Kek {
             Kek::Kms(_) => SlotKind::Kms,
             Kek::File(_) => SlotKind::File,
             Kek::Pkcs11(_) => SlotKind::Pkcs11,
+            Kek::Shares(_) => SlotKind::Shares,
         }
     }
 
     async fn wrap(&self, dek: &Dek, ctx: &EncryptionContext) -> Result<KeySlot, KeyError> {
         let wrapped = match self {
             Kek::Kms(k) => k.encrypt(dek, ctx).await?,
-            Kek::File(f) => f.wrap(dek, ctx),
+            Kek::File(f) | Kek::Shares(f) => f.wrap(dek, ctx),
             Kek::Pkcs11(k) => k.wrap(dek, ctx).await?,
         };
         Ok(KeySlot {
@@ -163,7 +181,7 @@ impl Kek {
     async fn unwrap(&self, slot: &KeySlot, ctx: &EncryptionContext) -> Result<Dek, KeyError> {
         match self {
             Kek::Kms(k) => k.decrypt(&slot.wrapped, ctx).await,
-            Kek::File(f) => f.unwrap(&slot.wrapped, ctx),
+            Kek::File(f) | Kek::Shares(f) => f.unwrap(&slot.wrapped, ctx),
             Kek::Pkcs11(k) => k.unwrap(&slot.wrapped, ctx).await,
         }
     }
@@ -184,6 +202,7 @@ impl Keyring {
             keks.push(match spec {
                 KeySpec::File(p) => Kek::File(Box::new(file::FileKek::load(p)?)),
                 KeySpec::Pkcs11(u) => Kek::Pkcs11(pkcs11::Pkcs11Key::resolve(u).await?),
+                KeySpec::Shares(ps) => Kek::Shares(Box::new(shares::load(ps)?)),
                 KeySpec::Kms(id) => {
                     let region = kms::region_of(id);
                     let client = match kms_clients.get(&region) {
@@ -290,7 +309,7 @@ impl Keyring {
         // slot, and its first slot.
         let kms_source = self.candidates(ko).find_map(|(kek, s)| match kek {
             Kek::Kms(k) => Some((s, k)),
-            Kek::File(_) | Kek::Pkcs11(_) => None,
+            Kek::File(_) | Kek::Pkcs11(_) | Kek::Shares(_) => None,
         });
         let mut dek: Option<Dek> = None;
         let mut out = Vec::with_capacity(to.keks.len());

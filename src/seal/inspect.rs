@@ -42,8 +42,12 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
                             SlotKind::Kms => "kms",
                             SlotKind::File => "file",
                             SlotKind::Pkcs11 => "pkcs11",
+                            SlotKind::Shares => "shares",
                         };
-                        json!({"kind": kind, "key_id": s.key_id, "wrapped_bytes": s.wrapped.len()})
+                        // A k-of-n shares slot is the offline escrow: opened only for
+                        // break-glass unseal or rewrap (docs/OPERATIONS.md).
+                        let escrow = s.kind == SlotKind::Shares;
+                        json!({"kind": kind, "key_id": s.key_id, "wrapped_bytes": s.wrapped.len(), "escrow": escrow})
                     })
                     .collect();
             }
