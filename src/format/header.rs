@@ -59,6 +59,9 @@ pub enum SlotKind {
     Kms = 1,
     /// AES-256-GCM under a local key file; the id is the KEK fingerprint.
     File = 2,
+    /// A Vault / OpenBao Transit ciphertext `vault:v<N>:<base64>`; the id is
+    /// `transit:[NAMESPACE/]MOUNT/NAME`.
+    Transit = 4,
 }
 
 /// One wrapped copy of the DEK.
@@ -283,6 +286,7 @@ impl KeyObject {
             let kind = match r.u8("slot kind")? {
                 1 => SlotKind::Kms,
                 2 => SlotKind::File,
+                4 => SlotKind::Transit,
                 k => return Err(invalid("slot kind", format!("unknown kind {k}"))),
             };
             let key_id = r.string("slot key id", MAX_KEY_ID)?;

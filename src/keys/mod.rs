@@ -1,11 +1,13 @@
 //! KEK providers: the one place where key algorithms vary (age's "one joint").
 //!
-//! `--key` URIs: `kms:<key id | ARN | alias/…>` or `file:<path>`. A [`Keyring`] is the
+//! `--key` URIs: `kms:<key id | ARN | alias/…>`, `file:<path>` or `transit:[MOUNT/]NAME`
+//! (Vault / OpenBao Transit). A [`Keyring`] is the
 //! ordered list a command was given; for reads it is also the *trusted* list: a DEK wrapped
 //! only under other keys is refused without any KMS call (strict mode).
 
 pub mod file;
 pub mod kms;
+pub mod transit;
 
 use std::collections::BTreeMap;
 
@@ -16,7 +18,7 @@ use crate::format::{EncryptionContext, KeyObject, KeySlot, SlotKind};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME> or file:<path>")]
+    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path> or transit:[MOUNT/]NAME")]
     BadUri(String),
     #[error("key file {path}: {reason}")]
     FileKey { path: String, reason: String },
@@ -52,6 +54,27 @@ pub enum KeyError {
         "no trusted key can open it: it is wrapped under [{carried}], trusted are [{trusted}]"
     )]
     NoTrustedKey { carried: String, trusted: String },
+    // Transit (Vault / OpenBao): keys/transit.rs.
+    #[error("Transit configuration: {0}")]
+    TransitConfig(String),
+    #[error("Transit key {key} cannot wrap DEKs: {reason}")]
+    TransitKeyUnsuitable { key: String, reason: String },
+    #[error("Transit denied {op} with key {key}: {message}")]
+    TransitDenied {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("Transit key {key} not found ({op}): no such key or mount")]
+    TransitNotFound { op: &'static str, key: String },
+    #[error("Transit rejected the wrapped key for {key} ({op}): wrong encryption context or tampered key object")]
+    TransitInvalidCiphertext { op: &'static str, key: String },
+    #[error("Transit unavailable for {key} ({op}): {message}")]
+    TransitUnavailable {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -66,6 +89,8 @@ impl KeyError {
             KeyError::KmsDenied { .. }
                 | KeyError::KmsDisabled { .. }
                 | KeyError::KmsNotFound { .. }
+                | KeyError::TransitDenied { .. }
+                | KeyError::TransitNotFound { .. }
                 | KeyError::NoTrustedKey { .. }
         )
     }
@@ -75,6 +100,7 @@ impl KeyError {
         matches!(
             self,
             KeyError::KmsInvalidCiphertext { .. }
+                | KeyError::TransitInvalidCiphertext { .. }
                 | KeyError::UnwrapFailed(_)
                 | KeyError::HeaderMac(_)
         )
@@ -86,6 +112,7 @@ impl KeyError {
 pub enum KeySpec {
     Kms(String),
     File(std::path::PathBuf),
+    Transit { mount: String, name: String },
 }
 
 impl std::str::FromStr for KeySpec {
@@ -94,6 +121,10 @@ impl std::str::FromStr for KeySpec {
         match s.split_once(':') {
             Some(("kms", id)) if !id.is_empty() => Ok(KeySpec::Kms(id.to_string())),
             Some(("file", p)) if !p.is_empty() => Ok(KeySpec::File(p.into())),
+            Some(("transit", t)) => match transit::parse_spec(t) {
+                Some((mount, name)) => Ok(KeySpec::Transit { mount, name }),
+                None => Err(KeyError::BadUri(s.to_string())),
+            },
             _ => Err(KeyError::BadUri(s.to_string())),
         }
     }
@@ -103,6 +134,7 @@ impl std::str::FromStr for KeySpec {
 pub enum Kek {
     Kms(kms::KmsKey),
     File(Box<file::FileKek>),
+    Transit(transit::TransitKey),
 }
 
 impl Kek {
@@ -111,6 +143,7 @@ impl Kek {
         match self {
             Kek::Kms(k) => k.arn(),
             Kek::File(f) => f.id(),
+            Kek::Transit(t) => t.id(),
         }
     }
 
@@ -118,6 +151,7 @@ impl Kek {
         match self {
             Kek::Kms(_) => SlotKind::Kms,
             Kek::File(_) => SlotKind::File,
+            Kek::Transit(_) => SlotKind::Transit,
         }
     }
 
@@ -125,6 +159,7 @@ impl Kek {
         let wrapped = match self {
             Kek::Kms(k) => k.encrypt(dek, ctx).await?,
             Kek::File(f) => f.wrap(dek, ctx),
+            Kek::Transit(t) => t.encrypt(dek, ctx).await?,
         };
         Ok(KeySlot {
             kind: self.kind(),
@@ -137,6 +172,7 @@ impl Kek {
         match self {
             Kek::Kms(k) => k.decrypt(&slot.wrapped, ctx).await,
             Kek::File(f) => f.unwrap(&slot.wrapped, ctx),
+            Kek::Transit(t) => t.decrypt(&slot.wrapped, ctx).await,
         }
     }
 }
@@ -167,6 +203,9 @@ impl Keyring {
                     };
                     Kek::Kms(kms::KmsKey::resolve(client, id).await?)
                 }
+                KeySpec::Transit { mount, name } => Kek::Transit(
+                    transit::TransitKey::resolve(transit::shared()?, mount, name).await?,
+                ),
             });
         }
         Ok(Self { keks })
@@ -181,7 +220,8 @@ impl Keyring {
     }
 
     /// A new DEK for a file and its wrapped copies, one per key. With a KMS key first, the
-    /// DEK comes from one `GenerateDataKey`; other KMS keys wrap it with `Encrypt`.
+    /// DEK comes from one `GenerateDataKey`; other KMS keys wrap it with `Encrypt`. With a
+    /// Transit key first, from `datakey/plaintext`; other Transit keys use `encrypt`.
     pub async fn new_dek(&self, ctx: &EncryptionContext) -> Result<(Dek, Vec<KeySlot>), KeyError> {
         let mut slots = Vec::with_capacity(self.keks.len());
         let dek = match self.keks.first() {
@@ -191,6 +231,15 @@ impl Keyring {
                     kind: SlotKind::Kms,
                     key_id: k.arn().to_string(),
                     wrapped: blob,
+                });
+                dek
+            }
+            Some(Kek::Transit(t)) => {
+                let (dek, wrapped) = t.generate_data_key(ctx).await?;
+                slots.push(KeySlot {
+                    kind: SlotKind::Transit,
+                    key_id: t.id().to_string(),
+                    wrapped,
                 });
                 dek
             }
@@ -253,19 +302,36 @@ impl Keyring {
         }))
     }
 
-    /// New slots, exactly one per key of `to`. Between KMS keys this is `ReEncrypt`, so the
-    /// DEK never reaches this process; other pairs unwrap once with `self` and wrap again.
+    /// New slots, exactly one per key of `to`. Between KMS keys this is `ReEncrypt`, and a
+    /// derived Transit key to itself (to its latest version, after `rotate`) is Transit's
+    /// `rewrap`: the DEK never reaches this process. Other pairs unwrap once with `self` and
+    /// wrap again.
     pub async fn rewrap(&self, ko: &KeyObject, to: &Keyring) -> Result<Vec<KeySlot>, KeyError> {
         let ctx = &ko.header.context;
         // The same rule as `unwrap`: the first trusted KMS key in `--key` order that has a
         // slot, and its first slot.
         let kms_source = self.candidates(ko).find_map(|(kek, s)| match kek {
             Kek::Kms(k) => Some((s, k)),
-            Kek::File(_) => None,
+            Kek::File(_) | Kek::Transit(_) => None,
         });
         let mut dek: Option<Dek> = None;
         let mut out = Vec::with_capacity(to.keks.len());
         for target in &to.keks {
+            if let Kek::Transit(dst) = target {
+                // The first slot under this same key, if it is trusted (in `self`).
+                let same = self.candidates(ko).find_map(|(kek, s)| match kek {
+                    Kek::Transit(src) if src.id() == dst.id() => Some(s),
+                    _ => None,
+                });
+                if let (Some(slot), true) = (same, dst.has_native_rewrap()) {
+                    out.push(KeySlot {
+                        kind: SlotKind::Transit,
+                        key_id: dst.id().to_string(),
+                        wrapped: dst.rewrap(&slot.wrapped, ctx).await?,
+                    });
+                    continue;
+                }
+            }
             if let (Kek::Kms(dst), Some((slot, src))) = (target, kms_source) {
                 let blob = src.re_encrypt(&slot.wrapped, ctx, dst).await?;
                 out.push(KeySlot {
@@ -299,7 +365,7 @@ mod tests {
     fn attempts(k: &Kek) -> usize {
         match k {
             Kek::File(f) => f.attempts.0.load(Ordering::Relaxed),
-            Kek::Kms(_) => unreachable!("file keys only"),
+            Kek::Kms(_) | Kek::Transit(_) => unreachable!("file keys only"),
         }
     }
 
@@ -341,7 +407,7 @@ mod tests {
     fn wrap(k: &Kek, dek: &Dek, ctx: &EncryptionContext) -> KeySlot {
         match k {
             Kek::File(f) => slot(k, f.wrap(dek, ctx)),
-            Kek::Kms(_) => unreachable!("file keys only"),
+            Kek::Kms(_) | Kek::Transit(_) => unreachable!("file keys only"),
         }
     }
 

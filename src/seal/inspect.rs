@@ -41,6 +41,7 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
                         let kind = match s.kind {
                             SlotKind::Kms => "kms",
                             SlotKind::File => "file",
+                            SlotKind::Transit => "transit",
                         };
                         json!({"kind": kind, "key_id": s.key_id, "wrapped_bytes": s.wrapped.len()})
                     })
