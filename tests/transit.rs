@@ -168,6 +168,24 @@ impl Bao {
         std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
     }
 
+    /// The client ports of the `transit/` requests answered after the first `skip` audit
+    /// lines: one port is one TCP connection.
+    fn client_ports(&self, skip: usize) -> std::collections::BTreeSet<u64> {
+        self.audit_text()
+            .lines()
+            .skip(skip)
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| {
+                v["type"] == "response"
+                    && v["request"]["path"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("transit/")
+            })
+            .filter_map(|v| v["request"]["remote_port"].as_u64())
+            .collect()
+    }
+
     /// Kills the server now (SIGKILL by PID, then reaped).
     fn stop(&mut self) {
         self.proc.take();
@@ -402,6 +420,7 @@ fn seal_verify_unseal_mount_and_read_with_one_decrypt_per_file() {
         s("sealfs=trace,hyper=trace,rustls=trace,info"),
     ));
     let before = bao.calls();
+    let audit_lines = bao.audit_text().lines().count();
     let mut m = Mount::start(
         &f.p("sealed"),
         &["--key", "transit:models", "--metrics-addr", &maddr],
@@ -467,6 +486,12 @@ fn seal_verify_unseal_mount_and_read_with_one_decrypt_per_file() {
         c,
         BTreeMap::from([(s("transit/decrypt/models"), sealed)]),
         "one decrypt per file at open"
+    );
+    // One client per process: the key read at start and every decrypt on one connection.
+    assert_eq!(
+        bao.client_ports(audit_lines).len(),
+        1,
+        "connections not reused"
     );
     assert_eq!(count as u64, 3, "manifest, edge, one");
     let total = metric(
@@ -1122,6 +1147,37 @@ fn mutual_tls_with_the_vault_environment() {
     let f = Fx::new();
     f.seal(&full, &["transit:models"]);
     f.unseal_ok(&full, "transit:models", "out");
+
+    // The mount over mutual TLS, and the open latency there (one handshake, then the
+    // pooled connection).
+    let metrics_port = free_port();
+    let maddr = format!("127.0.0.1:{metrics_port}");
+    let mut m = Mount::start(
+        &f.p("sealed"),
+        &["--key", "transit:models", "--metrics-addr", &maddr],
+        &full,
+    );
+    std::fs::read(m.path("edge")).unwrap();
+    let t = Instant::now();
+    let data = std::fs::read(m.path("one")).unwrap();
+    let open_s = t.elapsed().as_secs_f64();
+    assert_eq!(data, std::fs::read(f.dir.path().join("src/one")).unwrap());
+    let mt = metrics_text(metrics_port);
+    let sum = metric(
+        &mt,
+        "sealfs_request_seconds_sum{service=\"transit\",op=\"decrypt\"}",
+    );
+    let count = metric(
+        &mt,
+        "sealfs_request_seconds_count{service=\"transit\",op=\"decrypt\"}",
+    );
+    eprintln!(
+        "transit open latency over mTLS: open+read of a 1-byte file {:.2} ms; decrypt mean {:.2} ms over {count} calls (the connection made at start is reused)",
+        open_s * 1e3,
+        sum / count * 1e3
+    );
+    m.stop_with_exit_0();
+    assert_no_token(&m.logs(), &[&bao.root]);
 
     // Without the client certificate the server refuses the handshake; without the CA the
     // server's certificate is not trusted. One line each, exit 1, no token.

@@ -395,6 +395,19 @@ mod tests {
     }
 
     #[test]
+    fn transit_slot_round_trips_as_kind_4() {
+        let mut k = sample();
+        k.slots = vec![KeySlot {
+            kind: SlotKind::Transit,
+            key_id: "transit:transit/models".into(),
+            wrapped: b"vault:v2:AAAA".to_vec(),
+        }];
+        let b = k.to_bytes();
+        assert_eq!(b[k.authenticated.len() + MAC_LEN + 2], 4);
+        assert_eq!(KeyObject::parse(&b), Ok(k));
+    }
+
+    #[test]
     fn strictness() {
         let b = sample().to_bytes();
         let mut v = b.clone();
