@@ -186,6 +186,11 @@ impl Bao {
             .collect()
     }
 
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.proc.as_ref().expect("running").0.id() as libc::pid_t;
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
     /// Kills the server now (SIGKILL by PID, then reaped).
     fn stop(&mut self) {
         self.proc.take();
@@ -963,11 +968,30 @@ fn a_server_down_or_hanging_gives_one_line_in_bounded_time_and_eio_in_the_mount(
     f.seal(&env, &["transit:models"]);
     let mut m = Mount::start(&f.p("sealed"), &["--key", "transit:models"], &env);
     std::fs::read(m.path("edge")).unwrap();
+
+    // The server hangs (SIGSTOP: connections stay open, nothing answers): an open of a
+    // file not yet opened fails with EIO after the call timeout, and works again once the
+    // server does.
+    bao.signal(libc::SIGSTOP);
+    let t = Instant::now();
+    let e = std::fs::read(m.path("one")).unwrap_err();
+    let took = t.elapsed();
+    bao.signal(libc::SIGCONT);
+    eprintln!("server hanging: open failed after {took:?}");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        took >= Duration::from_secs(7) && took < Duration::from_secs(12),
+        "open failed after {took:?}"
+    );
+    assert_eq!(
+        std::fs::read(m.path("one")).unwrap(),
+        std::fs::read(f.dir.path().join("src/one")).unwrap()
+    );
     bao.stop();
 
     // The server is gone: an open of a file not yet opened fails with EIO, at once.
     let t = Instant::now();
-    let e = std::fs::read(m.path("one")).unwrap_err();
+    let e = std::fs::read(m.path("edge+")).unwrap_err();
     let took = t.elapsed();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(took < Duration::from_secs(4), "open failed after {took:?}");

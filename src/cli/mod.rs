@@ -44,7 +44,8 @@ pub enum Command {
         src: PathBuf,
         /// s3://BUCKET/PREFIX, file://PATH or a directory path.
         dest: String,
-        /// kms:<key id|ARN|alias/NAME> or file:<path>; repeat to wrap the DEK under several.
+        /// kms:<key id|ARN|alias/NAME>, file:<path> or transit:[MOUNT/]NAME; repeat to wrap the
+        /// DEK under several.
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
         /// Extra encryption context pair (k=v), shown in every KMS audit record.
