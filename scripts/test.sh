@@ -46,7 +46,8 @@ cargo build --bins --quiet
 cargo test --all-targets -- --test-threads=4
 after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
-if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null; then
+if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \
+  || pgrep -f 'bao server -dev' >/dev/null; then
   fail "a test server outlived the tests"
 fi
 echo "test.sh: all checks passed"

@@ -50,8 +50,9 @@ pub enum Command {
         src: PathBuf,
         /// s3://BUCKET/PREFIX, file://PATH or a directory path.
         dest: String,
-        /// kms:<key id|ARN|alias/NAME>, file:<path> or shares:<path>,<path>,… (K share files
-        /// of a `keygen --shares` ceremony); repeat to wrap the DEK under several.
+        /// kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME
+        /// or shares:<path>,<path>,… (K share files of a `keygen --shares` ceremony); repeat to
+        /// wrap the DEK under several.
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
         /// Extra encryption context pair (k=v), shown in every KMS audit record.

@@ -62,8 +62,11 @@ pub enum SlotKind {
     /// Wrapped inside a PKCS#11 token (AES-GCM or RSA-OAEP); the id is the key's RFC 7512
     /// token and object attributes.
     Pkcs11 = 3,
+    /// A Vault / OpenBao Transit ciphertext `vault:v<N>:<base64>`; the id is
+    /// `transit:[NAMESPACE/]MOUNT/NAME`.
+    Transit = 4,
     /// AES-256-GCM under a KEK split k-of-n into share files (`keys/shares.rs`); the id is
-    /// `shares:<K>-of-<N>:<key check>`. (4 is kept for Transit slots.)
+    /// `shares:<K>-of-<N>:<key check>`.
     Shares = 5,
 }
 
@@ -290,6 +293,7 @@ impl KeyObject {
                 1 => SlotKind::Kms,
                 2 => SlotKind::File,
                 3 => SlotKind::Pkcs11,
+                4 => SlotKind::Transit,
                 5 => SlotKind::Shares,
                 k => return Err(invalid("slot kind", format!("unknown kind {k}"))),
             };
@@ -413,6 +417,19 @@ mod tests {
         assert_eq!(b[at], 5);
         b[at] = 6;
         assert!(KeyObject::parse(&b).is_err(), "unknown kinds stay refused");
+    }
+
+    #[test]
+    fn transit_slot_round_trips_as_kind_4() {
+        let mut k = sample();
+        k.slots = vec![KeySlot {
+            kind: SlotKind::Transit,
+            key_id: "transit:transit/models".into(),
+            wrapped: b"vault:v2:AAAA".to_vec(),
+        }];
+        let b = k.to_bytes();
+        assert_eq!(b[k.authenticated.len() + MAC_LEN + 2], 4);
+        assert_eq!(KeyObject::parse(&b), Ok(k));
     }
 
     #[test]

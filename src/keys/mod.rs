@@ -1,13 +1,16 @@
 //! KEK providers: the one place where key algorithms vary (age's "one joint").
 //!
-//! `--key` URIs: `kms:<key id | ARN | alias/…>`, `file:<path>` or `shares:<path>,<path>,…`.
-//! A [`Keyring`] is the ordered list a command was given; for reads it is also the *trusted*
-//! list: a DEK wrapped only under other keys is refused without any KMS call (strict mode).
+//! `--key` URIs: `kms:<key id | ARN | alias/…>`, `file:<path>`, `pkcs11:<RFC 7512 URI>` (an
+//! HSM), `transit:[MOUNT/]NAME` (Vault / OpenBao Transit) or `shares:<path>,<path>,…` (a k-of-n
+//! key ceremony). A [`Keyring`] is the ordered list a command was given; for reads it is also
+//! the *trusted* list: a DEK wrapped only under other keys is refused without any provider
+//! call (strict mode).
 
 pub mod file;
 pub mod kms;
 pub mod pkcs11;
 pub mod shares;
+pub mod transit;
 
 use std::collections::BTreeMap;
 
@@ -18,7 +21,7 @@ use crate::format::{EncryptionContext, KeyObject, KeySlot, SlotKind};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI> or shares:<path>,<path>,…")]
+    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME or shares:<path>,<path>,…")]
     BadUri(String),
     #[error("key file {path}: {reason}")]
     FileKey { path: String, reason: String },
@@ -76,6 +79,27 @@ pub enum KeyError {
         "no trusted key can open it: it is wrapped under [{carried}], trusted are [{trusted}]"
     )]
     NoTrustedKey { carried: String, trusted: String },
+    // Transit (Vault / OpenBao): keys/transit.rs.
+    #[error("Transit configuration: {0}")]
+    TransitConfig(String),
+    #[error("Transit key {key} cannot wrap DEKs: {reason}")]
+    TransitKeyUnsuitable { key: String, reason: String },
+    #[error("Transit denied {op} with key {key}: {message}")]
+    TransitDenied {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("Transit key {key} not found ({op}): no such key or mount")]
+    TransitNotFound { op: &'static str, key: String },
+    #[error("Transit rejected the wrapped key for {key} ({op}): wrong encryption context or tampered key object")]
+    TransitInvalidCiphertext { op: &'static str, key: String },
+    #[error("Transit unavailable for {key} ({op}): {message}")]
+    TransitUnavailable {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -90,6 +114,8 @@ impl KeyError {
             KeyError::KmsDenied { .. }
                 | KeyError::KmsDisabled { .. }
                 | KeyError::KmsNotFound { .. }
+                | KeyError::TransitDenied { .. }
+                | KeyError::TransitNotFound { .. }
                 | KeyError::NoTrustedKey { .. }
                 // A token that is gone is refused like a key that is: EACCES, bounded.
                 | KeyError::Pkcs11Denied { .. }
@@ -102,6 +128,7 @@ impl KeyError {
         matches!(
             self,
             KeyError::KmsInvalidCiphertext { .. }
+                | KeyError::TransitInvalidCiphertext { .. }
                 | KeyError::UnwrapFailed(_)
                 | KeyError::HeaderMac(_)
         )
@@ -116,6 +143,10 @@ pub enum KeySpec {
     Pkcs11(Box<pkcs11::Pkcs11Uri>),
     /// At least K of the N share files of one key ceremony (`keys/shares.rs`).
     Shares(Vec<std::path::PathBuf>),
+    Transit {
+        mount: String,
+        name: String,
+    },
 }
 
 impl std::str::FromStr for KeySpec {
@@ -129,6 +160,10 @@ impl std::str::FromStr for KeySpec {
             Some(("shares", ps)) if !ps.split(',').any(str::is_empty) => {
                 Ok(KeySpec::Shares(ps.split(',').map(Into::into).collect()))
             }
+            Some(("transit", t)) => match transit::parse_spec(t) {
+                Some((mount, name)) => Ok(KeySpec::Transit { mount, name }),
+                None => Err(KeyError::BadUri(s.to_string())),
+            },
             _ => Err(KeyError::BadUri(
                 // A mistyped pkcs11 URI may hold a PIN: never echo a query.
                 s.split('?').next().unwrap_or("").to_string(),
@@ -144,6 +179,7 @@ pub enum Kek {
     Pkcs11(pkcs11::Pkcs11Key),
     /// The KEK combined from shares: the key-file wrap under its own label (`shares.rs`).
     Shares(Box<file::FileKek>),
+    Transit(transit::TransitKey),
 }
 
 impl Kek {
@@ -153,6 +189,7 @@ impl Kek {
             Kek::Kms(k) => k.arn(),
             Kek::File(f) | Kek::Shares(f) => f.id(),
             Kek::Pkcs11(k) => k.id(),
+            Kek::Transit(t) => t.id(),
         }
     }
 
@@ -162,6 +199,7 @@ impl Kek {
             Kek::File(_) => SlotKind::File,
             Kek::Pkcs11(_) => SlotKind::Pkcs11,
             Kek::Shares(_) => SlotKind::Shares,
+            Kek::Transit(_) => SlotKind::Transit,
         }
     }
 
@@ -170,6 +208,7 @@ impl Kek {
             Kek::Kms(k) => k.encrypt(dek, ctx).await?,
             Kek::File(f) | Kek::Shares(f) => f.wrap(dek, ctx),
             Kek::Pkcs11(k) => k.wrap(dek, ctx).await?,
+            Kek::Transit(t) => t.encrypt(dek, ctx).await?,
         };
         Ok(KeySlot {
             kind: self.kind(),
@@ -183,6 +222,7 @@ impl Kek {
             Kek::Kms(k) => k.decrypt(&slot.wrapped, ctx).await,
             Kek::File(f) | Kek::Shares(f) => f.unwrap(&slot.wrapped, ctx),
             Kek::Pkcs11(k) => k.unwrap(&slot.wrapped, ctx).await,
+            Kek::Transit(t) => t.decrypt(&slot.wrapped, ctx).await,
         }
     }
 }
@@ -215,6 +255,9 @@ impl Keyring {
                     };
                     Kek::Kms(kms::KmsKey::resolve(client, id).await?)
                 }
+                KeySpec::Transit { mount, name } => Kek::Transit(
+                    transit::TransitKey::resolve(transit::shared()?, mount, name).await?,
+                ),
             });
         }
         Ok(Self { keks })
@@ -229,7 +272,8 @@ impl Keyring {
     }
 
     /// A new DEK for a file and its wrapped copies, one per key. With a KMS key first, the
-    /// DEK comes from one `GenerateDataKey`; other KMS keys wrap it with `Encrypt`.
+    /// DEK comes from one `GenerateDataKey`; other KMS keys wrap it with `Encrypt`. With a
+    /// Transit key first, from `datakey/plaintext`; other Transit keys use `encrypt`.
     pub async fn new_dek(&self, ctx: &EncryptionContext) -> Result<(Dek, Vec<KeySlot>), KeyError> {
         let mut slots = Vec::with_capacity(self.keks.len());
         let dek = match self.keks.first() {
@@ -239,6 +283,15 @@ impl Keyring {
                     kind: SlotKind::Kms,
                     key_id: k.arn().to_string(),
                     wrapped: blob,
+                });
+                dek
+            }
+            Some(Kek::Transit(t)) => {
+                let (dek, wrapped) = t.generate_data_key(ctx).await?;
+                slots.push(KeySlot {
+                    kind: SlotKind::Transit,
+                    key_id: t.id().to_string(),
+                    wrapped,
                 });
                 dek
             }
@@ -301,19 +354,36 @@ impl Keyring {
         }))
     }
 
-    /// New slots, exactly one per key of `to`. Between KMS keys this is `ReEncrypt`, so the
-    /// DEK never reaches this process; other pairs unwrap once with `self` and wrap again.
+    /// New slots, exactly one per key of `to`. Between KMS keys this is `ReEncrypt`, and a
+    /// derived Transit key to itself (to its latest version, after `rotate`) is Transit's
+    /// `rewrap`: the DEK never reaches this process. Other pairs unwrap once with `self` and
+    /// wrap again.
     pub async fn rewrap(&self, ko: &KeyObject, to: &Keyring) -> Result<Vec<KeySlot>, KeyError> {
         let ctx = &ko.header.context;
         // The same rule as `unwrap`: the first trusted KMS key in `--key` order that has a
         // slot, and its first slot.
         let kms_source = self.candidates(ko).find_map(|(kek, s)| match kek {
             Kek::Kms(k) => Some((s, k)),
-            Kek::File(_) | Kek::Pkcs11(_) | Kek::Shares(_) => None,
+            Kek::File(_) | Kek::Pkcs11(_) | Kek::Shares(_) | Kek::Transit(_) => None,
         });
         let mut dek: Option<Dek> = None;
         let mut out = Vec::with_capacity(to.keks.len());
         for target in &to.keks {
+            if let Kek::Transit(dst) = target {
+                // The first slot under this same key, if it is trusted (in `self`).
+                let same = self.candidates(ko).find_map(|(kek, s)| match kek {
+                    Kek::Transit(src) if src.id() == dst.id() => Some(s),
+                    _ => None,
+                });
+                if let (Some(slot), true) = (same, dst.has_native_rewrap()) {
+                    out.push(KeySlot {
+                        kind: SlotKind::Transit,
+                        key_id: dst.id().to_string(),
+                        wrapped: dst.rewrap(&slot.wrapped, ctx).await?,
+                    });
+                    continue;
+                }
+            }
             if let (Kek::Kms(dst), Some((slot, src))) = (target, kms_source) {
                 let blob = src.re_encrypt(&slot.wrapped, ctx, dst).await?;
                 out.push(KeySlot {

@@ -43,6 +43,7 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
                             SlotKind::File => "file",
                             SlotKind::Pkcs11 => "pkcs11",
                             SlotKind::Shares => "shares",
+                            SlotKind::Transit => "transit",
                         };
                         // A k-of-n shares slot is the offline escrow: opened only for
                         // break-glass unseal or rewrap (docs/OPERATIONS.md).
