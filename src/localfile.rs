@@ -34,6 +34,37 @@ pub fn open_regular(path: &Path) -> Result<(File, Metadata), OpenError> {
     Ok((f, m))
 }
 
+/// Reads a small secret file (a key file, a share, a PIN): [`open_regular`], then
+/// [`check_private`] on the open file (never the path again), then at most `max` bytes into
+/// a buffer sized once (no reallocated copies) and zeroized on drop. One byte more than
+/// allowed tells "too long" from "exactly at the limit"; `what` names the expected file in
+/// that refusal.
+pub fn read_private(
+    path: &Path,
+    max: usize,
+    what: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    use std::io::Read;
+    let (mut f, meta) = open_regular(path).map_err(|e| e.to_string())?;
+    check_private(&meta)?;
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; max + 1]);
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if n > max {
+        return Err(format!("longer than {max} bytes: not {what}"));
+    }
+    // Shrinking keeps the allocation: nothing is copied out of the zeroized buffer.
+    buf.truncate(n);
+    Ok(buf)
+}
+
 /// A private key file must be this user's (or root's) and closed to group and others.
 pub fn check_private(m: &Metadata) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -71,31 +71,13 @@ impl FileKek {
     /// group or other permission bits, at most [`MAX_KEY_FILE`] bytes. Each refusal says
     /// which check failed. (`O_NOFOLLOW` covers the last path component only.)
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        use std::io::Read;
         let err = |reason: String| KeyError::FileKey {
             path: path.display().to_string(),
             reason,
         };
-        let (mut f, meta) = crate::localfile::open_regular(path).map_err(|e| err(e.to_string()))?;
-        crate::localfile::check_private(&meta).map_err(err)?;
-        // One byte more than allowed tells "too long" from "exactly at the limit". The
-        // buffer never grows (no reallocated copies) and is zeroized on drop.
-        let mut buf = Zeroizing::new([0u8; MAX_KEY_FILE + 1]);
-        let mut n = 0;
-        while n < buf.len() {
-            match f.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(err(e.to_string())),
-            }
-        }
-        if n > MAX_KEY_FILE {
-            return Err(err(format!(
-                "longer than {MAX_KEY_FILE} bytes: not a sealfs key file"
-            )));
-        }
-        let hexpart = std::str::from_utf8(&buf[..n])
+        let buf =
+            crate::localfile::read_private(path, MAX_KEY_FILE, "a sealfs key file").map_err(err)?;
+        let hexpart = std::str::from_utf8(&buf)
             .ok()
             .and_then(|t| t.trim_end().strip_prefix(PREFIX))
             .ok_or_else(|| err("not a sealfs key file".into()))?;

@@ -346,24 +346,9 @@ fn check_module_file(path: &Path) -> Result<(), String> {
 }
 
 fn read_pin(path: &Path) -> Result<AuthPin, Fail> {
-    use std::io::Read;
     let err = |r: String| Fail::Denied(format!("PIN file {}: {r}", path.display()));
-    let (mut f, meta) = crate::localfile::open_regular(path).map_err(|e| err(e.to_string()))?;
-    crate::localfile::check_private(&meta).map_err(err)?;
-    let mut buf = Zeroizing::new([0u8; MAX_PIN + 1]);
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(e.to_string())),
-        }
-    }
-    if n > MAX_PIN {
-        return Err(err(format!("longer than {MAX_PIN} bytes")));
-    }
-    let text = std::str::from_utf8(&buf[..n]).map_err(|_| err("not UTF-8".into()))?;
+    let buf = crate::localfile::read_private(path, MAX_PIN, "a PIN file").map_err(err)?;
+    let text = std::str::from_utf8(&buf).map_err(|_| err("not UTF-8".into()))?;
     let pin = text.trim_end_matches(['\n', '\r']);
     if pin.is_empty() {
         return Err(err("empty".into()));

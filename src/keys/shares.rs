@@ -34,7 +34,7 @@
 //! output and share files can be matched by eye.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -428,24 +428,9 @@ fn read_share(path: &Path) -> Result<Share, KeyError> {
         path: path.display().to_string(),
         reason,
     };
-    let (mut f, meta) = crate::localfile::open_regular(path).map_err(|e| err(e.to_string()))?;
-    crate::localfile::check_private(&meta).map_err(err)?;
-    let mut buf = Zeroizing::new([0u8; MAX_SHARE_FILE + 1]);
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(e.to_string())),
-        }
-    }
-    if n > MAX_SHARE_FILE {
-        return Err(err(format!(
-            "longer than {MAX_SHARE_FILE} bytes: not a sealfs share file"
-        )));
-    }
-    let mut s = parse_share(&buf[..n]).map_err(err)?;
+    let buf =
+        crate::localfile::read_private(path, MAX_SHARE_FILE, "a sealfs share file").map_err(err)?;
+    let mut s = parse_share(&buf).map_err(err)?;
     s.path = path.display().to_string();
     Ok(s)
 }
