@@ -33,6 +33,10 @@ pub enum Error {
     NothingSealed(String),
     #[error("interrupted; the partial upload was aborted")]
     Interrupted,
+    /// The file's DEK was revoked while it was open (its key refused at revalidation, or
+    /// `sealfs revoke`): nothing more of it is served.
+    #[error("{file}: revoked: its key no longer opens it")]
+    Revoked { file: String },
     /// A model (or a file of it) the manifest or the trusted signers refuse.
     #[error(transparent)]
     Model(#[from] crate::manifest::ModelError),
@@ -68,6 +72,7 @@ impl Error {
         match self {
             Error::Key { source, .. } | Error::KeySetup(source) => source.is_access_denied(),
             Error::Model(m) => m.is_untrusted(),
+            Error::Revoked { .. } => true,
             _ => false,
         }
     }

@@ -136,8 +136,9 @@ pub struct OpenFile {
     pub key_object: KeyObject,
     pub layout: Layout,
     pub digest: [u8; 32],
-    pub keys: FileKeys,
-    _dek: Dek,
+    /// The per-file keys and the DEK, until [`OpenFile::wipe`] (revocation): behind a lock
+    /// so that a revocation can zeroize them while handles still hold the file.
+    secrets: std::sync::RwLock<Option<(FileKeys, Dek)>>,
 }
 
 /// Reads and parses the key object of `entry`, and checks it against the data object,
@@ -212,9 +213,26 @@ impl OpenFile {
             layout: key_object.header.layout(),
             digest: header_digest(&key_object.authenticated),
             key_object,
-            keys,
-            _dek: dek,
+            secrets: std::sync::RwLock::new(Some((keys, dek))),
         })
+    }
+
+    /// Zeroizes the DEK and the keys derived from it (their locked pages are wiped and
+    /// unmapped); every later [`OpenFile::open_chunk`] fails with [`Error::Revoked`]. Waits
+    /// for chunk decryptions in progress to finish.
+    pub fn wipe(&self) {
+        self.secrets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// True once [`OpenFile::wipe`] ran.
+    pub fn is_wiped(&self) -> bool {
+        self.secrets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
     }
 
     /// Fetches chunks `first..=last` in one ranged GET pinned to the opened ETag (with the
@@ -273,8 +291,15 @@ impl OpenFile {
     /// returns the plaintext length. On failure `ct` is wiped.
     pub fn open_chunk(&self, index: u64, ct: &mut [u8]) -> Result<usize> {
         let want = self.layout.chunk_plain_len(index);
+        let secrets = self.secrets.read().unwrap_or_else(|p| p.into_inner());
+        let Some((keys, _)) = secrets.as_ref() else {
+            ct.fill(0);
+            return Err(Error::Revoked {
+                file: self.key.clone(),
+            });
+        };
         open_chunk(
-            &self.keys,
+            keys,
             &self.digest,
             index,
             self.layout.is_last(index),

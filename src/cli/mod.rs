@@ -129,6 +129,15 @@ pub enum Command {
         /// Keep an unwrapped DEK this long after its file's last close (e.g. 30s, 5m).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         dek_grace: std::time::Duration,
+        /// Ask the key provider this often whether each held DEK may still be unwrapped
+        /// (one call per held DEK); a refusal revokes the file at once, open handles and
+        /// page cache included (0: never).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        revalidate: std::time::Duration,
+        /// Revoke a held DEK once its revalidations have all failed for this long (provider
+        /// unreachable or throttling: fail closed); 0: keep serving through any outage.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        revalidate_max_outage: std::time::Duration,
         /// Largest sequential read-ahead window (also bounded by a quarter of the cache).
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         max_prefetch: u64,
@@ -171,6 +180,19 @@ pub enum Command {
         /// Mount noexec (nothing on the mount can be executed).
         #[arg(long)]
         noexec: bool,
+    },
+    /// Revoke now, in the daemon serving MOUNTPOINT, the DEKs it holds (all, or those of
+    /// files under one key): wiped, with their cached chunks and the kernel's pages; every
+    /// later read and open of those files is EACCES until a new open unwraps again.
+    Revoke {
+        mountpoint: PathBuf,
+        /// Files with a wrapped DEK under this key (a --key URI the mount was given, or a
+        /// slot id as `inspect` shows it).
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        key: Option<String>,
+        /// Every file the daemon holds a DEK for.
+        #[arg(long)]
+        all: bool,
     },
     /// Replace the wrapped DEKs: the new set is exactly the --to-key list.
     Rewrap {
@@ -494,6 +516,28 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                 println!("unsealed {}", p.display());
             }
         }
+        Command::Revoke {
+            mountpoint,
+            key,
+            all: _,
+        } => {
+            let line = match &key {
+                Some(k) => format!("revoke key {k}"),
+                None => "revoke all".to_string(),
+            };
+            let answer =
+                crate::fuse::control::request(&mountpoint, &line).map_err(crate::Error::Usage)?;
+            match answer.strip_prefix("revoked ") {
+                Some(n) => println!("revoked {n} files at {}", mountpoint.display()),
+                None => {
+                    return Err(crate::Error::Usage(format!(
+                        "{}: {}",
+                        mountpoint.display(),
+                        crate::format::naming::printable(&answer, 512)
+                    )))
+                }
+            }
+        }
         Command::Rewrap { uri, keys, to_keys } => {
             let loc = Location::parse(&uri).await?;
             let from = keyring(&keys).await?;
@@ -515,6 +559,8 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         model_digest,
         cache_size,
         dek_grace,
+        revalidate,
+        revalidate_max_outage,
         max_prefetch,
         list_ttl,
         max_chunk_size,
@@ -537,6 +583,8 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
     let config = crate::fs::MountConfig {
         cache_size: cache_size as usize,
         dek_grace,
+        revalidate,
+        revalidate_max_outage,
         max_prefetch,
         uid: uid.unwrap_or(d.uid),
         gid: gid.unwrap_or(d.gid),

@@ -275,6 +275,18 @@ impl Tree {
         }
     }
 
+    /// Every inode (listed or retired) of the data object `key`.
+    pub fn inodes_of(&self, key: &str) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| matches!(n, Node::File { entry, .. } if entry.data.key == key))
+            .map(|(ino, _)| *ino)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// True if `ino` names a version that is no longer listed (replaced or removed).
     pub fn is_retired(&self, ino: u64) -> bool {
         self.retired_set.contains(&ino)

@@ -22,7 +22,7 @@ pub fn render(fs: &SealFs) -> String {
             |o| o.errors.load(Relaxed),
         ),
     ];
-    let single: [(&str, &str, &str, u64); 12] = [
+    let single: [(&str, &str, &str, u64); 13] = [
         (
             "sealfs_bytes_served_total",
             "counter",
@@ -82,6 +82,12 @@ pub fn render(fs: &SealFs) -> String {
             "counter",
             "DEKs unwrapped (KMS Decrypt or key file).",
             s.dek_unwraps.load(Relaxed),
+        ),
+        (
+            "sealfs_revocations_total",
+            "counter",
+            "Held DEKs revoked (a provider refusal at revalidation, or `sealfs revoke`).",
+            s.revocations.load(Relaxed),
         ),
         (
             "sealfs_deks_held",

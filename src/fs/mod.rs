@@ -12,6 +12,7 @@ pub mod error;
 pub mod inode;
 pub mod metrics;
 mod read;
+pub mod revoke;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -56,6 +57,12 @@ pub struct MountConfig {
     pub list_limits: ListLimits,
     /// `--model-digest`: serve only the model whose manifest has this SHA-256 (hex).
     pub model_digest: Option<String>,
+    /// Ask the key provider again this often whether each held DEK may still be unwrapped;
+    /// revoke the file when it refuses (zero: never).
+    pub revalidate: Duration,
+    /// Revoke a held DEK whose checks have all failed for this long (provider unreachable or
+    /// throttling); zero: keep serving through any outage.
+    pub revalidate_max_outage: Duration,
 }
 
 impl Default for MountConfig {
@@ -75,6 +82,8 @@ impl Default for MountConfig {
             max_chunk_log2: crate::format::DEFAULT_CHUNK_LOG2,
             list_limits: ListLimits::default(),
             model_digest: None,
+            revalidate: Duration::from_secs(300),
+            revalidate_max_outage: Duration::from_secs(3600),
         }
     }
 }
@@ -95,6 +104,8 @@ pub struct Stats {
     pub fetched_bytes: AtomicU64,
     pub auth_failures: AtomicU64,
     pub bytes_served: AtomicU64,
+    /// Held DEKs revoked (revalidation or `sealfs revoke`).
+    pub revocations: AtomicU64,
     /// Ranged GET runs, from the request to the last chunk authenticated.
     pub fetch_latency: crate::calls::Histogram,
     /// Per FUSE operation ([`Op`]): calls, errors, latency.
@@ -185,6 +196,22 @@ pub(crate) struct Opened {
     /// The key object this version was opened with.
     pub key_object_name: String,
     cache: Arc<ChunkCache>,
+    /// Set once by a revocation (`revoke.rs`), before its DEK is wiped: reads check it.
+    revoked: std::sync::atomic::AtomicBool,
+    /// When the provider last agreed to unwrap this DEK (the open, or a revalidation).
+    validated: Mutex<Instant>,
+}
+
+impl Opened {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
+
+    fn revoked_error(&self) -> FsError {
+        FsError::from(crate::Error::Revoked {
+            file: self.file.key.clone(),
+        })
+    }
 }
 
 impl Drop for Opened {
@@ -231,6 +258,8 @@ pub struct SealFs {
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
     /// Highest manifest version served per model root: never go back (rollback).
     served: Mutex<HashMap<String, u64>>,
+    /// Tells the kernel to drop its pages of an inode (set by the FUSE session).
+    invalidate: std::sync::OnceLock<Arc<dyn Fn(u64) + Send + Sync>>,
 }
 
 /// A model's manifest, loaded once per manifest version (single flight).
@@ -304,6 +333,7 @@ impl SealFs {
             trusted,
             models: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
+            invalidate: std::sync::OnceLock::new(),
         }))
     }
 
@@ -440,6 +470,11 @@ impl SealFs {
             self.close_slot(&slot);
             tracing::warn!(file = %entry.data.key, uid = who.0, pid = who.1, error = %e, "open refused");
             return Err(e);
+        }
+        // Revoked between its unwrap and here: refused like any later open of it.
+        if opened.is_revoked() {
+            self.close_slot(&slot);
+            return Err(opened.revoked_error());
         }
         *lock(&slot.idle_since) = None;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -636,6 +671,8 @@ impl SealFs {
                     digests,
                     key_object_name: entry.key_object.key.clone(),
                     cache: self.cache.clone(),
+                    revoked: Default::default(),
+                    validated: Mutex::new(Instant::now()),
                 }))
             })
             .await;

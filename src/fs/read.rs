@@ -28,6 +28,13 @@ const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 #[derive(Default)]
 pub(crate) struct Inflight(Mutex<HashMap<ChunkKey, Done>>);
 
+impl Inflight {
+    /// True while a fetch of any chunk of version `seq` is running.
+    pub(crate) fn has_file(&self, seq: u64) -> bool {
+        lock(&self.0).keys().any(|k| k.0 == seq)
+    }
+}
+
 /// Per-handle read-ahead state.
 #[derive(Debug, Default)]
 pub(crate) struct Prefetch {
@@ -114,6 +121,9 @@ impl SealFs {
             Ok(h) => h,
             Err(e) => return Some(Err(e)),
         };
+        if h.opened.is_revoked() {
+            return Some(Err(h.opened.revoked_error()));
+        }
         let spans = h.opened.file.layout.spans(offset, size as u64);
         let last = spans.last()?.index;
         let mut pins = Vec::with_capacity(spans.len());
@@ -163,6 +173,9 @@ impl SealFs {
         size: u32,
     ) -> Result<ReadData, FsError> {
         let h = self.handle(fh)?;
+        if h.opened.is_revoked() {
+            return Err(h.opened.revoked_error());
+        }
         let layout = h.opened.file.layout;
         let spans = layout.spans(offset, size as u64);
         let Some(last) = spans.last().map(|s| s.index) else {
@@ -401,6 +414,9 @@ impl SealFs {
                         None => Ok(()),
                     };
                     match listed.and_then(|()| f.open_chunk(index, &mut full.buf()[..need])) {
+                        // Revoked while this chunk was being decrypted: never published
+                        // (the reservation is wiped as it drops).
+                        Ok(_) if o.is_revoked() => return Err(o.revoked_error()),
                         Ok(len) => {
                             if index == b {
                                 // Before the commit: a reader can see the chunk from then on,
@@ -409,6 +425,7 @@ impl SealFs {
                             }
                             out.push((index, full.commit(chunk_key(o, index), len)))
                         }
+                        Err(e @ crate::Error::Revoked { .. }) => return Err(FsError::from(e)),
                         Err(e) => {
                             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(file = %f.key, chunk = index, reason = %e, "chunk failed authentication");

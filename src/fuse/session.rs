@@ -200,6 +200,16 @@ fn serve(
     let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
         Fatal(exit::FAILURE, format!("cannot mount {}: {e} (is /dev/fuse there and fusermount3 installed? allow_other needs user_allow_other in /etc/fuse.conf)", mountpoint.display()))
     })?;
+    let notifier = session.notifier();
+    // Offset 0, length 0: every cached page of the inode, mapped ones included.
+    fs.set_invalidator(Arc::new(move |ino| {
+        if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+            // ENOENT: the kernel holds no such inode (nothing cached to drop).
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(ino, error = %e, "kernel page invalidation failed");
+            }
+        }
+    }));
     let mut unmounter = session.unmount_callable();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let looper = std::thread::Builder::new()
@@ -249,6 +259,42 @@ fn serve(
             sweeper_fs.sweep();
         }
     });
+    // Revocation that reaches open files (fs/revoke.rs).
+    let revalidator = (!args.config.revalidate.is_zero()).then(|| {
+        let fs = fs.clone();
+        let every = args.config.revalidate;
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await; // the first tick is now: the opens just checked
+            loop {
+                tick.tick().await;
+                let r = fs.revalidate().await;
+                tracing::debug!(
+                    checked = r.checked,
+                    revoked = r.revoked,
+                    unreachable = r.unreachable,
+                    "revalidated held DEKs"
+                );
+            }
+        })
+    });
+    // `sealfs revoke MOUNTPOINT` (fuse/control.rs).
+    let control = match crate::fuse::control::bind(mountpoint) {
+        Ok((l, path)) => {
+            let _in_rt = rt.enter();
+            match tokio::net::UnixListener::from_std(l) {
+                Ok(l) => Some((rt.spawn(crate::fuse::control::serve(l, fs.clone())), path)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket; `sealfs revoke` will not reach this mount");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket; `sealfs revoke` will not reach this mount");
+            None
+        }
+    };
     let lister_fs = fs.clone();
     let lister = rt.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -279,6 +325,13 @@ fn serve(
     }
     let _ = looper.join();
     sweeper.abort();
+    if let Some(r) = revalidator {
+        r.abort();
+    }
+    if let Some((task, path)) = control {
+        task.abort();
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("unmounted; cache wiped");
     Ok(())
 }

@@ -123,6 +123,13 @@ impl KeyError {
         )
     }
 
+    /// True when the provider itself answered no (key disabled, pending deletion, destroyed,
+    /// access denied), as opposed to not answering (unreachable, throttled, timed out, a
+    /// token not present). A revalidation revokes on this, never on an outage.
+    pub fn is_refusal(&self) -> bool {
+        self.is_access_denied() && !matches!(self, KeyError::Pkcs11Unavailable { .. })
+    }
+
     /// True when bytes failed authentication: EIO, exit 3.
     pub fn is_integrity(&self) -> bool {
         matches!(
@@ -230,6 +237,8 @@ impl Kek {
 /// The keys a command was given, in order.
 pub struct Keyring {
     keks: Vec<Kek>,
+    /// What each key was given as (`--key`), in the same order.
+    specs: Vec<KeySpec>,
 }
 
 impl Keyring {
@@ -260,11 +269,24 @@ impl Keyring {
                 ),
             });
         }
-        Ok(Self { keks })
+        Ok(Self {
+            keks,
+            specs: specs.to_vec(),
+        })
     }
 
     pub fn is_empty(&self) -> bool {
         self.keks.is_empty()
+    }
+
+    /// The slot id of a key this ring holds, named by its `--key` URI or by its slot id.
+    pub fn id_of(&self, key: &str) -> Option<String> {
+        if let Some(k) = self.keks.iter().find(|k| k.id() == key) {
+            return Some(k.id().to_string());
+        }
+        let spec: KeySpec = key.parse().ok()?;
+        let i = self.specs.iter().position(|s| *s == spec)?;
+        self.keks.get(i).map(|k| k.id().to_string())
     }
 
     pub fn ids(&self) -> Vec<String> {
@@ -474,6 +496,7 @@ mod tests {
     fn sixteen_garbage_slots_under_one_trusted_key_cost_one_attempt() {
         let ring = Keyring {
             keks: vec![file_kek(1)],
+            specs: vec![],
         };
         let untrusted = file_kek(2);
         let ko = key_object(|_, _| {
@@ -495,7 +518,10 @@ mod tests {
         let (a, b) = (file_kek(1), file_kek(2));
         // A's slot comes first in the object; `--key B --key A` must try B first.
         let ko = key_object(|dek, ctx| vec![wrap(&a, dek, ctx), wrap(&b, dek, ctx)]);
-        let ring = Keyring { keks: vec![b, a] };
+        let ring = Keyring {
+            keks: vec![b, a],
+            specs: vec![],
+        };
         run(ring.unwrap(&ko)).unwrap();
         assert_eq!(attempts(&ring.keks[0]), 1, "B tried");
         assert_eq!(attempts(&ring.keks[1]), 0, "A never needed");
@@ -508,7 +534,10 @@ mod tests {
             s.extend((0..7u8).map(|i| slot(&a, vec![i; 60])));
             s
         });
-        let ring = Keyring { keks: vec![a, b] };
+        let ring = Keyring {
+            keks: vec![a, b],
+            specs: vec![],
+        };
         run(ring.unwrap(&ko)).unwrap();
         assert_eq!(attempts(&ring.keks[0]), 1, "A tried once");
         assert_eq!(attempts(&ring.keks[1]), 1, "then B");
@@ -518,6 +547,7 @@ mod tests {
     fn a_key_given_twice_is_tried_once() {
         let ring = Keyring {
             keks: vec![file_kek(1), file_kek(1)],
+            specs: vec![],
         };
         let ko = key_object(|_, _| (0..4u8).map(|i| slot(&ring.keks[0], vec![i; 60])).collect());
         assert!(run(ring.unwrap(&ko)).is_err());

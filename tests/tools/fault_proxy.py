@@ -19,6 +19,8 @@ Control API (on the same port, never forwarded):
   POST /__proxy/fault  JSON body  -> {"match": "kms:Decrypt" | "s3:GET" | "s3:PUT" ...,
                                       "error": "DisabledException" | "503" | "drop",
                                       "times": N (optional, default forever),
+                                      "body": S (optional: only requests whose body holds
+                                                 S, e.g. one KMS key id),
                                       "delay": seconds (optional)}
   POST /__proxy/strip-list-etags  -> LIST answers lose their ETags (until reset)
   POST /__proxy/list-mode  JSON   -> {"endless": "fresh" | "same", "objects": N (default 0)}:
@@ -137,9 +139,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self._reply(200, b"{}")
         return self._reply(404, b"unknown control path")
 
-    def _fault_for(self, names):
+    def _fault_for(self, names, body=b""):
         with LOCK:
             for f in STATE["faults"]:
+                if f.get("body") and f["body"].encode() not in body:
+                    continue
                 if f.get("match") in names and f.get("times", 1) != 0:
                     if "times" in f:
                         f["times"] -= 1
@@ -244,7 +248,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             for n in names[:-1]:
                 bump(n)
             STATE["bytes_up"] += len(body)
-        fault = self._fault_for(names)
+        fault = self._fault_for(names, body)
         if fault:
             if fault.get("delay"):
                 time.sleep(float(fault["delay"]))

@@ -1,0 +1,182 @@
+//! Revocation that reaches files already open. Every `--revalidate` interval the mount asks
+//! the key provider again, once per held DEK, whether it may still be unwrapped; when the
+//! provider refuses (key disabled, pending deletion, destroyed, access denied), and on
+//! `sealfs revoke`, the file's DEK is zeroized, its cached chunks wiped, the kernel's pages
+//! of it dropped (so an mmap reader cannot go on reading plaintext from the page cache),
+//! and every later read or open answers EACCES. Other files keep working.
+//!
+//! A provider that is merely unreachable or throttling revokes nothing: the file keeps
+//! being served, and is revoked only once no check has succeeded for
+//! `--revalidate-max-outage` (fail closed, bounded; 0 keeps serving).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use super::{lock, Opened, SealFs};
+
+/// Which held files a revocation concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// Files whose key object has a slot under this key id (as slots record it).
+    Key(String),
+}
+
+/// What one revalidation round found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Held DEKs checked with the provider.
+    pub checked: usize,
+    pub revoked: usize,
+    /// Checks the provider could not answer (nothing revoked for them, unless the outage
+    /// outlasted the bound).
+    pub unreachable: usize,
+}
+
+/// Concurrent provider calls in one round.
+const PARALLEL_CHECKS: usize = 8;
+/// How long a revocation waits for fetches in flight (which may still hold a chunk
+/// decrypted before the wipe) before wiping the file's cached chunks once more.
+const INFLIGHT_WAIT: Duration = Duration::from_secs(2);
+
+impl SealFs {
+    /// Every version whose DEK is held (in the DEK cache, or only by open handles of a
+    /// replaced version), once each, not yet revoked.
+    fn held(&self) -> Vec<Arc<Opened>> {
+        let mut out: HashMap<u64, Arc<Opened>> = HashMap::new();
+        for s in lock(&self.files).values() {
+            if let Some(o) = s.cell.get() {
+                out.insert(o.seq, o.clone());
+            }
+        }
+        for h in lock(&self.handles).values() {
+            out.entry(h.opened.seq).or_insert_with(|| h.opened.clone());
+        }
+        out.into_values().filter(|o| !o.is_revoked()).collect()
+    }
+
+    /// One revalidation round: one unwrap per held DEK with the trusted keys, as at open.
+    pub async fn revalidate(&self) -> Round {
+        let held = self.held();
+        let mut round = Round {
+            checked: held.len(),
+            ..Round::default()
+        };
+        let checks = futures::stream::iter(held)
+            .map(|o| async move {
+                // The DEK it yields is dropped (zeroized) at once: only the answer counts.
+                let r = self.keyring.unwrap(&o.file.key_object).await.map(drop);
+                (o, r)
+            })
+            .buffer_unordered(PARALLEL_CHECKS)
+            .collect::<Vec<_>>()
+            .await;
+        for (o, r) in checks {
+            match r {
+                Ok(()) => *lock(&o.validated) = Instant::now(),
+                // The provider refused, or the key no longer opens this DEK.
+                Err(e) if e.is_refusal() || e.is_integrity() => {
+                    if self.revoke_one(&o, &e.to_string()).await {
+                        round.revoked += 1;
+                    }
+                }
+                Err(e) => {
+                    round.unreachable += 1;
+                    let outage = lock(&o.validated).elapsed();
+                    let bound = self.config.revalidate_max_outage;
+                    if !bound.is_zero() && outage >= bound {
+                        let why = format!(
+                            "no successful key check for {}s (--revalidate-max-outage): {e}",
+                            outage.as_secs()
+                        );
+                        if self.revoke_one(&o, &why).await {
+                            round.revoked += 1;
+                        }
+                    } else {
+                        tracing::warn!(file = %o.file.key, error = %e, "revalidation could not reach the key provider; still serving");
+                    }
+                }
+            }
+        }
+        round
+    }
+
+    /// Revokes every held file in `scope` at once (`sealfs revoke`); returns how many.
+    pub async fn revoke(&self, scope: &Scope, reason: &str) -> usize {
+        let mut n = 0;
+        for o in self.held() {
+            let hit = match scope {
+                Scope::All => true,
+                Scope::Key(id) => o.file.key_object.slots.iter().any(|s| s.key_id == *id),
+            };
+            if hit && self.revoke_one(&o, reason).await {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Revokes one held version; false if it already was.
+    async fn revoke_one(&self, o: &Arc<Opened>, reason: &str) -> bool {
+        // The flag first: from here on no read serves a byte of it, cached or not.
+        if o.revoked.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        o.file.wipe();
+        self.cache.remove_file(o.seq);
+        // The DEK-cache slot goes, so that a new open unwraps again (and is refused for as
+        // long as the provider refuses).
+        lock(&self.files).retain(|_, s| !s.cell.get().is_some_and(|x| Arc::ptr_eq(x, o)));
+        // A fetch in flight may commit a chunk it decrypted before the wipe: wait for the
+        // file's fetches to end, then wipe its chunks once more.
+        let start = Instant::now();
+        while self.inflight.has_file(o.seq) && start.elapsed() < INFLIGHT_WAIT {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.cache.remove_file(o.seq);
+        let inodes = self.tree().inodes_of(&o.file.key);
+        if let Some(invalidate) = self.invalidate.get().cloned() {
+            // The kernel may wait on pages being read through this very daemon: never from
+            // a runtime worker, and bounded.
+            let list = inodes.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                for ino in list {
+                    invalidate(ino);
+                }
+            });
+            if tokio::time::timeout(Duration::from_secs(10), done)
+                .await
+                .is_err()
+            {
+                tracing::warn!(file = %o.file.key, "kernel page invalidation still running after 10 s");
+            }
+        }
+        self.stats.revocations.fetch_add(1, Ordering::Relaxed);
+        let h = &o.file.key_object.header;
+        tracing::warn!(
+            target: "sealfs::audit",
+            file = %self.store.describe(&o.file.key),
+            file_id = %hex::encode(h.file_id),
+            keys = ?o.file.key_object.slots.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>(),
+            reason = %crate::format::naming::printable(reason, 512),
+            inodes = ?inodes,
+            "dek revoked"
+        );
+        true
+    }
+
+    /// The slot id of a key this mount was given (`--key` URI or slot id), for `revoke`.
+    pub fn key_id_of(&self, key: &str) -> Option<String> {
+        self.keyring.id_of(key)
+    }
+
+    /// Sets how the kernel is told to drop its cached pages of an inode (the FUSE session's
+    /// notifier); without one (tests without a mount) only the daemon's state is revoked.
+    pub fn set_invalidator(&self, f: Arc<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.invalidate.set(f);
+    }
+}

@@ -1,0 +1,163 @@
+//! The mount's control socket, so that `sealfs revoke MOUNTPOINT` reaches the daemon that
+//! serves it. A Unix socket rather than a signal: a signal carries no argument (which key)
+//! and no answer (how many files). Its path is derived from the mount point
+//! ([`socket_path`]): mode 0600, in a 0700 directory of the daemon's user, and every peer
+//! must be that user or root (SO_PEERCRED). One request line per connection, one answer
+//! line; nothing from a request is echoed into a log unescaped.
+
+use std::io::{BufRead, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::fs::revoke::Scope;
+use crate::fs::SealFs;
+
+/// Longest request line read.
+const MAX_REQUEST: u64 = 4096;
+/// A client that sends nothing is dropped after this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid()
+    }
+}
+
+/// Where this user's control sockets live: `/run/sealfs` for root, else
+/// `$XDG_RUNTIME_DIR/sealfs`, else `/tmp/sealfs-UID`.
+fn socket_dir() -> PathBuf {
+    let uid = euid();
+    if uid == 0 {
+        return PathBuf::from("/run/sealfs");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("sealfs"),
+        _ => PathBuf::from(format!("/tmp/sealfs-{uid}")),
+    }
+}
+
+/// The control socket of the mount at `mountpoint` (canonicalized by the caller).
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let d = crate::crypto::sha256(mountpoint.as_os_str().as_bytes());
+    socket_dir().join(format!("{}.sock", hex::encode(&d[..16])))
+}
+
+/// The socket directory, created 0700 if absent; refused unless it is a directory of this
+/// user closed to others (another user's `/tmp/sealfs-UID` must not catch our requests).
+fn private_dir() -> std::io::Result<PathBuf> {
+    let dir = socket_dir();
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::symlink_metadata(&dir)?;
+    if !m.is_dir() || m.uid() != euid() || m.mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} must be a directory of uid {} with mode 0700",
+            dir.display(),
+            euid()
+        )));
+    }
+    Ok(dir)
+}
+
+/// Binds the control socket for `mountpoint`. A socket left by a daemon that died is
+/// replaced; one that still answers means another daemon serves this mount point.
+pub fn bind(mountpoint: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
+    private_dir()?;
+    let path = socket_path(mountpoint);
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(std::io::Error::other(format!(
+                "{} is in use by another sealfs daemon",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    l.set_nonblocking(true)?;
+    Ok((l, path))
+}
+
+/// Answers requests until the task is aborted.
+pub async fn serve(listener: tokio::net::UnixListener, fs: Arc<SealFs>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            let peer = stream.peer_cred().map(|c| c.uid()).ok();
+            if !peer.is_some_and(|u| u == 0 || u == euid()) {
+                tracing::warn!(peer_uid = ?peer, "control request from another user refused");
+                return;
+            }
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)).await;
+            let answer = match read {
+                Ok(Ok(_)) => handle(&fs, line.trim_end()).await,
+                _ => "error: no request".to_string(),
+            };
+            let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
+        });
+    }
+}
+
+/// `revoke all` or `revoke key <--key URI or slot id>`.
+async fn handle(fs: &SealFs, request: &str) -> String {
+    let scope = match request.split_once(' ') {
+        Some(("revoke", "all")) => Scope::All,
+        Some(("revoke", rest)) => match rest.strip_prefix("key ") {
+            Some(key) => match fs.key_id_of(key) {
+                Some(id) => Scope::Key(id),
+                None => {
+                    return format!(
+                        "error: this mount was not given the key {}",
+                        crate::format::naming::printable(key, 256)
+                    )
+                }
+            },
+            None => return "error: expected `revoke all` or `revoke key KEY`".into(),
+        },
+        _ => return "error: expected `revoke all` or `revoke key KEY`".into(),
+    };
+    let n = fs.revoke(&scope, "revoked by `sealfs revoke`").await;
+    tracing::warn!(target: "sealfs::audit", scope = ?scope, files = n, "revoke requested");
+    format!("revoked {n}")
+}
+
+/// The client side: sends one request to the daemon serving `mountpoint`, returns its
+/// answer line.
+pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
+    let mp =
+        std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let path = socket_path(&mp);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "no sealfs daemon answers for {} ({}: {e})",
+            mp.display(),
+            path.display()
+        )
+    })?;
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io)?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(std::io::Read::take(s, MAX_REQUEST))
+        .read_line(&mut answer)
+        .map_err(io)?;
+    Ok(answer.trim_end().to_string())
+}
