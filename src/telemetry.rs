@@ -68,6 +68,16 @@ pub fn init(default_level: &str, json: bool) {
     };
 }
 
+/// This host's name, for audit events (so that a central log answers "which host opened
+/// what"): read once from the kernel, escaped.
+pub fn hostname() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        crate::format::naming::printable(h.trim(), 255)
+    })
+}
+
 /// Sends one sd_notify(3) message (`READY=1`, `STOPPING=1`) when run by systemd with
 /// `Type=notify`; does nothing otherwise.
 pub fn sd_notify(msg: &str) {

@@ -662,6 +662,7 @@ impl SealFs {
                     context = ?h.context,
                     uid = who.0,
                     pid = who.1,
+                    host = crate::telemetry::hostname(),
                     "dek unwrapped"
                 );
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);

@@ -164,6 +164,7 @@ impl SealFs {
             keys = ?o.file.key_object.slots.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>(),
             reason = %crate::format::naming::printable(reason, 512),
             inodes = ?inodes,
+            host = crate::telemetry::hostname(),
             "dek revoked"
         );
         true
