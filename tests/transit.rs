@@ -7,9 +7,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -75,7 +75,7 @@ impl Bao {
             root,
         };
         let start = Instant::now();
-        while get(port, "/v1/sys/health").map(|r| r.0) != Some(200) {
+        while http(port, "GET", "/v1/sys/health", "").map(|r| r.0) != Some(200) {
             if let Ok(Some(st)) = b.proc.as_mut().unwrap().0.try_wait() {
                 panic!("bao server exited ({st}): {}", b.server_log());
             }
@@ -104,18 +104,23 @@ impl Bao {
     }
 
     fn env_token(&self, token: &str) -> Vec<(String, String)> {
-        vec![(s("BAO_ADDR"), self.addr()), (s("BAO_TOKEN"), s(token))]
+        env_at(&self.addr(), token)
     }
 
-    /// Runs the `bao` CLI as root; its stdout.
-    fn bao(&self, args: &[&str]) -> String {
-        let out = Command::new("bao")
+    /// Runs the `bao` CLI as root.
+    fn bao_output(&self, args: &[&str]) -> Output {
+        Command::new("bao")
             .args(args)
             .env("BAO_ADDR", self.addr())
             .env("BAO_TOKEN", &self.root)
             .env("HOME", self.dir.path())
             .output()
-            .unwrap_or_else(|e| bao_missing(e));
+            .unwrap_or_else(|e| bao_missing(e))
+    }
+
+    /// Runs the `bao` CLI as root, which must succeed; its stdout.
+    fn bao(&self, args: &[&str]) -> String {
+        let out = self.bao_output(args);
         assert!(
             out.status.success(),
             "bao {args:?}: {}{}",
@@ -209,18 +214,9 @@ fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeM
         .collect()
 }
 
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, out.split_once("\r\n\r\n")?.1.to_string()))
+/// sealfs's environment for a server at `addr` and a token.
+fn env_at(addr: &str, token: &str) -> Vec<(String, String)> {
+    vec![(s("BAO_ADDR"), s(addr)), (s("BAO_TOKEN"), s(token))]
 }
 
 /// A source tree at chunk edges (16 KiB chunks) sealed to `sealed/` under `keys`.
@@ -265,15 +261,29 @@ impl Fx {
     fn write_key_object(&self, rel: &str, ko: &KeyObject) {
         std::fs::write(self.key_object_path(rel), ko.to_bytes()).unwrap();
     }
+    /// `sealfs unseal FROM TO --key KEY`, both paths below the fixture.
+    fn unseal(&self, env: &[(String, String)], from: &str, to: &str, key: &str) -> Output {
+        sealfs(&["unseal", &self.p(from), &self.p(to), "--key", key], env)
+    }
+    /// `sealfs unseal sealed TO --key KEY`, killed after 30 s: for runs against a server
+    /// that may not answer.
+    fn unseal_bounded(&self, env: &[(String, String)], to: &str, key: &str) -> Bounded {
+        let (from, to) = (self.p("sealed"), self.p(to));
+        sealfs_bounded(
+            &["unseal", &from, &to, "--key", key],
+            env,
+            Duration::from_secs(30),
+        )
+    }
+    /// `sealfs rewrap sealed --key FROM --to-key TO`, which must succeed.
+    fn rewrap(&self, env: &[(String, String)], from: &str, to: &str) -> String {
+        let sealed = self.p("sealed");
+        let args = ["rewrap", &sealed, "--key", from, "--to-key", to];
+        expect_code(&sealfs(&args, env), 0)
+    }
     /// `sealfs unseal` of the whole tree into `out` (must not exist), checked file by file.
     fn unseal_ok(&self, env: &[(String, String)], key: &str, out: &str) -> String {
-        let text = expect_code(
-            &sealfs(
-                &["unseal", &self.p("sealed"), &self.p(out), "--key", key],
-                env,
-            ),
-            0,
-        );
+        let text = expect_code(&self.unseal(env, "sealed", out, key), 0);
         for rel in FILES {
             assert_eq!(
                 sha256(&std::fs::read(self.dir.path().join(out).join(rel)).unwrap()),
@@ -317,15 +327,53 @@ fn assert_no_token(text: &str, tokens: &[&str]) {
     }
 }
 
-/// The Prometheus text of a mount's metrics page.
-fn metrics_text(port: u16) -> String {
-    get(port, "/metrics").expect("metrics page").1
+/// A refused run: exit `code` and `holds` in its output; the output.
+#[track_caller]
+fn expect_refused(out: &Output, code: i32, holds: &str) -> String {
+    let text = expect_code(out, code);
+    assert!(text.contains(holds), "no {holds:?} in:\n{text}");
+    text
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+/// An error as an operator sees it: one line that starts with `starts`, holds each of
+/// `holds`, and no token.
+#[track_caller]
+fn expect_one_line(text: &str, starts: &str, holds: &[&str], tokens: &[&str]) {
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.starts_with(starts), "expected {starts:?}…:\n{text}");
+    for h in holds {
+        assert!(text.contains(h), "no {h:?} in:\n{text}");
+    }
+    assert_no_token(text, tokens);
+}
+
+/// A bounded run that failed with exit `code` after a time within `took`, its output one
+/// line as [`expect_one_line`] checks it.
+#[track_caller]
+fn expect_one_line_failure(
+    r: &Bounded,
+    code: i32,
+    took: Range<Duration>,
+    starts: &str,
+    holds: &[&str],
+    tokens: &[&str],
+) {
+    assert_eq!(r.code, Some(code), "{}", r.output);
+    assert!(took.contains(&r.elapsed), "failed after {:?}", r.elapsed);
+    expect_one_line(&r.output, starts, holds, tokens);
+}
+
+/// The sum (seconds) and the count of the Transit `decrypt` calls on a mount's metrics page,
+/// as floats (`common::scrape` truncates to whole numbers).
+fn decrypt_seconds(port: u16) -> (f64, f64) {
+    let text = http(port, "GET", "/metrics", "").expect("metrics page").1;
+    let metric = |name: &str| {
+        let name = format!("sealfs_request_seconds_{name}{{service=\"transit\",op=\"decrypt\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    (metric("sum"), metric("count"))
 }
 
 #[test]
@@ -461,15 +509,7 @@ fn seal_verify_unseal_mount_and_read_with_one_decrypt_per_file() {
     let mut b = Vec::new();
     h.read_to_end(&mut b).unwrap();
     drop(h);
-    let mt = metrics_text(metrics_port);
-    let sum = metric(
-        &mt,
-        "sealfs_request_seconds_sum{service=\"transit\",op=\"decrypt\"}",
-    );
-    let count = metric(
-        &mt,
-        "sealfs_request_seconds_count{service=\"transit\",op=\"decrypt\"}",
-    );
+    let (sum, count) = decrypt_seconds(metrics_port);
     eprintln!(
         "transit open latency: open(2) of a 1-byte file {:.2} ms; Transit decrypt mean {:.2} ms over {count} calls",
         open_s * 1e3,
@@ -499,10 +539,7 @@ fn seal_verify_unseal_mount_and_read_with_one_decrypt_per_file() {
         "connections not reused"
     );
     assert_eq!(count as u64, 3, "manifest, edge, one");
-    let total = metric(
-        &metrics_text(metrics_port),
-        "sealfs_request_seconds_count{service=\"transit\",op=\"decrypt\"}",
-    );
+    let (_, total) = decrypt_seconds(metrics_port);
     assert_eq!(
         total as u64, sealed,
         "the metric counts the calls the server saw"
@@ -521,40 +558,28 @@ fn a_wrapped_dek_moved_to_another_file_fails_at_transit() {
     bao.key("derived", true);
     bao.key("plain", false);
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    // A 32-byte plaintext encrypted under the non-derived key with `binding` (`FIELD=…`):
+    // the `ciphertext=…` argument of a call that takes it back.
+    let encrypt_plain = |binding: &str| {
+        let plaintext = format!("plaintext={}", b64(&[1; 32]));
+        let args = [
+            "write",
+            "-field=ciphertext",
+            "transit/encrypt/plain",
+            &plaintext,
+            binding,
+        ];
+        format!("ciphertext={}", bao.bao(&args).trim())
+    };
 
     // Transit ignores `context` on a non-derived key: it would bind nothing there.
-    let ct = bao.bao(&[
-        "write",
-        "-field=ciphertext",
-        "transit/encrypt/plain",
-        &format!("plaintext={}", b64(&[1; 32])),
-        &format!("context={}", b64(b"file A")),
-    ]);
-    bao.bao(&[
-        "write",
-        "transit/decrypt/plain",
-        &format!("ciphertext={}", ct.trim()),
-        &format!("context={}", b64(b"file B")),
-    ]);
+    let ct = encrypt_plain(&format!("context={}", b64(b"file A")));
+    let other_file = format!("context={}", b64(b"file B"));
+    bao.bao(&["write", "transit/decrypt/plain", &ct, &other_file]);
     // ... and its rewrap takes no associated_data: native rewrap only for derived keys.
-    let ct = bao.bao(&[
-        "write",
-        "-field=ciphertext",
-        "transit/encrypt/plain",
-        &format!("plaintext={}", b64(&[1; 32])),
-        &format!("associated_data={}", b64(b"file A")),
-    ]);
-    let rewrap = Command::new("bao")
-        .args([
-            "write",
-            "transit/rewrap/plain",
-            &format!("ciphertext={}", ct.trim()),
-            &format!("associated_data={}", b64(b"file A")),
-        ])
-        .env("BAO_ADDR", bao.addr())
-        .env("BAO_TOKEN", &bao.root)
-        .output()
-        .unwrap();
+    let aad = format!("associated_data={}", b64(b"file A"));
+    let ct = encrypt_plain(&aad);
+    let rewrap = bao.bao_output(&["write", "transit/rewrap/plain", &ct, &aad]);
     assert!(
         !rewrap.status.success(),
         "rewrap now honours associated_data: revisit keys/transit.rs"
@@ -575,15 +600,8 @@ fn a_wrapped_dek_moved_to_another_file_fails_at_transit() {
         ko.slots[0].wrapped = donor.slots[0].wrapped.clone();
         f.write_key_object("one", &ko);
         let before = bao.calls();
-        let out = sealfs(
-            &["unseal", &f.p("sealed/one"), &f.p("one.out"), "--key", key],
-            &env,
-        );
-        let text = expect_code(&out, 3);
-        assert!(
-            text.contains("Transit rejected the wrapped key"),
-            "{key}: {text}"
-        );
+        let out = f.unseal(&env, "sealed/one", "one.out", key);
+        expect_refused(&out, 3, "Transit rejected the wrapped key");
         assert!(
             !Path::new(&f.p("one.out")).exists(),
             "{key}: output written"
@@ -597,19 +615,7 @@ fn a_wrapped_dek_moved_to_another_file_fails_at_transit() {
             ])
         );
         // The donor itself still opens.
-        expect_code(
-            &sealfs(
-                &[
-                    "unseal",
-                    &f.p("sealed/edge"),
-                    &f.p("edge.out"),
-                    "--key",
-                    key,
-                ],
-                &env,
-            ),
-            0,
-        );
+        expect_code(&f.unseal(&env, "sealed/edge", "edge.out", key), 0);
     }
 }
 
@@ -627,20 +633,7 @@ fn rewrap_between_transit_and_a_key_file_both_ways() {
 
     // transit -> file: one decrypt per file, then the file key alone opens everything.
     let before = bao.calls();
-    expect_code(
-        &sealfs(
-            &[
-                "rewrap",
-                &f.p("sealed"),
-                "--key",
-                "transit:models",
-                "--to-key",
-                &file_key,
-            ],
-            &env,
-        ),
-        0,
-    );
+    f.rewrap(&env, "transit:models", &file_key);
     assert_eq!(
         diff(&before, &bao.calls()),
         BTreeMap::from([
@@ -654,34 +647,12 @@ fn rewrap_between_transit_and_a_key_file_both_ways() {
         f.wrapped("one")
     );
     f.unseal_ok(&[], &file_key, "out-file");
-    let denied = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out-denied"),
-            "--key",
-            "transit:models",
-        ],
-        &env,
-    );
-    assert!(expect_code(&denied, 4).contains("no trusted key"));
+    let denied = f.unseal(&env, "sealed", "out-denied", "transit:models");
+    expect_refused(&denied, 4, "no trusted key");
 
     // file -> transit: one encrypt per file (the DEK exists; Transit does not make one).
     let before = bao.calls();
-    expect_code(
-        &sealfs(
-            &[
-                "rewrap",
-                &f.p("sealed"),
-                "--key",
-                &file_key,
-                "--to-key",
-                "transit:models",
-            ],
-            &env,
-        ),
-        0,
-    );
+    f.rewrap(&env, &file_key, "transit:models");
     assert_eq!(
         diff(&before, &bao.calls()),
         BTreeMap::from([
@@ -690,17 +661,8 @@ fn rewrap_between_transit_and_a_key_file_both_ways() {
         ])
     );
     f.unseal_ok(&env, "transit:models", "out-transit");
-    let denied = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out-denied"),
-            "--key",
-            &file_key,
-        ],
-        &[],
-    );
-    assert!(expect_code(&denied, 4).contains("no trusted key"));
+    let denied = f.unseal(&[], "sealed", "out-denied", &file_key);
+    expect_refused(&denied, 4, "no trusted key");
 }
 
 #[test]
@@ -718,13 +680,7 @@ fn rewrap_to_the_same_key_after_rotate_is_native_for_derived_keys() {
         stale.seal(&env, &[&key]);
         bao.rotate(name);
         let before = bao.calls();
-        expect_code(
-            &sealfs(
-                &["rewrap", &f.p("sealed"), "--key", &key, "--to-key", &key],
-                &env,
-            ),
-            0,
-        );
+        f.rewrap(&env, &key, &key);
         let c = diff(&before, &bao.calls());
         let want = if native {
             BTreeMap::from([
@@ -754,18 +710,8 @@ fn rewrap_to_the_same_key_after_rotate_is_native_for_derived_keys() {
             "min_decryption_version=2",
         ]);
         f.unseal_ok(&env, &key, "out");
-        let old = sealfs(
-            &[
-                "unseal",
-                &stale.p("sealed/one"),
-                &stale.p("one.out"),
-                "--key",
-                &key,
-            ],
-            &env,
-        );
-        let text = expect_code(&old, 4);
-        assert!(text.contains("Transit denied decrypt"), "{text}");
+        let old = stale.unseal(&env, "sealed/one", "one.out", &key);
+        expect_refused(&old, 4, "Transit denied decrypt");
         assert!(!Path::new(&stale.p("one.out")).exists());
     }
 }
@@ -781,21 +727,9 @@ fn another_transit_key_is_refused_before_any_plaintext() {
 
     // Not trusted: refused without a decrypt.
     let before = bao.calls();
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out"),
-            "--key",
-            "transit:other",
-        ],
-        &env,
-    );
-    let text = expect_code(&out, 4);
-    assert!(
-        text.contains("no trusted key") && text.contains("transit:transit/models"),
-        "{text}"
-    );
+    let out = f.unseal(&env, "sealed", "out", "transit:other");
+    let text = expect_refused(&out, 4, "no trusted key");
+    assert!(text.contains("transit:transit/models"), "{text}");
     assert_no_files(&f.p("out"));
     assert_eq!(
         diff(&before, &bao.calls()),
@@ -806,20 +740,11 @@ fn another_transit_key_is_refused_before_any_plaintext() {
     let mut ko = f.key_object("one");
     ko.slots[0].key_id = s("transit:transit/other");
     f.write_key_object("one", &ko);
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed/one"),
-            &f.p("one.out"),
-            "--key",
-            "transit:other",
-        ],
-        &env,
-    );
-    let text = expect_code(&out, 3);
-    assert!(
-        text.contains("Transit rejected the wrapped key for transit:transit/other"),
-        "{text}"
+    let out = f.unseal(&env, "sealed/one", "one.out", "transit:other");
+    expect_refused(
+        &out,
+        3,
+        "Transit rejected the wrapped key for transit:transit/other",
     );
     assert!(!Path::new(&f.p("one.out")).exists(), "output written");
 
@@ -828,34 +753,16 @@ fn another_transit_key_is_refused_before_any_plaintext() {
     ko.slots[0].wrapped = b"vault:v1:AAAA\",\"context\":\"x".to_vec();
     f.write_key_object("edge", &ko);
     let before = bao.calls();
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed/edge"),
-            &f.p("edge.out"),
-            "--key",
-            "transit:models",
-        ],
-        &env,
-    );
-    assert!(expect_code(&out, 3).contains("Transit rejected"));
+    let out = f.unseal(&env, "sealed/edge", "edge.out", "transit:models");
+    expect_refused(&out, 3, "Transit rejected");
     assert_eq!(
         diff(&before, &bao.calls()),
         BTreeMap::from([(s("transit/keys/models"), 1)])
     );
 
     // No such key: one line, exit 4.
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out"),
-            "--key",
-            "transit:absent",
-        ],
-        &env,
-    );
-    assert!(expect_code(&out, 4).contains("Transit key transit:transit/absent not found"));
+    let out = f.unseal(&env, "sealed", "out", "transit:absent");
+    expect_refused(&out, 4, "Transit key transit:transit/absent not found");
 }
 
 #[test]
@@ -877,36 +784,22 @@ fn a_token_that_cannot_decrypt_is_refused_with_exit_4_and_eacces() {
     let text = f.seal(&bao.env_token(&sealer), &["transit:models"]);
     assert_no_token(&text, &tokens);
 
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out"),
-            "--key",
-            "transit:models",
-        ],
-        &bao.env_token(&sealer),
+    let out = f.unseal(&bao.env_token(&sealer), "sealed", "out", "transit:models");
+    expect_one_line(
+        &expect_code(&out, 4),
+        "sealfs: error: ",
+        &["Transit denied decrypt with key transit:transit/models"],
+        &tokens,
     );
-    let text = expect_code(&out, 4);
-    assert!(
-        text.contains("Transit denied decrypt with key transit:transit/models"),
-        "{text}"
-    );
-    assert_eq!(text.lines().count(), 1, "{text}");
-    assert_no_token(&text, &tokens);
     assert_no_files(&f.p("out"));
 
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out"),
-            "--key",
-            "transit:models",
-        ],
+    let out = f.unseal(
         &bao.env_token("not-a-token"),
+        "sealed",
+        "out",
+        "transit:models",
     );
-    assert!(expect_code(&out, 4).contains("Transit denied read"));
+    expect_refused(&out, 4, "Transit denied read");
 
     // A mount reading its token from a file (as an agent's sink): EACCES while the token
     // cannot decrypt; once the file holds one that can, the next open works.
@@ -944,19 +837,8 @@ fn a_token_that_cannot_decrypt_is_refused_with_exit_4_and_eacces() {
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .unwrap();
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out"),
-            "--key",
-            "transit:models",
-        ],
-        &env,
-    );
-    let text = expect_code(&out, 1);
-    assert!(text.contains("chmod 600"), "{text}");
-    assert_no_token(&text, &tokens);
+    let out = f.unseal(&env, "sealed", "out", "transit:models");
+    assert_no_token(&expect_refused(&out, 1, "chmod 600"), &tokens);
 }
 
 #[test]
@@ -1004,61 +886,29 @@ fn a_server_down_or_hanging_gives_one_line_in_bounded_time_and_eio_in_the_mount(
     assert!(m.logs().contains("Transit unavailable"), "{}", m.logs());
 
     // The CLI: one line, exit 1, well inside the connect timeout.
-    let r = sealfs_bounded(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out"),
-            "--key",
-            "transit:models",
-        ],
-        &env,
-        Duration::from_secs(30),
-    );
+    let r = f.unseal_bounded(&env, "out", "transit:models");
     eprintln!("server down: unseal failed after {:?}", r.elapsed);
-    assert_eq!(r.code, Some(1), "{}", r.output);
-    assert_eq!(r.output.lines().count(), 1, "{}", r.output);
-    assert!(
-        r.output
-            .starts_with("sealfs: error: Transit unavailable for transit:transit/models"),
-        "{}",
-        r.output
+    expect_one_line_failure(
+        &r,
+        1,
+        Duration::ZERO..Duration::from_secs(4),
+        "sealfs: error: Transit unavailable for transit:transit/models",
+        &[],
+        &[&bao.root],
     );
-    assert!(r.elapsed < Duration::from_secs(4), "{:?}", r.elapsed);
-    assert_no_token(&r.output, &[&bao.root]);
 
     // A server that accepts connections and never answers: the call timeout (8 s).
     let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let henv = vec![
-        (
-            s("BAO_ADDR"),
-            format!("http://{}", hang.local_addr().unwrap()),
-        ),
-        (s("BAO_TOKEN"), bao.root.clone()),
-    ];
-    let r = sealfs_bounded(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out"),
-            "--key",
-            "transit:models",
-        ],
-        &henv,
-        Duration::from_secs(30),
-    );
+    let henv = env_at(&format!("http://{}", hang.local_addr().unwrap()), &bao.root);
+    let r = f.unseal_bounded(&henv, "out", "transit:models");
     eprintln!("server hanging: unseal failed after {:?}", r.elapsed);
-    assert_eq!(r.code, Some(1), "{}", r.output);
-    assert_eq!(r.output.lines().count(), 1, "{}", r.output);
-    assert!(
-        r.output.contains("Transit unavailable") && r.output.contains("no answer within 8 s"),
-        "{}",
-        r.output
-    );
-    assert!(
-        r.elapsed >= Duration::from_secs(7) && r.elapsed < Duration::from_secs(12),
-        "{:?}",
-        r.elapsed
+    expect_one_line_failure(
+        &r,
+        1,
+        Duration::from_secs(7)..Duration::from_secs(12),
+        "sealfs: error: ",
+        &["Transit unavailable", "no answer within 8 s"],
+        &[&bao.root],
     );
     assert_no_files(&f.p("out"));
 }
@@ -1186,15 +1036,7 @@ fn mutual_tls_with_the_vault_environment() {
     let data = std::fs::read(m.path("one")).unwrap();
     let open_s = t.elapsed().as_secs_f64();
     assert_eq!(data, std::fs::read(f.dir.path().join("src/one")).unwrap());
-    let mt = metrics_text(metrics_port);
-    let sum = metric(
-        &mt,
-        "sealfs_request_seconds_sum{service=\"transit\",op=\"decrypt\"}",
-    );
-    let count = metric(
-        &mt,
-        "sealfs_request_seconds_count{service=\"transit\",op=\"decrypt\"}",
-    );
+    let (sum, count) = decrypt_seconds(metrics_port);
     eprintln!(
         "transit open latency over mTLS: open+read of a 1-byte file {:.2} ms; decrypt mean {:.2} ms over {count} calls (the connection made at start is reused)",
         open_s * 1e3,
@@ -1218,36 +1060,21 @@ fn mutual_tls_with_the_vault_environment() {
             "UnknownIssuer",
         ),
     ] {
-        let r = sealfs_bounded(
-            &[
-                "unseal",
-                &f.p("sealed"),
-                &f.p("out2"),
-                "--key",
-                "transit:models",
-            ],
-            &env,
-            Duration::from_secs(30),
+        let r = f.unseal_bounded(&env, "out2", "transit:models");
+        expect_one_line_failure(
+            &r,
+            1,
+            Duration::ZERO..Duration::from_secs(4),
+            "sealfs: error: ",
+            &[why],
+            &[&bao.root],
         );
-        assert_eq!(r.code, Some(1), "{}", r.output);
-        assert_eq!(r.output.lines().count(), 1, "{}", r.output);
-        assert!(r.output.contains(why), "{}", r.output);
-        assert!(r.elapsed < Duration::from_secs(4));
-        assert_no_token(&r.output, &[&bao.root]);
     }
     // A plain-http address that is not loopback is refused before any connection.
-    let out = sealfs(
-        &[
-            "unseal",
-            &f.p("sealed"),
-            &f.p("out2"),
-            "--key",
-            "transit:models",
-        ],
-        &[
-            (s("VAULT_ADDR"), s("http://192.0.2.1:8200")),
-            (s("VAULT_TOKEN"), bao.root.clone()),
-        ],
-    );
-    assert!(expect_code(&out, 1).contains("plain http only to a loopback address"));
+    let plain = [
+        (s("VAULT_ADDR"), s("http://192.0.2.1:8200")),
+        (s("VAULT_TOKEN"), bao.root.clone()),
+    ];
+    let out = f.unseal(&plain, "sealed", "out2", "transit:models");
+    expect_refused(&out, 1, "plain http only to a loopback address");
 }

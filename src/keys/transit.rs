@@ -456,33 +456,41 @@ impl Transit {
         (t.header.clone(), t.source.clone())
     }
 
-    /// One call to `path` (below `/v1/`), counted as `transit`/`op`. A refused token that
-    /// came from a file is read again and, if the file now holds another, tried once more.
-    async fn call(
+    /// One call to `path` (below `/v1/`), counted as `transit`/`op`; the answer's `data`
+    /// member parsed as `T`, from its zeroized buffer (a parse error never quotes it: see
+    /// [`unexpected`]). A refused token that came from a file is read again and, if the
+    /// file now holds another, tried once more.
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
         op: &'static str,
         key: &str,
         method: Method,
         path: &str,
         body: Option<Zeroizing<Vec<u8>>>,
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    ) -> Result<T, KeyError> {
         let (token, source) = self.token();
-        let first = self
+        let mut r = self
             .call_once(op, key, &method, path, body.clone(), token.clone())
             .await;
         if let (Err(Failure::Status(StatusCode::FORBIDDEN, _)), TokenSource::File(p)) =
-            (&first, &source)
+            (&r, &source)
         {
             if let Ok(fresh) = read_token_file(p) {
                 if fresh != token {
                     tracing::info!(file = %p.display(), "transit token file changed; retrying with it");
                     lock(&self.token).header = fresh.clone();
-                    let again = self.call_once(op, key, &method, path, body, fresh).await;
-                    return again.map_err(|f| classify(op, key, f));
+                    r = self.call_once(op, key, &method, path, body, fresh).await;
                 }
             }
         }
-        first.map_err(|f| classify(op, key, f))
+        let out = r.map_err(|f| classify(op, key, f))?;
+        serde_json::from_slice::<Envelope<T>>(&out)
+            .map(|e| e.data)
+            .map_err(|e| KeyError::TransitUnavailable {
+                op,
+                key: key.to_string(),
+                message: unexpected(&e),
+            })
     }
 
     async fn call_once(
@@ -638,6 +646,36 @@ pub enum Binding {
     AssociatedData,
 }
 
+impl Binding {
+    /// `,"context":"…"` or `,"associated_data":"…"` for `ctx`.
+    fn field(self, ctx: &EncryptionContext) -> Vec<u8> {
+        let mut bytes = BINDING_LABEL.to_vec();
+        encode_context(ctx, &mut bytes);
+        let mut out = match self {
+            Binding::Context => b",\"context\":\"".to_vec(),
+            Binding::AssociatedData => b",\"associated_data\":\"".to_vec(),
+        };
+        out.extend_from_slice(b64().encode(&bytes).as_bytes());
+        out.push(b'"');
+        out
+    }
+
+    /// `{<fields><binding>}`, in a zeroized buffer sized up front so that no reallocation
+    /// leaves a copy of a DEK behind (`fields` may hold one in base64).
+    fn body(self, ctx: &EncryptionContext, fields: &[&[u8]]) -> Zeroizing<Vec<u8>> {
+        let binding = self.field(ctx);
+        let len = 2 + binding.len() + fields.iter().map(|f| f.len()).sum::<usize>();
+        let mut b = Zeroizing::new(Vec::with_capacity(len));
+        b.push(b'{');
+        for f in fields {
+            b.extend_from_slice(f);
+        }
+        b.extend_from_slice(&binding);
+        b.push(b'}');
+        b
+    }
+}
+
 /// A Transit key, checked once at start.
 pub struct TransitKey {
     transit: Arc<Transit>,
@@ -705,14 +743,7 @@ fn b64() -> base64::engine::GeneralPurpose {
 /// `GET MOUNT/keys/NAME`: the key must exist and be an AEAD key that encrypts and
 /// decrypts; `derived` picks the binding.
 async fn read_binding(transit: &Transit, id: &str, path: &str) -> Result<Binding, KeyError> {
-    let body = transit.call("read", id, Method::GET, path, None).await?;
-    let info: Envelope<KeyInfo> =
-        serde_json::from_slice(&body).map_err(|e| KeyError::TransitUnavailable {
-            op: "read",
-            key: id.to_string(),
-            message: unexpected(&e),
-        })?;
-    let info = info.data;
+    let info: KeyInfo = transit.call("read", id, Method::GET, path, None).await?;
     let unsuitable = |reason: String| KeyError::TransitKeyUnsuitable {
         key: id.to_string(),
         reason,
@@ -771,31 +802,33 @@ impl TransitKey {
         self.binding == Binding::Context
     }
 
-    /// `,"context":"…"` or `,"associated_data":"…"` for `ctx`.
-    fn binding_field(&self, ctx: &EncryptionContext, out: &mut Vec<u8>) {
-        let mut bytes = BINDING_LABEL.to_vec();
-        encode_context(ctx, &mut bytes);
-        out.extend_from_slice(match self.binding {
-            Binding::Context => b",\"context\":\"",
-            Binding::AssociatedData => b",\"associated_data\":\"",
-        });
-        out.extend_from_slice(b64().encode(&bytes).as_bytes());
-        out.push(b'"');
+    /// `{"ciphertext":"…",<binding>}` for a slot, or the slot refused without a call when it
+    /// is not a Transit ciphertext ([`valid_ciphertext`]).
+    fn ciphertext_body(
+        &self,
+        op: &'static str,
+        wrapped: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        if !valid_ciphertext(wrapped) {
+            return Err(self.invalid(op));
+        }
+        Ok(self
+            .binding
+            .body(ctx, &[b"\"ciphertext\":\"", wrapped, b"\""]))
     }
 
-    /// `{"ciphertext":"…",<binding>}`; the ciphertext was checked with [`valid_ciphertext`].
-    fn ciphertext_body(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Zeroizing<Vec<u8>> {
-        let mut b = Zeroizing::new(Vec::with_capacity(512));
-        b.extend_from_slice(b"{\"ciphertext\":\"");
-        b.extend_from_slice(wrapped);
-        b.push(b'"');
-        self.binding_field(ctx, &mut b);
-        b.push(b'}');
-        b
-    }
-
-    fn path(&self, op: &str) -> String {
-        format!("{}/{op}/{}", self.mount, self.name)
+    /// `POST MOUNT/<route>/NAME` with `body`; the answer's `data`.
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &'static str,
+        route: &str,
+        body: Zeroizing<Vec<u8>>,
+    ) -> Result<T, KeyError> {
+        let path = format!("{}/{route}/{}", self.mount, self.name);
+        self.transit
+            .call(op, &self.id, Method::POST, &path, Some(body))
+            .await
     }
 
     fn unavailable(&self, op: &'static str, message: impl Into<String>) -> KeyError {
@@ -803,6 +836,13 @@ impl TransitKey {
             op,
             key: self.id.clone(),
             message: message.into(),
+        }
+    }
+
+    fn invalid(&self, op: &'static str) -> KeyError {
+        KeyError::TransitInvalidCiphertext {
+            op,
+            key: self.id.clone(),
         }
     }
 
@@ -824,81 +864,37 @@ impl TransitKey {
         ctx: &EncryptionContext,
     ) -> Result<(Dek, Vec<u8>), KeyError> {
         const OP: &str = "datakey";
-        let mut body = Zeroizing::new(b"{\"bits\":256".to_vec());
-        self.binding_field(ctx, &mut body);
-        body.push(b'}');
-        let out = self
-            .transit
-            .call(
-                OP,
-                &self.id,
-                Method::POST,
-                &self.path("datakey/plaintext"),
-                Some(body),
-            )
-            .await?;
-        let data: Envelope<PlaintextData> =
-            serde_json::from_slice(&out).map_err(|e| self.unavailable(OP, unexpected(&e)))?;
-        let dek = dek_from_base64(&data.data.plaintext.0)
+        let body = self.binding.body(ctx, &[b"\"bits\":256"]);
+        let data: PlaintextData = self.post(OP, "datakey/plaintext", body).await?;
+        let dek = dek_from_base64(&data.plaintext.0)
             .ok_or_else(|| self.unavailable(OP, "the answer lacks a 32-byte key"))??;
-        let wrapped = data.data.ciphertext.clone().unwrap_or_default();
+        let wrapped = data.ciphertext.clone().unwrap_or_default();
         Ok((dek, self.take_ciphertext(OP, wrapped)?))
     }
 
     /// Wraps a DEK made elsewhere (`encrypt`).
     pub async fn encrypt(&self, dek: &Dek, ctx: &EncryptionContext) -> Result<Vec<u8>, KeyError> {
         const OP: &str = "encrypt";
-        let mut body = Zeroizing::new(Vec::with_capacity(512));
-        body.extend_from_slice(b"{\"plaintext\":\"");
         let mut enc = Zeroizing::new([0u8; 64]);
         let n = b64()
             .encode_slice(dek.expose(), &mut enc[..])
             .expect("44 base64 characters fit in 64 bytes");
-        body.extend_from_slice(&enc[..n]);
-        body.push(b'"');
-        self.binding_field(ctx, &mut body);
-        body.push(b'}');
-        let out = self
-            .transit
-            .call(
-                OP,
-                &self.id,
-                Method::POST,
-                &self.path("encrypt"),
-                Some(body),
-            )
-            .await?;
-        let data: Envelope<CiphertextData> =
-            serde_json::from_slice(&out).map_err(|e| self.unavailable(OP, unexpected(&e)))?;
-        self.take_ciphertext(OP, data.data.ciphertext)
+        let body = self
+            .binding
+            .body(ctx, &[b"\"plaintext\":\"", &enc[..n], b"\""]);
+        let data: CiphertextData = self.post(OP, "encrypt", body).await?;
+        self.take_ciphertext(OP, data.ciphertext)
     }
 
     /// Unwraps a slot (`decrypt`). A slot that is not a Transit ciphertext is refused here,
     /// without a call.
     pub async fn decrypt(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Result<Dek, KeyError> {
         const OP: &str = "decrypt";
-        let invalid = || KeyError::TransitInvalidCiphertext {
-            op: OP,
-            key: self.id.clone(),
-        };
-        if !valid_ciphertext(wrapped) {
-            return Err(invalid());
-        }
-        let out = self
-            .transit
-            .call(
-                OP,
-                &self.id,
-                Method::POST,
-                &self.path("decrypt"),
-                Some(self.ciphertext_body(wrapped, ctx)),
-            )
-            .await?;
-        let data: Envelope<PlaintextData> =
-            serde_json::from_slice(&out).map_err(|e| self.unavailable(OP, unexpected(&e)))?;
+        let body = self.ciphertext_body(OP, wrapped, ctx)?;
+        let data: PlaintextData = self.post(OP, "decrypt", body).await?;
         // Something else encrypted under this key and context is not a DEK.
-        dek_from_base64(&data.data.plaintext.0)
-            .ok_or_else(invalid)?
+        dek_from_base64(&data.plaintext.0)
+            .ok_or_else(|| self.invalid(OP))?
             .map_err(KeyError::from)
     }
 
@@ -914,25 +910,9 @@ impl TransitKey {
             self.has_native_rewrap(),
             "BUG: native rewrap of a non-derived Transit key"
         );
-        if !valid_ciphertext(wrapped) {
-            return Err(KeyError::TransitInvalidCiphertext {
-                op: OP,
-                key: self.id.clone(),
-            });
-        }
-        let out = self
-            .transit
-            .call(
-                OP,
-                &self.id,
-                Method::POST,
-                &self.path("rewrap"),
-                Some(self.ciphertext_body(wrapped, ctx)),
-            )
-            .await?;
-        let data: Envelope<CiphertextData> =
-            serde_json::from_slice(&out).map_err(|e| self.unavailable(OP, unexpected(&e)))?;
-        self.take_ciphertext(OP, data.data.ciphertext)
+        let body = self.ciphertext_body(OP, wrapped, ctx)?;
+        let data: CiphertextData = self.post(OP, "rewrap", body).await?;
+        self.take_ciphertext(OP, data.ciphertext)
     }
 }
 
@@ -1037,6 +1017,32 @@ mod tests {
         }
         let t = classify("decrypt", "k", Failure::Timeout);
         assert!(!t.is_access_denied() && !t.is_integrity());
+    }
+
+    #[test]
+    fn request_bodies_are_json_with_the_binding_and_never_reallocate() {
+        let ctx = EncryptionContext::from([
+            ("sealfs:path".to_string(), "sub/".repeat(300) + "model.bin"),
+            ("team".to_string(), "ml \"infra\"".to_string()),
+        ]);
+        let mut bound = BINDING_LABEL.to_vec();
+        encode_context(&ctx, &mut bound);
+        let dek = b64().encode([9u8; 32]);
+        for (binding, member) in [
+            (Binding::Context, "context"),
+            (Binding::AssociatedData, "associated_data"),
+        ] {
+            let body = binding.body(&ctx, &[b"\"plaintext\":\"", dek.as_bytes(), b"\""]);
+            assert_eq!(body.capacity(), body.len(), "{member}: the buffer grew");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["plaintext"], dek.as_str(), "{member}");
+            assert_eq!(v[member], b64().encode(&bound), "{member}");
+            assert_eq!(v.as_object().unwrap().len(), 2, "{member}: {v}");
+            let v: serde_json::Value =
+                serde_json::from_slice(&binding.body(&ctx, &[b"\"bits\":256"])).unwrap();
+            assert_eq!(v["bits"], 256, "{member}");
+            assert!(v[member].is_string(), "{member}");
+        }
     }
 
     #[test]

@@ -66,7 +66,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+/// One request to 127.0.0.1:`port` (`Connection: close`, 10 s read timeout): the status and
+/// the body, or `None` when nothing usable came back.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let req = format!(
