@@ -242,50 +242,98 @@ fn an_hsm_aes_key_seals_verifies_unseals_and_mounts_with_one_unwrap_per_file() {
     );
 }
 
-/// An RSA pair: a publisher seals with the public key object and no PIN; a host without the
-/// PIN cannot unwrap (exit 4, one line); a host with it can.
+/// An RSA pair: used only logged in with both halves matching (a public key object anyone
+/// can replace is no trust anchor), and, since anyone with the public key can make a slot it
+/// opens, read only with a trusted signer: `verify` and `mount` without one are refused.
 #[test]
-fn an_hsm_rsa_key_seals_without_login_and_only_a_logged_in_host_unwraps() {
+fn an_hsm_rsa_key_needs_a_login_and_a_trusted_signer() {
     let h = Hsm::new();
-    h.expect(
+    let out = h.expect(
         &[
             "seal",
             &h.p("src"),
-            &h.p("sealed"),
-            "--key",
-            &h.uri("rsa1", false),
-        ],
-        0,
-    );
-    let out = h.expect(
-        &[
-            "unseal",
-            &h.p("sealed"),
             &h.p("nologin"),
             "--key",
             &h.uri("rsa1", false),
         ],
         4,
     );
-    assert!(out.contains("not logged in"), "{out}");
-    assert!(
-        !h.path("nologin/a.bin").exists(),
-        "nothing unsealed without a login"
-    );
+    assert!(out.contains("needs both halves visible"), "{out}");
+    assert!(!h.path("nologin").exists(), "nothing sealed");
+    let rsa = h.uri("rsa1", true);
+    expect_code(&sealfs(&["keygen", "--signing", &h.p("pub.key")], &[]), 0);
+    let signer = format!("file:{}", h.p("pub.key"));
+    let trust = format!("file:{}", h.p("pub.key.pub"));
     h.expect(
         &[
-            "unseal",
+            "seal",
+            &h.p("src"),
             &h.p("sealed"),
-            &h.p("out"),
             "--key",
-            &h.uri("rsa1", true),
+            &rsa,
+            "--sign",
+            &signer,
         ],
         0,
     );
+    let out = h.expect(&["verify", &h.p("sealed"), "--key", &rsa], 2);
+    assert!(out.contains("wraps DEKs with a public key"), "{out}");
+    let err = Mount::try_start(&h.p("sealed"), &["--key", &rsa], &h.env())
+        .err()
+        .unwrap();
+    assert!(err.contains("wraps DEKs with a public key"), "{err}");
+    h.expect(
+        &[
+            "verify",
+            &h.p("sealed"),
+            "--key",
+            &rsa,
+            "--trust-signer",
+            &trust,
+        ],
+        0,
+    );
+    h.expect(&["unseal", &h.p("sealed"), &h.p("out"), "--key", &rsa], 0);
     h.assert_same_tree("out");
-}
 
-/// `rewrap` between the token and a key file, both ways: after each, only the new key opens
+    // The public object replaced by another key's (no PIN needed to do that): refused.
+    run(h.tool().args([
+        "--keypairgen",
+        "--key-type",
+        "rsa:2048",
+        "--label",
+        "other",
+        "--id",
+        "09",
+        "--login",
+        "--pin",
+        &h.pin,
+    ]));
+    run(h.tool().args([
+        "--read-object",
+        "--type",
+        "pubkey",
+        "--label",
+        "other",
+        "-o",
+        &h.p("other.der"),
+    ]));
+    run(h
+        .tool()
+        .args(["--delete-object", "--type", "pubkey", "--label", "rsa1"]));
+    run(h.tool().args([
+        "--write-object",
+        &h.p("other.der"),
+        "--type",
+        "pubkey",
+        "--label",
+        "rsa1",
+        "--id",
+        "03",
+    ]));
+    let out = h.expect(&["unseal", &h.p("sealed"), &h.p("out2"), "--key", &rsa], 4);
+    assert!(out.contains("does not match the private key"), "{out}");
+}
 /// the files (strict trust), and the bytes are unchanged.
 #[test]
 fn rewrap_moves_files_between_a_key_file_and_the_token_both_ways() {
@@ -522,7 +570,20 @@ fn a_token_ec_key_signs_models_and_interoperates_with_model_signing() {
     let h = Hsm::new();
     let k = h.uri("kek1", true);
     let signer = h.uri("signer1", true);
-    let trust = h.uri("signer1", false);
+    // Trusting a token's public key needs the PIN: the pair is checked first.
+    let out = h.expect(
+        &[
+            "verify",
+            &h.p("src"),
+            "--key",
+            &k,
+            "--trust-signer",
+            &h.uri("signer1", false),
+        ],
+        4,
+    );
+    assert!(out.contains("needs pin-source="), "{out}");
+    let trust = h.uri("signer1", true);
     h.expect(
         &[
             "seal",

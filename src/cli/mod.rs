@@ -466,6 +466,9 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             let loc = Location::parse(&uri).await?;
             let ring = keyring(&keys).await?;
             let trusted = trusted_signers(&trust_signers).await?;
+            if let Some(why) = ring.origin_unproven(!trusted.is_empty(), false) {
+                return Err(Error::Usage(why));
+            }
             let (reports, models) = seal::verify(&loc, &ring, &trusted, cancel).await?;
             for m in &models {
                 println!(
@@ -512,6 +515,9 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
         } => {
             let loc = Location::parse(&src).await?;
             let ring = keyring(&keys).await?;
+            if let Some(why) = ring.origin_unproven(false, false) {
+                eprintln!("sealfs: warning: {why}; unsealing anyway (break-glass)");
+            }
             for p in seal::unseal(&loc, &dest, &ring, force, cancel).await? {
                 println!("unsealed {}", p.display());
             }

@@ -128,6 +128,11 @@ async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
         .map_err(Error::from)?;
     let keyring = Keyring::resolve(&specs).await.map_err(Error::from)?;
     let trusted = crate::cli::trusted_signers(&args.trust_signers).await?;
+    if let Some(why) =
+        keyring.origin_unproven(!trusted.is_empty(), args.config.model_digest.is_some())
+    {
+        return Err(Error::Usage(why).into());
+    }
     let fs = SealFs::with_signers(
         loc.store,
         &loc.prefix,

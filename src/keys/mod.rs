@@ -279,6 +279,29 @@ impl Keyring {
         self.keks.is_empty()
     }
 
+    /// Keys that wrap with a *public* key (`pkcs11:` RSA pairs): anyone who has that public
+    /// key can make a slot they open, so they prove nothing about who sealed a file.
+    pub fn public_key_ids(&self) -> Vec<String> {
+        self.keks
+            .iter()
+            .filter(|k| matches!(k, Kek::Pkcs11(p) if p.kind() == pkcs11::Kind::Rsa))
+            .map(|k| k.id().to_string())
+            .collect()
+    }
+
+    /// The refusal for reading under a public-key KEK without another proof of origin
+    /// (`--trust-signer` or `--model-digest`), if that is the case.
+    pub fn origin_unproven(&self, signers: bool, pinned: bool) -> Option<String> {
+        let keys = self.public_key_ids();
+        (!keys.is_empty() && !signers && !pinned).then(|| {
+            format!(
+                "{} wraps DEKs with a public key: anyone holding that public key can seal files \
+                 it opens, so give --trust-signer (or --model-digest) to know who sealed them",
+                keys.join(", ")
+            )
+        })
+    }
+
     /// The slot id of a key this ring holds, named by its `--key` URI or by its slot id.
     pub fn id_of(&self, key: &str) -> Option<String> {
         if let Some(k) = self.keks.iter().find(|k| k.id() == key) {

@@ -7,16 +7,20 @@
 //!   5649): KWP takes no associated data, so a wrapped DEK could not be bound to its file,
 //!   and `C_UnwrapKey` would leave the DEK as a token object that must be made extractable
 //!   to be read back. Wrapped: `01 || IV (12) || encrypted DEK (32) || tag (16)`.
-//! - an **RSA key pair**: `CKM_RSA_PKCS_OAEP`. Sealing uses the *public* key object and
-//!   needs no login, so a publisher seals without the PIN; only hosts that can log in to the
-//!   token unwrap. Wrapped: `02 || ciphertext` with SHA-256, MGF1-SHA-256 and label =
+//! - an **RSA key pair**: `CKM_RSA_PKCS_OAEP`. Used only logged in, and only when the public
+//!   key object's modulus is the private key's: a public object is not a trust anchor (anyone
+//!   who reaches the token may replace it without the PIN). A public-key KEK proves nothing
+//!   about who sealed a file (anyone with the public key can make a slot), so reading under
+//!   one needs `--trust-signer` or `--model-digest` ([`super::Keyring::origin_unproven`]).
+//!   Wrapped: `02 || ciphertext` with SHA-256, MGF1-SHA-256 and label =
 //!   SHA-256 of the same AAD (the context bound, as for AES); a token that refuses those
 //!   parameters (SoftHSM 2.6 accepts only SHA-1 and no label) gets `03 || ciphertext` with
 //!   SHA-1, MGF1-SHA-1 and no label, which still hides the DEK (OAEP's security does not
 //!   rest on SHA-1's collision resistance) but binds no context: the header MAC still
 //!   commits the file to its DEK.
 //! - an **EC P-256 key pair**: a publisher signing key (`--sign` / `--trust-signer`, see
-//!   `sign/`); its private key signs inside the token.
+//!   `sign/`); its private key signs inside the token, and its public key object is trusted
+//!   only after it verified a signature the private key made over a fresh challenge.
 //!
 //! One session per token per process, logged in once with the PIN from `pin-source`, and
 //! reopened once after a session or device error. Every call runs on the blocking pool under
@@ -69,16 +73,46 @@ pub struct Pkcs11Uri {
 
 fn bad(uri: &str, reason: impl Into<String>) -> KeyError {
     KeyError::Pkcs11Uri {
-        // Without the query: a pin-value someone put there anyway is not echoed.
-        uri: printable(uri.split('?').next().unwrap_or(""), 256),
+        uri: redacted(uri),
         reason: reason.into(),
     }
+}
+
+/// A URI as error lines show it: the attribute names only, never a value (a PIN typed into
+/// any part of it must not reach a terminal or a log).
+fn redacted(uri: &str) -> String {
+    let Some(rest) = uri.strip_prefix("pkcs11:") else {
+        return "(not a pkcs11: URI)".into();
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let names = |part: &str, sep: char| {
+        part.split(sep)
+            .filter(|a| !a.is_empty())
+            .map(|a| match a.split_once('=') {
+                Some((k, _)) => format!("{}=…", printable(k, 32)),
+                None => "…".into(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut out = format!("pkcs11:{}", names(path, ';').join(";"));
+    if !query.is_empty() {
+        out += &format!("?{}", names(query, '&').join("&"));
+    }
+    out
 }
 
 impl std::str::FromStr for Pkcs11Uri {
     type Err = KeyError;
 
     fn from_str(s: &str) -> Result<Self, KeyError> {
+        // Wherever it is (query, path, inside another value), before anything else.
+        if s.to_ascii_lowercase().contains("pin-value") {
+            return Err(bad(
+                s,
+                "pin-value is refused: a PIN must not sit in argv or a unit file; \
+                 put it in a 0600 file and give pin-source=file:/path",
+            ));
+        }
         let rest = s
             .strip_prefix("pkcs11:")
             .ok_or_else(|| bad(s, "must start with pkcs11:"))?;
@@ -99,9 +133,9 @@ impl std::str::FromStr for Pkcs11Uri {
         for attr in path.split(';').filter(|a| !a.is_empty()) {
             let (k, v) = attr
                 .split_once('=')
-                .ok_or_else(|| bad(s, format!("path attribute {attr:?} has no '='")))?;
+                .ok_or_else(|| bad(s, "a path attribute has no '='"))?;
             if !seen.insert(k.to_string()) {
-                return Err(bad(s, format!("{k} given twice")));
+                return Err(bad(s, format!("{} given twice", printable(k, 32))));
             }
             let v: Vec<u8> = percent_encoding::percent_decode_str(v).collect();
             match k {
@@ -122,7 +156,7 @@ impl std::str::FromStr for Pkcs11Uri {
                 _ => {
                     return Err(bad(
                         s,
-                        format!("unsupported path attribute {k:?} (token, serial, slot-id, object, id, type)"),
+                        format!("unsupported path attribute {:?} (token, serial, slot-id, object, id, type)", printable(k, 32)),
                     ))
                 }
             }
@@ -130,9 +164,9 @@ impl std::str::FromStr for Pkcs11Uri {
         for attr in query.split('&').filter(|a| !a.is_empty()) {
             let (k, v) = attr
                 .split_once('=')
-                .ok_or_else(|| bad(s, format!("query attribute {attr:?} has no '='")))?;
+                .ok_or_else(|| bad(s, "a query attribute has no '='"))?;
             if !seen.insert(k.to_string()) {
-                return Err(bad(s, format!("{k} given twice")));
+                return Err(bad(s, format!("{} given twice", printable(k, 32))));
             }
             let v: Vec<u8> = percent_encoding::percent_decode_str(v).collect();
             match k {
@@ -142,17 +176,13 @@ impl std::str::FromStr for Pkcs11Uri {
                     let p = v.strip_prefix("file:").unwrap_or(&v);
                     u.pin_source = Some(PathBuf::from(p));
                 }
-                "pin-value" => {
-                    return Err(bad(
-                        s,
-                        "pin-value is refused: a PIN must not sit in argv or a unit file; \
-                         put it in a 0600 file and give pin-source=file:/path",
-                    ))
-                }
                 _ => {
                     return Err(bad(
                         s,
-                        format!("unsupported query attribute {k:?} (module-path, pin-source)"),
+                        format!(
+                            "unsupported query attribute {:?} (module-path, pin-source)",
+                            printable(k, 32)
+                        ),
                     ))
                 }
             }
@@ -261,6 +291,12 @@ fn classify(e: &CkError) -> Fail {
             RvError::GeneralError | RvError::DataInvalid | RvError::DataLenRange,
             cryptoki::context::Function::Decrypt,
         ) => Fail::Rejected,
+        // Parameters a stored slot chose (an OAEP tag byte) that the token does not take:
+        // the stored bytes are wrong, not the token.
+        CkError::Pkcs11(
+            RvError::ArgumentsBad | RvError::MechanismParamInvalid,
+            cryptoki::context::Function::DecryptInit,
+        ) => Fail::Rejected,
         CkError::Pkcs11(rv, _) => match rv {
             RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => Fail::Rejected,
             RvError::PinIncorrect
@@ -299,7 +335,8 @@ fn reopens(e: &CkError) -> bool {
     )
 }
 
-/// One loaded module per path per process (`C_Initialize` may run once).
+/// One loaded module per file per process (`C_Initialize` may run once), keyed by its
+/// canonical path, so two spellings of one module share it.
 fn module(path: &Path) -> Result<Pkcs11, Fail> {
     static MODULES: OnceLock<Mutex<BTreeMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut map = MODULES
@@ -318,34 +355,46 @@ fn module(path: &Path) -> Result<Pkcs11, Fail> {
     Ok(ctx)
 }
 
-/// The module is code this process will run: a regular file that only root or this user
-/// can write.
+/// The module is code this process will run: a regular file (the canonical path, so no
+/// symlink is followed later) that only root or this user can write, in directories only
+/// they can write either.
 fn check_module_file(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).map_err(|e| format!("module {}: {e}", path.display()))?;
-    if !m.is_file() {
-        return Err(format!("module {}: not a regular file", path.display()));
-    }
     // SAFETY: geteuid has no preconditions.
     #[allow(unsafe_code)]
     let me = unsafe { libc::geteuid() };
-    if m.uid() != 0 && m.uid() != me {
-        return Err(format!(
-            "module {}: owned by uid {}, not root or this user",
-            path.display(),
-            m.uid()
-        ));
+    let m =
+        std::fs::symlink_metadata(path).map_err(|e| format!("module {}: {e}", path.display()))?;
+    if !m.is_file() {
+        return Err(format!("module {}: not a regular file", path.display()));
     }
-    if m.mode() & 0o022 != 0 {
-        return Err(format!(
-            "module {}: writable by group or others",
-            path.display()
-        ));
+    for (p, m) in std::iter::once((path.to_path_buf(), m)).chain(
+        path.ancestors()
+            .skip(1)
+            .filter_map(|d| std::fs::metadata(d).ok().map(|m| (d.to_path_buf(), m))),
+    ) {
+        if m.uid() != 0 && m.uid() != me {
+            return Err(format!(
+                "module {}: {} is owned by uid {}, not root or this user",
+                path.display(),
+                p.display(),
+                m.uid()
+            ));
+        }
+        // A sticky directory (/tmp) still lets others replace nothing of ours.
+        if m.mode() & 0o022 != 0 && !(m.is_dir() && m.mode() & 0o1000 != 0) {
+            return Err(format!(
+                "module {}: {} is writable by group or others",
+                path.display(),
+                p.display()
+            ));
+        }
     }
     Ok(())
 }
 
-fn read_pin(path: &Path) -> Result<AuthPin, Fail> {
+/// The PIN in `path` and its SHA-256 (to remember a PIN the token refused).
+fn read_pin(path: &Path) -> Result<(AuthPin, [u8; 32]), Fail> {
     let err = |r: String| Fail::Denied(format!("PIN file {}: {r}", path.display()));
     let buf = crate::localfile::read_private(path, MAX_PIN, "a PIN file").map_err(err)?;
     let text = std::str::from_utf8(&buf).map_err(|_| err("not UTF-8".into()))?;
@@ -353,17 +402,22 @@ fn read_pin(path: &Path) -> Result<AuthPin, Fail> {
     if pin.is_empty() {
         return Err(err("empty".into()));
     }
-    Ok(AuthPin::from(pin))
+    Ok((AuthPin::from(pin), crate::crypto::sha256(pin.as_bytes())))
 }
 
-/// One token: the module, how to find the token, the PIN, and the one session.
+/// One token: the module, how to find the token, where the PIN is, and the one session.
 struct Token {
     ctx: Pkcs11,
     uri: Pkcs11Uri,
-    pin: Option<AuthPin>,
     session: Mutex<Option<Session>>,
+    /// One token call at a time, taken (asynchronously, bounded) before a blocking thread
+    /// is used: a hung token holds one thread, never the whole blocking pool.
+    permit: Arc<tokio::sync::Semaphore>,
     /// When the call in progress started (ms since the first call), 0 when idle.
     busy_since: AtomicU64,
+    /// SHA-256 of a PIN the token refused: never tried again (a token locks its user after
+    /// a few wrong PINs), until the PIN file holds another one.
+    refused_pin: Mutex<Option<[u8; 32]>>,
 }
 
 /// Milliseconds since the first call (monotonic).
@@ -387,8 +441,10 @@ impl Token {
             Option<PathBuf>,
         );
         static TOKENS: OnceLock<Mutex<BTreeMap<Key, Arc<Token>>>> = OnceLock::new();
+        let module_path = std::fs::canonicalize(&uri.module_path)
+            .map_err(|e| Fail::Unavailable(format!("module {}: {e}", uri.module_path.display())))?;
         let key = (
-            uri.module_path.clone(),
+            module_path.clone(),
             uri.token.clone(),
             uri.serial.clone(),
             uri.slot_id,
@@ -402,20 +458,24 @@ impl Token {
             return Ok(t.clone());
         }
         let t = Arc::new(Token {
-            ctx: module(&uri.module_path)?,
-            pin: uri.pin_source.as_deref().map(read_pin).transpose()?,
+            ctx: module(&module_path)?,
             uri: uri.clone(),
             session: Mutex::new(None),
+            permit: Arc::new(tokio::sync::Semaphore::new(1)),
             busy_since: AtomicU64::new(0),
+            refused_pin: Mutex::new(None),
         });
         map.insert(key, t.clone());
         Ok(t)
     }
 
-    fn open(&self) -> Result<Session, CkError> {
+    /// Opens a session on the one token the URI names and logs in (the PIN file is read
+    /// again each time, so a changed PIN needs no restart).
+    fn open(&self) -> Result<Session, Fail> {
+        let ck = |e: CkError| classify(&e);
         let mut found = None;
-        for slot in self.ctx.get_slots_with_token()? {
-            let info = self.ctx.get_token_info(slot)?;
+        for slot in self.ctx.get_slots_with_token().map_err(ck)? {
+            let info = self.ctx.get_token_info(slot).map_err(ck)?;
             let matches = self
                 .uri
                 .token
@@ -429,46 +489,63 @@ impl Token {
                 && self.uri.slot_id.is_none_or(|n| slot.id() == n);
             if matches {
                 if found.is_some() {
-                    // Two tokens answer to the name: refuse rather than pick one.
-                    return Err(CkError::Pkcs11(
-                        RvError::TokenNotRecognized,
-                        cryptoki::context::Function::GetTokenInfo,
+                    return Err(Fail::Unavailable(
+                        "more than one token answers to that token=/serial=: refusing to pick one"
+                            .into(),
                     ));
                 }
                 found = Some(slot);
             }
         }
-        let slot = found.ok_or(CkError::Pkcs11(
-            RvError::TokenNotPresent,
-            cryptoki::context::Function::GetSlotList,
-        ))?;
-        let session = self.ctx.open_ro_session(slot)?;
-        if let Some(pin) = &self.pin {
-            match session.login(UserType::User, Some(pin)) {
-                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                Err(e) => return Err(e),
+        let slot = found.ok_or_else(|| {
+            Fail::Unavailable("no token with that token=/serial=/slot-id= is present".into())
+        })?;
+        let session = self.ctx.open_ro_session(slot).map_err(ck)?;
+        if let Some(src) = &self.uri.pin_source {
+            let (pin, digest) = read_pin(src)?;
+            let mut refused = self.refused_pin.lock().unwrap_or_else(|p| p.into_inner());
+            if *refused == Some(digest) {
+                return Err(Fail::Denied(format!(
+                    "the token refused the PIN in {} before: not trying it again until that file changes",
+                    src.display()
+                )));
+            }
+            match session.login(UserType::User, Some(&pin)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => *refused = None,
+                Err(e) => {
+                    if matches!(
+                        e,
+                        CkError::Pkcs11(
+                            RvError::PinIncorrect
+                                | RvError::PinLocked
+                                | RvError::PinExpired
+                                | RvError::PinInvalid
+                                | RvError::PinLenRange,
+                            _
+                        )
+                    ) {
+                        *refused = Some(digest);
+                    }
+                    return Err(ck(e));
+                }
             }
         }
         Ok(session)
     }
 
-    /// Runs `f` in the session, opening it first if needed, and once more in a fresh
-    /// session after a session or device error.
-    ///
-    /// A call still running after [`CALL_TIMEOUT`] holds the session: later calls fail at
-    /// once instead of queueing behind it (each would cost its caller the full timeout and
-    /// a blocking thread).
-    fn with<T>(&self, f: impl Fn(&Session) -> Result<T, CkError>) -> Result<T, Fail> {
+    /// True while a call has been running for longer than [`CALL_TIMEOUT`].
+    fn hung(&self) -> bool {
         let since = self.busy_since.load(Ordering::Acquire);
-        if since != 0 && now_ms().saturating_sub(since) > CALL_TIMEOUT.as_millis() as u64 {
-            return Err(Fail::Unavailable(format!(
-                "a call to the token has not returned for over {} s",
-                CALL_TIMEOUT.as_secs()
-            )));
-        }
+        since != 0 && now_ms().saturating_sub(since) > CALL_TIMEOUT.as_millis() as u64
+    }
+
+    /// Runs `f` in the session, opening it first if needed, and once more in a fresh
+    /// session after a session or device error. Called on a blocking thread holding
+    /// [`Token::permit`] ([`bounded`]).
+    fn with<T>(&self, f: impl Fn(&Session) -> Result<T, CkError>) -> Result<T, Fail> {
         let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
         self.busy_since.store(now_ms().max(1), Ordering::Release);
-        let out = self.with_session(&mut guard, f).map_err(|e| classify(&e));
+        let out = self.with_session(&mut guard, f);
         self.busy_since.store(0, Ordering::Release);
         out
     }
@@ -477,32 +554,27 @@ impl Token {
         &self,
         guard: &mut Option<Session>,
         f: impl Fn(&Session) -> Result<T, CkError>,
-    ) -> Result<T, CkError> {
+    ) -> Result<T, Fail> {
         for attempt in 0..2 {
             if guard.is_none() {
-                match self.open() {
-                    Ok(s) => *guard = Some(s),
-                    Err(e) if attempt == 0 && reopens(&e) => continue,
-                    Err(e) => return Err(e),
-                }
+                *guard = Some(self.open()?);
             }
             let session = guard.as_ref().expect("opened just above");
             match f(session) {
                 Err(e)
                     if attempt == 0
                         && reopens(&e)
-                        && (self.pin.is_some()
+                        && (self.uri.pin_source.is_some()
                             || !matches!(e, CkError::Pkcs11(RvError::UserNotLoggedIn, _))) =>
                 {
                     tracing::warn!(token = %self.uri.key_id(), error = %describe(&e), "PKCS#11 session lost; reopening");
                     *guard = None;
                 }
-                other => return other,
+                other => return other.map_err(|e| classify(&e)),
             }
         }
-        Err(CkError::Pkcs11(
-            RvError::SessionHandleInvalid,
-            cryptoki::context::Function::OpenSession,
+        Err(Fail::Unavailable(
+            "the session was lost twice in a row".into(),
         ))
     }
 }
@@ -546,7 +618,13 @@ fn aad(ctx: &EncryptionContext) -> Vec<u8> {
 }
 
 /// Runs a token call on the blocking pool, bounded by [`CALL_TIMEOUT`].
+///
+/// With `token`, the call first takes the token's one permit (waiting asynchronously, inside
+/// the same bound), and fails at once while an earlier call has hung past the bound: a
+/// token that stops answering holds one blocking thread, not the pool that local-store reads
+/// and other keys share.
 async fn bounded<T: Send + 'static>(
+    token: Option<&Arc<Token>>,
     key: &str,
     op: &'static str,
     f: impl FnOnce() -> Result<T, Fail> + Send + 'static,
@@ -565,9 +643,28 @@ async fn bounded<T: Send + 'static>(
         Fail::Rejected => KeyError::UnwrapFailed(key.to_string()),
     };
     let start = std::time::Instant::now();
-    let out = match tokio::time::timeout(CALL_TIMEOUT, tokio::task::spawn_blocking(f)).await {
-        Ok(Ok(r)) => r.map_err(named),
-        Ok(Err(_)) => Err(named(Fail::Unavailable("token call panicked".into()))),
+    let hung = || {
+        Fail::Unavailable(format!(
+            "a call to the token has not returned for over {} s",
+            CALL_TIMEOUT.as_secs()
+        ))
+    };
+    let call = async {
+        let permit = match token {
+            Some(t) if t.hung() => return Err(hung()),
+            Some(t) => Some(t.permit.clone().acquire_owned().await.map_err(|_| hung())?),
+            None => None,
+        };
+        tokio::task::spawn_blocking(move || {
+            let r = f();
+            drop(permit);
+            r
+        })
+        .await
+        .unwrap_or_else(|_| Err(Fail::Unavailable("token call panicked".into())))
+    };
+    let out = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => r.map_err(named),
         Err(_) => Err(named(Fail::Unavailable(format!(
             "no answer from the token in {} s",
             CALL_TIMEOUT.as_secs()
@@ -576,6 +673,7 @@ async fn bounded<T: Send + 'static>(
     // Counted beside S3 and KMS on the metrics page (sealfs_requests_total{service="pkcs11"}).
     let outcome = match &out {
         Ok(_) => "ok",
+        Err(KeyError::Pkcs11Unavailable { .. }) => "unavailable",
         Err(e) if e.is_access_denied() => "denied",
         Err(e) if e.is_integrity() => "rejected",
         Err(_) => "unavailable",
@@ -586,11 +684,11 @@ async fn bounded<T: Send + 'static>(
 
 impl Pkcs11Key {
     /// Loads the module, opens (and logs in to) the token and finds the key: an AES secret
-    /// key, or else an RSA key pair (its public half is enough to seal).
+    /// key, or else an RSA key pair whose two halves match.
     pub async fn resolve(uri: &Pkcs11Uri) -> Result<Self, KeyError> {
         let id = uri.key_id();
         let u = Arc::new(uri.clone());
-        let (token, kind) = bounded(&id, "open", {
+        let (token, kind) = bounded(None, &id, "open", {
             let u = u.clone();
             move || {
                 let token = Token::get(&u)?;
@@ -604,14 +702,31 @@ impl Pkcs11Key {
                         }
                         let public = find_one(s, &u, ObjectClass::PUBLIC_KEY)?;
                         let private = find_one(s, &u, ObjectClass::PRIVATE_KEY)?;
-                        match public.or(private) {
-                            None => Ok(None),
-                            Some(h) => {
-                                let attrs = s.get_attributes(h, &[AttributeType::KeyType])?;
-                                let rsa = attrs.iter().any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::RSA));
-                                Ok(Some(if rsa { Ok(Kind::Rsa) } else { Err("a key pair that is not RSA (EC keys sign: use --sign / --trust-signer)") }))
-                            }
+                        let Some(h) = public.or(private) else {
+                            return Ok(None);
+                        };
+                        let attrs = s.get_attributes(h, &[AttributeType::KeyType])?;
+                        if !attrs.iter().any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::RSA)) {
+                            return Ok(Some(Err("a key pair that is not RSA (EC keys sign: use --sign / --trust-signer)")));
                         }
+                        // Public objects can be replaced by anyone who reaches the token,
+                        // without the PIN: the pair is used only logged in, and only when the
+                        // public half is the private half's.
+                        let (Some(public), Some(private)) = (public, private) else {
+                            return Ok(Some(Err("an RSA key needs both halves visible: give pin-source= (the public key object alone is not a trust anchor: anyone who can reach the token may replace it)")));
+                        };
+                        let modulus = |h| -> Result<Option<Vec<u8>>, CkError> {
+                            Ok(s.get_attributes(h, &[AttributeType::Modulus])?.into_iter().find_map(|a| match a {
+                                Attribute::Modulus(m) => Some(m),
+                                _ => None,
+                            }))
+                        };
+                        let (a, b) = (modulus(public)?, modulus(private)?);
+                        Ok(Some(if a.is_some() && a == b {
+                            Ok(Kind::Rsa)
+                        } else {
+                            Err("the RSA public key object does not match the private key: refusing it")
+                        }))
                     })
                     ?;
                 match kind {
@@ -648,7 +763,7 @@ impl Pkcs11Key {
         let aad = aad(ctx);
         // The DEK crosses to the blocking thread in a zeroized buffer.
         let plain = Zeroizing::new(*dek.expose());
-        bounded(&self.id, "wrap", move || {
+        bounded(Some(&self.token), &self.id, "wrap", move || {
             let out = token.with(|s| match kind {
                 Kind::Aes => {
                     let h = find_one(s, &uri, ObjectClass::SECRET_KEY)?.ok_or(CkError::Pkcs11(
@@ -715,7 +830,7 @@ impl Pkcs11Key {
         let (token, uri, kind) = (self.token.clone(), self.uri.clone(), self.kind);
         let aad = aad(ctx);
         let wrapped = wrapped.to_vec();
-        let mut plain = bounded(&self.id, "unwrap", move || {
+        let mut plain = bounded(Some(&self.token), &self.id, "unwrap", move || {
             token.with(|s| {
                 let plain = match kind {
                     Kind::Aes => {
@@ -787,14 +902,23 @@ const P256_SPKI_PREFIX: [u8; 26] = [
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 impl Pkcs11Signer {
-    /// Finds the key pair's public half (no login needed) and returns the signer and its
-    /// SubjectPublicKeyInfo DER. Signing later needs the private half (and the PIN).
+    /// Finds the key pair, checks that its public half belongs to its private half (a
+    /// signature over a fresh challenge: needs the PIN), and returns the signer and its
+    /// SubjectPublicKeyInfo DER.
     pub async fn resolve(uri: &Pkcs11Uri) -> Result<(Self, Vec<u8>), KeyError> {
         let id = uri.key_id();
         let u = Arc::new(uri.clone());
-        let (token, spki) = bounded(&id, "public key", {
+        let (token, spki) = bounded(None, &id, "public key", {
             let u = u.clone();
             move || {
+                if u.pin_source.is_none() {
+                    return Err(Fail::Denied(
+                        "a token signer needs pin-source=, so that its public key object is checked \
+                         against the private key (anyone who reaches the token may replace a public \
+                         object without the PIN); or trust the exported public key: --trust-signer file:PUB.pem"
+                            .into(),
+                    ));
+                }
                 let token = Token::get(&u)?;
                 let attrs = token
                     .with(|s| match find_one(s, &u, ObjectClass::PUBLIC_KEY)? {
@@ -821,12 +945,36 @@ impl Pkcs11Signer {
                         _ => {}
                     }
                 }
-                match point {
+                let spki = match point {
                     Some(pt) if p256 && pt.len() == 65 && pt[0] == 0x04 => {
-                        Ok((token, [&P256_SPKI_PREFIX[..], &pt].concat()))
+                        [&P256_SPKI_PREFIX[..], &pt].concat()
                     }
-                    _ => Err(Fail::Denied("not an EC P-256 public key".into())),
+                    _ => return Err(Fail::Denied("not an EC P-256 public key".into())),
+                };
+                // The pair check: the private key signs a fresh challenge, the public key
+                // object must verify it.
+                let mut challenge = [0u8; 32];
+                random_bytes(&mut challenge);
+                let digest = crate::crypto::sha256(&challenge);
+                let rs = token.with(|s| {
+                    let h = find_one(s, &u, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
+                        RvError::UserNotLoggedIn,
+                        cryptoki::context::Function::FindObjects,
+                    ))?;
+                    s.sign(&Mechanism::Ecdsa, h, &digest)
+                })?;
+                let ok = aws_lc_rs::signature::UnparsedPublicKey::new(
+                    &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+                    &spki,
+                )
+                .verify(&challenge, &rs)
+                .is_ok();
+                if !ok {
+                    return Err(Fail::Denied(
+                        "the public key object does not match the private key: refusing it".into(),
+                    ));
                 }
+                Ok((token, spki))
             }
         })
         .await?;
@@ -842,7 +990,7 @@ impl Pkcs11Signer {
     pub async fn sign_raw(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         let digest = crate::crypto::sha256(message);
         let (token, uri) = (self.token.clone(), self.uri.clone());
-        bounded(&self.id, "sign", move || {
+        bounded(Some(&self.token), &self.id, "sign", move || {
             token.with(|s| {
                 let h = find_one(s, &uri, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
                     RvError::UserNotLoggedIn,
@@ -915,5 +1063,27 @@ mod tests {
             assert!(e.contains(why), "{uri}: {e}");
             assert!(!e.contains("1234"), "{e}");
         }
+        // A PIN typed anywhere else is refused too, and never echoed (found in review).
+        for uri in [
+            "pkcs11:token=t;object=o;pin-value=SECRET1?module-path=/m.so",
+            "pkcs11:token=t;object=o?module-path=/m.so&pin-value:SECRET2",
+            "pkcs11:token=t;object=kek&pin-value=SECRET6?module-path=/m.so",
+            "pkcs11:token=t;object=o?module-path=/m.so;PIN-VALUE=SECRET7",
+        ] {
+            let e = uri.parse::<Pkcs11Uri>().unwrap_err().to_string();
+            assert!(e.contains("pin-value is refused"), "{uri}: {e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+        // Other refusals name attributes, never values.
+        let e = "pkcs11:token=t;object=o;secret=SECRET8?module-path=/m.so"
+            .parse::<Pkcs11Uri>()
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("SECRET8") && e.contains("secret=…"), "{e}");
+        let e = "pkcs11:token=t;object=o?module-path=/m.so&SECRET9"
+            .parse::<Pkcs11Uri>()
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("SECRET9"), "{e}");
     }
 }

@@ -57,13 +57,23 @@ impl Drop for Proc {
     }
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, and never handed out before in this test process:
+/// parallel tests that each start a server on "a free port" must not get the same one (a
+/// server that then fails to bind would leave its test talking to another test's server).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One request to 127.0.0.1:`port` (`Connection: close`, 10 s read timeout): the status and
