@@ -695,7 +695,12 @@ impl Pkcs11Key {
                 let kind = token
                     .with(|s| {
                         if let Some(h) = find_one(s, &u, ObjectClass::SECRET_KEY)? {
-                            let attrs = s.get_attributes(h, &[AttributeType::KeyType, AttributeType::ValueLen])?;
+                            let attrs = s.get_attributes(h, &[AttributeType::KeyType, AttributeType::ValueLen, AttributeType::Extractable])?;
+                            if attrs.iter().any(|a| matches!(a, Attribute::Extractable(true))) {
+                                // Not refused (HSM backup schemes may need it), but "never
+                                // leaves the HSM" is then the HSM policy's promise, not the key's.
+                                tracing::warn!(key = %u.key_id(), "the token's AES key is extractable (CKA_EXTRACTABLE): create it non-extractable so it can never leave the HSM");
+                            }
                             let aes = attrs.iter().any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::AES));
                             let len32 = attrs.iter().any(|a| matches!(a, Attribute::ValueLen(n) if u64::from(*n) == 32));
                             return Ok(Some(if aes && len32 { Ok(Kind::Aes) } else { Err("a secret key that is not AES-256") }));

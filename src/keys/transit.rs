@@ -165,10 +165,12 @@ fn read_file(
     private: bool,
 ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let err = |reason: String| config_err(format!("{what} {}: {reason}", path.display()));
-    let (f, meta) = crate::localfile::open_regular(path).map_err(|e| err(e.to_string()))?;
     if private {
-        crate::localfile::check_private(&meta).map_err(err)?;
+        // A buffer sized once: a growing one would leave copies of a private key in freed
+        // heap (found in review).
+        return crate::localfile::read_private(path, max, what).map_err(err);
     }
+    let (f, _) = crate::localfile::open_regular(path).map_err(|e| err(e.to_string()))?;
     let mut out = Zeroizing::new(Vec::with_capacity(4096));
     // Never more than `max` + 1 bytes, whatever the file claims.
     f.take(max as u64 + 1)
