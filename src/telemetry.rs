@@ -1,10 +1,13 @@
 //! Logging setup. Never log a key, a plaintext DEK or plaintext bytes: log events name
 //! files, chunks, key ids and reasons only.
 
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
+
 use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, EnvFilter, Layer};
+use tracing_subscriber::{fmt, reload, EnvFilter, Layer, Registry};
 
 /// Crates whose trace-level events carry HTTP request or response bodies or wire bytes: the
 /// signer's canonical request and signable body, the SDK orchestrator's request and response
@@ -29,21 +32,127 @@ fn carries_bodies(target: &str, level: &tracing::Level) -> bool {
         })
 }
 
-/// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise: human lines, or
-/// one JSON object per line with `json` (for log shippers; audit events carry the target
-/// `sealfs::audit`). Audit events are on whatever `--log-level` says: an audit trail that a
-/// quieter log level switches off is no trail. Events that may carry HTTP bodies are
-/// dropped ([`BODY_TARGETS`]).
-pub fn init(default_level: &str, json: bool) {
-    let env = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!(
-            "sealfs={default_level},sealfs::audit=info,fuser=error,warn"
-        ))
-    });
+/// Where log lines go: stderr until told otherwise; a `--log-file`; or, for a daemon whose
+/// stderr was a terminal or a pipe, syslog (`/dev/log`, which journald also serves).
+enum Sink {
+    Stderr,
+    File(std::fs::File),
+    Syslog(std::os::unix::net::UnixDatagram),
+    Discard,
+}
+
+static SINK: Mutex<Sink> = Mutex::new(Sink::Stderr);
+
+/// The `MakeWriter` of every log line: one buffer per event, written to the current sink in
+/// one call when the event is done (a syslog datagram per event).
+struct SinkWriter {
+    buf: Vec<u8>,
+    severity: u8,
+}
+
+impl Write for SinkWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SinkWriter {
+    fn drop(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let mut sink = SINK.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = match &mut *sink {
+            Sink::Stderr => std::io::stderr().write_all(&self.buf),
+            Sink::File(f) => f.write_all(&self.buf),
+            Sink::Syslog(s) => {
+                // RFC 3164 framing, facility daemon (3): `<PRI>sealfs[PID]: line`.
+                let line = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
+                let head = format!(
+                    "<{}>sealfs[{}]: ",
+                    3 * 8 + self.severity,
+                    std::process::id()
+                );
+                s.send(&[head.as_bytes(), line].concat()).map(drop)
+            }
+            Sink::Discard => Ok(()),
+        };
+    }
+}
+
+struct MakeSink;
+
+impl<'a> fmt::MakeWriter<'a> for MakeSink {
+    type Writer = SinkWriter;
+    fn make_writer(&'a self) -> SinkWriter {
+        SinkWriter {
+            buf: Vec::new(),
+            severity: 6,
+        }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SinkWriter {
+        let severity = match *meta.level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        SinkWriter {
+            buf: Vec::new(),
+            severity,
+        }
+    }
+}
+
+/// The configured filter and the handle that swaps it (SIGUSR2: [`toggle_debug`]).
+struct Levels {
+    handle: reload::Handle<EnvFilter, Registry>,
+    configured: String,
+    debug: Mutex<bool>,
+}
+
+static LEVELS: OnceLock<Levels> = OnceLock::new();
+
+fn directives(level: &str) -> String {
+    format!("sealfs={level},sealfs::audit=info,fuser=error,warn")
+}
+
+/// Logs at `default_level` unless `RUST_LOG` says otherwise, to stderr or to `log_file`:
+/// human lines, or one JSON object per line with `json` (for log shippers; audit events
+/// carry the target `sealfs::audit`). Audit events are on whatever `--log-level` says: an
+/// audit trail that a quieter log level switches off is no trail. Events that may carry
+/// HTTP bodies are dropped ([`BODY_TARGETS`]).
+pub fn init(
+    default_level: &str,
+    json: bool,
+    log_file: Option<&std::path::Path>,
+) -> Result<(), String> {
+    if let Some(p) = log_file {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(p)
+            .map_err(|e| format!("--log-file {}: {e}", p.display()))?;
+        *SINK.lock().unwrap_or_else(|p| p.into_inner()) = Sink::File(f);
+    }
+    let configured = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| directives(default_level));
+    let (env, handle) = reload::Layer::new(EnvFilter::new(&configured));
     let no_bodies = filter_fn(|m| !carries_bodies(m.target(), m.level()))
         .with_max_level_hint(LevelFilter::TRACE);
     let filter = env.and(no_bodies);
     let registry = tracing_subscriber::registry();
+    // Colour only on a terminal: journald and log files get plain lines.
+    let ansi = log_file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = if json {
         registry
             .with(
@@ -51,21 +160,68 @@ pub fn init(default_level: &str, json: bool) {
                     .json()
                     .flatten_event(true)
                     .with_current_span(false)
-                    .with_writer(std::io::stderr)
+                    .with_writer(MakeSink)
                     .with_filter(filter),
             )
             .try_init()
     } else {
-        // Colour only on a terminal: journald and log files get plain lines.
         registry
             .with(
                 fmt::layer()
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi)
+                    .with_writer(MakeSink)
                     .with_filter(filter),
             )
             .try_init()
     };
+    let _ = LEVELS.set(Levels {
+        handle,
+        configured,
+        debug: Mutex::new(false),
+    });
+    Ok(())
+}
+
+/// A daemon that has left its terminal: if log lines still go to stderr and stderr is a
+/// terminal or a pipe (whoever started it), send them to syslog (journald serves
+/// `/dev/log` too) or, without one, nowhere. Returns where they go now.
+pub fn detach(stderr_kept: bool) -> &'static str {
+    let mut sink = SINK.lock().unwrap_or_else(|p| p.into_inner());
+    if !matches!(*sink, Sink::Stderr) {
+        return "the log file";
+    }
+    if stderr_kept {
+        return "stderr";
+    }
+    // SEALFS_SYSLOG_SOCKET: another syslog socket (a relay, or a test's own receiver).
+    let path = std::env::var_os("SEALFS_SYSLOG_SOCKET").unwrap_or_else(|| "/dev/log".into());
+    let syslog =
+        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(&path).map(|_| s));
+    match syslog {
+        Ok(s) => {
+            *sink = Sink::Syslog(s);
+            "syslog"
+        }
+        Err(_) => {
+            *sink = Sink::Discard;
+            "nowhere (no /dev/log: give --log-file)"
+        }
+    }
+}
+
+/// Switches between the configured levels and debug for sealfs (audit events stay on);
+/// returns the directives now in force.
+pub fn toggle_debug() -> Option<String> {
+    let l = LEVELS.get()?;
+    let mut debug = l.debug.lock().unwrap_or_else(|p| p.into_inner());
+    *debug = !*debug;
+    let now = if *debug {
+        directives("debug")
+    } else {
+        l.configured.clone()
+    };
+    l.handle.reload(EnvFilter::new(&now)).ok()?;
+    Some(now)
 }
 
 /// This host's name, for audit events (so that a central log answers "which host opened

@@ -650,3 +650,105 @@ fn unit_memlock_limit_refuses_a_larger_cache_with_the_fix_named() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(mountinfo(&dir).is_none());
 }
+
+/// Datagrams received on `sock` until `want` appears in one (or `limit` passes).
+fn syslog_line(sock: &std::os::unix::net::UnixDatagram, want: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while start.elapsed() < limit {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if line.contains(want) {
+                return line;
+            }
+            seen.push(line);
+        }
+    }
+    panic!(
+        "no syslog line with {want:?} in {limit:?}; got:\n{}",
+        seen.join("\n")
+    );
+}
+
+/// A daemonized mount started from a pipe (as `$(sealfs mount …)` or a test harness) keeps
+/// its log lines, audit events included, off that pipe: they go to syslog (here a receiver
+/// of the test's own, through SEALFS_SYSLOG_SOCKET; journald serves /dev/log the same way),
+/// or to `--log-file`. SIGUSR2 switches debug logging on and off on the live mount.
+#[test]
+fn a_daemonized_mount_logs_to_syslog_or_its_log_file_never_to_the_callers_pipe() {
+    let site = Site::new();
+    let (s, dir) = (&site.sealed, site.dir.clone());
+    let sock_path = site.tmp.path().join("log.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let env = [(
+        "SEALFS_SYSLOG_SOCKET".to_string(),
+        sock_path.display().to_string(),
+    )];
+    let dir_s = dir.display().to_string();
+    let out = sealfs(
+        &[
+            "mount",
+            &s.p("sealed"),
+            &dir_s,
+            "--key",
+            &s.key(),
+            "--dek-grace",
+            "1s",
+            "--log-level",
+            "info",
+        ],
+        &env,
+    );
+    let said = expect_code(&out, 0);
+    s.check_contents(&dir);
+    let line = syslog_line(&sock, "dek unwrapped", Duration::from_secs(10));
+    // <30>: facility daemon (3), severity info (6).
+    assert!(line.starts_with("<30>sealfs["), "{line}");
+    assert!(
+        !said.contains("dek unwrapped"),
+        "the caller's pipe got log lines: {said}"
+    );
+
+    let pid = daemons_for(&dir)[0];
+    unsafe { libc::kill(pid, libc::SIGUSR2) };
+    syslog_line(
+        &sock,
+        "SIGUSR2: log level switched",
+        Duration::from_secs(10),
+    );
+    // Debug lines now: a DEK released after --dek-grace is one.
+    syslog_line(&sock, "DEK released", Duration::from_secs(10));
+    let st = Command::new("umount").arg(&dir).status().unwrap();
+    assert!(st.success());
+    wait_gone(&dir);
+
+    // --log-file: created 0600, the audit events land there.
+    let log = site.tmp.path().join("sealfs.log");
+    let out = sealfs(
+        &[
+            "mount",
+            &s.p("sealed"),
+            &dir_s,
+            "--key",
+            &s.key(),
+            "--log-file",
+            &log.display().to_string(),
+        ],
+        &env,
+    );
+    expect_code(&out, 0);
+    s.check_contents(&dir);
+    let st = Command::new("umount").arg(&dir).status().unwrap();
+    assert!(st.success());
+    wait_gone(&dir);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("dek unwrapped"), "{text}");
+    let mode = std::fs::metadata(&log).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+}

@@ -26,6 +26,10 @@ pub struct Cli {
     /// Log line format: text (human) or json (one object per line).
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Append log lines to this file (created 0600) instead of stderr. A daemonized mount
+    /// without it logs to syslog/journald once it has left the terminal.
+    #[arg(long, global = true)]
+    pub log_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -336,7 +340,14 @@ async fn keyring(specs: &[String]) -> Result<Keyring> {
 pub fn main_with(cli: Cli) -> i32 {
     // Before any thread (the runtime, the mount's fork): see process::scrub_env.
     crate::process::scrub_env();
-    crate::telemetry::init(&cli.log_level, cli.log_format == "json");
+    if let Err(e) = crate::telemetry::init(
+        &cli.log_level,
+        cli.log_format == "json",
+        cli.log_file.as_deref(),
+    ) {
+        eprintln!("sealfs: error: {e}");
+        return exit::USAGE;
+    }
     // Every command, not only the mount: seal, unseal and rewrap hold DEKs and plaintext.
     crate::process::harden();
     if let Command::Mount { .. } = cli.command {

@@ -300,6 +300,24 @@ fn serve(
             None
         }
     };
+    // SIGUSR2 toggles debug logging on a live mount (as Mountpoint does).
+    let usr2 = {
+        let _in_rt = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+            .ok()
+            .map(|mut s| {
+                rt.spawn(async move {
+                    while s.recv().await.is_some() {
+                        match crate::telemetry::toggle_debug() {
+                            Some(now) => {
+                                tracing::warn!(filter = %now, "SIGUSR2: log level switched")
+                            }
+                            None => tracing::warn!("SIGUSR2: log level could not be switched"),
+                        }
+                    }
+                })
+            })
+    };
     let lister_fs = fs.clone();
     let lister = rt.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -332,6 +350,9 @@ fn serve(
     sweeper.abort();
     if let Some(r) = revalidator {
         r.abort();
+    }
+    if let Some(u) = usr2 {
+        u.abort();
     }
     if let Some((task, path)) = control {
         task.abort();
@@ -454,7 +475,11 @@ fn detach_stderr() {
         } else {
             0
         };
-        if kind != libc::S_IFREG && kind != libc::S_IFSOCK {
+        let kept = kind == libc::S_IFREG || kind == libc::S_IFSOCK;
+        // Log lines (audit events among them) must not be lost with the terminal: syslog.
+        let to = crate::telemetry::detach(kept);
+        tracing::info!(logs = to, "daemon detached");
+        if !kept {
             let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
             if null >= 0 {
                 libc::dup2(null, 2);
