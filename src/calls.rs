@@ -111,17 +111,47 @@ pub fn outcome<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> &'static str {
     }
 }
 
-/// A copy of the table for rendering: ((service, op), outcome counts, histogram snapshot).
+/// A copy of the table for rendering: ((service, op), outcome counts, histogram).
 pub type Row = (
     (&'static str, &'static str),
     Vec<(&'static str, u64)>,
-    (Vec<(String, u64)>, f64),
+    Buckets,
 );
+
+/// A histogram as an exposition encoder takes it: per-bucket (not cumulative) counts by
+/// upper bound (the last one +Inf), the sum in seconds and the count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buckets {
+    pub counts: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn buckets(&self) -> Buckets {
+        let counts: Vec<(f64, u64)> = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
+                    c.load(Relaxed),
+                )
+            })
+            .collect();
+        Buckets {
+            count: counts.iter().map(|c| c.1).sum(),
+            counts,
+            sum: self.sum_micros.load(Relaxed) as f64 / 1e6,
+        }
+    }
+}
 
 pub fn snapshot() -> Vec<Row> {
     let t = CALLS.lock().unwrap_or_else(|p| p.into_inner());
     t.iter()
-        .map(|(k, (o, h))| (*k, o.iter().map(|(a, b)| (*a, *b)).collect(), h.snapshot()))
+        .map(|(k, (o, h))| (*k, o.iter().map(|(a, b)| (*a, *b)).collect(), h.buckets()))
         .collect()
 }
 

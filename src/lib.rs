@@ -14,6 +14,7 @@ pub mod fuse;
 pub mod keys;
 pub mod localfile;
 pub mod manifest;
+pub mod metrics_http;
 pub mod object;
 pub mod process;
 pub mod seal;

@@ -106,7 +106,7 @@ async fn random_reads_match_under_every_setting() {
     }
 }
 
-fn cached_chunks(fs: &SealFs) -> u64 {
+fn cached_chunks(fs: &Arc<SealFs>) -> u64 {
     let page = sealfs::fs::metrics::render(fs);
     let line = page
         .lines()
@@ -116,7 +116,7 @@ fn cached_chunks(fs: &SealFs) -> u64 {
 }
 
 /// Waits (bounded) until `want` chunks are cached: fetches run in the background.
-async fn settles_at(fs: &SealFs, want: u64, what: &str) {
+async fn settles_at(fs: &Arc<SealFs>, want: u64, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while cached_chunks(fs) != want {
         assert!(

@@ -1,206 +1,229 @@
-//! Prometheus text exposition of a mount's counters (`--metrics-addr`; docs/OPERATIONS.md).
+//! The Prometheus exposition of a mount's counters (`--metrics-addr`; docs/OPERATIONS.md),
+//! encoded by `prometheus-client` (text format 0.0.4). A [`Collector`] reads the mount's own
+//! atomics at each scrape, so the read path keeps its plain counters; the metric names are
+//! those of 0.1 (counters end in `_total`, which the encoder adds).
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
-use super::{Op, OpStats, SealFs};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-/// Reads one per-operation counter.
-type OpField = fn(&OpStats) -> u64;
+use super::{Op, SealFs};
+use crate::calls::Buckets;
+
+type Fmt = Result<(), std::fmt::Error>;
+
+const NO_LABELS: [(&str, &str); 0] = [];
+
+/// The mount, as a collector.
+struct Mount(Arc<SealFs>);
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mount")
+    }
+}
+
+/// One family: `name` (a counter gets `_total` from the encoder) and its rows.
+fn family<S: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[(S, u64)],
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        let mut f = m.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => f.encode_counter::<NoLabelSet, _, u64>(v, None)?,
+            _ => f.encode_gauge(&(*v as i64))?,
+        }
+    }
+    Ok(())
+}
+
+fn histograms<S: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(S, Buckets)],
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, b) in rows {
+        m.encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(b.sum, b.count, &b.counts, None)?;
+    }
+    Ok(())
+}
+
+impl Collector for Mount {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        let fs = &self.0;
+        let s = &fs.stats;
+        let c = fs.cache.stats();
+        let per_op = |f: fn(&super::OpStats) -> u64| -> Vec<([(&str, &str); 1], u64)> {
+            Op::ALL
+                .iter()
+                .map(|op| ([("op", op.name())], f(&s.ops[*op as usize])))
+                .collect()
+        };
+        use MetricType::{Counter, Gauge};
+        family(
+            &mut enc,
+            "sealfs_fuse_ops",
+            "FUSE operations handled.",
+            Counter,
+            &per_op(|o| o.calls.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "sealfs_fuse_op_errors",
+            "FUSE operations answered with an error.",
+            Counter,
+            &per_op(|o| o.errors.load(Relaxed)),
+        )?;
+        let latency: Vec<_> = Op::ALL
+            .iter()
+            .map(|op| ([("op", op.name())], s.ops[*op as usize].latency.buckets()))
+            .collect();
+        histograms(
+            &mut enc,
+            "sealfs_fuse_op_seconds",
+            "FUSE operation latency.",
+            &latency,
+        )?;
+        let single: [(&str, MetricType, &str, u64); 13] = [
+            (
+                "sealfs_bytes_served",
+                Counter,
+                "Plaintext bytes returned to readers.",
+                s.bytes_served.load(Relaxed),
+            ),
+            (
+                "sealfs_cache_hits",
+                Counter,
+                "Chunk lookups served from the locked cache.",
+                c.hits,
+            ),
+            (
+                "sealfs_cache_misses",
+                Counter,
+                "Chunks that had to be fetched.",
+                c.misses,
+            ),
+            (
+                "sealfs_cache_evictions",
+                Counter,
+                "Chunks evicted (and zeroized).",
+                c.evictions,
+            ),
+            (
+                "sealfs_cache_chunks",
+                Gauge,
+                "Decrypted chunks held now.",
+                c.ready as u64,
+            ),
+            (
+                "sealfs_cache_locked_bytes",
+                Gauge,
+                "Locked memory of the chunk cache.",
+                (fs.cache.slots() * fs.cache.slot_size()) as u64,
+            ),
+            (
+                "sealfs_chunk_fetches",
+                Counter,
+                "Ranged GETs of chunk runs.",
+                s.fetches.load(Relaxed),
+            ),
+            (
+                "sealfs_fetched_bytes",
+                Counter,
+                "Ciphertext bytes received.",
+                s.fetched_bytes.load(Relaxed),
+            ),
+            (
+                "sealfs_auth_failures",
+                Counter,
+                "Chunks that failed authentication.",
+                s.auth_failures.load(Relaxed),
+            ),
+            (
+                "sealfs_dek_unwraps",
+                Counter,
+                "DEKs unwrapped (a key provider call or a local key).",
+                s.dek_unwraps.load(Relaxed),
+            ),
+            (
+                "sealfs_revocations",
+                Counter,
+                "Held DEKs revoked (a provider refusal at revalidation, or `sealfs revoke`).",
+                s.revocations.load(Relaxed),
+            ),
+            (
+                "sealfs_deks_held",
+                Gauge,
+                "Unwrapped DEKs held now.",
+                fs.deks_held() as u64,
+            ),
+            (
+                "sealfs_files",
+                Gauge,
+                "Inodes in the listed tree.",
+                fs.file_count() as u64,
+            ),
+        ];
+        for (name, kind, help, v) in single {
+            family(&mut enc, name, help, kind, &[(NO_LABELS, v)])?;
+        }
+        histograms(
+            &mut enc,
+            "sealfs_chunk_fetch_seconds",
+            "Ranged GET runs, request to last chunk authenticated.",
+            &[(NO_LABELS, s.fetch_latency.buckets())],
+        )?;
+        // S3, KMS and key-provider calls by operation and outcome, and their latency.
+        let rows = crate::calls::snapshot();
+        let requests: Vec<_> = rows
+            .iter()
+            .flat_map(|((service, op), outcomes, _)| {
+                outcomes.iter().map(move |(outcome, n)| {
+                    (
+                        [("service", *service), ("op", *op), ("outcome", *outcome)],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        family(
+            &mut enc,
+            "sealfs_requests",
+            "S3, KMS and key-provider calls by operation and outcome (SDK retries inside).",
+            Counter,
+            &requests,
+        )?;
+        let latency: Vec<_> = rows
+            .iter()
+            .map(|((service, op), _, b)| ([("service", *service), ("op", *op)], b.clone()))
+            .collect();
+        histograms(
+            &mut enc,
+            "sealfs_request_seconds",
+            "S3, KMS and key-provider call latency (for GETs: to the response headers).",
+            &latency,
+        )
+    }
+}
 
 /// The metrics page, in the Prometheus text format 0.0.4.
-pub fn render(fs: &SealFs) -> String {
-    let s = &fs.stats;
-    let c = fs.cache.stats();
-    let per_op: [(&str, &str, OpField); 2] = [
-        ("sealfs_fuse_ops_total", "FUSE operations handled.", |o| {
-            o.calls.load(Relaxed)
-        }),
-        (
-            "sealfs_fuse_op_errors_total",
-            "FUSE operations answered with an error.",
-            |o| o.errors.load(Relaxed),
-        ),
-    ];
-    let single: [(&str, &str, &str, u64); 13] = [
-        (
-            "sealfs_bytes_served_total",
-            "counter",
-            "Plaintext bytes returned to readers.",
-            s.bytes_served.load(Relaxed),
-        ),
-        (
-            "sealfs_cache_hits_total",
-            "counter",
-            "Chunk lookups served from the locked cache.",
-            c.hits,
-        ),
-        (
-            "sealfs_cache_misses_total",
-            "counter",
-            "Chunks that had to be fetched.",
-            c.misses,
-        ),
-        (
-            "sealfs_cache_evictions_total",
-            "counter",
-            "Chunks evicted (and zeroized).",
-            c.evictions,
-        ),
-        (
-            "sealfs_cache_chunks",
-            "gauge",
-            "Decrypted chunks held now.",
-            c.ready as u64,
-        ),
-        (
-            "sealfs_cache_locked_bytes",
-            "gauge",
-            "Locked memory of the chunk cache.",
-            (fs.cache.slots() * fs.cache.slot_size()) as u64,
-        ),
-        (
-            "sealfs_chunk_fetches_total",
-            "counter",
-            "Ranged GETs of chunks.",
-            s.fetches.load(Relaxed),
-        ),
-        (
-            "sealfs_fetched_bytes_total",
-            "counter",
-            "Ciphertext bytes received.",
-            s.fetched_bytes.load(Relaxed),
-        ),
-        (
-            "sealfs_auth_failures_total",
-            "counter",
-            "Chunks that failed authentication.",
-            s.auth_failures.load(Relaxed),
-        ),
-        (
-            "sealfs_dek_unwraps_total",
-            "counter",
-            "DEKs unwrapped (KMS Decrypt or key file).",
-            s.dek_unwraps.load(Relaxed),
-        ),
-        (
-            "sealfs_revocations_total",
-            "counter",
-            "Held DEKs revoked (a provider refusal at revalidation, or `sealfs revoke`).",
-            s.revocations.load(Relaxed),
-        ),
-        (
-            "sealfs_deks_held",
-            "gauge",
-            "Unwrapped DEKs held now.",
-            fs.deks_held() as u64,
-        ),
-        (
-            "sealfs_files",
-            "gauge",
-            "Inodes in the listed tree.",
-            fs.file_count() as u64,
-        ),
-    ];
+pub fn render(fs: &Arc<SealFs>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Mount(fs.clone())));
     let mut out = String::new();
-    for (name, help, value) in per_op {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for op in Op::ALL {
-            let _ = writeln!(
-                out,
-                "{name}{{op=\"{}\"}} {}",
-                op.name(),
-                value(&s.ops[op as usize])
-            );
-        }
-    }
-    histogram_head(
-        &mut out,
-        "sealfs_fuse_op_seconds",
-        "FUSE operation latency.",
-    );
-    for op in Op::ALL {
-        let labels = format!("op=\"{}\"", op.name());
-        histogram(
-            &mut out,
-            "sealfs_fuse_op_seconds",
-            &labels,
-            &s.ops[op as usize].latency,
-        );
-    }
-    for (name, kind, help, value) in single {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
-    histogram_head(
-        &mut out,
-        "sealfs_chunk_fetch_seconds",
-        "Ranged GET runs, request to last chunk authenticated.",
-    );
-    histogram(&mut out, "sealfs_chunk_fetch_seconds", "", &s.fetch_latency);
-    render_calls(&mut out);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
     out
-}
-
-/// S3 and KMS calls by operation and outcome, and their latency ([`crate::calls`]).
-fn render_calls(out: &mut String) {
-    let rows = crate::calls::snapshot();
-    let name = "sealfs_requests_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} S3, KMS and key-provider calls by operation and outcome (SDK retries inside).\n# TYPE {name} counter"
-    );
-    for ((service, op), outcomes, _) in &rows {
-        for (outcome, n) in outcomes {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{service}\",op=\"{op}\",outcome=\"{outcome}\"}} {n}"
-            );
-        }
-    }
-    let name = "sealfs_request_seconds";
-    histogram_head(
-        out,
-        name,
-        "S3 and KMS call latency (for GETs: to the response headers).",
-    );
-    for ((service, op), _, (buckets, sum)) in &rows {
-        let labels = format!("service=\"{service}\",op=\"{op}\"");
-        histogram_lines(out, name, &labels, buckets, *sum);
-    }
-}
-
-fn histogram_head(out: &mut String, name: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-}
-
-fn histogram(out: &mut String, name: &str, labels: &str, h: &crate::calls::Histogram) {
-    let (buckets, sum) = h.snapshot();
-    histogram_lines(out, name, labels, &buckets, sum);
-}
-
-/// `_bucket{…,le}` lines, then `_sum` and `_count` (the `+Inf` bucket).
-fn histogram_lines(
-    out: &mut String,
-    name: &str,
-    labels: &str,
-    buckets: &[(String, u64)],
-    sum: f64,
-) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    for (le, n) in buckets {
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
-    }
-    let count = buckets.last().map_or(0, |b| b.1);
-    let braces = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    };
-    let _ = writeln!(
-        out,
-        "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
-    );
 }

@@ -249,7 +249,7 @@ fn serve(
     if let Some(l) = metrics {
         let _in_rt = rt.enter();
         match tokio::net::TcpListener::from_std(l) {
-            Ok(l) => drop(rt.spawn(serve_metrics(l, fs.clone()))),
+            Ok(l) => drop(rt.spawn(crate::metrics_http::serve(l, fs.clone()))),
             Err(e) => tracing::warn!(error = %e, "metrics listener"),
         }
     }
@@ -360,39 +360,6 @@ fn serve(
     }
     tracing::info!("unmounted; cache wiped");
     Ok(())
-}
-
-/// A minimal HTTP/1.1 responder: `GET /metrics` → Prometheus text, anything else → 404.
-/// One request per connection; nothing from the request is echoed.
-async fn serve_metrics(listener: tokio::net::TcpListener, fs: Arc<SealFs>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let fs = fs.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[n..])).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                    Ok(Ok(k)) => n += k,
-                }
-            }
-            let (status, body) = if buf.starts_with(b"GET /metrics ") {
-                ("200 OK", crate::fs::metrics::render(&fs))
-            } else {
-                ("404 Not Found", "not found\n".to_string())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-        });
-    }
 }
 
 /// The canonical mount point, or a clear reason it cannot be used.
