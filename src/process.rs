@@ -37,4 +37,56 @@ pub fn scrub_env() {
     for v in BODY_LOGGING_VARS {
         std::env::remove_var(v);
     }
+    // Key-manager tokens: kept in this process only, never inherited by a child
+    // (fusermount3, mount helpers).
+    let mut kept = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+    for v in TOKEN_VARS {
+        if let Some(t) = std::env::var_os(v) {
+            wipe_env_value(v);
+            std::env::remove_var(v);
+            if let Ok(t) = t.into_string() {
+                kept.push((v, zeroize::Zeroizing::new(t)));
+            }
+        }
+    }
+}
+
+/// Zeroes the bytes of `name`'s value where the kernel put the initial environment (which
+/// `remove_var` only unlinks, and `/proc/PID/environ` keeps showing).
+#[allow(unsafe_code)]
+fn wipe_env_value(name: &str) {
+    extern "C" {
+        static mut environ: *mut *mut libc::c_char;
+    }
+    let prefix = format!("{name}=");
+    // SAFETY: one thread (see scrub_env); `environ` is a NULL-terminated array of
+    // NUL-terminated strings owned by the process, and only bytes before each NUL are
+    // written.
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let s = std::ffi::CStr::from_ptr(*p).to_bytes();
+            if s.starts_with(prefix.as_bytes()) {
+                let value = (*p).add(prefix.len()).cast::<u8>();
+                std::ptr::write_bytes(value, 0, s.len() - prefix.len());
+            }
+            p = p.add(1);
+        }
+    }
+}
+
+/// Environment variables that hold a bearer token ([`scrub_env`] takes them out).
+pub const TOKEN_VARS: [&str; 2] = ["BAO_TOKEN", "VAULT_TOKEN"];
+
+static TOKENS: std::sync::Mutex<Vec<(&str, zeroize::Zeroizing<String>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A token variable as it was at start: from the environment [`scrub_env`] took it out
+/// of, or (a process that never scrubbed, such as a unit test) the environment itself.
+pub fn token_var(name: &str) -> Option<zeroize::Zeroizing<String>> {
+    let kept = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, t)) = kept.iter().find(|(n, _)| *n == name) {
+        return Some(t.clone());
+    }
+    std::env::var(name).ok().map(zeroize::Zeroizing::new)
 }

@@ -479,6 +479,12 @@ fn seal_verify_unseal_mount_and_read_with_one_decrypt_per_file() {
         &["--key", "transit:models", "--metrics-addr", &maddr],
         &menv,
     );
+    // The token left the daemon's environment at start: no child (fusermount3) inherits it.
+    let environ = std::fs::read(format!("/proc/{}/environ", m.pid())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains(&bao.root),
+        "the token is in the daemon's environment"
+    );
     let after_start = bao.calls();
     assert_eq!(
         diff(&before, &after_start),

@@ -131,9 +131,14 @@ fn config_err(msg: impl Into<String>) -> KeyError {
 /// `BAO_<x>` or `VAULT_<x>`; an empty value counts as unset; both set must agree.
 fn env(suffix: &str) -> Result<Option<String>, KeyError> {
     let get = |p: &str| {
-        std::env::var(format!("{p}_{suffix}"))
-            .ok()
-            .filter(|v| !v.is_empty())
+        let name = format!("{p}_{suffix}");
+        let v = if crate::process::TOKEN_VARS.contains(&name.as_str()) {
+            // Taken out of the environment at start (process::scrub_env).
+            crate::process::token_var(&name).map(|t| t.to_string())
+        } else {
+            std::env::var(&name).ok()
+        };
+        v.filter(|v| !v.is_empty())
     };
     match (get("BAO"), get("VAULT")) {
         (Some(a), Some(b)) if a != b => {
