@@ -20,7 +20,14 @@ for c in dpkg dpkg-query mount umount sha256sum man systemd-analyze bash; do
 done
 [ -e /sbin/mount.fuse ] || [ -e /usr/sbin/mount.fuse ] || fail "mount.fuse (fuse3) missing: run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
-# Never clobber a real install: this test installs and purges the package.
+# Never clobber a real install: this test installs and purges the package. A package that
+# a killed earlier run of this script left (its stamp is there) is purged first.
+stamp=/var/tmp/sealfs-package-test.installed
+if [ -e "$stamp" ] && dpkg-query -W sealfs >/dev/null 2>&1; then
+  say "purging the sealfs package an interrupted earlier run left ($stamp)"
+  dpkg --purge sealfs >/dev/null || fail "dpkg --purge sealfs (left by an earlier run)"
+fi
+rm -f "$stamp"
 if dpkg-query -W sealfs >/dev/null 2>&1; then
   fail "dpkg knows a sealfs package here ($(dpkg-query -W -f='${Status}' sealfs)): purge it first (dpkg --purge sealfs)"
 fi
@@ -48,7 +55,7 @@ cleanup() {
   done
   # Installed or removed with its conffile left ("config-files"): purge either way.
   if [ "$installed" = 1 ] && dpkg-query -W sealfs >/dev/null 2>&1; then
-    dpkg --purge sealfs >/dev/null
+    dpkg --purge sealfs >/dev/null && rm -f "$stamp"
   fi
   rm -rf "$work" "$repo/target/wheel-venv"
   [ "$rc" = 0 ] || echo "package-test.sh: cleaned up after a failure (exit $rc)" >&2
@@ -90,6 +97,7 @@ wait_unmounted() { # the mount gone and its daemon exited, within 20 s
 
 # ---- the Debian package ----
 t1=$SECONDS
+touch "$stamp"
 dpkg -i "$deb" >"$work/dpkg.log" 2>&1 || { cat "$work/dpkg.log" >&2; fail "dpkg -i $deb"; }
 installed=1
 say "installed $deb"
@@ -174,6 +182,7 @@ hash -r
 ! command -v sealfs >/dev/null || fail "sealfs still on PATH after dpkg -r: $(command -v sealfs)"
 dpkg --purge sealfs >"$work/dpkg.log" 2>&1 || { cat "$work/dpkg.log" >&2; fail "dpkg --purge sealfs"; }
 installed=0
+rm -f "$stamp"
 [ ! -e /etc/sealfs/example.conf ] || fail "/etc/sealfs/example.conf left after purge"
 [ ! -e /etc/sealfs ] || fail "/etc/sealfs left after purge: $(ls -A /etc/sealfs)"
 ! dpkg-query -W sealfs >/dev/null 2>&1 || fail "dpkg still knows sealfs after purge"
