@@ -16,6 +16,9 @@ command -v openssl >/dev/null || need+=(openssl)
 # softhsm2 + opensc: a real PKCS#11 token (SoftHSM2) and pkcs11-tool, for the pkcs11: keys.
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need+=(opensc)
+# man-db: package-test.sh checks the installed man pages with man(1) (and systemd-analyze
+# verify checks the unit's Documentation=man:sealfs-mount(1) with it).
+command -v man >/dev/null || need+=(man-db)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
@@ -32,3 +35,5 @@ import importlib.metadata as m
 v = tuple(int(x) for x in m.version("moto").split(".")[:3])
 assert v >= (5, 2, 5), f"moto {v} is too old; need >= 5.2.5"
 PY
+# Packaging (scripts/package-test.sh, run by test.sh): cargo-deb, maturin in target/pkg-tools.
+"$(dirname "$0")/install-package-tools.sh"

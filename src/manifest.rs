@@ -25,8 +25,10 @@ pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
 /// Largest signature object accepted.
 pub const MAX_SIGNATURE_LEN: usize = 64 << 10;
 
-const FORMAT: &str = "sealfs-manifest-v1";
-const SIG_FORMAT: &str = "sealfs-signature-v1";
+/// The manifest format this build writes and reads (`sealfs --version` names it).
+pub const FORMAT: &str = "sealfs-manifest-v1";
+/// The signature format this build writes and reads (`sealfs --version` names it).
+pub const SIG_FORMAT: &str = "sealfs-signature-v1";
 const ALGORITHM: &str = "ecdsa-p256-sha256";
 const CHUNK_DIGEST: &str = "blake3";
 
