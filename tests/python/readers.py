@@ -5,8 +5,9 @@
   readers.py safetensors MOUNTED SOURCE     safe_open(framework="numpy") (mmap): every tensor equal
   readers.py memmap MOUNTED SOURCE          np.memmap: 200 random pages, then the whole file, equal
   readers.py sha256 FILE                    print the sha256 of FILE (used by multi-process tests)
-  readers.py torch MOUNTED SOURCE           torch.load both (prints "torch: not installed" without it)
-  readers.py gen-torch OUT                  write a torch checkpoint (needs torch)
+
+torch.load and from_pretrained are checked by frameworks.py (tests/frameworks.rs), which runs
+with the venv that scripts/install-test-deps.sh creates.
 """
 import hashlib
 import sys
@@ -63,27 +64,6 @@ def sha256(path):
     print(h.hexdigest())
 
 
-def torch_check(mounted, source):
-    try:
-        import torch
-    except ImportError:
-        print("torch: not installed")
-        return
-    a = torch.load(mounted, map_location="cpu", weights_only=True)
-    b = torch.load(source, map_location="cpu", weights_only=True)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    print(f"torch: {len(a)} tensors equal")
-
-
-def gen_torch(out):
-    import torch
-
-    g = torch.Generator().manual_seed(5)
-    torch.save({f"layer{i}.weight": torch.randn(256, 256, generator=g) for i in range(8)}, out)
-
-
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {
@@ -91,6 +71,4 @@ if __name__ == "__main__":
         "safetensors": check_safetensors,
         "memmap": check_memmap,
         "sha256": sha256,
-        "torch": torch_check,
-        "gen-torch": gen_torch,
     }[cmd](*args)
