@@ -23,7 +23,11 @@ build:
 
 --kms wraps the DEKs under a KMS key on moto_server (127.0.0.1, started and stopped here;
 boto3 from the system python3 creates the key) instead of a key file. The data stay on the
-local disk either way (the local-directory store). The model and its sealed copy are
+local disk (the local-directory store), and with --s3 ENDPOINT (an S3 server on 127.0.0.1,
+e.g. the shared bench's s3s-fs-1m, `../shared/bench/servers.sh start`: http://127.0.0.1:9102,
+credentials test/test) also in bucket `bench-load` there, which adds the rows
+"S3 mount cold", "S3 mount warm" and "S3 unseal->shm" (the decrypt-to-tmpfs baseline from
+the same server). The model and its sealed copy are
 made once under target/bench-load/ and reused.
 """
 import argparse
@@ -213,6 +217,7 @@ def main():
     ap.add_argument("--child")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--kms", action="store_true")
+    ap.add_argument("--s3", help="an S3 endpoint on 127.0.0.1 (e.g. http://127.0.0.1:9102)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "sealfs"))
     a = ap.parse_args()
     if a.child:
@@ -234,6 +239,16 @@ def main():
     mounts = []
     try:
         env = env_for(moto.port if moto else None)
+        s3_env = None
+        if a.s3:
+            s3_env = {**env, "AWS_ENDPOINT_URL_S3": a.s3, "AWS_ACCESS_KEY_ID": "test",
+                      "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                      "AWS_EC2_METADATA_DISABLED": "true"}
+            run(["python3", "-c",
+                 "import boto3\ns3 = boto3.client('s3', endpoint_url=%r, region_name='us-east-1', "
+                 "aws_access_key_id='test', aws_secret_access_key='test')\n"
+                 "try:\n  s3.create_bucket(Bucket='bench-load')\n"
+                 "except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):\n  pass" % a.s3])
         if moto:
             key = moto.key
         else:
@@ -245,15 +260,43 @@ def main():
         run([binary, "seal", plain, sealed, "--key", key, "--force"], env=env,
             stdout=subprocess.DEVNULL)
         seal_s = time.perf_counter() - t
+        s3_uri = "s3://bench-load/model"
+        if s3_env:
+            run([binary, "seal", plain, s3_uri, "--key", key, "--force"], env=s3_env,
+                stdout=subprocess.DEVNULL)
         shutil.copytree(plain, os.path.join(shm, "plain"))
 
-        rows = {m: [] for m in ("mount cold", "mount warm", "unseal->shm", "disk cold", "tmpfs")}
+        names = ["mount cold", "mount warm", "unseal->shm", "disk cold", "tmpfs"]
+        if s3_env:
+            names = ["S3 mount cold", "S3 mount warm", "S3 unseal->shm"] + names
+        rows = {m: [] for m in names}
         for rep in range(a.reps):
             # tmpfs: the ceiling (RAM; nothing to drop)
             rows["tmpfs"].append({"setup": 0.0, **load(os.path.join(shm, "plain"))})
             # disk cold
             drop_caches()
             rows["disk cold"].append({"setup": 0.0, **load(plain)})
+            # S3: mount cold, then warm on the same mount (the server's own page cache is
+            # dropped too: same machine)
+            if s3_env:
+                drop_caches()
+                m = Mount(binary, s3_uri, mnt, key, s3_env)
+                mounts.append(m)
+                r = load(mnt)
+                r.update(setup=m.ready_s, daemon_cpu=m.cpu_s())
+                rows["S3 mount cold"].append(r)
+                r = load(mnt)
+                r.update(setup=0.0, daemon_cpu=m.cpu_s() - rows["S3 mount cold"][-1]["daemon_cpu"])
+                rows["S3 mount warm"].append(r)
+                m.stop()
+                mounts.remove(m)
+                dest = os.path.join(shm, "unsealed")
+                drop_caches()
+                t = time.perf_counter()
+                run([binary, "unseal", s3_uri, dest, "--key", key], env=s3_env,
+                    stdout=subprocess.DEVNULL)
+                rows["S3 unseal->shm"].append({"setup": time.perf_counter() - t, **load(dest)})
+                shutil.rmtree(dest)
             # mount cold, then warm on the same mount
             drop_caches()
             m = Mount(binary, sealed, mnt, key, env)
