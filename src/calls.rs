@@ -93,16 +93,19 @@ pub fn outcome<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> &'static str {
             | "RequestLimitExceeded"
             | "TooManyRequestsException"
             | "ServiceUnavailable"
-            | "LimitExceededException" => "throttled",
+            | "LimitExceededException"
+            // AWS: HTTP 500, "you can retry": an outage, never a refusal (a revalidation
+            // must not revoke on it).
+            | "KeyUnavailableException"
+            | "KMSInternalException"
+            | "DependencyTimeoutException" => "throttled",
             "AccessDenied"
             | "AccessDeniedException"
             | "IncorrectKeyException"
             | "Forbidden"
             | "InvalidAccessKeyId"
             | "SignatureDoesNotMatch" => "denied",
-            "DisabledException" | "KMSInvalidStateException" | "KeyUnavailableException" => {
-                "key_disabled"
-            }
+            "DisabledException" | "KMSInvalidStateException" => "key_disabled",
             "NoSuchKey" | "NotFound" | "NoSuchBucket" | "NotFoundException" => "not_found",
             "PreconditionFailed" => "changed",
             _ => "error",

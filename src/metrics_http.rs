@@ -40,6 +40,8 @@ pub async fn serve(listener: tokio::net::TcpListener, fs: Arc<SealFs>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // EMFILE and the like: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         // A scraper that opens more connections than this waits for its next scrape.

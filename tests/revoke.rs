@@ -316,9 +316,11 @@ fn revalidation_revokes_on_disabled_keys_only_and_fails_closed_after_the_outage_
         "{decrypts} Decrypt calls for 3 DEKs in 3.2 s"
     );
 
-    // Throttled and dropped: keep serving (within the 8 s bound).
+    // Throttled, dropped, and KeyUnavailableException (AWS: a 500 "you can retry"): keep
+    // serving (within the 8 s bound).
     stack.fault(json!({"match": "kms:Decrypt", "error": "ThrottlingException", "body": ka}));
     stack.fault(json!({"match": "kms:Decrypt", "error": "drop", "body": kb}));
+    stack.fault(json!({"match": "kms:Decrypt", "error": "KeyUnavailableException", "body": kc}));
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(revoked(), 0, "{}", m.logs());
     for f in &files {

@@ -66,42 +66,44 @@ impl SealFs {
             checked: held.len(),
             ..Round::default()
         };
-        let checks = futures::stream::iter(held)
-            .map(|o| async move {
-                // The DEK it yields is dropped (zeroized) at once: only the answer counts.
-                let r = self.keyring.unwrap(&o.file.key_object).await.map(drop);
-                (o, r)
-            })
-            .buffer_unordered(PARALLEL_CHECKS)
-            .collect::<Vec<_>>()
-            .await;
-        for (o, r) in checks {
-            match r {
-                Ok(()) => *lock(&o.validated) = Instant::now(),
-                // The provider refused, or the key no longer opens this DEK.
-                Err(e) if e.is_refusal() || e.is_integrity() => {
-                    if self.revoke_one(&o, &e.to_string()).await {
-                        round.revoked += 1;
-                    }
-                }
-                Err(e) => {
-                    round.unreachable += 1;
-                    let outage = lock(&o.validated).elapsed();
-                    let bound = self.config.revalidate_max_outage;
-                    if !bound.is_zero() && outage >= bound {
-                        let why = format!(
-                            "no successful key check for {}s (--revalidate-max-outage): {e}",
-                            outage.as_secs()
-                        );
-                        if self.revoke_one(&o, &why).await {
-                            round.revoked += 1;
+        let revoked = std::sync::atomic::AtomicUsize::new(0);
+        let unreachable = std::sync::atomic::AtomicUsize::new(0);
+        // Each result acted on as it arrives: a slow provider call does not hold up the
+        // revocation of a file already refused.
+        futures::stream::iter(held)
+            .for_each_concurrent(PARALLEL_CHECKS, |o| {
+                let (revoked, unreachable) = (&revoked, &unreachable);
+                async move {
+                    match self.keyring.recheck(&o.file.key_object).await {
+                        Ok(()) => *lock(&o.validated) = Instant::now(),
+                        // Every trusted key refused, or none opens this DEK any more.
+                        Err(e) if e.is_refusal() || e.is_integrity() => {
+                            if self.revoke_one(&o, &e.to_string()).await {
+                                revoked.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                    } else {
-                        tracing::warn!(file = %o.file.key, error = %e, "revalidation could not reach the key provider; still serving");
+                        Err(e) => {
+                            unreachable.fetch_add(1, Ordering::Relaxed);
+                            let outage = lock(&o.validated).elapsed();
+                            let bound = self.config.revalidate_max_outage;
+                            if !bound.is_zero() && outage >= bound {
+                                let why = format!(
+                                    "no successful key check for {}s (--revalidate-max-outage): {e}",
+                                    outage.as_secs()
+                                );
+                                if self.revoke_one(&o, &why).await {
+                                    revoked.fetch_add(1, Ordering::Relaxed);
+                                }
+                            } else {
+                                tracing::warn!(file = %o.file.key, error = %e, "revalidation could not reach the key provider; still serving");
+                            }
+                        }
                     }
                 }
-            }
-        }
+            })
+            .await;
+        round.revoked = revoked.into_inner();
+        round.unreachable = unreachable.into_inner();
         round
     }
 

@@ -93,6 +93,8 @@ pub fn bind(mountpoint: &Path) -> std::io::Result<(std::os::unix::net::UnixListe
 pub async fn serve(listener: tokio::net::UnixListener, fs: Arc<SealFs>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // EMFILE and the like: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let fs = fs.clone();
@@ -138,11 +140,45 @@ async fn handle(fs: &SealFs, request: &str) -> String {
     format!("revoked {n}")
 }
 
+/// The uid of the process at the other end of `s` (SO_PEERCRED).
+fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a plain C struct we own.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
 /// The client side: sends one request to the daemon serving `mountpoint`, returns its
 /// answer line.
 pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
     let mp =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    // Only a private directory of ours, and only a daemon of ours (or root) answering: a
+    // socket another user planted must neither get the request nor fake the answer.
+    let dir = socket_dir();
+    let m = std::fs::symlink_metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !m.is_dir() || m.uid() != euid() || m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is not a private directory of uid {}: not talking to what answers there",
+            dir.display(),
+            euid()
+        ));
+    }
     let path = socket_path(&mp);
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         format!(
@@ -152,6 +188,15 @@ pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
         )
     })?;
     let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    match peer_uid(&s) {
+        Some(u) if u == 0 || u == euid() => {}
+        other => {
+            return Err(format!(
+                "{} is answered by uid {other:?}, not this user or root",
+                path.display()
+            ))
+        }
+    }
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io)?;
     s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;

@@ -126,6 +126,17 @@ async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
         .map(|k| k.parse::<KeySpec>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(Error::from)?;
+    let (every, bound) = (args.config.revalidate, args.config.revalidate_max_outage);
+    if !every.is_zero() && !bound.is_zero() && bound <= every {
+        // One failed check would already be past the bound: a single transient error would
+        // revoke.
+        return Err(Error::Usage(format!(
+            "--revalidate-max-outage ({}s) must be longer than --revalidate ({}s)",
+            bound.as_secs(),
+            every.as_secs()
+        ))
+        .into());
+    }
     let keyring = Keyring::resolve(&specs).await.map_err(Error::from)?;
     let trusted = crate::cli::trusted_signers(&args.trust_signers).await?;
     if let Some(why) =
@@ -183,6 +194,14 @@ fn serve(
         }
         None => None,
     };
+    // The control socket too: a mount that `sealfs revoke` cannot reach is refused, not
+    // started with the panic button silently off (another user may squat its directory).
+    let (control_listener, control_path) = crate::fuse::control::bind(mountpoint).map_err(|e| {
+        Fatal(
+            exit::FAILURE,
+            format!("control socket for `sealfs revoke`: {e}"),
+        )
+    })?;
     // Handlers first: a SIGTERM that arrives right after READY=1 must unmount, not kill.
     let (mut term, mut int) = {
         use tokio::signal::unix::{signal, SignalKind};
@@ -284,20 +303,18 @@ fn serve(
         })
     });
     // `sealfs revoke MOUNTPOINT` (fuse/control.rs).
-    let control = match crate::fuse::control::bind(mountpoint) {
-        Ok((l, path)) => {
-            let _in_rt = rt.enter();
-            match tokio::net::UnixListener::from_std(l) {
-                Ok(l) => Some((rt.spawn(crate::fuse::control::serve(l, fs.clone())), path)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket; `sealfs revoke` will not reach this mount");
-                    None
-                }
+    let control = {
+        let _in_rt = rt.enter();
+        match tokio::net::UnixListener::from_std(control_listener) {
+            Ok(l) => Some((
+                rt.spawn(crate::fuse::control::serve(l, fs.clone())),
+                control_path,
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket; `sealfs revoke` will not reach this mount");
+                let _ = std::fs::remove_file(&control_path);
+                None
             }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "control socket; `sealfs revoke` will not reach this mount");
-            None
         }
     };
     // SIGUSR2 toggles debug logging on a live mount (as Mountpoint does).

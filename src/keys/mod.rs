@@ -399,6 +399,41 @@ impl Keyring {
         }))
     }
 
+    /// Whether the trusted keys still open this key object (revalidation): `Ok` if any does.
+    /// A refusal (or an integrity failure) only when *every* candidate refused: one that did
+    /// not answer makes it an outage, whatever the order of `--key` (a file wrapped under a
+    /// throttled key A and a disabled key B is not revoked while A may still be fine).
+    pub async fn recheck(&self, ko: &KeyObject) -> Result<(), KeyError> {
+        let ctx = &ko.header.context;
+        let mut refused = None;
+        let mut outage = None;
+        for (kek, slot) in self.candidates(ko) {
+            let attempt = async {
+                let dek = kek.unwrap(slot, ctx).await?;
+                let keys = FileKeys::derive(&dek, &ko.header.file_id)?;
+                keys.verify_header(&ko.authenticated, &ko.mac)?;
+                Ok::<_, KeyError>(())
+            };
+            match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_refusal() || e.is_integrity() => refused = Some(e),
+                Err(e) => outage = Some(e),
+            }
+        }
+        match (outage, refused) {
+            (Some(e), _) | (None, Some(e)) => Err(e),
+            (None, None) => Err(KeyError::NoTrustedKey {
+                carried: ko
+                    .slots
+                    .iter()
+                    .map(|s| crate::format::naming::escaped(&s.key_id))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                trusted: self.ids().join(", "),
+            }),
+        }
+    }
+
     /// New slots, exactly one per key of `to`. Between KMS keys this is `ReEncrypt`, and a
     /// derived Transit key to itself (to its latest version, after `rotate`) is Transit's
     /// `rewrap`: the DEK never reaches this process. Other pairs unwrap once with `self` and
