@@ -233,6 +233,9 @@ struct FileSlot {
 
 pub(crate) struct Handle {
     pub opened: Arc<Opened>,
+    /// The inode it was opened on (a revocation drops its pages even once the tree no
+    /// longer holds a retired inode).
+    pub ino: u64,
     slot: Arc<FileSlot>,
     pub prefetch: Mutex<read::Prefetch>,
 }
@@ -480,6 +483,7 @@ impl SealFs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h = Handle {
             opened,
+            ino,
             slot,
             prefetch: Mutex::new(read::Prefetch::default()),
         };

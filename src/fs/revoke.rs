@@ -140,7 +140,17 @@ impl SealFs {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.cache.remove_file(o.seq);
-        let inodes = self.tree().inodes_of(&o.file.key);
+        // The tree's inodes of this object, and those of its open handles (a retired inode
+        // past the tree's cap is only known to its handles).
+        let mut inodes = self.tree().inodes_of(&o.file.key);
+        inodes.extend(
+            lock(&self.handles)
+                .values()
+                .filter(|h| Arc::ptr_eq(&h.opened, o))
+                .map(|h| h.ino),
+        );
+        inodes.sort_unstable();
+        inodes.dedup();
         if let Some(invalidate) = self.invalidate.get().cloned() {
             // The kernel may wait on pages being read through this very daemon: never from
             // a runtime worker, and bounded.

@@ -57,9 +57,11 @@ impl Drop for Proc {
     }
 }
 
-/// A loopback port free right now, and never handed out before in this test process:
-/// parallel tests that each start a server on "a free port" must not get the same one (a
-/// server that then fails to bind would leave its test talking to another test's server).
+/// A loopback port free right now, whose neighbour `port + 1` is free too, neither handed
+/// out before in this test process: parallel tests that each start a server on "a free
+/// port" must not get the same one, nor one's neighbour (an OpenBao dev server also binds
+/// its cluster listener on `port + 1`); a server that then failed to bind would leave its
+/// test talking to another test's server.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
@@ -69,8 +71,11 @@ pub fn free_port() -> u16 {
             .local_addr()
             .unwrap()
             .port();
-        if !given.contains(&port) {
-            given.push(port);
+        let taken = |p: u16| given.contains(&p);
+        let next_free =
+            port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok();
+        if next_free && !taken(port) && !taken(port + 1) && !taken(port.wrapping_sub(1)) {
+            given.extend([port, port + 1]);
             return port;
         }
     }
