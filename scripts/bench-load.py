@@ -276,47 +276,30 @@ def main():
             # disk cold
             drop_caches()
             rows["disk cold"].append({"setup": 0.0, **load(plain)})
-            # S3: mount cold, then warm on the same mount (the server's own page cache is
-            # dropped too: same machine)
-            if s3_env:
+            def mounted_and_unsealed(uri, env_, prefix):
+                """Mount cold, then warm on that mount; then unseal to /dev/shm and load."""
                 drop_caches()
-                m = Mount(binary, s3_uri, mnt, key, s3_env)
+                m = Mount(binary, uri, mnt, key, env_)
                 mounts.append(m)
                 r = load(mnt)
                 r.update(setup=m.ready_s, daemon_cpu=m.cpu_s())
-                rows["S3 mount cold"].append(r)
+                rows[prefix + "mount cold"].append(r)
                 r = load(mnt)
-                r.update(setup=0.0, daemon_cpu=m.cpu_s() - rows["S3 mount cold"][-1]["daemon_cpu"])
-                rows["S3 mount warm"].append(r)
+                r.update(setup=0.0, daemon_cpu=m.cpu_s() - rows[prefix + "mount cold"][-1]["daemon_cpu"])
+                rows[prefix + "mount warm"].append(r)
                 m.stop()
                 mounts.remove(m)
                 dest = os.path.join(shm, "unsealed")
                 drop_caches()
                 t = time.perf_counter()
-                run([binary, "unseal", s3_uri, dest, "--key", key], env=s3_env,
-                    stdout=subprocess.DEVNULL)
-                rows["S3 unseal->shm"].append({"setup": time.perf_counter() - t, **load(dest)})
+                run([binary, "unseal", uri, dest, "--key", key], env=env_, stdout=subprocess.DEVNULL)
+                rows[prefix + "unseal->shm"].append({"setup": time.perf_counter() - t, **load(dest)})
                 shutil.rmtree(dest)
-            # mount cold, then warm on the same mount
-            drop_caches()
-            m = Mount(binary, sealed, mnt, key, env)
-            mounts.append(m)
-            r = load(mnt)
-            r.update(setup=m.ready_s, daemon_cpu=m.cpu_s())
-            rows["mount cold"].append(r)
-            r = load(mnt)
-            r.update(setup=0.0, daemon_cpu=m.cpu_s() - rows["mount cold"][-1]["daemon_cpu"])
-            rows["mount warm"].append(r)
-            m.stop()
-            mounts.remove(m)
-            # unseal to /dev/shm, then load from there
-            dest = os.path.join(shm, "unsealed")
-            drop_caches()
-            t = time.perf_counter()
-            run([binary, "unseal", sealed, dest, "--key", key], env=env, stdout=subprocess.DEVNULL)
-            setup = time.perf_counter() - t
-            rows["unseal->shm"].append({"setup": setup, **load(dest)})
-            shutil.rmtree(dest)
+
+            # S3 (the server's page cache is dropped too: same machine), then the local store
+            if s3_env:
+                mounted_and_unsealed(s3_uri, s3_env, "S3 ")
+            mounted_and_unsealed(sealed, env, "")
             print(f"rep {rep + 1}/{a.reps} done", file=sys.stderr)
     finally:
         for m in mounts:
