@@ -34,19 +34,32 @@ pub fn open_regular(path: &Path) -> Result<(File, Metadata), OpenError> {
     Ok((f, m))
 }
 
-/// Reads a small secret file (a key file, a share, a PIN): [`open_regular`], then
-/// [`check_private`] on the open file (never the path again), then at most `max` bytes into
-/// a buffer sized once (no reallocated copies) and zeroized on drop. One byte more than
-/// allowed tells "too long" from "exactly at the limit"; `what` names the expected file in
-/// that refusal.
+/// Reads a small secret file (a key file, a share, a PIN, a private PEM key):
+/// [`read_bounded`] with [`check_private`].
 pub fn read_private(
     path: &Path,
     max: usize,
     what: &str,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    read_bounded(path, max, what, true)
+}
+
+/// Reads a small file a user names: [`open_regular`], then (`private`) [`check_private`] on
+/// the open file (never the path again), then at most `max` bytes into a buffer sized once
+/// (no reallocated copies of a secret left in freed heap) and zeroized on drop. One byte
+/// more than allowed tells "too long" from "exactly at the limit"; `what` names the
+/// expected file in that refusal.
+pub fn read_bounded(
+    path: &Path,
+    max: usize,
+    what: &str,
+    private: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     use std::io::Read;
     let (mut f, meta) = open_regular(path).map_err(|e| e.to_string())?;
-    check_private(&meta)?;
+    if private {
+        check_private(&meta)?;
+    }
     let mut buf = zeroize::Zeroizing::new(vec![0u8; max + 1]);
     let mut n = 0;
     while n < buf.len() {
@@ -65,11 +78,18 @@ pub fn read_private(
     Ok(buf)
 }
 
-/// A private key file must be this user's (or root's) and closed to group and others.
-pub fn check_private(m: &Metadata) -> Result<(), String> {
+/// The effective uid of this process.
+pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     #[allow(unsafe_code)]
-    let euid = unsafe { libc::geteuid() };
+    unsafe {
+        libc::geteuid()
+    }
+}
+
+/// A private key file must be this user's (or root's) and closed to group and others.
+pub fn check_private(m: &Metadata) -> Result<(), String> {
+    let euid = euid();
     if m.uid() != euid && m.uid() != 0 {
         return Err(format!(
             "owned by uid {}, not by this user (uid {euid}) or root",

@@ -131,6 +131,16 @@ impl Hsm {
     fn file_key(&self) -> String {
         format!("file:{}", self.p("file.key"))
     }
+    /// `sealfs seal SRC DEST --key KEY` (paths under the fixture), expecting `code`.
+    #[track_caller]
+    fn seal(&self, src: &str, dest: &str, key: &str, code: i32) -> String {
+        self.expect(&["seal", &self.p(src), &self.p(dest), "--key", key], code)
+    }
+    /// `sealfs unseal SRC DEST --key KEY` (paths under the fixture), expecting `code`.
+    #[track_caller]
+    fn unseal(&self, src: &str, dest: &str, key: &str, code: i32) -> String {
+        self.expect(&["unseal", &self.p(src), &self.p(dest), "--key", key], code)
+    }
     fn sealfs(&self, args: &[&str]) -> std::process::Output {
         sealfs(args, &self.env())
     }
@@ -172,7 +182,7 @@ fn errno_of_open(p: &Path) -> Option<i32> {
 fn an_hsm_aes_key_seals_verifies_unseals_and_mounts_with_one_unwrap_per_file() {
     let h = Hsm::new();
     let k = h.uri("kek1", true);
-    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &k], 0);
+    h.seal("src", "sealed", &k, 0);
     let inspect = h.expect(&["inspect", &h.p("sealed/a.bin")], 0);
     assert!(
         inspect.contains(&format!("pkcs11 pkcs11:token={TOKEN};object=kek1\n")),
@@ -184,7 +194,7 @@ fn an_hsm_aes_key_seals_verifies_unseals_and_mounts_with_one_unwrap_per_file() {
     );
     let verify = h.expect(&["verify", &h.p("sealed"), "--key", &k], 0);
     assert!(verify.contains("ok    "), "{verify}");
-    h.expect(&["unseal", &h.p("sealed"), &h.p("out"), "--key", &k], 0);
+    h.unseal("sealed", "out", &k, 0);
     h.assert_same_tree("out");
 
     let port = free_port();
@@ -248,16 +258,7 @@ fn an_hsm_aes_key_seals_verifies_unseals_and_mounts_with_one_unwrap_per_file() {
 #[test]
 fn an_hsm_rsa_key_needs_a_login_and_a_trusted_signer() {
     let h = Hsm::new();
-    let out = h.expect(
-        &[
-            "seal",
-            &h.p("src"),
-            &h.p("nologin"),
-            "--key",
-            &h.uri("rsa1", false),
-        ],
-        4,
-    );
+    let out = h.seal("src", "nologin", &h.uri("rsa1", false), 4);
     assert!(out.contains("needs both halves visible"), "{out}");
     assert!(!h.path("nologin").exists(), "nothing sealed");
     let rsa = h.uri("rsa1", true);
@@ -293,7 +294,7 @@ fn an_hsm_rsa_key_needs_a_login_and_a_trusted_signer() {
         ],
         0,
     );
-    h.expect(&["unseal", &h.p("sealed"), &h.p("out"), "--key", &rsa], 0);
+    h.unseal("sealed", "out", &rsa, 0);
     h.assert_same_tree("out");
 
     // The public object replaced by another key's (no PIN needed to do that): refused.
@@ -331,7 +332,7 @@ fn an_hsm_rsa_key_needs_a_login_and_a_trusted_signer() {
         "--id",
         "03",
     ]));
-    let out = h.expect(&["unseal", &h.p("sealed"), &h.p("out2"), "--key", &rsa], 4);
+    let out = h.unseal("sealed", "out2", &rsa, 4);
     assert!(out.contains("does not match the private key"), "{out}");
 }
 /// the files (strict trust), and the bytes are unchanged.
@@ -339,14 +340,14 @@ fn an_hsm_rsa_key_needs_a_login_and_a_trusted_signer() {
 fn rewrap_moves_files_between_a_key_file_and_the_token_both_ways() {
     let h = Hsm::new();
     let (file, hsm) = (h.file_key(), h.uri("kek1", true));
-    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &file], 0);
+    h.seal("src", "sealed", &file, 0);
     h.expect(
         &["rewrap", &h.p("sealed"), "--key", &file, "--to-key", &hsm],
         0,
     );
     let out = h.expect(&["verify", &h.p("sealed"), "--key", &file], 4);
     assert!(out.contains("no trusted key can open it"), "{out}");
-    h.expect(&["unseal", &h.p("sealed"), &h.p("out1"), "--key", &hsm], 0);
+    h.unseal("sealed", "out1", &hsm, 0);
     h.assert_same_tree("out1");
 
     // Token to token (AES to RSA), then back to the key file.
@@ -361,7 +362,7 @@ fn rewrap_moves_files_between_a_key_file_and_the_token_both_ways() {
         0,
     );
     h.expect(&["verify", &h.p("sealed"), "--key", &hsm], 4);
-    h.expect(&["unseal", &h.p("sealed"), &h.p("out2"), "--key", &file], 0);
+    h.unseal("sealed", "out2", &file, 0);
     h.assert_same_tree("out2");
 }
 
@@ -377,17 +378,8 @@ fn key_object(dir: &Path, file: &str) -> PathBuf {
 fn another_key_a_flipped_slot_and_a_slot_moved_between_files_are_refused() {
     let h = Hsm::new();
     let k = h.uri("kek1", true);
-    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &k], 0);
-    let out = h.expect(
-        &[
-            "unseal",
-            &h.p("sealed"),
-            &h.p("o1"),
-            "--key",
-            &h.uri("kek2", true),
-        ],
-        4,
-    );
+    h.seal("src", "sealed", &k, 0);
+    let out = h.unseal("sealed", "o1", &h.uri("kek2", true), 4);
     assert!(out.contains("no trusted key can open it"), "{out}");
     assert!(!h.path("o1/a.bin").exists());
 
@@ -414,16 +406,7 @@ fn another_key_a_flipped_slot_and_a_slot_moved_between_files_are_refused() {
 
     // The untouched key object still opens: the refusals were about the bytes.
     std::fs::write(key_object(&sealed, "a.bin"), &a).unwrap();
-    h.expect(
-        &[
-            "unseal",
-            &h.p("sealed/a.bin"),
-            &h.p("o4/a.bin"),
-            "--key",
-            &k,
-        ],
-        0,
-    );
+    h.unseal("sealed/a.bin", "o4/a.bin", &k, 0);
 }
 
 /// Crypto-shredding and a missing token: once the KEK is destroyed in the token (by another
@@ -435,7 +418,7 @@ fn another_key_a_flipped_slot_and_a_slot_moved_between_files_are_refused() {
 fn a_destroyed_key_or_a_missing_token_is_refused_in_bounded_time() {
     let h = Hsm::new();
     let k = h.uri("kek1", true);
-    h.expect(&["seal", &h.p("src"), &h.p("sealed"), "--key", &k], 0);
+    h.seal("src", "sealed", &k, 0);
     let m = Mount::start(&h.p("sealed"), &["--key", &k], &h.env());
     assert_eq!(
         std::fs::read(m.path("config.json")).unwrap(),

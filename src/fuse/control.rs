@@ -21,13 +21,7 @@ const MAX_REQUEST: u64 = 4096;
 /// A client that sends nothing is dropped after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::geteuid()
-    }
-}
+use crate::localfile::euid;
 
 /// Where this user's control sockets live: `/run/sealfs` for root, else
 /// `$XDG_RUNTIME_DIR/sealfs`, else `/tmp/sealfs-UID`.
@@ -58,15 +52,22 @@ fn private_dir() -> std::io::Result<PathBuf> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    let m = std::fs::symlink_metadata(&dir)?;
+    check_private_dir(&dir).map_err(std::io::Error::other)?;
+    Ok(dir)
+}
+
+/// The socket directory must be a directory (not a symlink) of this user, closed to others:
+/// checked by the daemon before it binds and by the client before it talks.
+fn check_private_dir(dir: &Path) -> Result<(), String> {
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if !m.is_dir() || m.uid() != euid() || m.mode() & 0o077 != 0 {
-        return Err(std::io::Error::other(format!(
-            "{} must be a directory of uid {} with mode 0700",
+        return Err(format!(
+            "{} is not a directory of uid {} with mode 0700",
             dir.display(),
             euid()
-        )));
+        ));
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// Binds the control socket for `mountpoint`. A socket left by a daemon that died is
@@ -170,15 +171,8 @@ pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     // Only a private directory of ours, and only a daemon of ours (or root) answering: a
     // socket another user planted must neither get the request nor fake the answer.
-    let dir = socket_dir();
-    let m = std::fs::symlink_metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if !m.is_dir() || m.uid() != euid() || m.mode() & 0o077 != 0 {
-        return Err(format!(
-            "{} is not a private directory of uid {}: not talking to what answers there",
-            dir.display(),
-            euid()
-        ));
-    }
+    check_private_dir(&socket_dir())
+        .map_err(|e| format!("{e}: not talking to what answers there"))?;
     let path = socket_path(&mp);
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         format!(

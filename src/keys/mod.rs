@@ -234,6 +234,15 @@ impl Kek {
     }
 }
 
+/// One slot under one trusted key: unwrap the DEK and check that it opens the header MAC
+/// (key commitment).
+async fn open_slot(kek: &Kek, slot: &KeySlot, ko: &KeyObject) -> Result<(Dek, FileKeys), KeyError> {
+    let dek = kek.unwrap(slot, &ko.header.context).await?;
+    let keys = FileKeys::derive(&dek, &ko.header.file_id)?;
+    keys.verify_header(&ko.authenticated, &ko.mac)?;
+    Ok((dek, keys))
+}
+
 /// The keys a command was given, in order.
 pub struct Keyring {
     keks: Vec<Kek>,
@@ -372,21 +381,19 @@ impl Keyring {
     /// failure moves on to the next trusted key; the last failure is reported. Slots under
     /// untrusted keys are never sent to KMS.
     pub async fn unwrap(&self, ko: &KeyObject) -> Result<(Dek, FileKeys), KeyError> {
-        let ctx = &ko.header.context;
         let mut last_err = None;
         for (kek, slot) in self.candidates(ko) {
-            let attempt = async {
-                let dek = kek.unwrap(slot, ctx).await?;
-                let keys = FileKeys::derive(&dek, &ko.header.file_id)?;
-                keys.verify_header(&ko.authenticated, &ko.mac)?;
-                Ok::<_, KeyError>((dek, keys))
-            };
-            match attempt.await {
+            match open_slot(kek, slot, ko).await {
                 Ok(found) => return Ok(found),
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.unwrap_or_else(|| KeyError::NoTrustedKey {
+        Err(last_err.unwrap_or_else(|| self.no_trusted_key(ko)))
+    }
+
+    /// The refusal for a key object with no slot under any trusted key.
+    fn no_trusted_key(&self, ko: &KeyObject) -> KeyError {
+        KeyError::NoTrustedKey {
             // Key ids come from the (unauthenticated) key object: escaped, so that one
             // cannot break the log line this error ends up in.
             carried: ko
@@ -396,7 +403,7 @@ impl Keyring {
                 .collect::<Vec<_>>()
                 .join(", "),
             trusted: self.ids().join(", "),
-        }))
+        }
     }
 
     /// Whether the trusted keys still open this key object (revalidation): `Ok` if any does.
@@ -404,33 +411,19 @@ impl Keyring {
     /// not answer makes it an outage, whatever the order of `--key` (a file wrapped under a
     /// throttled key A and a disabled key B is not revoked while A may still be fine).
     pub async fn recheck(&self, ko: &KeyObject) -> Result<(), KeyError> {
-        let ctx = &ko.header.context;
         let mut refused = None;
         let mut outage = None;
         for (kek, slot) in self.candidates(ko) {
-            let attempt = async {
-                let dek = kek.unwrap(slot, ctx).await?;
-                let keys = FileKeys::derive(&dek, &ko.header.file_id)?;
-                keys.verify_header(&ko.authenticated, &ko.mac)?;
-                Ok::<_, KeyError>(())
-            };
-            match attempt.await {
-                Ok(()) => return Ok(()),
+            // The DEK and keys it yields are dropped (zeroized) at once.
+            match open_slot(kek, slot, ko).await {
+                Ok(_) => return Ok(()),
                 Err(e) if e.is_refusal() || e.is_integrity() => refused = Some(e),
                 Err(e) => outage = Some(e),
             }
         }
         match (outage, refused) {
             (Some(e), _) | (None, Some(e)) => Err(e),
-            (None, None) => Err(KeyError::NoTrustedKey {
-                carried: ko
-                    .slots
-                    .iter()
-                    .map(|s| crate::format::naming::escaped(&s.key_id))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                trusted: self.ids().join(", "),
-            }),
+            (None, None) => Err(self.no_trusted_key(ko)),
         }
     }
 

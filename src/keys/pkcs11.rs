@@ -360,9 +360,7 @@ fn module(path: &Path) -> Result<Pkcs11, Fail> {
 /// they can write either.
 fn check_module_file(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    #[allow(unsafe_code)]
-    let me = unsafe { libc::geteuid() };
+    let me = crate::localfile::euid();
     let m =
         std::fs::symlink_metadata(path).map_err(|e| format!("module {}: {e}", path.display()))?;
     if !m.is_file() {

@@ -29,7 +29,6 @@
 //! and an overall timeout, and every response is read to a bound before it is parsed. The
 //! token is a sensitive header value: never logged, never in an error.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -169,22 +168,8 @@ fn read_file(
     max: usize,
     private: bool,
 ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-    let err = |reason: String| config_err(format!("{what} {}: {reason}", path.display()));
-    if private {
-        // A buffer sized once: a growing one would leave copies of a private key in freed
-        // heap (found in review).
-        return crate::localfile::read_private(path, max, what).map_err(err);
-    }
-    let (f, _) = crate::localfile::open_regular(path).map_err(|e| err(e.to_string()))?;
-    let mut out = Zeroizing::new(Vec::with_capacity(4096));
-    // Never more than `max` + 1 bytes, whatever the file claims.
-    f.take(max as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| err(e.to_string()))?;
-    if out.len() > max {
-        return Err(err(format!("longer than {max} bytes")));
-    }
-    Ok(out)
+    crate::localfile::read_bounded(path, max, what, private)
+        .map_err(|reason| config_err(format!("{what} {}: {reason}", path.display())))
 }
 
 /// Where the token came from: a file is read again when Transit refuses the token (an agent

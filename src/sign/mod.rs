@@ -30,7 +30,7 @@ pub mod oms;
 /// Domain label of what a sealfs publisher signs (never valid as any other message).
 const SIGNED_LABEL: &[u8] = b"sealfs manifest signature v1\0";
 /// Longest PEM file read as a signing or public key.
-const MAX_PEM: u64 = 16 * 1024;
+const MAX_PEM: usize = 16 * 1024;
 
 /// Signing and signature-checking errors; none carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -306,19 +306,16 @@ fn file_err(p: &Path, reason: String) -> SignError {
 /// Reads a small PEM file once ([`crate::localfile::open_regular`]); a private key must
 /// also be closed to other users, as a key file is.
 fn read_pem(p: &Path, private: bool) -> Result<Zeroizing<String>, SignError> {
-    use std::io::Read;
-    let (f, m) = crate::localfile::open_regular(p).map_err(|e| file_err(p, e.to_string()))?;
-    if private {
-        crate::localfile::check_private(&m).map_err(|r| file_err(p, r))?;
-    }
-    let mut s = Zeroizing::new(String::new());
-    f.take(MAX_PEM + 1)
-        .read_to_string(&mut s)
-        .map_err(|e| file_err(p, e.to_string()))?;
-    if s.len() as u64 > MAX_PEM {
-        return Err(file_err(p, format!("longer than {MAX_PEM} bytes")));
-    }
-    Ok(s)
+    let mut bytes = crate::localfile::read_bounded(p, MAX_PEM, "a PEM key", private)
+        .map_err(|r| file_err(p, r))?;
+    // Moved, not copied: the zeroized buffer becomes the zeroized string.
+    String::from_utf8(std::mem::take(&mut *bytes))
+        .map(Zeroizing::new)
+        .map_err(|e| {
+            let mut v = e.into_bytes();
+            zeroize::Zeroize::zeroize(&mut v);
+            file_err(p, "not UTF-8 text".into())
+        })
 }
 
 /// `sealfs keygen --signing PATH`: a new ECDSA P-256 key in PKCS#8 PEM at `path` (mode
