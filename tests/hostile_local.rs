@@ -6,40 +6,15 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const C: usize = 64 * 1024;
 
-/// A key file and a helper to seal `src` into `dest` with 64 KiB chunks.
-struct Site {
-    dir: tempfile::TempDir,
-}
-
+/// Seals `src` into `dest` with 64 KiB chunks under the site's key file.
 impl Site {
-    fn new() -> Self {
-        let s = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        expect_code(&sealfs(&["keygen", &s.p("k")], &[]), 0);
-        s
-    }
-    fn p(&self, rel: &str) -> String {
-        self.dir.path().join(rel).display().to_string()
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn key(&self) -> String {
-        format!("file:{}", self.p("k"))
-    }
-    fn write(&self, rel: &str, data: &[u8]) {
-        let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, data).unwrap();
-    }
     fn seal(&self, src: &str, dest: &str, extra: &[&str]) {
         let key = self.key();
         let mut args = vec![

@@ -6,24 +6,17 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
 const C: usize = 64 * 1024;
 
-struct Site {
-    dir: tempfile::TempDir,
-}
-
 impl Site {
     /// A key file `k`, signing keys `pub.key` (the publisher) and `other.key`, and a model
     /// source `src` (three files, one nested).
-    fn new() -> Self {
-        let s = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        expect_code(&sealfs(&["keygen", &s.p("k")], &[]), 0);
+    fn model() -> Self {
+        let s = Self::new();
         for k in ["pub.key", "other.key"] {
             let out = expect_code(&sealfs(&["keygen", "--signing", &s.p(k)], &[]), 0);
             assert!(out.contains("sha256:"), "{out}");
@@ -32,20 +25,6 @@ impl Site {
         s.write("src/config.json", b"{\"layers\": 2}\n");
         s.write("src/sub/b.bin", &pattern(C, 2));
         s
-    }
-    fn p(&self, rel: &str) -> String {
-        self.dir.path().join(rel).display().to_string()
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn write(&self, rel: &str, data: &[u8]) {
-        let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, data).unwrap();
-    }
-    fn key(&self) -> String {
-        format!("file:{}", self.p("k"))
     }
     fn trust(&self, signer: &str) -> String {
         format!("file:{}", self.p(&format!("{signer}.pub")))
@@ -118,7 +97,7 @@ fn copy_pair(s: &Site, from: &str, to: &str) {
 
 #[test]
 fn a_signed_model_verifies_and_mounts_under_its_signer() {
-    let s = Site::new();
+    let s = Site::model();
     let out = s.seal(&s.p("src"), &s.p("m"), "pub.key", &[]);
     assert!(out.contains("signed by sha256:"), "{out}");
     assert!(s.path("m/.sealfs-manifest.sig").exists());
@@ -148,7 +127,7 @@ fn a_signed_model_verifies_and_mounts_under_its_signer() {
 /// on every file, a log line).
 #[test]
 fn unsigned_foreign_and_moved_signatures_are_refused() {
-    let s = Site::new();
+    let s = Site::model();
     s.seal(&s.p("src"), &s.p("unsigned"), "", &[]);
     s.seal(&s.p("src"), &s.p("foreign"), "other.key", &[]);
     s.seal(&s.p("src"), &s.p("moved"), "pub.key", &[]);
@@ -206,7 +185,7 @@ fn unsigned_foreign_and_moved_signatures_are_refused() {
 /// read of that chunk fails and nothing of it is released, and verify names the chunk.
 #[test]
 fn a_chunk_forged_by_a_dek_holder_is_refused_under_trust_signer() {
-    let s = Site::new();
+    let s = Site::model();
     s.seal(&s.p("src"), &s.p("m"), "pub.key", &[]);
     forge_chunk(&s, "m/a.bin", 1);
     let (code, text) = s.verify(&s.p("m"), Some("pub.key"));
@@ -268,7 +247,7 @@ fn forge_chunk(s: &Site, rel: &str, index: u64) {
 /// by verify (naming the file) and not served by the mount (EACCES), with no option.
 #[test]
 fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
-    let s = Site::new();
+    let s = Site::model();
     s.write("src/old-only.bin", b"dropped in v2");
     s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "1"]);
     let keep = s.path("v1");
@@ -326,7 +305,7 @@ fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
 /// re-list; the version it served keeps being refused too until a newer one comes.
 #[test]
 fn a_mount_refuses_a_rolled_back_model() {
-    let s = Site::new();
+    let s = Site::model();
     s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "1"]);
     let v1 = s.path("v1-copy");
     let st = std::process::Command::new("cp")
@@ -371,7 +350,7 @@ fn a_mount_refuses_a_rolled_back_model() {
 /// manifest; any other version of the model, newer ones included, is refused (EACCES).
 #[test]
 fn model_digest_pins_one_manifest() {
-    let s = Site::new();
+    let s = Site::model();
     let out = s.seal(&s.p("src"), &s.p("m"), "pub.key", &["--model-version", "1"]);
     let digest = out
         .split_whitespace()
@@ -436,7 +415,7 @@ fn model_signing(args: &[&str]) -> std::process::Output {
 /// `model.sig` (made by `model_signing sign key`) verifies under the training key.
 #[test]
 fn oms_signatures_interoperate_with_model_signing_both_ways() {
-    let s = Site::new();
+    let s = Site::model();
     s.seal(&s.p("src"), &s.p("m"), "pub.key", &[]);
     {
         let m = s.mount(&s.p("m"), Some("pub.key"), &[]);
@@ -548,7 +527,7 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
 #[test]
 fn a_new_signed_version_is_adopted_whole_and_old_handles_keep_theirs() {
     use std::io::{Seek, SeekFrom};
-    let s = Site::new();
+    let s = Site::model();
     s.seal(&s.p("src"), &s.p("m"), "pub.key", &["--model-version", "1"]);
     let m = s.mount(
         &s.p("m"),

@@ -351,6 +351,36 @@ impl Stack {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so fixtures need no RNG crate.
+/// A temporary directory with a key file `k`: paths under it, the key's URI, and source
+/// files written into it. Test files add their own sealing helpers in `impl Site` blocks.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+}
+
+impl Site {
+    pub fn new() -> Self {
+        let s = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        expect_code(&sealfs(&["keygen", &s.p("k")], &[]), 0);
+        s
+    }
+    pub fn p(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    pub fn key(&self) -> String {
+        format!("file:{}", self.p("k"))
+    }
+    pub fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+}
+
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len + 8);
