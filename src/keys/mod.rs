@@ -109,6 +109,15 @@ pub enum KeyError {
 impl KeyError {
     /// True when the key refused us (permissions, disabled, not trusted): EACCES, exit 4.
     pub fn is_access_denied(&self) -> bool {
+        // A token that is gone is answered like a key that refuses (EACCES, bounded), but
+        // it is an outage, not a refusal: a revalidation does not revoke on it.
+        self.is_refusal() || matches!(self, KeyError::Pkcs11Unavailable { .. })
+    }
+
+    /// True when the provider itself answered no (key disabled, pending deletion, destroyed,
+    /// access denied, no trusted key), as opposed to not answering (unreachable, throttled,
+    /// timed out, a token not present). A revalidation revokes on this, never on an outage.
+    pub fn is_refusal(&self) -> bool {
         matches!(
             self,
             KeyError::KmsDenied { .. }
@@ -117,17 +126,8 @@ impl KeyError {
                 | KeyError::TransitDenied { .. }
                 | KeyError::TransitNotFound { .. }
                 | KeyError::NoTrustedKey { .. }
-                // A token that is gone is refused like a key that is: EACCES, bounded.
                 | KeyError::Pkcs11Denied { .. }
-                | KeyError::Pkcs11Unavailable { .. }
         )
-    }
-
-    /// True when the provider itself answered no (key disabled, pending deletion, destroyed,
-    /// access denied), as opposed to not answering (unreachable, throttled, timed out, a
-    /// token not present). A revalidation revokes on this, never on an outage.
-    pub fn is_refusal(&self) -> bool {
-        self.is_access_denied() && !matches!(self, KeyError::Pkcs11Unavailable { .. })
     }
 
     /// True when bytes failed authentication: EIO, exit 3.

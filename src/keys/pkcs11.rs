@@ -671,8 +671,7 @@ async fn bounded<T: Send + 'static>(
     // Counted beside S3 and KMS on the metrics page (sealfs_requests_total{service="pkcs11"}).
     let outcome = match &out {
         Ok(_) => "ok",
-        Err(KeyError::Pkcs11Unavailable { .. }) => "unavailable",
-        Err(e) if e.is_access_denied() => "denied",
+        Err(e) if e.is_refusal() => "denied",
         Err(e) if e.is_integrity() => "rejected",
         Err(_) => "unavailable",
     };
