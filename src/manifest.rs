@@ -150,11 +150,13 @@ pub enum ModelError {
         reason: String,
         class: Unreadable,
     },
-    #[error("model {model}: manifest version {found} is older than version {served} already served (rollback)")]
+    #[error("model {model}: manifest version {found} generation {found_generation} is older than version {served} generation {served_generation} already served (rollback)")]
     Rollback {
         model: String,
         found: u64,
+        found_generation: u32,
         served: u64,
+        served_generation: u32,
     },
 }
 
@@ -387,15 +389,17 @@ pub struct Model {
     pub digest: String,
     /// The trusted signer that signed it (`None`: unsigned, or no signer trusted).
     pub signer: Option<String>,
+    /// The generation of the manifest object (0, or N for `ROOT/.sealfs-gN/`): every file
+    /// it lists is of the same generation (reseal and republish write a model whole).
+    pub generation: u32,
 }
 
 impl Model {
     /// Checks a file that names this model as its own against the manifest: the same
-    /// path, file id, header, sizes. `rel` is its key relative to the model root.
+    /// path, generation, file id, header, sizes. `file` is its object key.
     pub fn check_file(
         &self,
         file: &str,
-        rel: &str,
         file_id: &[u8; 16],
         header_digest: &[u8; 32],
         chunk_log2: u8,
@@ -408,9 +412,20 @@ impl Model {
                 self.root, self.manifest.version
             ),
         };
-        let e = self.manifest.file(rel).ok_or_else(|| {
-            refuse("not in the model's manifest: an extra file, or one copied in")
-        })?;
+        let (logical, generation) = naming::split_generation(file);
+        let e = self
+            .manifest
+            .file(relative(&logical, &self.root))
+            .ok_or_else(|| {
+                refuse("not in the model's manifest: an extra file, or one copied in")
+            })?;
+        if generation != self.generation {
+            return Err(refuse(&format!(
+                "generation {generation}, and the manifest lists generation {}: an older \
+                 version, or a reseal not yet switched",
+                self.generation
+            )));
+        }
         if e.file_id != hex::encode(file_id) || e.header_sha256 != hex::encode(header_digest) {
             return Err(refuse(
                 "not the version the manifest lists: a file of another version or model",
@@ -472,7 +487,7 @@ pub async fn load(
     let signer = if trusted.is_empty() {
         None
     } else {
-        let key = under(root, SIGNATURE_NAME);
+        let key = naming::generation_key(&under(root, SIGNATURE_NAME), entry.generation);
         let bytes = match store.get(&key, MAX_SIGNATURE_LEN).await {
             Ok((b, _)) => b,
             Err(crate::store::StoreError::NotFound(_)) => {
@@ -491,18 +506,20 @@ pub async fn load(
         manifest,
         digest: hex::encode(digest),
         signer,
+        generation: entry.generation,
     })
 }
 
-/// The manifest entry of the model at `root`, listed on its own (for a file whose model root
-/// lies outside the listed prefix: a mount or verify of part of a model).
+/// The current manifest entry (its highest generation) of the model at `root`, listed on
+/// its own (for a file whose model root lies outside the listed prefix: a mount or verify
+/// of part of a model).
 pub async fn find_manifest(
     store: &crate::store::Store,
     root: &str,
 ) -> crate::Result<Option<crate::object::SealedEntry>> {
     let key = under(root, MANIFEST_NAME);
     let l = crate::object::find(store, &key).await?;
-    Ok(l.sealed.into_iter().find(|e| e.data.key == key))
+    Ok(l.sealed.into_iter().find(|e| e.logical == key))
 }
 
 /// The model root a file's context names, if any, checked to enclose the file's key.

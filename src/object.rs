@@ -22,6 +22,10 @@ pub struct SealedEntry {
     pub data: ObjectInfo,
     pub key_object: ObjectInfo,
     pub chunk_log2: u8,
+    /// The key the file is known by: `data.key` without its generation segment.
+    pub logical: String,
+    /// 0 for a file sealed in place; N for `dir/.sealfs-gN/name` (written by reseal).
+    pub generation: u32,
 }
 
 impl SealedEntry {
@@ -43,6 +47,10 @@ pub struct Listing {
     /// Names that are not a clean relative path (`..`, `//`, control characters, …), with
     /// the reason: never paired, served, or turned into a local path.
     pub rejected: Vec<(String, naming::NameError)>,
+    /// Sealed files of a generation that is not (or not yet) the one served: the previous
+    /// versions a reseal or a republish left for readers still holding them (`sealfs gc`
+    /// deletes them), and the files of a reseal whose manifest is not in yet.
+    pub superseded: Vec<SealedEntry>,
 }
 
 impl Listing {
@@ -73,6 +81,15 @@ pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
             rejected.push((o.key, why));
             continue;
         }
+        let data_key = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
+        let misplaced = data_key
+            .split('/')
+            .any(|s| s.starts_with(naming::GEN_PREFIX))
+            && naming::split_generation(data_key).1 == 0;
+        if misplaced {
+            rejected.push((o.key, naming::NameError::Reserved));
+            continue;
+        }
         match naming::parse_key_object_name(&o.key) {
             Some((d, log2)) => keys
                 .entry(d.to_string())
@@ -89,10 +106,13 @@ pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
         match keys.remove(&d.key) {
             Some(mut ks) if ks.len() == 1 => {
                 let (key_object, chunk_log2) = ks.pop().expect("one element");
+                let (logical, generation) = naming::split_generation(&d.key);
                 out.sealed.push(SealedEntry {
                     data: d,
                     key_object,
                     chunk_log2,
+                    logical,
+                    generation,
                 });
             }
             Some(ks) => out.orphans.extend(ks.into_iter().map(|(k, _)| k)),
@@ -101,7 +121,58 @@ pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
     }
     out.orphans
         .extend(keys.into_values().flatten().map(|(k, _)| k));
+    let (served, superseded) = served_generations(std::mem::take(&mut out.sealed));
+    out.sealed = served;
+    out.superseded = superseded;
     out
+}
+
+/// One generation of each file: a model's manifest is its highest generation (the last
+/// object a reseal writes: its switch), and a file under a listed model root is its highest
+/// generation not above that manifest's, so a reseal in progress shows nothing of itself.
+/// Files under no listed manifest (loose files, or a listing of part of a model) show their
+/// highest generation; the open then checks it against the model's current manifest.
+fn served_generations(all: Vec<SealedEntry>) -> (Vec<SealedEntry>, Vec<SealedEntry>) {
+    use std::collections::HashMap;
+    let mut models: HashMap<String, u32> = HashMap::new();
+    for e in &all {
+        if let Some(root) = crate::manifest::manifest_root(&e.logical) {
+            let g = models.entry(root.to_string()).or_insert(0);
+            *g = (*g).max(e.generation);
+        }
+    }
+    // The generation cap of `logical`: its innermost listed model's manifest generation.
+    let cap = |logical: &str| -> u32 {
+        if crate::manifest::manifest_root(logical).is_some() {
+            return u32::MAX;
+        }
+        let mut dir = logical;
+        while let Some((up, _)) = dir.rsplit_once('/') {
+            if let Some(g) = models.get(up) {
+                return *g;
+            }
+            dir = up;
+        }
+        models.get("").copied().unwrap_or(u32::MAX)
+    };
+    let mut by_file: BTreeMap<String, Vec<SealedEntry>> = BTreeMap::new();
+    for e in all {
+        by_file.entry(e.logical.clone()).or_default().push(e);
+    }
+    let (mut served, mut superseded) = (Vec::new(), Vec::new());
+    for (logical, mut gens) in by_file {
+        let cap = cap(&logical);
+        gens.sort_by_key(|e| e.generation);
+        let pick = gens.iter().rposition(|e| e.generation <= cap);
+        for (i, e) in gens.into_iter().enumerate() {
+            if Some(i) == pick {
+                served.push(e);
+            } else {
+                superseded.push(e);
+            }
+        }
+    }
+    (served, superseded)
 }
 
 /// The sealed files at `prefix`: the one object it names, or everything under it.
@@ -115,11 +186,31 @@ pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> R
     let inside = |k: &str| prefix.is_empty() || k.starts_with(&format!("{prefix}/"));
     let exact =
         |k: &str| k == prefix || naming::parse_key_object_name(k).is_some_and(|(d, _)| d == prefix);
-    let (one, many): (Vec<_>, Vec<_>) = all.into_iter().partition(|o| exact(&o.key));
-    if one.iter().any(|o| o.key == prefix) {
+    let (mut one, many): (Vec<_>, Vec<_>) = all.into_iter().partition(|o| exact(&o.key));
+    let many: Vec<_> = many.into_iter().filter(|o| inside(&o.key)).collect();
+    // One object (or nothing under the prefix as a directory): its later generations live
+    // in `.sealfs-gN/` beside it, which the prefix does not cover.
+    let is_generation = naming::split_generation(prefix).1 > 0;
+    if !prefix.is_empty() && !is_generation && (many.is_empty() || !one.is_empty()) {
+        let gens = match prefix.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/{}", naming::GEN_PREFIX),
+            None => naming::GEN_PREFIX.to_string(),
+        };
+        for o in store.list_bounded(&gens, limits).await? {
+            let data = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
+            let (logical, g) = naming::split_generation(data);
+            if g > 0 && logical == prefix {
+                one.push(o);
+            }
+        }
+    }
+    if one
+        .iter()
+        .any(|o| o.key == prefix || naming::split_generation(&o.key).0 == prefix)
+    {
         return Ok(pair(one));
     }
-    Ok(pair(many.into_iter().filter(|o| inside(&o.key)).collect()))
+    Ok(pair(many))
 }
 
 /// True if `key` (relative to the store root: the bucket, or a local store's root) is where
@@ -373,6 +464,49 @@ mod tests {
                 naming::NameError::EmptySegment,
                 naming::NameError::Control
             ]
+        );
+    }
+
+    fn keys(v: &[SealedEntry]) -> Vec<&str> {
+        v.iter().map(|e| e.data.key.as_str()).collect()
+    }
+
+    #[test]
+    fn a_model_serves_the_generation_of_its_newest_manifest() {
+        let sealed = |k: &str| [o(k, 48), o(&format!("{k}.sealfs-c14"), 300)];
+        let mut objects: Vec<_> = [
+            "m/.sealfs-manifest",
+            "m/a/x",
+            "m/a/.sealfs-g1/x",
+            "m/.sealfs-g1/.sealfs-manifest",
+            // A reseal to generation 2 in progress: its file is in, its manifest is not.
+            "m/a/.sealfs-g2/x",
+            // A loose file: its highest generation.
+            "l/y",
+            "l/.sealfs-g3/y",
+        ]
+        .iter()
+        .flat_map(|k| sealed(k))
+        .collect();
+        objects.push(o("m/.sealfs-g1/b/x", 48)); // misplaced generation segment
+        let l = pair(objects);
+        assert_eq!(
+            keys(&l.sealed),
+            [
+                "l/.sealfs-g3/y",
+                "m/.sealfs-g1/.sealfs-manifest",
+                "m/a/.sealfs-g1/x"
+            ]
+        );
+        assert_eq!(l.sealed[2].logical, "m/a/x");
+        assert_eq!(l.sealed[2].generation, 1);
+        assert_eq!(
+            keys(&l.superseded),
+            ["l/y", "m/.sealfs-manifest", "m/a/x", "m/a/.sealfs-g2/x"]
+        );
+        assert_eq!(
+            l.rejected,
+            [("m/.sealfs-g1/b/x".to_string(), naming::NameError::Reserved)]
         );
     }
 

@@ -201,6 +201,46 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Re-encrypt models under fresh DEKs wrapped only under --to-key (after a key
+    /// compromise), in memory, as a new generation that each model's new manifest switches
+    /// to at once; readers holding the old generation keep it. A model is resealed whole.
+    Reseal {
+        /// A model, a prefix of models, or one object (its model is resealed).
+        uri: String,
+        /// A key that can unwrap the DEKs now.
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        /// The keys of the new DEKs (exactly these).
+        #[arg(long = "to-key", required = true)]
+        to_keys: Vec<String>,
+        /// Carry forward only models signed by one of these (the publisher's key, not the
+        /// KEK being replaced); repeatable.
+        #[arg(long = "trust-signer")]
+        trust_signers: Vec<String>,
+        /// Carry forward only the model whose manifest has this digest (sha256:HEX).
+        #[arg(long, value_parser = parse_digest)]
+        model_digest: Option<String>,
+        /// Sign the new manifest (required for a signed model).
+        #[arg(long)]
+        sign: Option<String>,
+        /// Multipart part size (at least 5MiB).
+        #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+        part_size: u64,
+        /// Parts resealed and uploaded in parallel (memory ≈ 2 × jobs × part size).
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+    },
+    /// Delete the generations a reseal (or a republish) replaced, once readers have had
+    /// --grace to close them; needs no key.
+    Gc {
+        uri: String,
+        /// Keep a replaced generation this long after the switch (e.g. 0, 30m, 24h).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        grace: std::time::Duration,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Replace the wrapped DEKs: the new set is exactly the --to-key list.
     Rewrap {
         uri: String,
@@ -584,6 +624,75 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                         crate::format::naming::printable(&answer, 512)
                     )))
                 }
+            }
+        }
+        Command::Reseal {
+            uri,
+            keys,
+            to_keys,
+            trust_signers,
+            model_digest,
+            sign,
+            part_size,
+            jobs,
+        } => {
+            if part_size < 5 << 20 {
+                return Err(Error::Usage(
+                    "--part-size must be at least 5MiB (an S3 limit)".into(),
+                ));
+            }
+            let loc = Location::parse(&uri).await?;
+            let from = keyring(&keys).await?;
+            let to = keyring(&to_keys).await?;
+            let trusted = trusted_signers(&trust_signers).await?;
+            if let Some(why) = from.origin_unproven(!trusted.is_empty(), model_digest.is_some()) {
+                return Err(Error::Usage(why));
+            }
+            let signer = match sign {
+                Some(s) => Some(signer(&s).await?),
+                None => None,
+            };
+            let opts = SealOptions {
+                part_size,
+                jobs,
+                progress: std::io::stderr().is_terminal(),
+                ..SealOptions::default()
+            };
+            let checks = seal::reseal::Checks {
+                trusted: &trusted,
+                pin: model_digest.as_deref(),
+            };
+            for r in seal::reseal(&loc, &from, &to, &checks, signer.as_ref(), &opts, cancel).await?
+            {
+                println!(
+                    "resealed model {} generation {} -> {} ({} files, {} bytes) version {} digest sha256:{} {}",
+                    loc.describe(&r.model),
+                    r.from_generation,
+                    r.generation,
+                    r.files,
+                    r.bytes,
+                    r.version,
+                    r.digest,
+                    match &r.signer {
+                        Some(id) => format!("signed by {id}"),
+                        None => "unsigned".into(),
+                    }
+                );
+            }
+        }
+        Command::Gc {
+            uri,
+            grace,
+            dry_run,
+        } => {
+            let loc = Location::parse(&uri).await?;
+            let c = seal::reseal::gc(&loc, grace, dry_run).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for k in &c.deleted {
+                println!("{verb} {}", loc.describe(k));
+            }
+            for k in &c.waiting {
+                println!("kept {} (replaced less than --grace ago)", loc.describe(k));
             }
         }
         Command::Rewrap { uri, keys, to_keys } => {

@@ -5,6 +5,59 @@
 use super::{MAX_CHUNK_LOG2, MIN_CHUNK_LOG2};
 
 const KEY_SUFFIX: &str = ".sealfs-c";
+/// The directory segment that holds a later generation of the file beside it
+/// (`dir/.sealfs-g2/name` is generation 2 of `dir/name`): `sealfs reseal` writes there, so
+/// that the version readers hold stays in place until its model's new manifest switches.
+pub const GEN_PREFIX: &str = ".sealfs-g";
+/// Generations above this are not ones sealfs writes (a name that parses past it is a file).
+const MAX_GENERATION: u32 = 999_999_999;
+
+/// The object key of generation `g` of the file whose logical key is `logical` (generation
+/// 0 is the logical key itself).
+pub fn generation_key(logical: &str, g: u32) -> String {
+    if g == 0 {
+        return logical.to_string();
+    }
+    match logical.rsplit_once('/') {
+        Some((dir, base)) => format!("{dir}/{GEN_PREFIX}{g}/{base}"),
+        None => format!("{GEN_PREFIX}{g}/{logical}"),
+    }
+}
+
+/// The logical key and generation of object key `key`: `dir/.sealfs-gN/name` is generation
+/// N of `dir/name`; any other key is generation 0 of itself.
+pub fn split_generation(key: &str) -> (String, u32) {
+    let (head, base) = match key.rsplit_once('/') {
+        Some(x) => x,
+        None => return (key.to_string(), 0),
+    };
+    let (dir, seg) = match head.rsplit_once('/') {
+        Some((d, s)) => (Some(d), s),
+        None => (None, head),
+    };
+    match parse_generation(seg) {
+        Some(g) => (
+            match dir {
+                Some(d) => format!("{d}/{base}"),
+                None => base.to_string(),
+            },
+            g,
+        ),
+        None => (key.to_string(), 0),
+    }
+}
+
+/// `N` of a `.sealfs-gN` segment (1 ≤ N, no leading zero).
+fn parse_generation(seg: &str) -> Option<u32> {
+    let digits = seg.strip_prefix(GEN_PREFIX)?;
+    if digits.is_empty() || digits.len() > 9 || digits.starts_with('0') {
+        return None;
+    }
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|g| *g <= MAX_GENERATION)
+}
 
 /// Name of the key object of the data object `data_key` sealed with chunk size 2^`log2`.
 pub fn key_object_name(data_key: &str, chunk_log2: u8) -> String {
@@ -30,7 +83,7 @@ pub fn parse_key_object_name(name: &str) -> Option<(&str, u8)> {
 /// True if a plaintext file with this name could not be sealed without its data object
 /// being mistaken for a key object.
 pub fn is_reserved_name(name: &str) -> bool {
-    name.contains(KEY_SUFFIX)
+    name.contains(KEY_SUFFIX) || name.split('/').any(|s| s.starts_with(GEN_PREFIX))
 }
 
 /// Longest object key accepted from a store or written by seal (S3's own limit, in bytes).
@@ -56,6 +109,8 @@ pub enum NameError {
     DotSegment,
     #[error("has a control character")]
     Control,
+    #[error("has a .sealfs-g segment that is not a generation directory")]
+    Reserved,
 }
 
 /// Checks that `key` is a clean relative path: non-empty, at most [`MAX_KEY_LEN`] bytes,
@@ -148,7 +203,34 @@ mod tests {
             assert_eq!(parse_key_object_name(n), None, "{n}");
         }
         assert!(is_reserved_name("x.sealfs-c20"));
+        assert!(is_reserved_name("a/.sealfs-g2/x"));
+        assert!(is_reserved_name(".sealfs-gx"));
         assert!(!is_reserved_name("model.safetensors"));
+    }
+
+    #[test]
+    fn generations_round_trip() {
+        assert_eq!(generation_key("m/a/b.pt", 0), "m/a/b.pt");
+        assert_eq!(generation_key("m/a/b.pt", 3), "m/a/.sealfs-g3/b.pt");
+        assert_eq!(generation_key("b.pt", 12), ".sealfs-g12/b.pt");
+        for (key, g) in [("m/a/b.pt", 7), ("b.pt", 1), ("m/.sealfs-manifest", 2)] {
+            assert_eq!(
+                split_generation(&generation_key(key, g)),
+                (key.to_string(), g)
+            );
+        }
+        for plain in [
+            "m/a/b.pt",
+            "m/.sealfs-g0/b",
+            "m/.sealfs-g01/b",
+            "m/.sealfs-gx/b",
+            "m/.sealfs-g/b",
+            "m/.sealfs-g1234567890/b",
+            "m/.sealfs-g2",
+            ".sealfs-g2",
+        ] {
+            assert_eq!(split_generation(plain), (plain.to_string(), 0), "{plain}");
+        }
     }
 
     #[test]

@@ -103,16 +103,15 @@ impl Tree {
         let mut hidden = 0usize;
         self.manifests.clear();
         for e in listing.sealed {
-            if let Some(root) = crate::manifest::manifest_root(&e.data.key) {
+            if let Some(root) = crate::manifest::manifest_root(&e.logical) {
                 self.manifests.insert(root.to_string(), e);
                 continue;
             }
             let rel = if prefix.is_empty() {
-                e.data.key.as_str()
+                e.logical.as_str()
             } else {
                 match e
-                    .data
-                    .key
+                    .logical
                     .strip_prefix(prefix)
                     .and_then(|r| r.strip_prefix('/'))
                 {

@@ -259,8 +259,9 @@ pub struct SealFs {
     trusted: crate::sign::TrustedSigners,
     /// Loaded model manifests by root, for the listed manifest ETag.
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
-    /// Highest manifest version served per model root: never go back (rollback).
-    served: Mutex<HashMap<String, u64>>,
+    /// Highest manifest (version, generation) served per model root: never go back
+    /// (rollback), neither to an older version nor to the generation a reseal replaced.
+    served: Mutex<HashMap<String, (u64, u32)>>,
     /// Tells the kernel to drop its pages of an inode (set by the FUSE session).
     invalidate: std::sync::OnceLock<Arc<dyn Fn(u64) + Send + Sync>>,
 }
@@ -450,6 +451,9 @@ impl SealFs {
         if !same {
             self.close_slot(&slot);
             let mut fresh = entry.clone();
+            // Possibly another generation of the path (the listed one was deleted by gc).
+            fresh.data.key = opened.file.key.clone();
+            fresh.generation = crate::format::naming::split_generation(&fresh.data.key).1;
             fresh.data.etag = opened.file.etag.clone();
             fresh.data.size = opened.file.layout.object_size();
             fresh.key_object.key = opened.key_object_name.clone();
@@ -583,14 +587,15 @@ impl SealFs {
         let (listing, key_object) = tokio::join!(
             // One object's names: a small bound, so that opens answered "changed" cannot
             // each cost a listing of --max-objects.
-            object::find_bounded(&self.store, &entry.data.key, &RELIST_LIMITS),
+            object::find_bounded(&self.store, &entry.logical, &RELIST_LIMITS),
             self.store.get(&entry.key_object.key, MAX_KEY_OBJECT_LEN)
         );
         let listing = listing.map_err(FsError::from)?;
+        // The path's served generation: the listed one, or a newer one if that is gone.
         let fresh = listing
             .sealed
             .into_iter()
-            .find(|e| e.data.key == entry.data.key)
+            .find(|e| e.logical == entry.logical)
             .ok_or(FsError::NotFound)?;
         if fresh.plaintext_size().is_none() || fresh.chunk_log2 > self.config.max_chunk_log2 {
             return Err(FsError::Io(format!(
@@ -788,7 +793,6 @@ impl SealFs {
             model
                 .check_file(
                     key,
-                    manifest::relative(key, &root),
                     &ko.header.file_id,
                     &header,
                     ko.header.chunk_log2,
@@ -828,9 +832,10 @@ impl SealFs {
                 .await
                 .map_err(|e| ModelError::from_load(root, e))?,
         };
+        // The manifest object (its generation) and its ETag name the version loaded.
         let etag = listed
             .as_ref()
-            .map(|e| e.data.etag.clone())
+            .map(|e| format!("{}\0{}", e.data.key, e.data.etag))
             .unwrap_or_default();
         let slot = {
             let mut models = lock(&self.models);
@@ -880,15 +885,18 @@ impl SealFs {
             }
         }
         let mut served = lock(&self.served);
-        let high = served.entry(root.to_string()).or_insert(0);
-        if model.manifest.version < *high {
+        let high = served.entry(root.to_string()).or_insert((0, 0));
+        let this = (model.manifest.version, model.generation);
+        if this < *high {
             return Err(ModelError::Rollback {
                 model: root.to_string(),
-                found: model.manifest.version,
-                served: *high,
+                found: this.0,
+                found_generation: this.1,
+                served: high.0,
+                served_generation: high.1,
             });
         }
-        *high = model.manifest.version;
+        *high = this;
         Ok(model)
     }
 

@@ -15,12 +15,14 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
     let mut files = Vec::new();
     let mut models = Vec::new();
     for e in &l.sealed {
-        if let Some(root) = crate::manifest::manifest_root(&e.data.key) {
-            models.push(model_facts(loc, root).await);
+        if let Some(root) = crate::manifest::manifest_root(&e.logical) {
+            models.push(model_facts(loc, root, e).await);
             continue;
         }
         let mut v = json!({
-            "file": loc.describe(&e.data.key),
+            "file": loc.describe(&e.logical),
+            "object": loc.describe(&e.data.key),
+            "generation": e.generation,
             "object_size": e.data.size,
             "chunk_size": 1u64 << e.chunk_log2,
             "plaintext_size_from_listing": e.plaintext_size(),
@@ -60,6 +62,7 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
         "files": files,
         "unsealed_objects": l.unsealed.iter().map(|o| &o.key).collect::<Vec<_>>(),
         "orphan_key_objects": l.orphans.iter().map(|o| &o.key).collect::<Vec<_>>(),
+        "superseded_generations": l.superseded.iter().map(|e| loc.describe(&e.data.key)).collect::<Vec<_>>(),
         "models": models,
         "refused_names": l
             .rejected
@@ -72,20 +75,16 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
 /// What can be said of a model without a key: its manifest is sealed, so the facts shown
 /// are the signature object's claims (`signed: false` when there is none). They are
 /// authenticated only by `verify --trust-signer` or a mount with it.
-async fn model_facts(loc: &Location, root: &str) -> Value {
-    use crate::manifest::{
-        under, SignatureObject, MANIFEST_NAME, MAX_SIGNATURE_LEN, SIGNATURE_NAME,
-    };
+async fn model_facts(loc: &Location, root: &str, manifest: &crate::object::SealedEntry) -> Value {
+    use crate::manifest::{under, SignatureObject, MAX_SIGNATURE_LEN, SIGNATURE_NAME};
     let mut v = json!({
         "model": loc.describe(root),
-        "manifest": loc.describe(&under(root, MANIFEST_NAME)),
+        "manifest": loc.describe(&manifest.data.key),
+        "generation": manifest.generation,
         "signed": false,
     });
-    match loc
-        .store
-        .get(&under(root, SIGNATURE_NAME), MAX_SIGNATURE_LEN)
-        .await
-    {
+    let sig = naming::generation_key(&under(root, SIGNATURE_NAME), manifest.generation);
+    match loc.store.get(&sig, MAX_SIGNATURE_LEN).await {
         Ok((bytes, _)) => match SignatureObject::parse(&bytes, root) {
             Ok(s) => {
                 v["signed"] = json!(true);

@@ -3,11 +3,13 @@
 pub mod dest;
 pub mod inspect;
 pub mod read;
+pub mod reseal;
 pub mod rewrap;
 pub mod write;
 
 pub use inspect::inspect;
 pub use read::{unseal, verify, ModelReport, VerifyReport};
+pub use reseal::reseal;
 pub use rewrap::rewrap;
 pub use write::{seal, seal_model, SealOptions, SealedModel};
 

@@ -37,13 +37,13 @@ async fn split(loc: &Location) -> Result<(Vec<SealedEntry>, HashMap<String, Seal
     let (manifests, files): (Vec<_>, Vec<_>) = l
         .sealed
         .into_iter()
-        .partition(|e| manifest::manifest_root(&e.data.key).is_some());
+        .partition(|e| manifest::manifest_root(&e.logical).is_some());
     if files.is_empty() {
         return Err(Error::NothingSealed(loc.describe(&loc.prefix)));
     }
     let manifests = manifests
         .into_iter()
-        .filter_map(|e| Some((manifest::manifest_root(&e.data.key)?.to_string(), e)))
+        .filter_map(|e| Some((manifest::manifest_root(&e.logical)?.to_string(), e)))
         .collect();
     Ok((files, manifests))
 }
@@ -154,7 +154,7 @@ pub async fn verify(
     cancel: &Cancel,
 ) -> Result<(Vec<VerifyReport>, Vec<ModelReport>)> {
     let (files, manifests) = split(loc).await?;
-    let listed: HashSet<String> = files.iter().map(|e| e.data.key.clone()).collect();
+    let listed: HashSet<String> = files.iter().map(|e| e.logical.clone()).collect();
     let mut models: BTreeMap<String, std::result::Result<Arc<Model>, ModelError>> = BTreeMap::new();
     let mut out = Vec::new();
     for e in &files {
@@ -163,7 +163,7 @@ pub async fn verify(
             return Err(Error::Interrupted);
         }
         out.push(VerifyReport {
-            file: loc.describe(&e.data.key),
+            file: loc.describe(&e.logical),
             result,
         });
     }
@@ -264,10 +264,8 @@ async fn verify_one(
                 Ok(m) => m.clone(),
                 Err(e) => return Err(e.clone().into()),
             };
-            let rel = manifest::relative(&e.data.key, root);
             let entry = model.check_file(
                 &e.data.key,
-                rel,
                 &ko.header.file_id,
                 &crate::crypto::header_digest(&ko.authenticated),
                 e.chunk_log2,
@@ -305,10 +303,10 @@ pub async fn unseal(
     cancel: &Cancel,
 ) -> Result<Vec<PathBuf>> {
     let list = entries(src).await?;
-    let single = list.len() == 1 && list[0].data.key == src.prefix;
+    let single = list.len() == 1 && list[0].logical == src.prefix;
     // (directory, output names relative to it, whether those names came from the store)
     let (root, names, from_store) = if single {
-        let key = &list[0].data.key;
+        let key = &list[0].logical;
         if dest.is_dir() {
             let base = key.rsplit('/').next().unwrap_or(key).to_string();
             (dest.to_path_buf(), vec![base], true)
@@ -322,10 +320,9 @@ pub async fn unseal(
         let names = list
             .iter()
             .map(|e| {
-                e.data
-                    .key
+                e.logical
                     .strip_prefix(&src.prefix)
-                    .unwrap_or(&e.data.key)
+                    .unwrap_or(&e.logical)
                     .trim_start_matches('/')
                     .to_string()
             })

@@ -24,7 +24,7 @@ pub async fn rewrap(loc: &Location, from: &Keyring, to: &Keyring) -> Result<Vec<
     let mut roots = std::collections::BTreeSet::new();
     // Files first, manifests last (a manifest is only useful once its files open).
     let mut entries: Vec<_> = l.sealed.iter().collect();
-    entries.sort_by_key(|e| crate::manifest::manifest_root(&e.data.key).is_some());
+    entries.sort_by_key(|e| crate::manifest::manifest_root(&e.logical).is_some());
     for e in entries {
         if let Some(root) = rewrap_one(loc, e, from, to).await? {
             roots.insert(root);
@@ -34,13 +34,12 @@ pub async fn rewrap(loc: &Location, from: &Keyring, to: &Keyring) -> Result<Vec<
     // A file rewrapped alone takes its model's manifest along: the manifest must open with
     // the keys that open the files.
     for root in roots {
-        let key = crate::manifest::under(&root, crate::manifest::MANIFEST_NAME);
-        if done.contains(&key) {
-            continue;
-        }
         if let Some(m) = crate::manifest::find_manifest(&loc.store, &root).await? {
+            if done.contains(&m.data.key) {
+                continue;
+            }
             rewrap_one(loc, &m, from, to).await?;
-            done.push(key);
+            done.push(m.data.key);
         }
     }
     Ok(done)

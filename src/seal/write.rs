@@ -128,6 +128,8 @@ pub struct SealedModel {
     pub digest: String,
     /// The signer id, if signed.
     pub signer: Option<String>,
+    /// The generation written (0 in place; N+1 over a model a reseal moved to N).
+    pub generation: u32,
 }
 
 /// Seals `src` (a file or a directory) to `dest` as a model: every file, then its manifest
@@ -184,11 +186,19 @@ pub async fn seal_model(
         None => files,
     };
     let root = dest.prefix.as_str();
-    let manifest_key = manifest::under(root, manifest::MANIFEST_NAME);
-    // A model is replaced whole: without --force an existing one stays as it is.
-    if !opts.force && !existing(&dest.store, &manifest_key).await?.is_empty() {
-        return Err(StoreError::Exists(dest.describe(&manifest_key)).into());
+    // A model is replaced whole: without --force an existing one stays as it is. One that
+    // a reseal moved to generation N is replaced by generation N+1, switched to by its
+    // manifest, as a reseal does (a file in place would sit below the served generation).
+    let current = manifest::find_manifest(&dest.store, root).await?;
+    if let Some(m) = current.as_ref().filter(|_| !opts.force) {
+        return Err(StoreError::Exists(dest.describe(&m.data.key)).into());
     }
+    let generation = match &current {
+        Some(m) if m.generation > 0 => m.generation + 1,
+        _ => 0,
+    };
+    let manifest_key =
+        naming::generation_key(&manifest::under(root, manifest::MANIFEST_NAME), generation);
     // A destination key must be one a mount or an unseal would accept back.
     for (_, rel) in &files {
         let key = dest.key(rel);
@@ -207,13 +217,27 @@ pub async fn seal_model(
     let mut written = Vec::with_capacity(files.len() + 1);
     let user_context = opts.context.iter().cloned().collect();
     let mut m = Manifest::new(root, opts.model_version, user_context);
+    let file_opts = SealOptions {
+        force: opts.force || generation > 0,
+        ..opts.clone()
+    };
     for (path, rel) in &files {
-        let key = dest.key(rel);
+        let key = naming::generation_key(&dest.key(rel), generation);
         pb.set_message(rel.clone());
         let source = Source::open(path)?;
-        let entry = seal_file(source, &dest.store, &key, root, keyring, opts, cancel, &pb).await?;
+        let entry = seal_file(
+            source,
+            &dest.store,
+            &key,
+            root,
+            keyring,
+            &file_opts,
+            cancel,
+            &pb,
+        )
+        .await?;
         m.files.push(FileEntry {
-            path: manifest::relative(&key, root).to_string(),
+            path: rel.clone(),
             ..entry
         });
         tracing::info!(file = %dest.describe(&key), "sealed");
@@ -239,7 +263,7 @@ pub async fn seal_model(
         let bundle = oms::bundle(signer, &payload)
             .await
             .map_err(|e| Error::Usage(format!("signing the OMS signature: {e}")))?;
-        let key = dest.key(oms::SIGNATURE_FILE);
+        let key = naming::generation_key(&dest.key(oms::SIGNATURE_FILE), generation);
         let source = Source::Mem(zeroize::Zeroizing::new(bundle));
         let entry = seal_file(
             source,
@@ -253,47 +277,22 @@ pub async fn seal_model(
         )
         .await?;
         m.files.push(FileEntry {
-            path: manifest::relative(&key, root).to_string(),
+            path: oms::SIGNATURE_FILE.to_string(),
             ..entry
         });
         written.push(key);
     }
-    // The manifest last: until it is in, a mount refuses the new files (they are not in
-    // the old manifest), never serving a mix of two versions.
-    let bytes = zeroize::Zeroizing::new(m.to_bytes());
-    let digest = crate::crypto::sha256(&bytes);
-    let plain = plain_force(opts);
-    let source = Source::Mem(bytes);
-    seal_file(
-        source,
+    let (digest, signed_by) = commit_manifest(
         &dest.store,
-        &manifest_key,
-        root,
+        &m,
+        generation,
         keyring,
-        &plain,
+        signer,
+        opts,
         cancel,
         &pb,
     )
     .await?;
-    let sig_key = manifest::under(root, manifest::SIGNATURE_NAME);
-    let signed_by = match signer {
-        Some(signer) => {
-            let sig = signer
-                .sign(&crate::sign::signed_message(&digest))
-                .await
-                .map_err(|e| Error::Usage(format!("signing the manifest: {e}")))?;
-            let obj = SignatureObject::new(signer, &m, &digest, &sig);
-            let body = serde_json::to_vec_pretty(&obj).expect("serializes");
-            dest.store.put(&sig_key, Bytes::from(body)).await?;
-            tracing::info!(model = %dest.describe(root), signer = %obj.signer, version = m.version, "manifest signed");
-            Some(obj.signer)
-        }
-        // A signature of the previous version would only fail: remove it.
-        None => match dest.store.delete(&sig_key).await {
-            Ok(()) | Err(StoreError::NotFound(_)) => None,
-            Err(e) => return Err(e.into()),
-        },
-    };
     pb.finish_and_clear();
     Ok(SealedModel {
         files: written,
@@ -301,7 +300,69 @@ pub async fn seal_model(
         version: m.version,
         digest: hex::encode(digest),
         signer: signed_by,
+        generation,
     })
+}
+
+/// Writes manifest `m` of generation `generation`, and its signature first (a signature
+/// of a manifest not yet written is never consulted; a manifest written before its
+/// signature would be refused as unsigned). The manifest is the switch: until it is in, a
+/// mount serves the previous version whole (a file of a newer generation is not shown, a
+/// file rewritten in place is not in the old manifest), never a mix of two versions.
+/// Returns the manifest digest and the signer id.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn commit_manifest(
+    store: &Store,
+    m: &Manifest,
+    generation: u32,
+    keyring: &Keyring,
+    signer: Option<&Signer>,
+    opts: &SealOptions,
+    cancel: &Cancel,
+    pb: &indicatif::ProgressBar,
+) -> Result<([u8; 32], Option<String>)> {
+    let root = m.model.as_str();
+    let bytes = zeroize::Zeroizing::new(m.to_bytes());
+    let digest = crate::crypto::sha256(&bytes);
+    let sig_key =
+        naming::generation_key(&manifest::under(root, manifest::SIGNATURE_NAME), generation);
+    let signed_by = match signer {
+        Some(signer) => {
+            let sig = signer
+                .sign(&crate::sign::signed_message(&digest))
+                .await
+                .map_err(|e| Error::Usage(format!("signing the manifest: {e}")))?;
+            let obj = SignatureObject::new(signer, m, &digest, &sig);
+            let body = serde_json::to_vec_pretty(&obj).expect("serializes");
+            store.put(&sig_key, Bytes::from(body)).await?;
+            tracing::info!(model = %store.describe(root), signer = %obj.signer, version = m.version, "manifest signed");
+            Some(obj.signer)
+        }
+        None => None,
+    };
+    let manifest_key =
+        naming::generation_key(&manifest::under(root, manifest::MANIFEST_NAME), generation);
+    let source = Source::Mem(bytes);
+    let plain = plain_force(opts);
+    seal_file(
+        source,
+        store,
+        &manifest_key,
+        root,
+        keyring,
+        &plain,
+        cancel,
+        pb,
+    )
+    .await?;
+    if signer.is_none() {
+        // A signature of the previous version would only fail: remove it.
+        match store.delete(&sig_key).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((digest, signed_by))
 }
 
 async fn existing(store: &Store, key: &str) -> Result<Vec<String>> {
@@ -322,10 +383,16 @@ fn plain_force(opts: &SealOptions) -> SealOptions {
     }
 }
 
-/// What a file is sealed from: a local file, or bytes in memory (the manifest).
-enum Source {
+/// What a file is sealed from: a local file, bytes in memory (the manifest), or a sealed
+/// file of the same store (reseal), decrypted part by part in memory.
+pub(super) enum Source {
     File(std::fs::File, String),
     Mem(zeroize::Zeroizing<Vec<u8>>),
+    Sealed {
+        file: Box<crate::object::OpenFile>,
+        /// Its manifest entry's digest of each sealed chunk, checked before decryption.
+        digests: Vec<[u8; 32]>,
+    },
 }
 
 impl Source {
@@ -347,6 +414,7 @@ impl Source {
                 })?
                 .len()),
             Source::Mem(b) => Ok(b.len() as u64),
+            Source::Sealed { file, .. } => Ok(file.layout.plaintext_size()),
         }
     }
 
@@ -361,6 +429,11 @@ impl Source {
                 buf.copy_from_slice(&b[at..at + buf.len()]);
                 Ok(())
             }
+            // Read part by part in PartJob::build, never through here.
+            Source::Sealed { file, .. } => Err(Error::integrity(
+                &file.key,
+                "a sealed source read outside its parts",
+            )),
         }
     }
 }
@@ -368,7 +441,7 @@ impl Source {
 /// Seals one file at `key` as part of the model at `root`; returns its manifest entry
 /// (with `path` still to be made relative to the root).
 #[allow(clippy::too_many_arguments)]
-async fn seal_file(
+pub(super) async fn seal_file(
     file: Source,
     store: &Store,
     key: &str,
@@ -431,7 +504,7 @@ async fn seal_file(
     });
     let staged = async {
         tokio::select! {
-            r = upload_parts(&upload, &job, opts.jobs.max(1), pb) => r,
+            r = upload_parts(store, &upload, &job, opts.jobs.max(1), pb) => r,
             _ = cancel.cancelled() => Err(Error::Interrupted),
         }?;
         // The key object the new one replaces, to put back should the swap fail.
@@ -528,11 +601,20 @@ impl PartJob {
         self.layout.chunk_count().div_ceil(self.chunks_per_part)
     }
 
-    /// Object offset and ciphertext of part `p` (0-based): chunks read with pread and
-    /// sealed in place. The first part starts with the prelude.
-    fn build(&self, p: u64) -> Result<(u64, Bytes, u64)> {
+    /// The chunks of part `p` (0-based).
+    fn chunks(&self, p: u64) -> (u64, u64) {
         let first = p * self.chunks_per_part;
-        let last = (first + self.chunks_per_part).min(self.layout.chunk_count()) - 1;
+        (
+            first,
+            (first + self.chunks_per_part).min(self.layout.chunk_count()) - 1,
+        )
+    }
+
+    /// Object offset and ciphertext of part `p` (0-based): chunks read with pread (or, from
+    /// a sealed source, taken from `sealed`, its ciphertext of the same chunks) and sealed
+    /// in place. The first part starts with the prelude.
+    fn build(&self, p: u64, sealed: Option<Bytes>) -> Result<(u64, Bytes, u64)> {
+        let (first, last) = self.chunks(p);
         let (mut start, end) = self.layout.cipher_range(first, last);
         let mut buf = Vec::with_capacity((end - start + PRELUDE_LEN) as usize);
         if first == 0 {
@@ -545,12 +627,30 @@ impl PartJob {
             start = 0;
         }
         let mut plain_bytes = 0;
+        let mut from = 0usize;
         for i in first..=last {
             let n = self.layout.chunk_plain_len(i);
             let at = buf.len();
             buf.resize(at + n + TAG_LEN as usize, 0);
-            self.file
-                .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())?;
+            match (&self.file, &sealed) {
+                (Source::Sealed { file, digests }, Some(ct)) => {
+                    // Same chunk size, so chunk i of the old file is chunk i of the new.
+                    let chunk = &mut buf[at..];
+                    chunk.copy_from_slice(&ct[from..from + chunk.len()]);
+                    from += chunk.len();
+                    if digests.get(i as usize) != Some(&crate::crypto::chunk_digest(chunk)) {
+                        chunk.fill(0);
+                        return Err(Error::integrity(
+                            &file.key,
+                            format!("chunk {i} differs from the model manifest"),
+                        ));
+                    }
+                    file.open_chunk(i, chunk)?;
+                }
+                _ => self
+                    .file
+                    .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())?,
+            }
             seal_chunk(
                 &self.keys,
                 &self.digest,
@@ -567,6 +667,7 @@ impl PartJob {
 }
 
 async fn upload_parts(
+    store: &Store,
     upload: &crate::store::Upload,
     job: &Arc<PartJob>,
     jobs: usize,
@@ -576,9 +677,19 @@ async fn upload_parts(
         .map(|p| {
             let job = job.clone();
             async move {
-                let (offset, body, plain) = tokio::task::spawn_blocking(move || job.build(p))
-                    .await
-                    .expect("sealing task panicked")?;
+                // A sealed source: the part's ciphertext in one ranged GET, pinned to the
+                // ETag it was opened at.
+                let sealed = match &job.file {
+                    Source::Sealed { file, .. } => {
+                        let (first, last) = job.chunks(p);
+                        Some(file.fetch(store, first, last).await?)
+                    }
+                    _ => None,
+                };
+                let (offset, body, plain) =
+                    tokio::task::spawn_blocking(move || job.build(p, sealed))
+                        .await
+                        .expect("sealing task panicked")?;
                 upload.put_part(p as u32 + 1, offset, body).await?;
                 pb.inc(plain);
                 Ok::<_, Error>(())

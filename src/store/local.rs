@@ -38,6 +38,31 @@ pub fn store_root(dir: &Path) -> (PathBuf, String) {
     }
 }
 
+/// True if `path` does not exist but a later generation of it does (`DIR/.sealfs-gN/NAME`,
+/// as `sealfs reseal` writes them, once `sealfs gc` removed generation 0).
+pub fn has_generations(path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return false;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    if path.symlink_metadata().is_ok() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let gen = e.file_name();
+        let gen = gen.to_string_lossy();
+        crate::format::naming::split_generation(&format!("{gen}/x")).1 > 0
+            && e.path().join(name).is_file()
+    })
+}
+
 pub struct LocalStore {
     root: PathBuf,
 }

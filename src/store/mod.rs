@@ -134,8 +134,9 @@ impl Location {
         if path.as_os_str().is_empty() {
             return Err(StoreError::BadUri(uri.to_string()));
         }
-        // A path naming an existing regular file is one object in its parent directory.
-        if path.is_file() {
+        // A path naming an existing regular file is one object in its parent directory; so is
+        // one whose only versions are later generations (`.sealfs-gN/NAME` beside it).
+        if path.is_file() || local::has_generations(path) {
             let parent = path
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())

@@ -21,6 +21,8 @@ Control API (on the same port, never forwarded):
                                       "times": N (optional, default forever),
                                       "body": S (optional: only requests whose body holds
                                                  S, e.g. one KMS key id),
+                                      "path": S (optional: only requests whose URL path
+                                                 holds S, e.g. one object's name),
                                       "delay": seconds (optional)}
   POST /__proxy/strip-list-etags  -> LIST answers lose their ETags (until reset)
   POST /__proxy/list-mode  JSON   -> {"endless": "fresh" | "same", "objects": N (default 0)}:
@@ -143,6 +145,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with LOCK:
             for f in STATE["faults"]:
                 if f.get("body") and f["body"].encode() not in body:
+                    continue
+                if f.get("path") and f["path"] not in urllib.parse.unquote(self.path.split("?")[0]):
                     continue
                 if f.get("match") in names and f.get("times", 1) != 0:
                     if "times" in f:

@@ -1,0 +1,301 @@
+//! `sealfs reseal`: re-encrypt models under fresh DEKs and file ids, in memory, as a new
+//! generation switched to by its manifest (docs/FORMAT.md, "Generations").
+//!
+//! After a KEK compromise a rewrap is not enough: whoever held the KEK could unwrap every
+//! DEK. A reseal gives every file of the model a new DEK wrapped only under `--to-key`,
+//! reading each part of the old data object (one ranged GET, pinned to its ETag), checking
+//! each chunk against the manifest's digest, decrypting it and sealing it again in the same
+//! buffer, through the seal path's multipart upload. Nothing is written to disk.
+//!
+//! The new files go to `dir/.sealfs-gN/name` beside the old ones, which stay untouched for
+//! readers holding them; the new manifest (and its signature, first) is written last and
+//! is the switch. Interrupted or failed, the old generation is what every reader sees, and
+//! a rerun writes the same generation again from the start.
+
+use std::collections::BTreeSet;
+
+use super::write::{commit_manifest, seal_file, SealOptions, Source};
+use super::Cancel;
+use crate::error::{Error, Result};
+use crate::format::naming;
+use crate::keys::Keyring;
+use crate::manifest::{self, FileEntry, Manifest, ModelError};
+use crate::object::{find, read_key_object, OpenFile};
+use crate::sign::{Signer, TrustedSigners};
+use crate::store::{Location, Store, StoreError};
+
+/// What one model's reseal wrote.
+#[derive(Debug)]
+pub struct Resealed {
+    pub model: String,
+    /// The generation replaced, and the one written.
+    pub from_generation: u32,
+    pub generation: u32,
+    pub files: usize,
+    pub bytes: u64,
+    pub version: u64,
+    /// Hex SHA-256 of the new manifest's plaintext (the new `--model-digest`).
+    pub digest: String,
+    pub signer: Option<String>,
+}
+
+/// What the old generation must prove before it is carried forward.
+pub struct Checks<'a> {
+    /// With any, the model must be signed by one of them (the publisher's key, not the KEK
+    /// that may be compromised).
+    pub trusted: &'a TrustedSigners,
+    /// The old manifest's digest must be this (hex).
+    pub pin: Option<&'a str>,
+}
+
+/// Reseals every model that has a file at `loc` (a prefix, a model, or one object: the
+/// manifest is the unit of the switch, so a model is always resealed whole), from `from`
+/// (trusted, to unwrap) to exactly `to`.
+pub async fn reseal(
+    loc: &Location,
+    from: &Keyring,
+    to: &Keyring,
+    checks: &Checks<'_>,
+    signer: Option<&Signer>,
+    opts: &SealOptions,
+    cancel: &Cancel,
+) -> Result<Vec<Resealed>> {
+    if to.is_empty() {
+        return Err(Error::Usage("reseal needs at least one --to-key".into()));
+    }
+    let l = find(&loc.store, &loc.prefix).await?;
+    if l.sealed.is_empty() {
+        return Err(Error::NothingSealed(loc.describe(&loc.prefix)));
+    }
+    // The models: listed manifests, and the model each listed file's header names (a
+    // prefix inside a model lists no manifest).
+    let mut roots = BTreeSet::new();
+    for e in &l.sealed {
+        if let Some(root) = manifest::manifest_root(&e.logical) {
+            roots.insert(root.to_string());
+            continue;
+        }
+        let ko = read_key_object(&loc.store, e).await?;
+        match manifest::model_of(&e.data.key, &ko.header.context)? {
+            Some(root) => roots.insert(root),
+            None => {
+                return Err(Error::Usage(format!(
+                    "{}: a loose file (sealed before models, no manifest): unseal and seal it \
+                     again to give it a model",
+                    loc.describe(&e.data.key)
+                )))
+            }
+        };
+    }
+    let mut out = Vec::new();
+    for root in roots {
+        out.push(reseal_model(&loc.store, &root, from, to, checks, signer, opts, cancel).await?);
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reseal_model(
+    store: &Store,
+    root: &str,
+    from: &Keyring,
+    to: &Keyring,
+    checks: &Checks<'_>,
+    signer: Option<&Signer>,
+    opts: &SealOptions,
+    cancel: &Cancel,
+) -> Result<Resealed> {
+    let listed = manifest::find_manifest(store, root).await?;
+    let model = manifest::load(store, listed.as_ref(), root, from, checks.trusted).await?;
+    if let Some(pin) = checks.pin {
+        if pin != model.digest {
+            return Err(ModelError::NotPinned {
+                model: root.to_string(),
+                found: model.digest.clone(),
+                pinned: pin.to_string(),
+            }
+            .into());
+        }
+    }
+    // A signed model stays signed: its signature cannot cover the new manifest, so the
+    // publisher signs again, or mounts under --trust-signer would refuse it at the switch.
+    let old_sig = naming::generation_key(
+        &manifest::under(root, manifest::SIGNATURE_NAME),
+        model.generation,
+    );
+    if signer.is_none() {
+        match store.get(&old_sig, manifest::MAX_SIGNATURE_LEN).await {
+            Ok(_) => {
+                return Err(Error::Usage(format!(
+                    "model {}: signed; reseal it with --sign (the signature covers the old \
+                     manifest only)",
+                    store.describe(root)
+                )))
+            }
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let generation = model
+        .generation
+        .checked_add(1)
+        .ok_or_else(|| Error::Usage(format!("model {root}: no generation left")))?;
+    let files = find(store, root).await?;
+    let total: u64 = model.manifest.files.iter().map(|f| f.plaintext_size).sum();
+    let pb = super::progress(total, opts.progress);
+    let mut m = Manifest::new(root, model.manifest.version, model.manifest.context.clone());
+    for f in &model.manifest.files {
+        let logical = manifest::under(root, &f.path);
+        let entry = files
+            .sealed
+            .iter()
+            .chain(&files.superseded)
+            .find(|e| e.logical == logical && e.generation == model.generation)
+            .ok_or_else(|| ModelError::File {
+                file: logical.clone(),
+                reason: format!(
+                    "listed in the manifest (model {root:?} generation {}) but missing",
+                    model.generation
+                ),
+            })?;
+        pb.set_message(f.path.clone());
+        let ko = read_key_object(store, entry).await?;
+        let listed = model.check_file(
+            &entry.data.key,
+            &ko.header.file_id,
+            &crate::crypto::header_digest(&ko.authenticated),
+            ko.header.chunk_log2,
+            ko.header.layout().object_size(),
+        )?;
+        let digests = listed.chunk_digests();
+        // The user's context pairs go along; the sealfs: ones are made anew.
+        let context = ko
+            .header
+            .context
+            .iter()
+            .filter(|(k, _)| !k.starts_with("sealfs:"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let chunk_log2 = ko.header.chunk_log2;
+        let file = OpenFile::open_parsed(ko, entry, from).await?;
+        let source = Source::Sealed {
+            file: Box::new(file),
+            digests,
+        };
+        let file_opts = SealOptions {
+            chunk_log2,
+            context,
+            // Only what an interrupted reseal of this generation left, never visible.
+            force: true,
+            ..opts.clone()
+        };
+        let key = naming::generation_key(&logical, generation);
+        let new = seal_file(source, store, &key, root, to, &file_opts, cancel, &pb).await?;
+        tracing::info!(file = %store.describe(&logical), generation, "resealed");
+        m.files.push(FileEntry {
+            path: f.path.clone(),
+            ..new
+        });
+    }
+    let (digest, signed_by) =
+        commit_manifest(store, &m, generation, to, signer, opts, cancel, &pb).await?;
+    pb.finish_and_clear();
+    tracing::info!(
+        target: "sealfs::audit",
+        model = %store.describe(root),
+        from_generation = model.generation,
+        generation,
+        keys = ?to.ids(),
+        digest = %hex::encode(digest),
+        "model resealed"
+    );
+    Ok(Resealed {
+        model: root.to_string(),
+        from_generation: model.generation,
+        generation,
+        files: m.files.len(),
+        bytes: total,
+        version: m.version,
+        digest: hex::encode(digest),
+        signer: signed_by,
+    })
+}
+
+/// What `sealfs gc` found: deleted (or, dry run, to delete) and kept for their grace.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// Object keys deleted (data objects, key objects, signature objects).
+    pub deleted: Vec<String>,
+    /// Superseded data objects still within the grace (readers may hold them).
+    pub waiting: Vec<String>,
+}
+
+/// Deletes the generations at `loc` that a newer one replaced at least `grace` ago (its
+/// model's manifest, or the file itself when loose, written that long ago): the versions a
+/// reseal or a republish left for readers still holding them. A generation newer than the
+/// served one (a reseal interrupted or still running) is never touched.
+pub async fn gc(loc: &Location, grace: std::time::Duration, dry_run: bool) -> Result<Collected> {
+    use std::collections::HashMap;
+    let l = find(&loc.store, &loc.prefix).await?;
+    let served: HashMap<&str, &crate::object::SealedEntry> =
+        l.sealed.iter().map(|e| (e.logical.as_str(), e)).collect();
+    let manifests: HashMap<&str, &crate::object::SealedEntry> = l
+        .sealed
+        .iter()
+        .filter_map(|e| Some((manifest::manifest_root(&e.logical)?, e)))
+        .collect();
+    // When `logical`'s served generation took over: the later of its own write and its
+    // innermost model's manifest (the switch).
+    let switched = |logical: &str, own: &crate::object::SealedEntry| {
+        let mut at = own.data.modified;
+        let mut dir = logical;
+        let root = loop {
+            match dir.rsplit_once('/') {
+                Some((up, _)) if manifests.contains_key(up) => break manifests.get(up),
+                Some((up, _)) => dir = up,
+                None => break manifests.get(""),
+            }
+        };
+        if let Some(m) = root {
+            at = at.max(m.data.modified);
+        }
+        at
+    };
+    let now = std::time::SystemTime::now();
+    let mut out = Collected::default();
+    for e in &l.superseded {
+        let Some(s) = served.get(e.logical.as_str()) else {
+            continue;
+        };
+        if e.generation >= s.generation {
+            continue;
+        }
+        let old_enough = switched(&e.logical, s)
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age >= grace);
+        if !old_enough {
+            out.waiting.push(e.data.key.clone());
+            continue;
+        }
+        let mut doomed = vec![e.data.key.clone(), e.key_object.key.clone()];
+        if let Some(root) = manifest::manifest_root(&e.logical) {
+            doomed.push(naming::generation_key(
+                &manifest::under(root, manifest::SIGNATURE_NAME),
+                e.generation,
+            ));
+        }
+        for key in doomed {
+            if !dry_run {
+                match loc.store.delete(&key).await {
+                    Ok(()) => {}
+                    // A signature object is only there for signed models.
+                    Err(StoreError::NotFound(_)) => continue,
+                    Err(err) => return Err(err.into()),
+                }
+                tracing::info!(object = %loc.describe(&key), generation = e.generation, "superseded generation deleted");
+            }
+            out.deleted.push(key);
+        }
+    }
+    Ok(out)
+}
