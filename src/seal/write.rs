@@ -610,10 +610,14 @@ impl PartJob {
         )
     }
 
-    /// Object offset and ciphertext of part `p` (0-based): chunks read with pread (or, from
-    /// a sealed source, taken from `sealed`, its ciphertext of the same chunks) and sealed
-    /// in place. The first part starts with the prelude.
-    fn build(&self, p: u64, sealed: Option<Bytes>) -> Result<(u64, Bytes, u64)> {
+    /// Object offset and ciphertext of part `p` (0-based): chunks read with pread and
+    /// sealed in place. The first part starts with the prelude. From a sealed source,
+    /// `sealed` holds the part as the old object has it (same chunk size, so the same
+    /// offsets): each chunk is checked, decrypted and sealed again where it lies.
+    fn build(&self, p: u64, sealed: Option<Vec<u8>>) -> Result<(u64, Bytes, u64)> {
+        if let (Source::Sealed { file, digests }, Some(buf)) = (&self.file, sealed) {
+            return self.reseal(p, file, digests, buf);
+        }
         let (first, last) = self.chunks(p);
         let (mut start, end) = self.layout.cipher_range(first, last);
         let mut buf = Vec::with_capacity((end - start + PRELUDE_LEN) as usize);
@@ -627,30 +631,12 @@ impl PartJob {
             start = 0;
         }
         let mut plain_bytes = 0;
-        let mut from = 0usize;
         for i in first..=last {
             let n = self.layout.chunk_plain_len(i);
             let at = buf.len();
             buf.resize(at + n + TAG_LEN as usize, 0);
-            match (&self.file, &sealed) {
-                (Source::Sealed { file, digests }, Some(ct)) => {
-                    // Same chunk size, so chunk i of the old file is chunk i of the new.
-                    let chunk = &mut buf[at..];
-                    chunk.copy_from_slice(&ct[from..from + chunk.len()]);
-                    from += chunk.len();
-                    if digests.get(i as usize) != Some(&crate::crypto::chunk_digest(chunk)) {
-                        chunk.fill(0);
-                        return Err(Error::integrity(
-                            &file.key,
-                            format!("chunk {i} differs from the model manifest"),
-                        ));
-                    }
-                    file.open_chunk(i, chunk)?;
-                }
-                _ => self
-                    .file
-                    .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())?,
-            }
+            self.file
+                .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())?;
             seal_chunk(
                 &self.keys,
                 &self.digest,
@@ -664,6 +650,83 @@ impl PartJob {
         }
         Ok((start, Bytes::from(buf), plain_bytes))
     }
+
+    /// [`PartJob::build`] from a sealed source: `buf` is part `p` of the old object.
+    fn reseal(
+        &self,
+        p: u64,
+        old: &crate::object::OpenFile,
+        digests: &[[u8; 32]],
+        mut buf: Vec<u8>,
+    ) -> Result<(u64, Bytes, u64)> {
+        let (first, last) = self.chunks(p);
+        let (mut start, _) = self.layout.cipher_range(first, last);
+        let mut at = 0;
+        if first == 0 {
+            old.check_prelude(&buf[..PRELUDE_LEN as usize])?;
+            let prelude = Prelude {
+                version: VERSION,
+                chunk_log2: self.layout.chunk_log2(),
+                file_id: self.file_id,
+            };
+            buf[..PRELUDE_LEN as usize].copy_from_slice(&prelude.to_bytes());
+            at = PRELUDE_LEN as usize;
+            start = 0;
+        }
+        let mut plain_bytes = 0;
+        for i in first..=last {
+            let n = self.layout.chunk_plain_len(i);
+            let chunk = &mut buf[at..at + n + TAG_LEN as usize];
+            // The manifest's digest first: a holder of the old KEK can make a chunk that
+            // authenticates, not one with the digest the manifest lists.
+            if digests.get(i as usize) != Some(&crate::crypto::chunk_digest(chunk)) {
+                return Err(Error::integrity(
+                    &old.key,
+                    format!("chunk {i} differs from the model manifest"),
+                ));
+            }
+            old.open_chunk(i, chunk)?;
+            seal_chunk(&self.keys, &self.digest, i, self.layout.is_last(i), chunk);
+            let d = crate::crypto::chunk_digest(chunk);
+            self.chunk_digests.lock().unwrap_or_else(|p| p.into_inner())[i as usize] = d;
+            plain_bytes += n as u64;
+            at += chunk.len();
+        }
+        Ok((start, Bytes::from(buf), plain_bytes))
+    }
+}
+
+/// Part `first..=last` of sealed file `f` as stored (from offset 0 when `first` is 0, so
+/// with the prelude), streamed into one buffer of exactly its length: the store cannot
+/// make it longer, and a shorter answer fails.
+async fn fetch_part(
+    store: &Store,
+    f: &crate::object::OpenFile,
+    first: u64,
+    last: u64,
+) -> Result<Vec<u8>> {
+    let (start, end) = f.layout.cipher_range(first, last);
+    let start = if first == 0 { 0 } else { start };
+    let want = (end - start) as usize;
+    let mut body = f.fetch_stream(store, first, last).await?;
+    let mut buf = Vec::with_capacity(want);
+    while let Some(piece) = body.next().await {
+        let piece = piece?;
+        if buf.len() + piece.len() > want {
+            return Err(Error::integrity(
+                &f.key,
+                "the store sent more than the range asked",
+            ));
+        }
+        buf.extend_from_slice(&piece);
+    }
+    if buf.len() != want {
+        return Err(Error::integrity(
+            &f.key,
+            "the store sent less than the range asked",
+        ));
+    }
+    Ok(buf)
 }
 
 async fn upload_parts(
@@ -682,7 +745,7 @@ async fn upload_parts(
                 let sealed = match &job.file {
                     Source::Sealed { file, .. } => {
                         let (first, last) = job.chunks(p);
-                        Some(file.fetch(store, first, last).await?)
+                        Some(fetch_part(store, file, first, last).await?)
                     }
                     _ => None,
                 };
