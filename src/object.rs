@@ -204,13 +204,54 @@ pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> R
             }
         }
     }
-    if one
+    let single = one
         .iter()
-        .any(|o| o.key == prefix || naming::split_generation(&o.key).0 == prefix)
-    {
-        return Ok(pair(one));
+        .any(|o| o.key == prefix || naming::split_generation(&o.key).0 == prefix);
+    let mut objects = if single { one } else { many };
+    // A listing inside a model (a prefix or one object) does not hold the model's manifest,
+    // which caps the generation served: with a later generation of a file in it, the
+    // manifests of the directories above the prefix join the listing.
+    if !prefix.is_empty() && has_uncapped_generation(&objects) {
+        let mut dir = prefix;
+        while !dir.is_empty() {
+            dir = dir.rsplit_once('/').map_or("", |(up, _)| up);
+            let manifest = crate::manifest::under(dir, crate::manifest::MANIFEST_NAME);
+            let near = crate::manifest::under(dir, ".sealfs-");
+            for o in store.list_bounded(&near, limits).await? {
+                let data = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
+                if naming::split_generation(data).0 == manifest {
+                    objects.push(o);
+                }
+            }
+        }
     }
-    Ok(pair(many))
+    Ok(pair(objects))
+}
+
+/// True if a file of generation ≥ 1 in `objects` has no manifest among them above it.
+fn has_uncapped_generation(objects: &[ObjectInfo]) -> bool {
+    let logical = |o: &ObjectInfo| {
+        let data = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
+        naming::split_generation(data)
+    };
+    let roots: std::collections::HashSet<String> = objects
+        .iter()
+        .filter_map(|o| Some(crate::manifest::manifest_root(&logical(o).0)?.to_string()))
+        .collect();
+    objects.iter().any(|o| {
+        let (key, g) = logical(o);
+        if g == 0 || crate::manifest::manifest_root(&key).is_some() {
+            return false;
+        }
+        let mut dir = key.as_str();
+        while let Some((up, _)) = dir.rsplit_once('/') {
+            if roots.contains(up) {
+                return false;
+            }
+            dir = up;
+        }
+        !roots.contains("")
+    })
 }
 
 /// True if `key` (relative to the store root: the bucket, or a local store's root) is where

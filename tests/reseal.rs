@@ -91,8 +91,24 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
     let before = s.inspect(&m);
     let old_a = std::fs::read(s.path("m/a.bin")).unwrap();
 
-    // A signed model is not resealed into an unsigned one, nor past a digest pin.
+    // Not without a proof of origin (the old key proves none after a compromise), not a
+    // signed model into an unsigned one, not past a digest pin.
     let (c, t) = code(&s.run(&["reseal", &m, "--key", &old, "--to-key", &new]));
+    assert_eq!(c, 2, "{t}");
+    assert!(
+        t.contains("reseal needs --trust-signer or --model-digest"),
+        "{t}"
+    );
+    let (c, t) = code(&s.run(&[
+        "reseal",
+        &m,
+        "--key",
+        &old,
+        "--to-key",
+        &new,
+        "--trust-signer",
+        &trust,
+    ]));
     assert_eq!(c, 2, "{t}");
     assert!(t.contains("signed; reseal it with --sign"), "{t}");
     let wrong = format!("sha256:{}", "ab".repeat(32));
@@ -200,13 +216,13 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
     assert_eq!(after["models"][0]["signed"], true);
 
     // gc keeps the old generation within the grace, then deletes it; the new one stays.
-    let kept = expect_code(&s.run(&["gc", &m]), 0);
+    let kept = expect_code(&s.run(&["gc", &m, "--key", &new]), 0);
     assert!(
         kept.contains("kept ") && !kept.contains("deleted"),
         "{kept}"
     );
     assert!(s.path("m/a.bin").exists());
-    let gone = expect_code(&s.run(&["gc", &m, "--grace", "0"]), 0);
+    let gone = expect_code(&s.run(&["gc", &m, "--key", &new, "--grace", "0"]), 0);
     assert!(
         gone.contains("deleted") && gone.contains(".sealfs-manifest.sig"),
         "{gone}"
@@ -220,7 +236,16 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
     // generation too, switched to by its manifest.
     let out = expect_code(
         &s.run(&[
-            "reseal", &m, "--key", &new, "--to-key", &old, "--sign", &signer,
+            "reseal",
+            &m,
+            "--key",
+            &new,
+            "--to-key",
+            &old,
+            "--sign",
+            &signer,
+            "--trust-signer",
+            &trust,
         ]),
         0,
     );
@@ -283,7 +308,18 @@ fn readers_keep_the_old_generation_and_new_opens_get_the_new() {
     held.read_exact(&mut first).unwrap();
     assert_eq!(first, want[..C]);
 
-    expect_code(&s.run(&["reseal", &m, "--key", &old, "--to-key", &new]), 0);
+    expect_code(
+        &s.run(&[
+            "reseal",
+            &m,
+            "--key",
+            &old,
+            "--to-key",
+            &new,
+            "--unverified-origin",
+        ]),
+        0,
+    );
     // The mount re-lists within 1 s; wait for a new open to unwrap generation 1.
     let start = Instant::now();
     loop {
@@ -384,6 +420,7 @@ fn an_interrupted_or_failed_reseal_on_s3_leaves_the_old_generation_served() {
         kb.as_str(),
         "--part-size",
         "8MiB",
+        "--unverified-origin",
     ];
     let (c, t) = code(&sealfs(&reseal, &env));
     assert_eq!(c, 5, "{t}");
@@ -466,7 +503,7 @@ fn an_interrupted_or_failed_reseal_on_s3_leaves_the_old_generation_served() {
         std::fs::read(o.join("z-big")).unwrap(),
         pattern(24 << 20, 6)
     );
-    expect_code(&sealfs(&["gc", uri, "--grace", "0"], &env), 0);
+    expect_code(&sealfs(&["gc", uri, "--key", &kb, "--grace", "0"], &env), 0);
     let keys = rt.block_on(stack.keys_in("models"));
     assert!(
         keys.iter().all(|(k, _)| k.contains(".sealfs-g1/")),
@@ -474,4 +511,182 @@ fn an_interrupted_or_failed_reseal_on_s3_leaves_the_old_generation_served() {
     );
     let (c, t) = verify(&kb);
     assert_eq!(c, 0, "{t}");
+}
+
+/// Copies `from` (a file or a directory, relative to the site) to `to`, as a bucket
+/// writer can.
+fn copy(s: &Site, from: &str, to: &str) {
+    let st = std::process::Command::new("cp")
+        .args(["-a", &s.p(from), &s.p(to)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// What a bucket writer can do with generations (review findings): an interrupted reseal
+/// seen through part of a model, gc from part of a model, a file of the next generation
+/// removed, planted generations and manifest copies, files an earlier version left.
+#[test]
+fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
+    let s = Site::resealable();
+    let (old, new) = (s.key(), s.k2());
+    let m = s.p("m");
+    let seal = |extra: &[&str]| {
+        let mut a = vec![
+            "seal",
+            "",
+            "",
+            "--key",
+            old.as_str(),
+            "--chunk-size",
+            "64KiB",
+        ];
+        let (src, dst) = (s.p("src"), m.clone());
+        a[1] = src.as_str();
+        a[2] = dst.as_str();
+        a.extend_from_slice(extra);
+        expect_code(&s.run(&a), 0);
+    };
+    // The store's root is m (so that m/sub is a prefix of it, not a store of its own).
+    s.write("m/.sealfs-store", b"");
+    // v1 has old.bin; v2 (a republish) does not.
+    s.write("src/old.bin", b"secret-v1");
+    seal(&[]);
+    std::fs::remove_file(s.path("src/old.bin")).unwrap();
+    seal(&["--force"]);
+    let reseal = |from: &str, to: &str| {
+        expect_code(
+            &s.run(&[
+                "reseal",
+                &m,
+                "--key",
+                from,
+                "--to-key",
+                to,
+                "--unverified-origin",
+            ]),
+            0,
+        )
+    };
+    reseal(&old, &new); // generation 1, under the new key
+                        // Generation 2, interrupted before its switch: its manifest never landed.
+    reseal(&new, &new);
+    for e in std::fs::read_dir(s.path("m/.sealfs-g2")).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(".sealfs-manifest")
+        {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    assert!(s.path("m/sub/.sealfs-g2/b.bin").exists());
+    // Generation 1 is served whole, through the model, part of it, or one object (old.bin,
+    // left by v1, is an extra file: refused until gc removes it).
+    let (c, t) = code(&s.run(&["verify", &m, "--key", &new]));
+    assert_eq!(c, 3, "{t}");
+    assert_eq!(t.matches("ok    ").count(), 3, "{t}");
+    assert!(t.contains("old.bin: not in the model's manifest"), "{t}");
+    for uri in [format!("{m}/sub"), format!("{m}/sub/b.bin")] {
+        let (c, t) = code(&s.run(&["verify", &uri, "--key", &new]));
+        assert_eq!(c, 0, "{uri}: {t}");
+        assert!(!t.contains("generation 2"), "{t}");
+    }
+    expect_code(
+        &s.run(&["unseal", &format!("{m}/sub"), &s.p("o1"), "--key", &new]),
+        0,
+    );
+    assert_eq!(std::fs::read(s.path("o1/b.bin")).unwrap(), pattern(C, 2));
+
+    // gc of part of the model deletes that part's older generations only: never the served
+    // generation 1, never the unswitched generation 2.
+    let out = expect_code(
+        &s.run(&["gc", &format!("{m}/sub"), "--key", &new, "--grace", "0"]),
+        0,
+    );
+    assert!(
+        out.contains("deleted") && out.contains("sub/b.bin"),
+        "{out}"
+    );
+    assert!(!s.path("m/sub/b.bin").exists(), "generation 0 collected");
+    assert!(s.path("m/sub/.sealfs-g1/b.bin").exists(), "served: kept");
+    assert!(
+        s.path("m/sub/.sealfs-g2/b.bin").exists(),
+        "above the manifest: kept"
+    );
+    assert!(s.path("m/a.bin").exists(), "outside the prefix: kept");
+    let (c, t) = code(&s.run(&["verify", &format!("{m}/sub"), "--key", &new]));
+    assert_eq!(c, 0, "{t}");
+
+    // A file of a later generation removed by the bucket writer after a switch: unseal
+    // refuses the model rather than write a mix of two versions.
+    reseal(&new, &new); // generation 2, switched
+    std::fs::create_dir(s.path("bak")).unwrap();
+    for f in ["config.json", "config.json.sealfs-c16"] {
+        std::fs::rename(
+            s.path(&format!("m/.sealfs-g2/{f}")),
+            s.path(&format!("bak/{f}")),
+        )
+        .unwrap();
+    }
+    let (c, t) = code(&s.run(&["unseal", &m, &s.p("o2"), "--key", &new]));
+    assert_eq!(c, 3, "{t}");
+    // (Its generation 1, still there for readers, is what the listing then serves.)
+    assert!(
+        t.contains("config.json: generation 1, and the manifest lists generation 2"),
+        "{t}"
+    );
+    assert!(!s.path("o2/a.bin").exists(), "nothing written");
+    for f in ["config.json", "config.json.sealfs-c16"] {
+        std::fs::rename(
+            s.path(&format!("bak/{f}")),
+            s.path(&format!("m/.sealfs-g2/{f}")),
+        )
+        .unwrap();
+    }
+
+    // A manifest copied to a higher generation (it fails its path binding): gc refuses,
+    // deletes nothing; seal refuses to go past the last generation a name can hold.
+    copy(&s, "m/.sealfs-g2", "m/.sealfs-g3");
+    let before = objects(&s.path("m"));
+    let (c, t) = code(&s.run(&["gc", &m, "--key", &new, "--grace", "0"]));
+    assert_eq!(c, 3, "{t}");
+    assert!(t.contains("sealed for path"), "{t}");
+    assert_eq!(objects(&s.path("m")), before, "nothing deleted");
+    std::fs::remove_dir_all(s.path("m/.sealfs-g3")).unwrap();
+    copy(&s, "m/.sealfs-g2", "m/.sealfs-g999999999");
+    let (c, t) = code(&s.run(&["seal", &s.p("src"), &m, "--key", &old, "--force"]));
+    assert_eq!(c, 2, "{t}");
+    assert!(t.contains("no generation left"), "{t}");
+    std::fs::remove_dir_all(s.path("m/.sealfs-g999999999")).unwrap();
+    let (c, t) = code(&s.run(&["seal", &s.p("src"), &s.p("m/y/.sealfs-g1"), "--key", &old]));
+    assert_eq!(c, 2, "{t}");
+    assert!(t.contains("reserved"), "{t}");
+
+    // gc of the whole model: every older generation and the file v1 had are gone; the old
+    // key opens nothing that is left.
+    reseal(&new, &new); // generation 3
+    let out = expect_code(&s.run(&["gc", &m, "--key", &new, "--grace", "0"]), 0);
+    assert!(out.contains("old.bin"), "{out}");
+    let left = objects(&s.path("m"));
+    assert!(
+        left.iter().all(|k| k.starts_with(".sealfs-g3/")
+            || k.contains("/.sealfs-g3/")
+            || k == ".sealfs-store"),
+        "{left:?}"
+    );
+    let id = std::fs::read_to_string(s.path("k2.id")).unwrap();
+    let v = s.inspect(&m);
+    for f in v["files"].as_array().unwrap() {
+        let slots = f["wrapped_keys"].as_array().unwrap();
+        assert!(slots.iter().all(|k| k["key_id"] == id.as_str()), "{f}");
+    }
+    assert!(
+        v["superseded_generations"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
+    let (c, t) = code(&s.run(&["verify", &m, "--key", &old]));
+    assert_eq!(c, 4, "{t}");
 }

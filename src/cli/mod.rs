@@ -220,20 +220,28 @@ pub enum Command {
         /// Carry forward only the model whose manifest has this digest (sha256:HEX).
         #[arg(long, value_parser = parse_digest)]
         model_digest: Option<String>,
+        /// Carry forward whatever the old key opens, without --trust-signer or
+        /// --model-digest (a holder of the old key could have replaced the model).
+        #[arg(long)]
+        unverified_origin: bool,
         /// Sign the new manifest (required for a signed model).
         #[arg(long)]
         sign: Option<String>,
         /// Multipart part size (at least 5MiB).
         #[arg(long, default_value = "16MiB", value_parser = parse_size)]
         part_size: u64,
-        /// Parts resealed and uploaded in parallel (memory ≈ 2 × jobs × part size).
+        /// Parts resealed and uploaded in parallel (memory ≈ jobs × part size).
         #[arg(long, default_value_t = 4)]
         jobs: usize,
     },
-    /// Delete the generations a reseal (or a republish) replaced, once readers have had
-    /// --grace to close them; needs no key.
+    /// Delete what each model's current manifest no longer serves (the generations a
+    /// reseal or a republish replaced, files an earlier version had), once readers have had
+    /// --grace to close them. The manifest is authenticated first (--key).
     Gc {
         uri: String,
+        /// A key that opens the models' manifests.
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
         /// Keep a replaced generation this long after the switch (e.g. 0, 30m, 24h).
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         grace: std::time::Duration,
@@ -632,6 +640,7 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             to_keys,
             trust_signers,
             model_digest,
+            unverified_origin,
             sign,
             part_size,
             jobs,
@@ -661,6 +670,7 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             let checks = seal::reseal::Checks {
                 trusted: &trusted,
                 pin: model_digest.as_deref(),
+                unverified: unverified_origin,
             };
             for r in seal::reseal(&loc, &from, &to, &checks, signer.as_ref(), &opts, cancel).await?
             {
@@ -682,11 +692,13 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
         }
         Command::Gc {
             uri,
+            keys,
             grace,
             dry_run,
         } => {
             let loc = Location::parse(&uri).await?;
-            let c = seal::reseal::gc(&loc, grace, dry_run).await?;
+            let ring = keyring(&keys).await?;
+            let c = seal::reseal::gc(&loc, &ring, grace, dry_run).await?;
             let verb = if dry_run { "would delete" } else { "deleted" };
             for k in &c.deleted {
                 println!("{verb} {}", loc.describe(k));

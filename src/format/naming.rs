@@ -10,7 +10,7 @@ const KEY_SUFFIX: &str = ".sealfs-c";
 /// that the version readers hold stays in place until its model's new manifest switches.
 pub const GEN_PREFIX: &str = ".sealfs-g";
 /// Generations above this are not ones sealfs writes (a name that parses past it is a file).
-const MAX_GENERATION: u32 = 999_999_999;
+pub const MAX_GENERATION: u32 = 999_999_999;
 
 /// The object key of generation `g` of the file whose logical key is `logical` (generation
 /// 0 is the logical key itself).

@@ -165,9 +165,11 @@ impl Stats {
 }
 
 /// Bounds of the LIST an open sends for one object's current version.
+/// (One object's generations share their directory's `.sealfs-gN/` listings with its
+/// neighbours' and its model's manifest: room for a few thousand resealed files.)
 const RELIST_LIMITS: ListLimits = ListLimits {
-    max_objects: 1000,
-    max_pages: 4,
+    max_objects: 10_000,
+    max_pages: 12,
     timeout: Duration::from_secs(30),
 };
 

@@ -27,10 +27,6 @@ const IN_FLIGHT: usize = 4;
 /// At most this many bad chunks are named per file.
 const MAX_NAMED: usize = 16;
 
-async fn entries(loc: &Location) -> Result<Vec<SealedEntry>> {
-    Ok(split(loc).await?.0)
-}
-
 /// The sealed files at `loc` and, apart, the manifests of the models among them (by root).
 async fn split(loc: &Location) -> Result<(Vec<SealedEntry>, HashMap<String, SealedEntry>)> {
     let l = find(&loc.store, &loc.prefix).await?;
@@ -154,7 +150,7 @@ pub async fn verify(
     cancel: &Cancel,
 ) -> Result<(Vec<VerifyReport>, Vec<ModelReport>)> {
     let (files, manifests) = split(loc).await?;
-    let listed: HashSet<String> = files.iter().map(|e| e.logical.clone()).collect();
+    let listed: HashSet<&str> = files.iter().map(|e| e.logical.as_str()).collect();
     let mut models: BTreeMap<String, std::result::Result<Arc<Model>, ModelError>> = BTreeMap::new();
     let mut out = Vec::new();
     for e in &files {
@@ -190,25 +186,15 @@ pub async fn verify(
                 continue;
             }
         };
-        for f in &model.manifest.files {
-            let key = manifest::under(root, &f.path);
-            // Only what this verify covers: a prefix inside a model checks its part.
-            let covered = loc.prefix.is_empty()
-                || key == loc.prefix
-                || key.starts_with(&format!("{}/", loc.prefix));
-            if covered && !listed.contains(&key) {
-                out.push(VerifyReport {
-                    file: loc.describe(&manifest::under(root, &f.path)),
-                    result: Err(ModelError::File {
-                        file: manifest::under(root, &f.path),
-                        reason: format!(
-                            "listed in the manifest (model {root:?} version {}) but missing",
-                            model.manifest.version
-                        ),
-                    }
-                    .into()),
-                });
-            }
+        // Only what this verify covers: a prefix inside a model checks its part.
+        for missing in missing_files(loc, model, &listed) {
+            let ModelError::File { file, .. } = &missing else {
+                continue;
+            };
+            out.push(VerifyReport {
+                file: loc.describe(file),
+                result: Err(missing.into()),
+            });
         }
     }
     let loaded = loaded_models(loc, &models);
@@ -302,7 +288,7 @@ pub async fn unseal(
     force: bool,
     cancel: &Cancel,
 ) -> Result<Vec<PathBuf>> {
-    let list = entries(src).await?;
+    let (list, manifests) = split(src).await?;
     let single = list.len() == 1 && list[0].logical == src.prefix;
     // (directory, output names relative to it, whether those names came from the store)
     let (root, names, from_store) = if single {
@@ -342,9 +328,26 @@ pub async fn unseal(
             })?;
         }
     }
+    // Every file of a model is checked against its manifest before anything is written (the
+    // version and generation it lists, every chunk's digest), and a model with a file
+    // missing is refused: an unseal is one version of each model, whole.
+    let mut models = BTreeMap::new();
+    let mut checked = Vec::with_capacity(list.len());
+    for e in &list {
+        let ko = read_key_object(&src.store, e).await?;
+        let digests = model_digests(src, e, &ko, keyring, &manifests, &mut models).await?;
+        checked.push((ko, digests));
+    }
+    let listed: HashSet<&str> = list.iter().map(|e| e.logical.as_str()).collect();
+    for m in models.values() {
+        let m = m.as_ref().map_err(|e| Error::from(e.clone()))?;
+        if let Some(missing) = missing_files(src, m, &listed).into_iter().next() {
+            return Err(missing.into());
+        }
+    }
     let dir = Dest::open(&root)?;
     let mut written = Vec::new();
-    for (e, rel) in list.iter().zip(&names) {
+    for ((e, rel), (ko, digests)) in list.iter().zip(&names).zip(checked) {
         let out = dir.target(rel)?;
         if out.exists()? && !force {
             return Err(Error::Usage(format!(
@@ -352,27 +355,82 @@ pub async fn unseal(
                 out.shown.display()
             )));
         }
-        unseal_one(src, e, keyring, &out, cancel).await?;
+        let f = OpenFile::open_parsed(ko, e, keyring).await?;
+        unseal_one(src, &f, digests.as_deref(), &out, cancel).await?;
         written.push(out.shown);
     }
     Ok(written)
 }
 
-async fn unseal_one(
+/// The files `m` lists under `loc`'s prefix that the listing does not hold.
+fn missing_files(loc: &Location, m: &Model, listed: &HashSet<&str>) -> Vec<ModelError> {
+    m.manifest
+        .files
+        .iter()
+        .map(|f| manifest::under(&m.root, &f.path))
+        .filter(|key| {
+            let covered = loc.prefix.is_empty()
+                || *key == loc.prefix
+                || key.starts_with(&format!("{}/", loc.prefix));
+            covered && !listed.contains(key.as_str())
+        })
+        .map(|key| ModelError::File {
+            file: key,
+            reason: format!(
+                "listed in the manifest (model {:?} version {}) but missing",
+                m.root, m.manifest.version
+            ),
+        })
+        .collect()
+}
+
+/// The manifest's chunk digests of file `e` (whose key object is `ko`) once it is checked
+/// against its model's manifest (loaded once per model into `models`); `None` for a loose
+/// file.
+async fn model_digests(
     loc: &Location,
     e: &SealedEntry,
+    ko: &crate::format::KeyObject,
     keyring: &Keyring,
+    manifests: &HashMap<String, SealedEntry>,
+    models: &mut BTreeMap<String, std::result::Result<Arc<Model>, ModelError>>,
+) -> Result<Option<Vec<[u8; 32]>>> {
+    let Some(root) = manifest::model_of(&e.data.key, &ko.header.context)? else {
+        return Ok(None);
+    };
+    if !models.contains_key(&root) {
+        let none = TrustedSigners::default();
+        let r = load_model(loc, manifests.get(&root), &root, keyring, &none).await;
+        models.insert(root.clone(), r);
+    }
+    let model = models[&root].as_ref().map_err(|e| Error::from(e.clone()))?;
+    let entry = model.check_file(
+        &e.data.key,
+        &ko.header.file_id,
+        &crate::crypto::header_digest(&ko.authenticated),
+        e.chunk_log2,
+        e.data.size,
+    )?;
+    Ok(Some(entry.chunk_digests()))
+}
+
+async fn unseal_one(
+    loc: &Location,
+    f: &OpenFile,
+    digests: Option<&[[u8; 32]]>,
     out: &Target,
     cancel: &Cancel,
 ) -> Result<()> {
-    let f = OpenFile::open(&loc.store, e, keyring).await?;
     let io = |source| Error::Io {
         path: out.shown.display().to_string(),
         source,
     };
     let (file, temp) = out.create_temp()?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let res = read_all(loc, &f, None, false, cancel, |b| w.write_all(b).map_err(io)).await;
+    let res = read_all(loc, f, digests, false, cancel, |b| {
+        w.write_all(b).map_err(io)
+    })
+    .await;
     let res = res.and_then(|_| {
         w.into_inner()
             .map_err(|e| io(e.into_error()))?

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use super::write::{commit_manifest, seal_file, SealOptions, Source};
+use super::write::{commit_manifest, next_generation, seal_file, SealOptions, Source};
 use super::Cancel;
 use crate::error::{Error, Result};
 use crate::format::naming;
@@ -39,13 +39,17 @@ pub struct Resealed {
     pub signer: Option<String>,
 }
 
-/// What the old generation must prove before it is carried forward.
+/// What the old generation must prove before it is carried forward. After a compromise,
+/// the old KEK proves nothing: its holder could have sealed other content in the model's
+/// place, and a reseal would carry it forward under the new key.
 pub struct Checks<'a> {
     /// With any, the model must be signed by one of them (the publisher's key, not the KEK
     /// that may be compromised).
     pub trusted: &'a TrustedSigners,
     /// The old manifest's digest must be this (hex).
     pub pin: Option<&'a str>,
+    /// Neither: the operator accepts whatever the old key opens (`--unverified-origin`).
+    pub unverified: bool,
 }
 
 /// Reseals every model that has a file at `loc` (a prefix, a model, or one object: the
@@ -62,6 +66,14 @@ pub async fn reseal(
 ) -> Result<Vec<Resealed>> {
     if to.is_empty() {
         return Err(Error::Usage("reseal needs at least one --to-key".into()));
+    }
+    if checks.trusted.is_empty() && checks.pin.is_none() && !checks.unverified {
+        return Err(Error::Usage(
+            "reseal needs --trust-signer or --model-digest to know the model it carries \
+             forward is the publisher's (a holder of the old key could have replaced it), or \
+             --unverified-origin to accept whatever the old key opens"
+                .into(),
+        ));
     }
     let l = find(&loc.store, &loc.prefix).await?;
     if l.sealed.is_empty() {
@@ -136,10 +148,7 @@ async fn reseal_model(
             Err(e) => return Err(e.into()),
         }
     }
-    let generation = model
-        .generation
-        .checked_add(1)
-        .ok_or_else(|| Error::Usage(format!("model {root}: no generation left")))?;
+    let generation = next_generation(root, model.generation)?;
     let files = find(store, root).await?;
     let total: u64 = model.manifest.files.iter().map(|f| f.plaintext_size).sum();
     let pb = super::progress(total, opts.progress);
@@ -226,75 +235,116 @@ async fn reseal_model(
 pub struct Collected {
     /// Object keys deleted (data objects, key objects, signature objects).
     pub deleted: Vec<String>,
-    /// Superseded data objects still within the grace (readers may hold them).
+    /// Data objects to delete once the grace has passed (readers may hold them).
     pub waiting: Vec<String>,
 }
 
-/// Deletes the generations at `loc` that a newer one replaced at least `grace` ago (its
-/// model's manifest, or the file itself when loose, written that long ago): the versions a
-/// reseal or a republish left for readers still holding them. A generation newer than the
-/// served one (a reseal interrupted or still running) is never touched.
-pub async fn gc(loc: &Location, grace: std::time::Duration, dry_run: bool) -> Result<Collected> {
-    use std::collections::HashMap;
-    let l = find(&loc.store, &loc.prefix).await?;
-    let served: HashMap<&str, &crate::object::SealedEntry> =
-        l.sealed.iter().map(|e| (e.logical.as_str(), e)).collect();
-    let manifests: HashMap<&str, &crate::object::SealedEntry> = l
+/// Deletes, in every model with a file at `loc`, what its current manifest does not serve,
+/// once that manifest has been in place for `grace`: the generations below it (left by a
+/// reseal or a republish for readers still holding them) and files of the model it no
+/// longer lists (left by an earlier version). The manifest is loaded with `keyring` first,
+/// so a planted name or manifest copy (which fails authentication) can make gc refuse,
+/// never delete what is served; a generation above the manifest's (a reseal interrupted or
+/// running) is never touched.
+pub async fn gc(
+    loc: &Location,
+    keyring: &Keyring,
+    grace: std::time::Duration,
+    dry_run: bool,
+) -> Result<Collected> {
+    use std::collections::BTreeMap;
+    let store = &loc.store;
+    let l = find(store, &loc.prefix).await?;
+    // The models: those listed, and those above the prefix (a prefix inside a model).
+    let mut roots: BTreeMap<String, crate::object::SealedEntry> = l
         .sealed
         .iter()
-        .filter_map(|e| Some((manifest::manifest_root(&e.logical)?, e)))
+        .filter_map(|e| Some((manifest::manifest_root(&e.logical)?.to_string(), e.clone())))
         .collect();
-    // When `logical`'s served generation took over: the later of its own write and its
-    // innermost model's manifest (the switch).
-    let switched = |logical: &str, own: &crate::object::SealedEntry| {
-        let mut at = own.data.modified;
-        let mut dir = logical;
-        let root = loop {
-            match dir.rsplit_once('/') {
-                Some((up, _)) if manifests.contains_key(up) => break manifests.get(up),
-                Some((up, _)) => dir = up,
-                None => break manifests.get(""),
+    let mut dir = loc.prefix.as_str();
+    loop {
+        if !roots.contains_key(dir) {
+            if let Some(m) = manifest::find_manifest(store, dir).await? {
+                roots.insert(dir.to_string(), m);
             }
-        };
-        if let Some(m) = root {
-            at = at.max(m.data.modified);
         }
-        at
+        if dir.is_empty() {
+            break;
+        }
+        dir = dir.rsplit_once('/').map_or("", |(up, _)| up);
+    }
+    // Each object belongs to the innermost model above it.
+    let owner = |logical: &str| -> Option<String> {
+        if let Some(root) = manifest::manifest_root(logical) {
+            return roots.contains_key(root).then(|| root.to_string());
+        }
+        let mut dir = logical;
+        while let Some((up, _)) = dir.rsplit_once('/') {
+            if roots.contains_key(up) {
+                return Some(up.to_string());
+            }
+            dir = up;
+        }
+        roots.contains_key("").then(String::new)
     };
     let now = std::time::SystemTime::now();
+    let none = TrustedSigners::default();
     let mut out = Collected::default();
-    for e in &l.superseded {
-        let Some(s) = served.get(e.logical.as_str()) else {
-            continue;
-        };
-        if e.generation >= s.generation {
-            continue;
-        }
-        let old_enough = switched(&e.logical, s)
+    for (root, listed) in &roots {
+        let model = manifest::load(store, Some(listed), root, keyring, &none).await?;
+        let aged = listed
+            .data
+            .modified
             .and_then(|t| now.duration_since(t).ok())
             .is_some_and(|age| age >= grace);
-        if !old_enough {
-            out.waiting.push(e.data.key.clone());
-            continue;
-        }
-        let mut doomed = vec![e.data.key.clone(), e.key_object.key.clone()];
-        if let Some(root) = manifest::manifest_root(&e.logical) {
-            doomed.push(naming::generation_key(
-                &manifest::under(root, manifest::SIGNATURE_NAME),
-                e.generation,
-            ));
-        }
-        for key in doomed {
-            if !dry_run {
-                match loc.store.delete(&key).await {
-                    Ok(()) => {}
-                    // A signature object is only there for signed models.
-                    Err(StoreError::NotFound(_)) => continue,
+        let paths: std::collections::HashSet<String> = model
+            .manifest
+            .files
+            .iter()
+            .map(|f| manifest::under(root, &f.path))
+            .collect();
+        for e in l.sealed.iter().chain(&l.superseded) {
+            if e.generation > model.generation || owner(&e.logical).as_deref() != Some(root) {
+                continue;
+            }
+            let is_manifest = manifest::manifest_root(&e.logical).is_some();
+            let doomed = if is_manifest || paths.contains(&e.logical) {
+                e.generation < model.generation
+            } else {
+                // Not in the model now: only a file whose header names this model (a file
+                // sealed into its directory on its own is not gc's to delete).
+                let ko = read_key_object(store, e).await?;
+                manifest::model_of(&e.data.key, &ko.header.context)?.as_deref() == Some(root)
+            };
+            if !doomed {
+                continue;
+            }
+            if !aged {
+                out.waiting.push(e.data.key.clone());
+                continue;
+            }
+            let mut keys = vec![e.data.key.clone(), e.key_object.key.clone()];
+            if is_manifest {
+                let sig = naming::generation_key(
+                    &manifest::under(root, manifest::SIGNATURE_NAME),
+                    e.generation,
+                );
+                match store.get(&sig, manifest::MAX_SIGNATURE_LEN).await {
+                    Ok(_) => keys.push(sig),
+                    Err(StoreError::NotFound(_)) => {}
                     Err(err) => return Err(err.into()),
                 }
-                tracing::info!(object = %loc.describe(&key), generation = e.generation, "superseded generation deleted");
             }
-            out.deleted.push(key);
+            for key in keys {
+                if !dry_run {
+                    match store.delete(&key).await {
+                        Ok(()) | Err(StoreError::NotFound(_)) => {}
+                        Err(err) => return Err(err.into()),
+                    }
+                    tracing::info!(object = %loc.describe(&key), generation = e.generation, "replaced generation deleted");
+                }
+                out.deleted.push(key);
+            }
         }
     }
     Ok(out)

@@ -186,6 +186,12 @@ pub async fn seal_model(
         None => files,
     };
     let root = dest.prefix.as_str();
+    if naming::is_reserved_name(root) {
+        return Err(Error::Usage(format!(
+            "{}: names containing .sealfs-c or a .sealfs-g segment are reserved",
+            dest.describe(root)
+        )));
+    }
     // A model is replaced whole: without --force an existing one stays as it is. One that
     // a reseal moved to generation N is replaced by generation N+1, switched to by its
     // manifest, as a reseal does (a file in place would sit below the served generation).
@@ -194,7 +200,7 @@ pub async fn seal_model(
         return Err(StoreError::Exists(dest.describe(&m.data.key)).into());
     }
     let generation = match &current {
-        Some(m) if m.generation > 0 => m.generation + 1,
+        Some(m) if m.generation > 0 => next_generation(root, m.generation)?,
         _ => 0,
     };
     let manifest_key =
@@ -363,6 +369,14 @@ pub(super) async fn commit_manifest(
         }
     }
     Ok((digest, signed_by))
+}
+
+/// The generation after `g` of the model at `root`, within the names sealfs writes (a
+/// planted manifest name cannot push a seal or reseal past them).
+pub(super) fn next_generation(root: &str, g: u32) -> Result<u32> {
+    g.checked_add(1)
+        .filter(|n| *n <= naming::MAX_GENERATION)
+        .ok_or_else(|| Error::Usage(format!("model {root:?}: no generation left after {g}")))
 }
 
 async fn existing(store: &Store, key: &str) -> Result<Vec<String>> {
