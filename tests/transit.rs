@@ -459,9 +459,9 @@ fn seal_verify_unseal_mount_and_read_with_one_decrypt_per_file() {
         c,
         BTreeMap::from([
             (s("transit/keys/models"), 1),
-            (s("transit/decrypt/models"), FILES.len() as u64)
+            (s("transit/decrypt/models"), FILES.len() as u64 + 1)
         ]),
-        "unseal: one decrypt per file"
+        "unseal: one decrypt per file and one for the manifest (checked first)"
     );
 
     // The mount: no Transit call for ls/stat, one decrypt per file at its first open.
@@ -613,11 +613,12 @@ fn a_wrapped_dek_moved_to_another_file_fails_at_transit() {
             "{key}: output written"
         );
         let name = key.trim_start_matches("transit:");
+        // The model's manifest (checked first), then the file's moved DEK, refused.
         assert_eq!(
             diff(&before, &bao.calls()),
             BTreeMap::from([
                 (format!("transit/keys/{name}"), 1),
-                (format!("transit/decrypt/{name}"), 1)
+                (format!("transit/decrypt/{name}"), 2)
             ])
         );
         // The donor itself still opens.
@@ -742,10 +743,14 @@ fn another_transit_key_is_refused_before_any_plaintext() {
         BTreeMap::from([(s("transit/keys/other"), 1)])
     );
 
-    // A key object that claims the trusted key for a blob of another: Transit refuses it.
-    let mut ko = f.key_object("one");
-    ko.slots[0].key_id = s("transit:transit/other");
-    f.write_key_object("one", &ko);
+    // Key objects (the file's and its manifest's, which unseal opens first) that claim the
+    // trusted key for a blob of another: Transit refuses it.
+    let manifest = f.key_object(".sealfs-manifest");
+    for rel in ["one", ".sealfs-manifest"] {
+        let mut ko = f.key_object(rel);
+        ko.slots[0].key_id = s("transit:transit/other");
+        f.write_key_object(rel, &ko);
+    }
     let out = f.unseal(&env, "sealed/one", "one.out", "transit:other");
     expect_refused(
         &out,
@@ -753,6 +758,7 @@ fn another_transit_key_is_refused_before_any_plaintext() {
         "Transit rejected the wrapped key for transit:transit/other",
     );
     assert!(!Path::new(&f.p("one.out")).exists(), "output written");
+    f.write_key_object(".sealfs-manifest", &manifest);
 
     // A slot that is not a Transit ciphertext is refused without a call.
     let mut ko = f.key_object("edge");
@@ -763,7 +769,11 @@ fn another_transit_key_is_refused_before_any_plaintext() {
     expect_refused(&out, 3, "Transit rejected");
     assert_eq!(
         diff(&before, &bao.calls()),
-        BTreeMap::from([(s("transit/keys/models"), 1)])
+        BTreeMap::from([
+            (s("transit/keys/models"), 1),
+            // The manifest's; none for the malformed slot.
+            (s("transit/decrypt/models"), 1)
+        ])
     );
 
     // No such key: one line, exit 4.
