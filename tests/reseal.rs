@@ -112,35 +112,20 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
     assert_eq!(c, 2, "{t}");
     assert!(t.contains("signed; reseal it with --sign"), "{t}");
     let wrong = format!("sha256:{}", "ab".repeat(32));
-    let (c, t) = code(&s.run(&[
-        "reseal",
-        &m,
-        "--key",
-        &old,
-        "--to-key",
-        &new,
-        "--sign",
-        &signer,
-        "--model-digest",
-        &wrong,
-    ]));
+    let reseal_with = |extra: &[&str]| {
+        let mut a = vec![
+            "reseal", &m, "--key", &old, "--to-key", &new, "--sign", &signer,
+        ];
+        a.extend_from_slice(extra);
+        code(&s.run(&a))
+    };
+    let (c, t) = reseal_with(&["--model-digest", &wrong]);
     assert_eq!(c, 4, "{t}");
     assert!(t.contains("is not the pinned"), "{t}");
     // Nor a model signed by someone else than the trusted publisher.
     expect_code(&s.run(&["keygen", "--signing", &s.p("other.key")]), 0);
     let other = format!("file:{}", s.p("other.key.pub"));
-    let (c, t) = code(&s.run(&[
-        "reseal",
-        &m,
-        "--key",
-        &old,
-        "--to-key",
-        &new,
-        "--sign",
-        &signer,
-        "--trust-signer",
-        &other,
-    ]));
+    let (c, t) = reseal_with(&["--trust-signer", &other]);
     assert_eq!(c, 4, "{t}");
     assert!(t.contains("not a trusted signer"), "{t}");
     assert_eq!(
@@ -149,21 +134,8 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
         "refusals wrote nothing"
     );
 
-    let out = expect_code(
-        &s.run(&[
-            "reseal",
-            &m,
-            "--key",
-            &old,
-            "--to-key",
-            &new,
-            "--sign",
-            &signer,
-            "--trust-signer",
-            &trust,
-        ]),
-        0,
-    );
+    let (c, out) = reseal_with(&["--trust-signer", &trust]);
+    assert_eq!(c, 0, "{out}");
     assert!(out.contains("generation 0 -> 1 (4 files"), "{out}");
     assert!(out.contains("signed by sha256:"), "{out}");
 

@@ -232,34 +232,7 @@ async fn verify_one(
     cancel: &Cancel,
 ) -> Result<u64> {
     let ko = read_key_object(&loc.store, e).await?;
-    let root = manifest::model_of(&e.data.key, &ko.header.context)?;
-    let digests = match &root {
-        None if !trusted.is_empty() => {
-            return Err(ModelError::Loose {
-                file: e.data.key.clone(),
-            }
-            .into())
-        }
-        None => None,
-        Some(root) => {
-            if !models.contains_key(root) {
-                let r = load_model(loc, manifests.get(root), root, keyring, trusted).await;
-                models.insert(root.clone(), r);
-            }
-            let model = match &models[root] {
-                Ok(m) => m.clone(),
-                Err(e) => return Err(e.clone().into()),
-            };
-            let entry = model.check_file(
-                &e.data.key,
-                &ko.header.file_id,
-                &crate::crypto::header_digest(&ko.authenticated),
-                e.chunk_log2,
-                e.data.size,
-            )?;
-            Some(entry.chunk_digests())
-        }
-    };
+    let digests = model_digests(loc, e, &ko, keyring, trusted, manifests, models).await?;
     let f = OpenFile::open_parsed(ko, e, keyring).await?;
     let bad = read_all(loc, &f, digests.as_deref(), true, cancel, |_| Ok(())).await?;
     if bad.is_empty() {
@@ -335,7 +308,8 @@ pub async fn unseal(
     let mut checked = Vec::with_capacity(list.len());
     for e in &list {
         let ko = read_key_object(&src.store, e).await?;
-        let digests = model_digests(src, e, &ko, keyring, &manifests, &mut models).await?;
+        let none = TrustedSigners::default();
+        let digests = model_digests(src, e, &ko, keyring, &none, &manifests, &mut models).await?;
         checked.push((ko, digests));
     }
     let listed: HashSet<&str> = list.iter().map(|e| e.logical.as_str()).collect();
@@ -385,22 +359,28 @@ fn missing_files(loc: &Location, m: &Model, listed: &HashSet<&str>) -> Vec<Model
 }
 
 /// The manifest's chunk digests of file `e` (whose key object is `ko`) once it is checked
-/// against its model's manifest (loaded once per model into `models`); `None` for a loose
-/// file.
+/// against its model's manifest (loaded once per model into `models`, its signature checked
+/// with `trusted` signers); `None` for a loose file, which `trusted` signers refuse.
 async fn model_digests(
     loc: &Location,
     e: &SealedEntry,
     ko: &crate::format::KeyObject,
     keyring: &Keyring,
+    trusted: &TrustedSigners,
     manifests: &HashMap<String, SealedEntry>,
     models: &mut BTreeMap<String, std::result::Result<Arc<Model>, ModelError>>,
 ) -> Result<Option<Vec<[u8; 32]>>> {
     let Some(root) = manifest::model_of(&e.data.key, &ko.header.context)? else {
+        if !trusted.is_empty() {
+            return Err(ModelError::Loose {
+                file: e.data.key.clone(),
+            }
+            .into());
+        }
         return Ok(None);
     };
     if !models.contains_key(&root) {
-        let none = TrustedSigners::default();
-        let r = load_model(loc, manifests.get(&root), &root, keyring, &none).await;
+        let r = load_model(loc, manifests.get(&root), &root, keyring, trusted).await;
         models.insert(root.clone(), r);
     }
     let model = models[&root].as_ref().map_err(|e| Error::from(e.clone()))?;
