@@ -265,6 +265,13 @@ impl Tree {
         self.manifests.get(root)
     }
 
+    /// The roots of the models whose manifests are listed, sorted.
+    pub fn model_roots(&self) -> Vec<String> {
+        let mut roots: Vec<String> = self.manifests.keys().cloned().collect();
+        roots.sort();
+        roots
+    }
+
     /// The version file `ino` stands for: the identity (header MAC) the first open
     /// authenticated, recorded then. `true` if `mac` is that version.
     pub fn same_version(&mut self, ino: u64, mac: &[u8; 32]) -> bool {

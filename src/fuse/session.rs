@@ -261,6 +261,16 @@ fn serve(
             format!("mount at {} did not answer stat", mountpoint.display()),
         ));
     }
+    // The models' manifests before READY (bounded): a first open then pays one unwrap.
+    let preload = fs.clone();
+    let loaded = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), preload.preload_models()).await
+    });
+    if loaded.is_err() {
+        tracing::warn!("model manifests not loaded within 5 s; loading on in the background");
+        let preload = fs.clone();
+        drop(rt.spawn(async move { preload.preload_models().await }));
+    }
     report(pipe, Ok(()));
     crate::telemetry::sd_notify("READY=1");
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
