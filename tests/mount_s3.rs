@@ -165,6 +165,38 @@ fn repeated_and_parallel_opens_cost_one_kms_decrypt() {
     );
 }
 
+/// `--unwrap-ahead N`: the first open of a file of a model unwraps the DEKs of the model's
+/// other files in the background; their opens then make no KMS call.
+#[test]
+fn unwrap_ahead_opens_a_models_next_files_with_no_kms_call() {
+    let f = Fx::new();
+    let m = f.mount(&["--unwrap-ahead", "8"]);
+    f.stack.reset();
+    assert_eq!(std::fs::read(m.path("edge")).unwrap(), f.src("edge"));
+    // edge's own Decrypt, then one for each of the 4 other files, in the background.
+    let start = std::time::Instant::now();
+    while f.stack.count("kms:Decrypt") < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{}",
+            f.stack.counts()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.stack.count("kms:Decrypt"), 5, "at most one per file");
+    f.stack.reset();
+    for rel in ["empty", "edge+", "model.bin", "sub/config.json"] {
+        assert_eq!(std::fs::read(m.path(rel)).unwrap(), f.src(rel), "{rel}");
+    }
+    assert_eq!(
+        f.stack.count("kms:Decrypt"),
+        0,
+        "the next files opened with no KMS call"
+    );
+    assert_eq!(m.logs().matches("dek unwrapped").count(), 5, "{}", m.logs());
+}
+
 #[test]
 fn dek_is_dropped_after_the_grace_and_unwrapped_again() {
     let f = Fx::new();

@@ -148,6 +148,11 @@ pub enum Command {
         /// Largest sequential read-ahead window (also bounded by a quarter of the cache).
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         max_prefetch: u64,
+        /// At the first open of a file of a model, unwrap the DEKs of up to N other files
+        /// of it in the background (N provider calls; each DEK held for --dek-grace), so a
+        /// loader's next files open with no provider call. 0: off.
+        #[arg(long, default_value_t = 0)]
+        unwrap_ahead: usize,
         /// Re-list the prefix this often, so new, replaced and removed files show (0: never).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         list_ttl: std::time::Duration,
@@ -731,6 +736,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         revalidate,
         revalidate_max_outage,
         max_prefetch,
+        unwrap_ahead,
         list_ttl,
         max_chunk_size,
         max_objects,
@@ -755,6 +761,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         revalidate,
         revalidate_max_outage,
         max_prefetch,
+        unwrap_ahead,
         uid: uid.unwrap_or(d.uid),
         gid: gid.unwrap_or(d.gid),
         file_mode,

@@ -265,6 +265,18 @@ impl Tree {
         self.manifests.get(root)
     }
 
+    /// The listed entry of the file at `rel` (a path relative to the mount's prefix).
+    pub fn file_entry(&self, rel: &str) -> Option<SealedEntry> {
+        let mut at = ROOT;
+        for name in rel.split('/') {
+            at = self.lookup(at, name)?;
+        }
+        match self.nodes.get(&at) {
+            Some(Node::File { entry, .. }) => Some(entry.clone()),
+            _ => None,
+        }
+    }
+
     /// The roots of the models whose manifests are listed, sorted.
     pub fn model_roots(&self) -> Vec<String> {
         let mut roots: Vec<String> = self.manifests.keys().cloned().collect();

@@ -63,6 +63,9 @@ pub struct MountConfig {
     /// Revoke a held DEK whose checks have all failed for this long (provider unreachable or
     /// throttling); zero: keep serving through any outage.
     pub revalidate_max_outage: Duration,
+    /// At the first open of a file of a model, unwrap the DEKs of up to this many other
+    /// files of the model in the background (held like closed files: `dek_grace`); 0: off.
+    pub unwrap_ahead: usize,
 }
 
 impl Default for MountConfig {
@@ -84,6 +87,7 @@ impl Default for MountConfig {
             model_digest: None,
             revalidate: Duration::from_secs(300),
             revalidate_max_outage: Duration::from_secs(3600),
+            unwrap_ahead: 0,
         }
     }
 }
@@ -261,6 +265,8 @@ pub struct SealFs {
     trusted: crate::sign::TrustedSigners,
     /// Loaded model manifests by root, for the listed manifest ETag.
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    /// Models whose files' DEKs were unwrapped ahead (`--unwrap-ahead`): once per mount.
+    unwrapped_ahead: Mutex<std::collections::HashSet<String>>,
     /// Highest manifest (version, generation) served per model root: never go back
     /// (rollback), neither to an older version nor to the generation a reseal replaced.
     served: Mutex<HashMap<String, (u64, u32)>>,
@@ -342,6 +348,7 @@ impl SealFs {
             trusted,
             models: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
+            unwrapped_ahead: Mutex::new(Default::default()),
             invalidate: std::sync::OnceLock::new(),
         }))
     }
@@ -487,6 +494,15 @@ impl SealFs {
         if opened.is_revoked() {
             self.close_slot(&slot);
             return Err(opened.revoked_error());
+        }
+        if self.config.unwrap_ahead > 0 {
+            let ctx = &opened.file.key_object.header.context;
+            if let Some(root) = ctx.get(crate::format::header::CTX_MODEL) {
+                if lock(&self.unwrapped_ahead).insert(root.clone()) {
+                    let (fs, root) = (self.clone(), root.clone());
+                    tokio::spawn(async move { fs.unwrap_ahead(&root, who).await });
+                }
+            }
         }
         *lock(&slot.idle_since) = None;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -925,6 +941,50 @@ impl SealFs {
                 }
             })
             .await;
+    }
+
+    /// Unwraps the DEKs of up to `--unwrap-ahead` files of the model at `root` that this
+    /// mount lists and holds no DEK for, 4 at a time, as their opens would (the same checks,
+    /// the same audit line, on behalf of `who`, whose open started it). Each is then held
+    /// like a closed file's, for `--dek-grace`: a model loader's next files open with no
+    /// provider call. Cost: up to `--unwrap-ahead` provider calls per model per mount.
+    async fn unwrap_ahead(self: &Arc<Self>, root: &str, who: (u32, u32)) {
+        use futures::StreamExt;
+        let Ok(model) = self.model(root, false).await else {
+            return;
+        };
+        let entries: Vec<SealedEntry> = {
+            let t = self.tree();
+            let held = lock(&self.files);
+            model
+                .manifest
+                .files
+                .iter()
+                .filter_map(|f| {
+                    let key = manifest::under(root, &f.path);
+                    let rel = if self.prefix.is_empty() {
+                        Some(key.as_str())
+                    } else {
+                        key.strip_prefix(&self.prefix)?.strip_prefix('/')
+                    }?;
+                    t.file_entry(rel)
+                })
+                .filter(|e| !held.get(&e.data.key).is_some_and(|s| s.cell.initialized()))
+                .take(self.config.unwrap_ahead)
+                .collect()
+        };
+        let n = entries.len();
+        futures::stream::iter(entries)
+            .for_each_concurrent(4, |e| async move {
+                match self.attach(&e, None, who).await {
+                    Ok((_, slot)) => self.close_slot(&slot),
+                    Err(err) => {
+                        tracing::debug!(file = %e.data.key, error = %err, "not unwrapped ahead")
+                    }
+                }
+            })
+            .await;
+        tracing::debug!(model = %self.store.describe(root), files = n, "DEKs unwrapped ahead");
     }
 
     /// The kernel forgot inode `ino`: a retired one is freed.
