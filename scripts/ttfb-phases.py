@@ -15,7 +15,7 @@ key=kms.create_key()["KeyMetadata"]["Arn"]
 src="/tmp/ttfb-src"; os.makedirs(src, exist_ok=True)
 with open(os.environ["SRC_FILE"],"rb") as f, open(src+"/w.bin","wb") as o: o.write(f.read(256<<20))
 env=dict(os.environ, AWS_ENDPOINT_URL_S3=s3e, AWS_ENDPOINT_URL_KMS=moto)
-b=os.path.join(os.path.dirname(os.path.abspath(__file__)),"..","target","release","sealfs")
+b=os.environ.get("SEALFS") or os.path.join(os.path.dirname(os.path.abspath(__file__)),"..","target","release","sealfs")
 subprocess.run([b,"seal",src,"s3://ttfb/","--key","kms:"+key,"--force"],env=env,check=True,stdout=subprocess.DEVNULL)
 mnt="/tmp/ttfb-mnt"; os.makedirs(mnt, exist_ok=True)
 def scrape():

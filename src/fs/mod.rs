@@ -517,10 +517,11 @@ impl SealFs {
     }
 
     /// Opens the version the tree lists, confirmed by a GET pinned to its ETag instead of a
-    /// LIST. When this version's DEK is held (or being unwrapped) that GET is the 32-byte
-    /// prelude; otherwise it is the first chunk, sent together with the key-object GET so
-    /// that it is on its way while KMS unwraps the DEK, and the first read finds it in
-    /// flight or cached. `Stale` unless the listed version is confirmed.
+    /// LIST. That GET is the first chunk (the first read finds it in flight or cached):
+    /// alone when this version's DEK is held (or being unwrapped), else sent together with
+    /// the key-object GET so that it is on its way while KMS unwraps the DEK; only when the
+    /// first chunk is cached already is it the 32-byte prelude. `Stale` unless the listed
+    /// version is confirmed.
     async fn open_listed(
         self: &Arc<Self>,
         entry: &SealedEntry,
@@ -539,31 +540,50 @@ impl SealFs {
             .get(key)
             .map(|s| s.etag.clone())
             .filter(|h| !h.is_empty() && listed.is_none_or(|l| l == h));
+        let mut target = None;
         if let Some(held) = held {
-            match self.store.get_range(key, 0, PRELUDE_LEN, Some(&held)).await {
-                Ok(_) => {
-                    let mut version = entry.clone();
-                    version.data.etag = held;
-                    return self
+            let mut version = entry.clone();
+            version.data.etag = held;
+            // Chunk 0 not cached: GET it, pinned to the held version, instead of the 32-byte
+            // prelude: it confirms the version as well, the first read needs it, and a small
+            // answer on a reused connection can wait out a delayed ACK (40 ms) behind a
+            // server's Nagle, which a 1-chunk answer does not.
+            let cached = lock(&self.files)
+                .get(key)
+                .and_then(|s| s.cell.get().cloned())
+                .is_some_and(|o| self.cache.contains(chunk_key(&o, 0)));
+            if cached {
+                return match self
+                    .store
+                    .get_range(key, 0, PRELUDE_LEN, Some(&version.data.etag))
+                    .await
+                {
+                    Ok(_) => self
                         .attach(&version, None, who)
                         .await
-                        .map_err(Listed::Failed);
-                }
-                // Replaced (or gone): the LIST path finds its new size and key object.
-                Err(e) => return Err(stale(e)),
+                        .map_err(Listed::Failed),
+                    // Replaced (or gone): the LIST path finds its new size and key object.
+                    Err(e) => Err(stale(e)),
+                };
             }
+            target = Some(version);
         }
-        self.open_first(entry, layout, None, who).await
+        // The DEK held: no key-object GET.
+        let fetch_key_object = target.is_none();
+        let version = target.as_ref().unwrap_or(entry);
+        self.open_first(version, layout, None, fetch_key_object, who)
+            .await
     }
 
-    /// A version's first open: the key-object GET (unless `key_object` was fetched already)
-    /// and the chunk-0 GET at once, the latter pinned to the listed ETag, or (a listing
+    /// A version's first open: the key-object GET (unless `key_object` was fetched already,
+    /// or `fetch_key_object` is false: its DEK is held) and the chunk-0 GET at once, the latter pinned to the listed ETag, or (a listing
     /// without ETags) pinning the version to the ETag it returns.
     async fn open_first(
         self: &Arc<Self>,
         entry: &SealedEntry,
         layout: Layout,
         key_object: Option<bytes::Bytes>,
+        fetch_key_object: bool,
         who: (u32, u32),
     ) -> Result<(Arc<Opened>, Arc<FileSlot>), Listed> {
         let stale = |e| Listed::stale(&entry.data.key, e);
@@ -572,12 +592,14 @@ impl SealFs {
         let (_, end) = layout.cipher_range(0, 0);
         let key_object = async {
             match key_object {
-                Some(bytes) => Ok(bytes),
-                None => Ok(self
-                    .store
-                    .get(&entry.key_object.key, MAX_KEY_OBJECT_LEN)
-                    .await?
-                    .0),
+                Some(bytes) => Ok(Some(bytes)),
+                None if !fetch_key_object => Ok(None),
+                None => Ok(Some(
+                    self.store
+                        .get(&entry.key_object.key, MAX_KEY_OBJECT_LEN)
+                        .await?
+                        .0,
+                )),
             }
         };
         let (key_object, first) = tokio::join!(
@@ -591,7 +613,7 @@ impl SealFs {
             version.data.etag = first.etag().to_string();
         }
         let (opened, slot) = self
-            .attach(&version, Some(key_object), who)
+            .attach(&version, key_object, who)
             .await
             .map_err(Listed::Failed)?;
         self.adopt_first_chunk(&opened, first, started);
@@ -633,7 +655,7 @@ impl SealFs {
             // A listing without ETags: pin to what this version's first GET returns.
             if let Some(layout) = Layout::from_object_size(fresh.chunk_log2, fresh.data.size) {
                 match self
-                    .open_first(&fresh, layout, key_object.clone(), who)
+                    .open_first(&fresh, layout, key_object.clone(), true, who)
                     .await
                 {
                     Ok(o) => return Ok(o),
