@@ -997,7 +997,19 @@ impl SealFs {
         };
         let n = entries.len();
         futures::stream::iter(entries)
-            .for_each_concurrent(4, |e| async move {
+            .for_each_concurrent(4, |mut e| async move {
+                // A listing without ETags: pin the version as an open would, to the ETag a
+                // GET returns (else the open, which pins, would not find this DEK).
+                if e.data.etag.is_empty() {
+                    match self
+                        .store
+                        .get_range_stream(&e.data.key, 0, PRELUDE_LEN, None)
+                        .await
+                    {
+                        Ok(b) if !b.etag().is_empty() => e.data.etag = b.etag().to_string(),
+                        _ => return,
+                    }
+                }
                 match self.attach(&e, None, who).await {
                     Ok((_, slot)) => self.close_slot(&slot),
                     Err(err) => {
