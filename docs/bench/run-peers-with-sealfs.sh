@@ -18,3 +18,12 @@ export BENCH_RCLONE_SERVERS="${BENCH_RCLONE_SERVERS:-s3s-fs-1m}"
 export BENCH_SEED_SERVERS="${BENCH_SEED_SERVERS:-s3s-fs-1m}"
 export BENCH_REPS="${BENCH_REPS:-3}"
 ./peers.sh --groups "${BENCH_GROUPS:-raw,local,fuse,seed}" --out "${OUT:-/tmp/sealfs-peers.md}"
+# Mountpoint for Amazon S3 (the harness's bin/mps3) beside sealfs and raw ranged GETs on the
+# same server, one run each: a 1 GiB object (cold, warm, CPU, RSS, TTFB), then a model of 8
+# shards read shard after shard and by 8 concurrent readers. BENCH_MOUNTPOINT=0 skips both.
+if [[ "${BENCH_MOUNTPOINT:-1}" != 0 ]]; then
+  out=${OUT:-/tmp/sealfs-peers.md}
+  python3 lib/mp_vs_sealfs.py --reps "$BENCH_REPS" --sealfs "$sealfs" --out "${out%.md}-mountpoint"
+  python3 "$(dirname "$sealfs")/../../scripts/bench-shards.py" --reps "$BENCH_REPS" --sealfs "$sealfs" \
+    --out "${out%.md}-shards"
+fi
