@@ -195,6 +195,13 @@ fn unwrap_ahead_opens_a_models_next_files_with_no_kms_call() {
         "the next files opened with no KMS call"
     );
     assert_eq!(m.logs().matches("dek unwrapped").count(), 5, "{}", m.logs());
+    // Each DEK unwrapped ahead names, at its first use, who opened it.
+    assert_eq!(
+        m.logs().matches("dek adopted (unwrapped ahead)").count(),
+        4,
+        "{}",
+        m.logs()
+    );
 }
 
 #[test]

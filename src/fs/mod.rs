@@ -235,6 +235,9 @@ struct FileSlot {
     cell: tokio::sync::OnceCell<Arc<Opened>>,
     handles: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
+    /// Unwrapped ahead (`--unwrap-ahead`) and not yet used by an open: the first open that
+    /// uses it writes an audit line of its own (the unwrap's names whoever started it).
+    ahead: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct Handle {
@@ -267,6 +270,11 @@ pub struct SealFs {
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
     /// Models whose files' DEKs were unwrapped ahead (`--unwrap-ahead`): once per mount.
     unwrapped_ahead: Mutex<std::collections::HashSet<String>>,
+    /// `sealfs revoke` calls so far (an unwrap ahead that a revoke overtook drops its DEK).
+    pub(crate) revocations: std::sync::atomic::AtomicU64,
+    /// Handles that read within the last seconds (counted by `sweep`, raised at once by a
+    /// reader that starts): they share the read-ahead budget.
+    pub(crate) active_readers: AtomicUsize,
     /// Highest manifest (version, generation) served per model root: never go back
     /// (rollback), neither to an older version nor to the generation a reseal replaced.
     served: Mutex<HashMap<String, (u64, u32)>>,
@@ -349,6 +357,8 @@ impl SealFs {
             models: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
             unwrapped_ahead: Mutex::new(Default::default()),
+            revocations: Default::default(),
+            active_readers: AtomicUsize::new(0),
             invalidate: std::sync::OnceLock::new(),
         }))
     }
@@ -495,7 +505,20 @@ impl SealFs {
             self.close_slot(&slot);
             return Err(opened.revoked_error());
         }
-        if self.config.unwrap_ahead > 0 {
+        if slot.ahead.swap(false, Ordering::SeqCst) {
+            let h = &opened.file.key_object.header;
+            tracing::info!(
+                target: "sealfs::audit",
+                file = %self.store.describe(&opened.file.key),
+                file_id = %hex::encode(h.file_id),
+                keys = ?opened.file.key_object.slots.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>(),
+                uid = who.0,
+                pid = who.1,
+                host = crate::telemetry::hostname(),
+                "dek adopted (unwrapped ahead)"
+            );
+        }
+        if self.config.unwrap_ahead > 0 && !self.config.dek_grace.is_zero() {
             let ctx = &opened.file.key_object.header.context;
             if let Some(root) = ctx.get(crate::format::header::CTX_MODEL) {
                 if lock(&self.unwrapped_ahead).insert(root.clone()) {
@@ -548,10 +571,14 @@ impl SealFs {
             // prelude: it confirms the version as well, the first read needs it, and a small
             // answer on a reused connection can wait out a delayed ACK (40 ms) behind a
             // server's Nagle, which a 1-chunk answer does not.
+            // (In flight counts as cached: that GET's chunk serves the first read.)
             let cached = lock(&self.files)
                 .get(key)
                 .and_then(|s| s.cell.get().cloned())
-                .is_some_and(|o| self.cache.contains(chunk_key(&o, 0)));
+                .is_some_and(|o| {
+                    let k = chunk_key(&o, 0);
+                    self.cache.contains(k) || self.inflight.has(k)
+                });
             if cached {
                 return match self
                     .store
@@ -761,6 +788,11 @@ impl SealFs {
     /// second by the mount; [`SealFs::deks_held`] says how many remain.
     pub fn sweep(&self) {
         let now = Instant::now();
+        let readers = lock(&self.handles)
+            .values()
+            .filter(|h| lock(&h.prefetch).active(now))
+            .count();
+        self.active_readers.store(readers, Ordering::Relaxed);
         let mut files = lock(&self.files);
         files.retain(|key, s| {
             let idle = *lock(&s.idle_since);
@@ -949,6 +981,11 @@ impl SealFs {
     /// first open's way. A failure is only logged: the open tries again, and reports.
     pub async fn preload_models(&self) {
         let roots = self.tree().model_roots();
+        // Pinned (`--model-digest`), every other model would be decrypted only to be
+        // refused: load ahead only when there is just the one.
+        if self.config.model_digest.is_some() && roots.len() > 1 {
+            return;
+        }
         if roots.len() > PRELOAD_MODELS {
             tracing::info!(
                 models = roots.len(),
@@ -991,13 +1028,20 @@ impl SealFs {
                     }?;
                     t.file_entry(rel)
                 })
-                .filter(|e| !held.get(&e.data.key).is_some_and(|s| s.cell.initialized()))
+                // A slot of any version (a newer one an open just made) is left alone.
+                .filter(|e| !held.contains_key(&e.data.key))
                 .take(self.config.unwrap_ahead)
                 .collect()
         };
         let n = entries.len();
+        let epoch = self.revocations.load(Ordering::SeqCst);
         futures::stream::iter(entries)
             .for_each_concurrent(4, |mut e| async move {
+                if self.revocations.load(Ordering::SeqCst) != epoch
+                    || lock(&self.files).contains_key(&e.data.key)
+                {
+                    return;
+                }
                 // A listing without ETags: pin the version as an open would, to the ETag a
                 // GET returns (else the open, which pins, would not find this DEK).
                 if e.data.etag.is_empty() {
@@ -1011,7 +1055,15 @@ impl SealFs {
                     }
                 }
                 match self.attach(&e, None, who).await {
-                    Ok((_, slot)) => self.close_slot(&slot),
+                    Ok((opened, slot)) => {
+                        slot.ahead.store(true, Ordering::SeqCst);
+                        self.close_slot(&slot);
+                        // A revoke that ran meanwhile saw no such DEK: drop it as it would.
+                        if self.revocations.load(Ordering::SeqCst) != epoch {
+                            self.revoke_one(&opened, "revoked while unwrapped ahead")
+                                .await;
+                        }
+                    }
                     Err(err) => {
                         tracing::debug!(file = %e.data.key, error = %err, "not unwrapped ahead")
                     }
@@ -1055,6 +1107,7 @@ impl FileSlot {
             cell: tokio::sync::OnceCell::new(),
             handles: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
+            ahead: Default::default(),
         }
     }
 }

@@ -29,6 +29,11 @@ const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) struct Inflight(Mutex<HashMap<ChunkKey, Done>>);
 
 impl Inflight {
+    /// True while a fetch of chunk `key` is running.
+    pub(crate) fn has(&self, key: ChunkKey) -> bool {
+        lock(&self.0).contains_key(&key)
+    }
+
     /// True while a fetch of any chunk of version `seq` is running.
     pub(crate) fn has_file(&self, seq: u64) -> bool {
         lock(&self.0).keys().any(|k| k.0 == seq)
@@ -44,6 +49,18 @@ pub(crate) struct Prefetch {
     window: u64,
     /// Highest chunk index already scheduled ahead.
     ahead: Option<u64>,
+    /// The last read: a handle read within [`ACTIVE`] shares the read-ahead budget.
+    last: Option<std::time::Instant>,
+}
+
+/// How recently a handle must have read to count as a reader sharing the read-ahead budget.
+pub(crate) const ACTIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Prefetch {
+    /// True if the handle read within [`ACTIVE`] of `now`.
+    pub(crate) fn active(&self, now: std::time::Instant) -> bool {
+        self.last.is_some_and(|t| now.duration_since(t) < ACTIVE)
+    }
 }
 
 /// The bytes of one read: one pinned chunk slice (no copy), or an assembled buffer.
@@ -464,19 +481,26 @@ impl SealFs {
 
     /// Sequential readers get a window that doubles per read up to the budget; any other
     /// access resets it (a seek cancels read-ahead; random readers fetch only what they touch).
-    /// The budget is a quarter of the cache for one reader, and half of it shared among all
-    /// open handles: 8 shards read at once must not prefetch 8 quarters of the cache, each
-    /// evicting the others' read-ahead before it is read (measured: half the throughput of
-    /// reading them one after another).
+    /// The budget is a quarter of the cache for one reader, and half of it shared among the
+    /// handles reading now (within [`ACTIVE`]; handles kept open and idle, as an mmap
+    /// loader's, do not count): 8 shards read at once must not prefetch 8 quarters of the
+    /// cache, each evicting the others' read-ahead before it is read (measured: half the
+    /// throughput of reading them one after another).
     fn prefetch(self: &Arc<Self>, h: &Handle, offset: u64, len: u64, last_read: u64) {
         let layout = h.opened.file.layout;
         let chunk = layout.chunk_size();
         let slots = self.cache.slots() as u64;
-        let readers = lock(&self.handles).len().max(1) as u64;
-        let budget = (slots / 4).min(slots / 2 / readers).max(2);
-        let max_window = (self.config.max_prefetch / chunk).clamp(1, budget);
         let (from, to) = {
             let mut p = lock(&h.prefetch);
+            let now = std::time::Instant::now();
+            if !p.active(now) {
+                // A reader starts: counted at once (`sweep` recounts every second).
+                self.active_readers.fetch_add(1, Ordering::Relaxed);
+            }
+            p.last = Some(now);
+            let readers = self.active_readers.load(Ordering::Relaxed).max(1) as u64;
+            let budget = (slots / 4).min(slots / 2 / readers).max(2);
+            let max_window = (self.config.max_prefetch / chunk).clamp(1, budget);
             let sequential = offset + chunk >= p.next && offset <= p.next + chunk && p.next > 0;
             p.next = offset + len;
             if !sequential {

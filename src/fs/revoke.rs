@@ -109,6 +109,9 @@ impl SealFs {
 
     /// Revokes every held file in `scope` at once (`sealfs revoke`); returns how many.
     pub async fn revoke(&self, scope: &Scope, reason: &str) -> usize {
+        // Unwraps ahead that finish after this revoke drop what they unwrapped (see
+        // `SealFs::unwrap_ahead`): the panic button is not undone by a background task.
+        self.revocations.fetch_add(1, Ordering::SeqCst);
         let mut n = 0;
         for o in self.held() {
             let hit = match scope {
@@ -123,7 +126,7 @@ impl SealFs {
     }
 
     /// Revokes one held version; false if it already was.
-    async fn revoke_one(&self, o: &Arc<Opened>, reason: &str) -> bool {
+    pub(super) async fn revoke_one(&self, o: &Arc<Opened>, reason: &str) -> bool {
         // The flag first: from here on no read serves a byte of it, cached or not.
         if o.revoked.swap(true, Ordering::SeqCst) {
             return false;

@@ -261,15 +261,13 @@ fn serve(
             format!("mount at {} did not answer stat", mountpoint.display()),
         ));
     }
-    // The models' manifests before READY (bounded): a first open then pays one unwrap.
+    // The models' manifests before READY (bounded): a first open then pays one unwrap. One
+    // task, waited for at most 5 s and left to finish: never cancelled and started again.
     let preload = fs.clone();
-    let loaded = rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(5), preload.preload_models()).await
-    });
-    if loaded.is_err() {
+    let loading = rt.spawn(async move { preload.preload_models().await });
+    let waited = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), loading).await });
+    if waited.is_err() {
         tracing::warn!("model manifests not loaded within 5 s; loading on in the background");
-        let preload = fs.clone();
-        drop(rt.spawn(async move { preload.preload_models().await }));
     }
     report(pipe, Ok(()));
     crate::telemetry::sd_notify("READY=1");
