@@ -34,6 +34,13 @@ impl Site {
     fn run(&self, args: &[&str]) -> std::process::Output {
         sealfs(args, &[])
     }
+    /// Seals `src` to `m` under `key` (64 KiB chunks), with `extra` flags.
+    fn seal_m(&self, key: &str, extra: &[&str]) -> String {
+        let (src, m) = (self.p("src"), self.p("m"));
+        let mut a = vec!["seal", &src, &m, "--key", key, "--chunk-size", "64KiB"];
+        a.extend_from_slice(extra);
+        expect_code(&self.run(&a), 0)
+    }
     fn inspect(&self, uri: &str) -> serde_json::Value {
         let out = expect_code(&self.run(&["inspect", uri, "--json"]), 0);
         serde_json::from_str(&out).unwrap()
@@ -74,20 +81,7 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
         format!("file:{}", s.p("pub.key.pub")),
     );
     let m = s.p("m");
-    expect_code(
-        &s.run(&[
-            "seal",
-            &s.p("src"),
-            &m,
-            "--key",
-            &old,
-            "--chunk-size",
-            "64KiB",
-            "--sign",
-            &signer,
-        ]),
-        0,
-    );
+    s.seal_m(&old, &["--sign", &signer]);
     let before = s.inspect(&m);
     let old_a = std::fs::read(s.path("m/a.bin")).unwrap();
 
@@ -223,19 +217,7 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
     );
     assert!(out.contains("generation 1 -> 2"), "{out}");
     s.write("src/config.json", b"{\"layers\": 3}\n");
-    expect_code(
-        &s.run(&[
-            "seal",
-            &s.p("src"),
-            &m,
-            "--key",
-            &old,
-            "--chunk-size",
-            "64KiB",
-            "--force",
-        ]),
-        0,
-    );
+    s.seal_m(&old, &["--force"]);
     assert!(s.path("m/.sealfs-g3/config.json").exists());
     expect_code(
         &s.run(&[
@@ -261,18 +243,7 @@ fn readers_keep_the_old_generation_and_new_opens_get_the_new() {
     let s = Site::resealable();
     let (old, new) = (s.key(), s.k2());
     let m = s.p("m");
-    expect_code(
-        &s.run(&[
-            "seal",
-            &s.p("src"),
-            &m,
-            "--key",
-            &old,
-            "--chunk-size",
-            "64KiB",
-        ]),
-        0,
-    );
+    s.seal_m(&old, &[]);
     let want = pattern(5 * C + 17, 1);
     let mnt = Mount::start(&m, &["--key", &old, "--key", &new, "--list-ttl", "1s"], &[]);
     let mut held = std::fs::File::open(mnt.path("a.bin")).unwrap();
@@ -503,22 +474,7 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
     let s = Site::resealable();
     let (old, new) = (s.key(), s.k2());
     let m = s.p("m");
-    let seal = |extra: &[&str]| {
-        let mut a = vec![
-            "seal",
-            "",
-            "",
-            "--key",
-            old.as_str(),
-            "--chunk-size",
-            "64KiB",
-        ];
-        let (src, dst) = (s.p("src"), m.clone());
-        a[1] = src.as_str();
-        a[2] = dst.as_str();
-        a.extend_from_slice(extra);
-        expect_code(&s.run(&a), 0);
-    };
+    let seal = |extra: &[&str]| s.seal_m(&old, extra);
     // The store's root is m (so that m/sub is a prefix of it, not a store of its own).
     s.write("m/.sealfs-store", b"");
     // v1 has old.bin; v2 (a republish) does not.

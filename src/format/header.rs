@@ -174,6 +174,11 @@ fn validate_context(ctx: &EncryptionContext, file_id: &[u8; 16]) -> Result<(), F
 }
 
 impl KeyObject {
+    /// The key ids of its slots (for audit lines).
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.key_id.as_str()).collect()
+    }
+
     /// Serializes the whole key object.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = self.authenticated.clone();

@@ -176,7 +176,7 @@ impl SealFs {
             target: "sealfs::audit",
             file = %self.store.describe(&o.file.key),
             file_id = %hex::encode(h.file_id),
-            keys = ?o.file.key_object.slots.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>(),
+            keys = ?o.file.key_object.key_ids(),
             reason = %crate::format::naming::printable(reason, 512),
             inodes = ?inodes,
             host = crate::telemetry::hostname(),
