@@ -35,7 +35,7 @@ for i in $(seq "$reps"); do
     $s seal "$tmp/src" "$store/$w$i" --key "file:$tmp/k1" --force >/dev/null 2>&1
   done
   sync
-  read -r t r < <(run $s reseal "$store/a$i" --key "file:$tmp/k1" --to-key "file:$tmp/k2")
+  read -r t r < <(run $s reseal "$store/a$i" --key "file:$tmp/k1" --to-key "file:$tmp/k2" --unverified-origin)
   reseal+=("$t"); reseal_rss+=("$r")
   sync
   read -r t1 r1 < <(run $s unseal "$store/b$i" "$shm/out" --key "file:$tmp/k1" --force)
