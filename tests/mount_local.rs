@@ -342,6 +342,7 @@ fn daemon_mode_parent_exits_0_once_live_and_errors_are_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("m");
     std::fs::create_dir(&mnt).unwrap();
+    let _unmount = UnmountOnDrop(mnt.clone());
     let log = std::fs::File::create(tmp.path().join("log")).unwrap();
     let st = std::process::Command::new(bin())
         .args([
@@ -473,6 +474,7 @@ fn daemon_writes_no_file() {
     let trace = tmp.path().join("trace");
     let mnt = tmp.path().join("m");
     std::fs::create_dir(&mnt).unwrap();
+    let _unmount = UnmountOnDrop(mnt.clone());
     let mut child = std::process::Command::new("strace")
         .args([
             "-f",

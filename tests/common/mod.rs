@@ -528,6 +528,22 @@ impl Drop for Mount {
     }
 }
 
+/// Unmounts `.0` (lazily) when dropped, if anything is mounted there: for tests that mount
+/// without [`Mount`] (daemon mode), so that a failed assertion leaves no mount behind.
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        if mountinfo(&self.0).is_some() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.0)
+                .status();
+        }
+    }
+}
+
 /// The `/proc/self/mountinfo` line of the mount at `dir`, if there is one.
 pub fn mountinfo(dir: &Path) -> Option<String> {
     let d = dir.display().to_string();
