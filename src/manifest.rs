@@ -545,13 +545,7 @@ pub fn model_of(
 
 /// `rel` of `key` under `root`.
 pub fn relative<'a>(key: &'a str, root: &str) -> &'a str {
-    if root.is_empty() {
-        key
-    } else {
-        key.strip_prefix(root)
-            .and_then(|r| r.strip_prefix('/'))
-            .unwrap_or(key)
-    }
+    naming::relative_to(key, root).unwrap_or(key)
 }
 
 #[cfg(test)]

@@ -81,7 +81,8 @@ pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
             rejected.push((o.key, why));
             continue;
         }
-        let data_key = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
+        let parsed = naming::parse_key_object_name(&o.key).map(|(d, log2)| (d.to_string(), log2));
+        let data_key = parsed.as_ref().map_or(o.key.as_str(), |(d, _)| d.as_str());
         let misplaced = data_key
             .split('/')
             .any(|s| s.starts_with(naming::GEN_PREFIX))
@@ -90,11 +91,8 @@ pub fn pair(objects: Vec<ObjectInfo>) -> Listing {
             rejected.push((o.key, naming::NameError::Reserved));
             continue;
         }
-        match naming::parse_key_object_name(&o.key) {
-            Some((d, log2)) => keys
-                .entry(d.to_string())
-                .or_default()
-                .push((o.clone(), log2)),
+        match parsed {
+            Some((d, log2)) => keys.entry(d).or_default().push((o, log2)),
             None => data.push(o),
         }
     }
@@ -146,14 +144,7 @@ fn served_generations(all: Vec<SealedEntry>) -> (Vec<SealedEntry>, Vec<SealedEnt
         if crate::manifest::manifest_root(logical).is_some() {
             return u32::MAX;
         }
-        let mut dir = logical;
-        while let Some((up, _)) = dir.rsplit_once('/') {
-            if let Some(g) = models.get(up) {
-                return *g;
-            }
-            dir = up;
-        }
-        models.get("").copied().unwrap_or(u32::MAX)
+        naming::innermost_root(logical, |d| models.contains_key(d)).map_or(u32::MAX, |r| models[r])
     };
     let mut by_file: BTreeMap<String, Vec<SealedEntry>> = BTreeMap::new();
     for e in all {
@@ -183,9 +174,8 @@ pub async fn find(store: &Store, prefix: &str) -> Result<Listing> {
 /// [`find`] within `limits` (the mount's `--max-objects`).
 pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> Result<Listing> {
     let all = store.list_bounded(prefix, limits).await?;
-    let inside = |k: &str| prefix.is_empty() || k.starts_with(&format!("{prefix}/"));
-    let exact =
-        |k: &str| k == prefix || naming::parse_key_object_name(k).is_some_and(|(d, _)| d == prefix);
+    let inside = |k: &str| naming::relative_to(k, prefix).is_some();
+    let exact = |k: &str| naming::data_key(k) == prefix;
     let (mut one, many): (Vec<_>, Vec<_>) = all.into_iter().partition(|o| exact(&o.key));
     let many: Vec<_> = many.into_iter().filter(|o| inside(&o.key)).collect();
     // One object (or nothing under the prefix as a directory): its later generations live
@@ -197,8 +187,7 @@ pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> R
             None => naming::GEN_PREFIX.to_string(),
         };
         for o in store.list_bounded(&gens, limits).await? {
-            let data = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
-            let (logical, g) = naming::split_generation(data);
+            let (logical, g) = naming::split_generation(naming::data_key(&o.key));
             if g > 0 && logical == prefix {
                 one.push(o);
             }
@@ -212,14 +201,11 @@ pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> R
     // which caps the generation served: with a later generation of a file in it, the
     // manifests of the directories above the prefix join the listing.
     if !prefix.is_empty() && has_uncapped_generation(&objects) {
-        let mut dir = prefix;
-        while !dir.is_empty() {
-            dir = dir.rsplit_once('/').map_or("", |(up, _)| up);
+        for dir in naming::dirs_above(prefix) {
             let manifest = crate::manifest::under(dir, crate::manifest::MANIFEST_NAME);
             let near = crate::manifest::under(dir, ".sealfs-");
             for o in store.list_bounded(&near, limits).await? {
-                let data = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
-                if naming::split_generation(data).0 == manifest {
+                if naming::split_generation(naming::data_key(&o.key)).0 == manifest {
                     objects.push(o);
                 }
             }
@@ -230,10 +216,7 @@ pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> R
 
 /// True if a file of generation ≥ 1 in `objects` has no manifest among them above it.
 fn has_uncapped_generation(objects: &[ObjectInfo]) -> bool {
-    let logical = |o: &ObjectInfo| {
-        let data = naming::parse_key_object_name(&o.key).map_or(o.key.as_str(), |(d, _)| d);
-        naming::split_generation(data)
-    };
+    let logical = |o: &ObjectInfo| naming::split_generation(naming::data_key(&o.key));
     let roots: std::collections::HashSet<String> = objects
         .iter()
         .filter_map(|o| Some(crate::manifest::manifest_root(&logical(o).0)?.to_string()))
@@ -243,14 +226,7 @@ fn has_uncapped_generation(objects: &[ObjectInfo]) -> bool {
         if g == 0 || crate::manifest::manifest_root(&key).is_some() {
             return false;
         }
-        let mut dir = key.as_str();
-        while let Some((up, _)) = dir.rsplit_once('/') {
-            if roots.contains(up) {
-                return false;
-            }
-            dir = up;
-        }
-        !roots.contains("")
+        naming::innermost_root(&key, |d| roots.contains(d)).is_none()
     })
 }
 

@@ -666,19 +666,21 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                 Some(s) => Some(signer(&s).await?),
                 None => None,
             };
-            let opts = SealOptions {
-                part_size,
-                jobs,
-                progress: std::io::stderr().is_terminal(),
-                ..SealOptions::default()
-            };
-            let checks = seal::reseal::Checks {
+            let job = seal::reseal::Job {
+                from: &from,
+                to: &to,
                 trusted: &trusted,
                 pin: model_digest.as_deref(),
                 unverified: unverified_origin,
+                signer: signer.as_ref(),
+                opts: SealOptions {
+                    part_size,
+                    jobs,
+                    progress: std::io::stderr().is_terminal(),
+                    ..SealOptions::default()
+                },
             };
-            for r in seal::reseal(&loc, &from, &to, &checks, signer.as_ref(), &opts, cancel).await?
-            {
+            for r in seal::reseal(&loc, &job, cancel).await? {
                 println!(
                     "resealed model {} generation {} -> {} ({} files, {} bytes) version {} digest sha256:{} {}",
                     loc.describe(&r.model),

@@ -64,6 +64,32 @@ pub fn key_object_name(data_key: &str, chunk_log2: u8) -> String {
     format!("{data_key}{KEY_SUFFIX}{chunk_log2}")
 }
 
+/// The data object `key` belongs to: itself, or for a key object, its data object.
+pub fn data_key(key: &str) -> &str {
+    parse_key_object_name(key).map_or(key, |(d, _)| d)
+}
+
+/// `key` relative to `prefix` (no trailing `/`; "" is the store root), if it lies under it.
+pub fn relative_to<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
+    if prefix.is_empty() {
+        return Some(key);
+    }
+    key.strip_prefix(prefix)?.strip_prefix('/')
+}
+
+/// The directories above `key`, innermost first, down to the store root "".
+pub fn dirs_above(key: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(key), |d| {
+        (!d.is_empty()).then(|| d.rsplit_once('/').map_or("", |(up, _)| up))
+    })
+    .skip(1)
+}
+
+/// The innermost directory above `key` for which `is_root` holds (a model root).
+pub fn innermost_root(key: &str, is_root: impl Fn(&str) -> bool) -> Option<&str> {
+    dirs_above(key).find(|d| is_root(d))
+}
+
 /// If `name` is a key object's name, its data object's name and chunk size exponent.
 pub fn parse_key_object_name(name: &str) -> Option<(&str, u8)> {
     let at = name.rfind(KEY_SUFFIX)?;
@@ -206,6 +232,23 @@ mod tests {
         assert!(is_reserved_name("a/.sealfs-g2/x"));
         assert!(is_reserved_name(".sealfs-gx"));
         assert!(!is_reserved_name("model.safetensors"));
+    }
+
+    #[test]
+    fn paths_above_and_below() {
+        assert_eq!(dirs_above("a/b/c").collect::<Vec<_>>(), ["a/b", "a", ""]);
+        assert_eq!(dirs_above("a").collect::<Vec<_>>(), [""]);
+        assert_eq!(dirs_above("").count(), 0);
+        assert_eq!(
+            innermost_root("m/sub/x", |d| d == "m" || d.is_empty()),
+            Some("m")
+        );
+        assert_eq!(innermost_root("x", |d| d == "m"), None);
+        assert_eq!(relative_to("m/a/b", "m"), Some("a/b"));
+        assert_eq!(relative_to("mx/a", "m"), None);
+        assert_eq!(relative_to("a", ""), Some("a"));
+        assert_eq!(data_key("a/b.sealfs-c20"), "a/b");
+        assert_eq!(data_key("a/b"), "a/b");
     }
 
     #[test]

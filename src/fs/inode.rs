@@ -107,19 +107,10 @@ impl Tree {
                 self.manifests.insert(root.to_string(), e);
                 continue;
             }
-            let rel = if prefix.is_empty() {
-                e.logical.as_str()
-            } else {
-                match e
-                    .logical
-                    .strip_prefix(prefix)
-                    .and_then(|r| r.strip_prefix('/'))
-                {
-                    Some(r) => r,
-                    None => continue,
-                }
-            }
-            .to_string();
+            let Some(rel) = crate::format::naming::relative_to(&e.logical, prefix) else {
+                continue;
+            };
+            let rel = rel.to_string();
             let why = if e.chunk_log2 > self.max_chunk_log2 {
                 Some(format!(
                     "chunk size 2^{} is above --max-chunk-size 2^{}",

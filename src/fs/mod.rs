@@ -1021,12 +1021,7 @@ impl SealFs {
                 .iter()
                 .filter_map(|f| {
                     let key = manifest::under(root, &f.path);
-                    let rel = if self.prefix.is_empty() {
-                        Some(key.as_str())
-                    } else {
-                        key.strip_prefix(&self.prefix)?.strip_prefix('/')
-                    }?;
-                    t.file_entry(rel)
+                    t.file_entry(crate::format::naming::relative_to(&key, &self.prefix)?)
                 })
                 // A slot of any version (a newer one an open just made) is left alone.
                 .filter(|e| !held.contains_key(&e.data.key))

@@ -187,13 +187,10 @@ pub async fn verify(
             }
         };
         // Only what this verify covers: a prefix inside a model checks its part.
-        for missing in missing_files(loc, model, &listed) {
-            let ModelError::File { file, .. } = &missing else {
-                continue;
-            };
+        for key in missing_files(loc, model, &listed) {
             out.push(VerifyReport {
-                file: loc.describe(file),
-                result: Err(missing.into()),
+                file: loc.describe(&key),
+                result: Err(missing(model, key).into()),
             });
         }
     }
@@ -306,17 +303,17 @@ pub async fn unseal(
     // missing is refused: an unseal is one version of each model, whole.
     let mut models = BTreeMap::new();
     let mut checked = Vec::with_capacity(list.len());
+    let none = TrustedSigners::default();
     for e in &list {
         let ko = read_key_object(&src.store, e).await?;
-        let none = TrustedSigners::default();
         let digests = model_digests(src, e, &ko, keyring, &none, &manifests, &mut models).await?;
         checked.push((ko, digests));
     }
     let listed: HashSet<&str> = list.iter().map(|e| e.logical.as_str()).collect();
     for m in models.values() {
         let m = m.as_ref().map_err(|e| Error::from(e.clone()))?;
-        if let Some(missing) = missing_files(src, m, &listed).into_iter().next() {
-            return Err(missing.into());
+        if let Some(key) = missing_files(src, m, &listed).into_iter().next() {
+            return Err(missing(m, key).into());
         }
     }
     let dir = Dest::open(&root)?;
@@ -336,26 +333,28 @@ pub async fn unseal(
     Ok(written)
 }
 
-/// The files `m` lists under `loc`'s prefix that the listing does not hold.
-fn missing_files(loc: &Location, m: &Model, listed: &HashSet<&str>) -> Vec<ModelError> {
+/// The keys of the files `m` lists under `loc`'s prefix that the listing does not hold.
+fn missing_files(loc: &Location, m: &Model, listed: &HashSet<&str>) -> Vec<String> {
     m.manifest
         .files
         .iter()
         .map(|f| manifest::under(&m.root, &f.path))
         .filter(|key| {
-            let covered = loc.prefix.is_empty()
-                || *key == loc.prefix
-                || key.starts_with(&format!("{}/", loc.prefix));
+            let covered = *key == loc.prefix || naming::relative_to(key, &loc.prefix).is_some();
             covered && !listed.contains(key.as_str())
         })
-        .map(|key| ModelError::File {
-            file: key,
-            reason: format!(
-                "listed in the manifest (model {:?} version {}) but missing",
-                m.root, m.manifest.version
-            ),
-        })
         .collect()
+}
+
+/// The refusal of model `m` whose listed file `key` is missing.
+fn missing(m: &Model, key: String) -> ModelError {
+    ModelError::File {
+        file: key,
+        reason: format!(
+            "listed in the manifest (model {:?} version {}) but missing",
+            m.root, m.manifest.version
+        ),
+    }
 }
 
 /// The manifest's chunk digests of file `e` (whose key object is `ko`) once it is checked

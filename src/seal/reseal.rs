@@ -39,10 +39,15 @@ pub struct Resealed {
     pub signer: Option<String>,
 }
 
-/// What the old generation must prove before it is carried forward. After a compromise,
-/// the old KEK proves nothing: its holder could have sealed other content in the model's
-/// place, and a reseal would carry it forward under the new key.
-pub struct Checks<'a> {
+/// A reseal: the keys from and to, what the old generation must prove before it is
+/// carried forward, and how the new one is written. After a compromise the old KEK proves
+/// nothing: its holder could have sealed other content in the model's place, and a reseal
+/// would carry it forward under the new key.
+pub struct Job<'a> {
+    /// Trusted, to unwrap the old DEKs.
+    pub from: &'a Keyring,
+    /// Exactly the keys of the new DEKs.
+    pub to: &'a Keyring,
     /// With any, the model must be signed by one of them (the publisher's key, not the KEK
     /// that may be compromised).
     pub trusted: &'a TrustedSigners,
@@ -50,24 +55,19 @@ pub struct Checks<'a> {
     pub pin: Option<&'a str>,
     /// Neither: the operator accepts whatever the old key opens (`--unverified-origin`).
     pub unverified: bool,
+    /// Signs the new manifest (required for a signed model).
+    pub signer: Option<&'a Signer>,
+    /// Part size, parallelism, progress.
+    pub opts: SealOptions,
 }
 
 /// Reseals every model that has a file at `loc` (a prefix, a model, or one object: the
-/// manifest is the unit of the switch, so a model is always resealed whole), from `from`
-/// (trusted, to unwrap) to exactly `to`.
-pub async fn reseal(
-    loc: &Location,
-    from: &Keyring,
-    to: &Keyring,
-    checks: &Checks<'_>,
-    signer: Option<&Signer>,
-    opts: &SealOptions,
-    cancel: &Cancel,
-) -> Result<Vec<Resealed>> {
-    if to.is_empty() {
+/// manifest is the unit of the switch, so a model is always resealed whole).
+pub async fn reseal(loc: &Location, job: &Job<'_>, cancel: &Cancel) -> Result<Vec<Resealed>> {
+    if job.to.is_empty() {
         return Err(Error::Usage("reseal needs at least one --to-key".into()));
     }
-    if checks.trusted.is_empty() && checks.pin.is_none() && !checks.unverified {
+    if job.trusted.is_empty() && job.pin.is_none() && !job.unverified {
         return Err(Error::Usage(
             "reseal needs --trust-signer or --model-digest to know the model it carries \
              forward is the publisher's (a holder of the old key could have replaced it), or \
@@ -101,25 +101,27 @@ pub async fn reseal(
     }
     let mut out = Vec::new();
     for root in roots {
-        out.push(reseal_model(&loc.store, &root, from, to, checks, signer, opts, cancel).await?);
+        out.push(reseal_model(&loc.store, &root, job, cancel).await?);
     }
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn reseal_model(
     store: &Store,
     root: &str,
-    from: &Keyring,
-    to: &Keyring,
-    checks: &Checks<'_>,
-    signer: Option<&Signer>,
-    opts: &SealOptions,
+    job: &Job<'_>,
     cancel: &Cancel,
 ) -> Result<Resealed> {
+    let Job {
+        from,
+        to,
+        signer,
+        ref opts,
+        ..
+    } = *job;
     let listed = manifest::find_manifest(store, root).await?;
-    let model = manifest::load(store, listed.as_ref(), root, from, checks.trusted).await?;
-    if let Some(pin) = checks.pin {
+    let model = manifest::load(store, listed.as_ref(), root, from, job.trusted).await?;
+    if let Some(pin) = job.pin {
         if pin != model.digest {
             return Err(ModelError::NotPinned {
                 model: root.to_string(),
@@ -261,31 +263,21 @@ pub async fn gc(
         .iter()
         .filter_map(|e| Some((manifest::manifest_root(&e.logical)?.to_string(), e.clone())))
         .collect();
-    let mut dir = loc.prefix.as_str();
-    loop {
+    let prefix = loc.prefix.as_str();
+    for dir in std::iter::once(prefix).chain(naming::dirs_above(prefix)) {
         if !roots.contains_key(dir) {
             if let Some(m) = manifest::find_manifest(store, dir).await? {
                 roots.insert(dir.to_string(), m);
             }
         }
-        if dir.is_empty() {
-            break;
-        }
-        dir = dir.rsplit_once('/').map_or("", |(up, _)| up);
     }
     // Each object belongs to the innermost model above it.
     let owner = |logical: &str| -> Option<String> {
-        if let Some(root) = manifest::manifest_root(logical) {
-            return roots.contains_key(root).then(|| root.to_string());
-        }
-        let mut dir = logical;
-        while let Some((up, _)) = dir.rsplit_once('/') {
-            if roots.contains_key(up) {
-                return Some(up.to_string());
-            }
-            dir = up;
-        }
-        roots.contains_key("").then(String::new)
+        let root = match manifest::manifest_root(logical) {
+            Some(root) => roots.contains_key(root).then_some(root),
+            None => naming::innermost_root(logical, |d| roots.contains_key(d)),
+        };
+        root.map(str::to_string)
     };
     let now = std::time::SystemTime::now();
     let none = TrustedSigners::default();
