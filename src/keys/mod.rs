@@ -15,6 +15,7 @@ pub mod transit;
 use std::collections::BTreeMap;
 
 use crate::crypto::{Dek, FileKeys, LockError};
+use crate::format::naming::printable;
 use crate::format::{EncryptionContext, KeyObject, KeySlot, SlotKind};
 
 /// Errors from KEKs. Each names the key it concerns; none carries key material.
@@ -169,13 +170,27 @@ impl std::str::FromStr for KeySpec {
             }
             Some(("transit", t)) => match transit::parse_spec(t) {
                 Some((mount, name)) => Ok(KeySpec::Transit { mount, name }),
-                None => Err(KeyError::BadUri(s.to_string())),
+                None => Err(KeyError::BadUri(shown_uri(s))),
             },
-            _ => Err(KeyError::BadUri(
-                // A mistyped pkcs11 URI may hold a PIN: never echo a query.
-                s.split('?').next().unwrap_or("").to_string(),
-            )),
+            _ => Err(KeyError::BadUri(shown_uri(s))),
         }
+    }
+}
+
+/// A key or signer URI that is not one sealfs knows, as an error line shows it: one with
+/// attributes (`name=value`, a mistyped `pkcs11:` URI that may hold a PIN in any part) with
+/// their names only; anything else (a key id, a path) without its query; escaped, bounded.
+pub(crate) fn shown_uri(s: &str) -> String {
+    if !s.contains('=') {
+        return printable(s.split('?').next().unwrap_or(""), 256);
+    }
+    match s.split_once(':') {
+        Some((scheme, rest)) => format!(
+            "{}:{}",
+            printable(scheme, 32),
+            pkcs11::attribute_names(rest)
+        ),
+        None => pkcs11::attribute_names(s),
     }
 }
 
@@ -480,6 +495,34 @@ impl Keyring {
 mod tests {
     use super::*;
     use crate::format::header::{CTX_FILE_ID, CTX_PATH, CTX_VERSION};
+
+    #[test]
+    fn a_mistyped_uri_never_echoes_an_attribute_value() {
+        let key_err = |s: &str| match s.parse::<KeySpec>() {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{s} accepted"),
+        };
+        let signer_err = |s: &str| match s.parse::<crate::sign::SignerSpec>() {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{s} accepted"),
+        };
+        for bad in [
+            "PKCS11:token=t;pin-value=9876",
+            "pkcs11;token=t;pin-value=9876",
+            "pksc11:token=t?pin-value=9876",
+            "hsm:object=k;pin=9876",
+        ] {
+            let e = key_err(bad);
+            assert!(!e.contains("9876"), "{bad}: {e}");
+            assert!(e.contains("pin"), "the names stay, to fix the typo: {e}");
+            let e = signer_err(bad);
+            assert!(!e.contains("9876"), "{bad}: {e}");
+        }
+        let e = key_err("kms2:alias/x?a");
+        assert!(e.contains("kms2:alias/x") && !e.contains('?'), "{e}");
+        let e = key_err("fiel:/k\n");
+        assert!(!e.contains('\n'), "no control character: {e:?}");
+    }
     use crate::format::Header;
     use std::sync::atomic::Ordering;
 

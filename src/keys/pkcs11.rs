@@ -84,6 +84,11 @@ fn redacted(uri: &str) -> String {
     let Some(rest) = uri.strip_prefix("pkcs11:") else {
         return "(not a pkcs11: URI)".into();
     };
+    format!("pkcs11:{}", attribute_names(rest))
+}
+
+/// `path?query` of a URI with its attribute values replaced by `…` (names kept, escaped).
+pub(crate) fn attribute_names(rest: &str) -> String {
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let names = |part: &str, sep: char| {
         part.split(sep)
@@ -94,7 +99,7 @@ fn redacted(uri: &str) -> String {
             })
             .collect::<Vec<_>>()
     };
-    let mut out = format!("pkcs11:{}", names(path, ';').join(";"));
+    let mut out = names(path, ';').join(";");
     if !query.is_empty() {
         out += &format!("?{}", names(query, '&').join("&"));
     }

@@ -76,10 +76,8 @@ impl std::str::FromStr for SignerSpec {
             Some(("file", p)) if !p.is_empty() => Ok(SignerSpec::File(p.into())),
             Some(("kms", id)) if !id.is_empty() => Ok(SignerSpec::Kms(id.to_string())),
             Some(("pkcs11", _)) => Ok(SignerSpec::Pkcs11(Box::new(s.parse()?))),
-            // Never echo a query: a mistyped pkcs11 URI may hold a PIN.
-            _ => Err(SignError::BadSpec(
-                s.split('?').next().unwrap_or("").to_string(),
-            )),
+            // Never echo an attribute value: a mistyped pkcs11 URI may hold a PIN.
+            _ => Err(SignError::BadSpec(crate::keys::shown_uri(s))),
         }
     }
 }
