@@ -263,6 +263,15 @@ pub fn keygen(t: Threshold, dir: &Path) -> Result<Ceremony, KeyError> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| derr(format!("cannot create the share directory: {e}")))?;
+    // The key and its shares first: a failure there (locked memory refused) leaves no
+    // empty share file behind to block the next run.
+    let mut key: WholeKey = Locked::new([0u8; DEK_LEN])?;
+    random_bytes(&mut key[..]);
+    let mut ceremony = [0u8; CEREMONY_LEN];
+    random_bytes(&mut ceremony);
+    let check = key_check(&key);
+    let ys = split(&key, t)?;
+    drop(key);
     let mut files: Vec<(PathBuf, std::fs::File)> = Vec::with_capacity(usize::from(t.n));
     let remove_all = |files: &[(PathBuf, std::fs::File)]| {
         for (p, _) in files {
@@ -293,13 +302,6 @@ pub fn keygen(t: Threshold, dir: &Path) -> Result<Ceremony, KeyError> {
             }
         }
     }
-    let mut key: WholeKey = Locked::new([0u8; DEK_LEN])?;
-    random_bytes(&mut key[..]);
-    let mut ceremony = [0u8; CEREMONY_LEN];
-    random_bytes(&mut ceremony);
-    let check = key_check(&key);
-    let ys = split(&key, t)?;
-    drop(key);
     for (i, (p, f)) in files.iter_mut().enumerate() {
         let text = share_text(&ceremony, i as u8 + 1, t, &check, &ys[i]);
         if let Err(e) = f.write_all(text.as_bytes()).and_then(|_| f.sync_all()) {
