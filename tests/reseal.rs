@@ -197,6 +197,11 @@ fn reseal_gives_every_file_a_new_dek_and_the_old_key_opens_nothing() {
     assert!(left.iter().all(|k| k.contains(".sealfs-g1/")), "{left:?}");
     let (c, t) = code(&s.run(&["verify", &m, "--key", &new, "--trust-signer", &trust]));
     assert_eq!(c, 0, "{t}");
+    assert_eq!(
+        t.matches("ok    ").count(),
+        4,
+        "the model is all there: {t}"
+    );
 
     // Back again (a second rotation), and a republish over a resealed model is a new
     // generation too, switched to by its manifest.
@@ -395,11 +400,14 @@ fn an_interrupted_or_failed_reseal_on_s3_leaves_the_old_generation_served() {
         .env_clear()
         .envs(env.iter().cloned())
         .env("PATH", std::env::var("PATH").unwrap());
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Output to files and the child in a Proc: a failed assertion below kills it.
+    let (out, err) = (dir.path().join("reseal.out"), dir.path().join("reseal.err"));
+    let mut child = Proc(
+        cmd.stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let start = Instant::now();
     while stack.count("s3:UploadPart") == 0 {
         assert!(
@@ -408,8 +416,12 @@ fn an_interrupted_or_failed_reseal_on_s3_leaves_the_old_generation_served() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let (c, t) = code(&child.wait_with_output().unwrap());
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    let (c, t) = code(&std::process::Output {
+        status: child.0.wait().unwrap(),
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
+    });
     assert_eq!(c, 130, "{t}");
     let keys = rt.block_on(stack.keys_in("models"));
     assert!(
@@ -607,9 +619,13 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
     );
     let id = std::fs::read_to_string(s.path("k2.id")).unwrap();
     let v = s.inspect(&m);
+    assert_eq!(v["files"].as_array().unwrap().len(), 3, "{v}");
     for f in v["files"].as_array().unwrap() {
         let slots = f["wrapped_keys"].as_array().unwrap();
-        assert!(slots.iter().all(|k| k["key_id"] == id.as_str()), "{f}");
+        assert!(
+            !slots.is_empty() && slots.iter().all(|k| k["key_id"] == id.as_str()),
+            "{f}"
+        );
     }
     assert!(
         v["superseded_generations"].as_array().unwrap().is_empty(),
