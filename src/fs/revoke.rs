@@ -77,7 +77,7 @@ impl SealFs {
                     match self.keyring.recheck(&o.file.key_object).await {
                         Ok(()) => *lock(&o.validated) = Instant::now(),
                         // Every trusted key refused, or none opens this DEK any more.
-                        Err(e) if e.is_refusal() || e.is_integrity() => {
+                        Err(e) if e.revokes() => {
                             if self.revoke_one(&o, &e.to_string()).await {
                                 revoked.fetch_add(1, Ordering::Relaxed);
                             }

@@ -131,6 +131,12 @@ impl KeyError {
         )
     }
 
+    /// True when a revalidation of a held DEK must revoke it: the provider refused, or the
+    /// stored wrapped key no longer authenticates (not an outage: that is bounded apart).
+    pub fn revokes(&self) -> bool {
+        self.is_refusal() || self.is_integrity()
+    }
+
     /// True when bytes failed authentication: EIO, exit 3.
     pub fn is_integrity(&self) -> bool {
         matches!(
@@ -432,7 +438,7 @@ impl Keyring {
             // The DEK and keys it yields are dropped (zeroized) at once.
             match open_slot(kek, slot, ko).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.is_refusal() || e.is_integrity() => refused = Some(e),
+                Err(e) if e.revokes() => refused = Some(e),
                 Err(e) => outage = Some(e),
             }
         }

@@ -582,6 +582,19 @@ impl Token {
     }
 }
 
+/// [`find_one`], where none is the error `missing` (as the token would answer it).
+fn find_required(
+    s: &Session,
+    uri: &Pkcs11Uri,
+    class: ObjectClass,
+    missing: RvError,
+) -> Result<ObjectHandle, CkError> {
+    find_one(s, uri, class)?.ok_or(CkError::Pkcs11(
+        missing,
+        cryptoki::context::Function::FindObjects,
+    ))
+}
+
 /// Finds exactly one object of `class` matching the URI (none: `None`).
 fn find_one(
     s: &Session,
@@ -773,10 +786,8 @@ impl Pkcs11Key {
         bounded(Some(&self.token), &self.id, "wrap", move || {
             let out = token.with(|s| match kind {
                 Kind::Aes => {
-                    let h = find_one(s, &uri, ObjectClass::SECRET_KEY)?.ok_or(CkError::Pkcs11(
-                        RvError::KeyHandleInvalid,
-                        cryptoki::context::Function::FindObjects,
-                    ))?;
+                    let h =
+                        find_required(s, &uri, ObjectClass::SECRET_KEY, RvError::KeyHandleInvalid)?;
                     let mut iv = [0u8; 12];
                     random_bytes(&mut iv);
                     let params = GcmParams::new(&mut iv, &aad, 128.into())?;
@@ -784,10 +795,8 @@ impl Pkcs11Key {
                     Ok([&[TAG_GCM][..], &iv, &ct].concat())
                 }
                 Kind::Rsa => {
-                    let h = find_one(s, &uri, ObjectClass::PUBLIC_KEY)?.ok_or(CkError::Pkcs11(
-                        RvError::KeyHandleInvalid,
-                        cryptoki::context::Function::FindObjects,
-                    ))?;
+                    let h =
+                        find_required(s, &uri, ObjectClass::PUBLIC_KEY, RvError::KeyHandleInvalid)?;
                     let label = crate::crypto::sha256(&aad);
                     match s.encrypt(
                         &Mechanism::RsaPkcsOaep(oaep(TAG_OAEP, &label)),
@@ -841,22 +850,24 @@ impl Pkcs11Key {
             token.with(|s| {
                 let plain = match kind {
                     Kind::Aes => {
-                        let h =
-                            find_one(s, &uri, ObjectClass::SECRET_KEY)?.ok_or(CkError::Pkcs11(
-                                RvError::KeyHandleInvalid,
-                                cryptoki::context::Function::FindObjects,
-                            ))?;
+                        let h = find_required(
+                            s,
+                            &uri,
+                            ObjectClass::SECRET_KEY,
+                            RvError::KeyHandleInvalid,
+                        )?;
                         let mut iv = [0u8; 12];
                         iv.copy_from_slice(&wrapped[1..13]);
                         let params = GcmParams::new(&mut iv, &aad, 128.into())?;
                         s.decrypt(&Mechanism::AesGcm(params), h, &wrapped[13..])?
                     }
                     Kind::Rsa => {
-                        let h =
-                            find_one(s, &uri, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
-                                RvError::UserNotLoggedIn,
-                                cryptoki::context::Function::FindObjects,
-                            ))?;
+                        let h = find_required(
+                            s,
+                            &uri,
+                            ObjectClass::PRIVATE_KEY,
+                            RvError::UserNotLoggedIn,
+                        )?;
                         let label = crate::crypto::sha256(&aad);
                         s.decrypt(
                             &Mechanism::RsaPkcsOaep(oaep(wrapped[0], &label)),
@@ -964,10 +975,7 @@ impl Pkcs11Signer {
                 random_bytes(&mut challenge);
                 let digest = crate::crypto::sha256(&challenge);
                 let rs = token.with(|s| {
-                    let h = find_one(s, &u, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
-                        RvError::UserNotLoggedIn,
-                        cryptoki::context::Function::FindObjects,
-                    ))?;
+                    let h = find_required(s, &u, ObjectClass::PRIVATE_KEY, RvError::UserNotLoggedIn)?;
                     s.sign(&Mechanism::Ecdsa, h, &digest)
                 })?;
                 let ok = aws_lc_rs::signature::UnparsedPublicKey::new(
@@ -999,10 +1007,7 @@ impl Pkcs11Signer {
         let (token, uri) = (self.token.clone(), self.uri.clone());
         bounded(Some(&self.token), &self.id, "sign", move || {
             token.with(|s| {
-                let h = find_one(s, &uri, ObjectClass::PRIVATE_KEY)?.ok_or(CkError::Pkcs11(
-                    RvError::UserNotLoggedIn,
-                    cryptoki::context::Function::FindObjects,
-                ))?;
+                let h = find_required(s, &uri, ObjectClass::PRIVATE_KEY, RvError::UserNotLoggedIn)?;
                 s.sign(&Mechanism::Ecdsa, h, &digest)
             })
         })
