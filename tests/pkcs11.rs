@@ -395,7 +395,7 @@ fn another_key_a_flipped_slot_and_a_slot_moved_between_files_are_refused() {
     let refused = |bytes: &[u8], out: &str| {
         std::fs::write(key_object(&sealed, "a.bin"), bytes).unwrap();
         let dest = h.p(&format!("{out}/a.bin"));
-        let said = h.expect(&["unseal", &h.p("sealed/a.bin"), &dest, "--key", &k], 3);
+        let said = h.unseal("sealed/a.bin", &format!("{out}/a.bin"), &k, 3);
         assert!(said.contains("did not authenticate"), "{said}");
         assert!(!Path::new(&dest).exists(), "{dest}");
     };
@@ -468,32 +468,22 @@ fn a_destroyed_key_or_a_missing_token_is_refused_in_bounded_time() {
 #[test]
 fn unsafe_or_incomplete_pkcs11_uris_are_refused() {
     let h = Hsm::new();
-    let src = h.p("src");
-    let dst = h.p("sealed");
     let secret = "pin-value=SECRET1234";
     let with_pin = format!("pkcs11:token={TOKEN};object=kek1?module-path={MODULE}&{secret}");
-    let out = h.expect(&["seal", &src, &dst, "--key", &with_pin], 2);
+    let out = h.seal("src", "sealed", &with_pin, 2);
     assert!(out.contains("pin-value is refused"), "{out}");
     assert!(!out.contains("SECRET1234"), "{out}");
-    let out = h.expect(
-        &[
-            "seal",
-            &src,
-            &dst,
-            "--key",
-            &format!("pkcs11:token={TOKEN};object=kek1"),
-        ],
+    let out = h.seal(
+        "src",
+        "sealed",
+        &format!("pkcs11:token={TOKEN};object=kek1"),
         2,
     );
     assert!(out.contains("module-path"), "{out}");
-    let out = h.expect(
-        &[
-            "seal",
-            &src,
-            &dst,
-            "--key",
-            &format!("pkcs11:object=kek1?module-path={MODULE}"),
-        ],
+    let out = h.seal(
+        "src",
+        "sealed",
+        &format!("pkcs11:object=kek1?module-path={MODULE}"),
         2,
     );
     assert!(out.contains("name the token"), "{out}");
@@ -506,7 +496,7 @@ fn unsafe_or_incomplete_pkcs11_uris_are_refused() {
         "pkcs11:token={TOKEN};object=kek1?module-path={}",
         copy.display()
     );
-    let out = h.expect(&["seal", &src, &dst, "--key", &uri], 4);
+    let out = h.seal("src", "sealed", &uri, 4);
     assert!(out.contains("writable by group or others"), "{out}");
     // A PIN file others can read is refused like a key file.
     h.write("loose-pin", h.pin.as_bytes());
@@ -515,7 +505,7 @@ fn unsafe_or_incomplete_pkcs11_uris_are_refused() {
         "pkcs11:token={TOKEN};object=kek1?module-path={MODULE}&pin-source=file:{}",
         h.p("loose-pin")
     );
-    let out = h.expect(&["seal", &src, &dst, "--key", &uri], 4);
+    let out = h.seal("src", "sealed", &uri, 4);
     assert!(out.contains("PIN file"), "{out}");
     assert!(!h.path("sealed").exists(), "nothing sealed");
 }
