@@ -33,16 +33,25 @@ impl Histogram {
         self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
-    /// `(le, cumulative count)` per bucket ending with `+Inf`, then the sum in seconds.
-    pub fn snapshot(&self) -> (Vec<(String, u64)>, f64) {
-        let mut acc = 0;
-        let mut out = Vec::with_capacity(BUCKETS.len() + 1);
-        for (i, c) in self.counts.iter().enumerate() {
-            acc += c.load(Relaxed);
-            let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
-            out.push((le, acc));
+    /// Per bucket `(upper bound, count)` (not cumulative: the exposition accumulates),
+    /// ending with `+Inf`; the total count and the sum in seconds.
+    pub fn buckets(&self) -> Buckets {
+        let counts: Vec<(f64, u64)> = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
+                    c.load(Relaxed),
+                )
+            })
+            .collect();
+        Buckets {
+            count: counts.iter().map(|c| c.1).sum(),
+            counts,
+            sum: self.sum_micros.load(Relaxed) as f64 / 1e6,
         }
-        (out, self.sum_micros.load(Relaxed) as f64 / 1e6)
     }
 }
 
@@ -130,27 +139,6 @@ pub struct Buckets {
     pub count: u64,
 }
 
-impl Histogram {
-    pub fn buckets(&self) -> Buckets {
-        let counts: Vec<(f64, u64)> = self
-            .counts
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                (
-                    BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
-                    c.load(Relaxed),
-                )
-            })
-            .collect();
-        Buckets {
-            count: counts.iter().map(|c| c.1).sum(),
-            counts,
-            sum: self.sum_micros.load(Relaxed) as f64 / 1e6,
-        }
-    }
-}
-
 pub fn snapshot() -> Vec<Row> {
     let t = CALLS.lock().unwrap_or_else(|p| p.into_inner());
     t.iter()
@@ -163,16 +151,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn histogram_buckets_hold_each_observation_once() {
         let h = Histogram::default();
         h.observe(Duration::from_micros(500)); // ≤ 0.001
         h.observe(Duration::from_millis(30)); // ≤ 0.05
         h.observe(Duration::from_secs(20)); // +Inf
-        let (b, sum) = h.snapshot();
-        assert_eq!(b[0], ("0.001".to_string(), 1));
-        assert_eq!(b[5], ("0.05".to_string(), 2));
-        assert_eq!(b[BUCKETS.len() - 1].1, 2);
-        assert_eq!(b[BUCKETS.len()], ("+Inf".to_string(), 3));
-        assert!((sum - 20.0305).abs() < 1e-9, "{sum}");
+        let b = h.buckets();
+        assert_eq!(b.counts[0], (0.001, 1));
+        assert_eq!(b.counts[5], (0.05, 1));
+        assert_eq!(b.counts[BUCKETS.len() - 1].1, 0);
+        assert_eq!(b.counts[BUCKETS.len()], (f64::INFINITY, 1));
+        assert_eq!(b.counts.len(), BUCKETS.len() + 1);
+        assert_eq!(b.count, 3);
+        assert!((b.sum - 20.0305).abs() < 1e-9, "{}", b.sum);
     }
 }

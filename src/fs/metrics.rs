@@ -60,41 +60,39 @@ fn histograms<S: EncodeLabelSet>(
     Ok(())
 }
 
+/// One row per FUSE operation, labelled `op`, with `f` of its stats.
+fn per_op<T>(s: &super::Stats, f: impl Fn(&super::OpStats) -> T) -> Vec<([(&str, &str); 1], T)> {
+    Op::ALL
+        .iter()
+        .map(|op| ([("op", op.name())], f(&s.ops[*op as usize])))
+        .collect()
+}
+
 impl Collector for Mount {
     fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
         let fs = &self.0;
         let s = &fs.stats;
         let c = fs.cache.stats();
-        let per_op = |f: fn(&super::OpStats) -> u64| -> Vec<([(&str, &str); 1], u64)> {
-            Op::ALL
-                .iter()
-                .map(|op| ([("op", op.name())], f(&s.ops[*op as usize])))
-                .collect()
-        };
         use MetricType::{Counter, Gauge};
         family(
             &mut enc,
             "sealfs_fuse_ops",
             "FUSE operations handled.",
             Counter,
-            &per_op(|o| o.calls.load(Relaxed)),
+            &per_op(s, |o| o.calls.load(Relaxed)),
         )?;
         family(
             &mut enc,
             "sealfs_fuse_op_errors",
             "FUSE operations answered with an error.",
             Counter,
-            &per_op(|o| o.errors.load(Relaxed)),
+            &per_op(s, |o| o.errors.load(Relaxed)),
         )?;
-        let latency: Vec<_> = Op::ALL
-            .iter()
-            .map(|op| ([("op", op.name())], s.ops[*op as usize].latency.buckets()))
-            .collect();
         histograms(
             &mut enc,
             "sealfs_fuse_op_seconds",
             "FUSE operation latency.",
-            &latency,
+            &per_op(s, |o| o.latency.buckets()),
         )?;
         let single: [(&str, MetricType, &str, u64); 13] = [
             (
@@ -206,8 +204,8 @@ impl Collector for Mount {
             &requests,
         )?;
         let latency: Vec<_> = rows
-            .iter()
-            .map(|((service, op), _, b)| ([("service", *service), ("op", *op)], b.clone()))
+            .into_iter()
+            .map(|((service, op), _, b)| ([("service", service), ("op", op)], b))
             .collect();
         histograms(
             &mut enc,

@@ -271,7 +271,7 @@ pub struct SealFs {
     /// Models whose files' DEKs were unwrapped ahead (`--unwrap-ahead`): once per mount.
     unwrapped_ahead: Mutex<std::collections::HashSet<String>>,
     /// `sealfs revoke` calls so far (an unwrap ahead that a revoke overtook drops its DEK).
-    pub(crate) revocations: std::sync::atomic::AtomicU64,
+    pub(crate) revoke_requests: AtomicU64,
     /// Handles that read within the last seconds (counted by `sweep`, raised at once by a
     /// reader that starts): they share the read-ahead budget.
     pub(crate) active_readers: AtomicUsize,
@@ -357,7 +357,7 @@ impl SealFs {
             models: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
             unwrapped_ahead: Mutex::new(Default::default()),
-            revocations: Default::default(),
+            revoke_requests: Default::default(),
             active_readers: AtomicUsize::new(0),
             invalidate: std::sync::OnceLock::new(),
         }))
@@ -1029,10 +1029,10 @@ impl SealFs {
                 .collect()
         };
         let n = entries.len();
-        let epoch = self.revocations.load(Ordering::SeqCst);
+        let epoch = self.revoke_requests.load(Ordering::SeqCst);
         futures::stream::iter(entries)
             .for_each_concurrent(4, |mut e| async move {
-                if self.revocations.load(Ordering::SeqCst) != epoch
+                if self.revoke_requests.load(Ordering::SeqCst) != epoch
                     || lock(&self.files).contains_key(&e.data.key)
                 {
                     return;
@@ -1054,7 +1054,7 @@ impl SealFs {
                         slot.ahead.store(true, Ordering::SeqCst);
                         self.close_slot(&slot);
                         // A revoke that ran meanwhile saw no such DEK: drop it as it would.
-                        if self.revocations.load(Ordering::SeqCst) != epoch {
+                        if self.revoke_requests.load(Ordering::SeqCst) != epoch {
                             self.revoke_one(&opened, "revoked while unwrapped ahead")
                                 .await;
                         }

@@ -111,7 +111,7 @@ impl SealFs {
     pub async fn revoke(&self, scope: &Scope, reason: &str) -> usize {
         // Unwraps ahead that finish after this revoke drop what they unwrapped (see
         // `SealFs::unwrap_ahead`): the panic button is not undone by a background task.
-        self.revocations.fetch_add(1, Ordering::SeqCst);
+        self.revoke_requests.fetch_add(1, Ordering::SeqCst);
         let mut n = 0;
         for o in self.held() {
             let hit = match scope {
