@@ -44,8 +44,12 @@ pub fn scrub_env() {
         if let Some(t) = std::env::var_os(v) {
             wipe_env_value(v);
             std::env::remove_var(v);
-            if let Ok(t) = t.into_string() {
-                kept.push((v, zeroize::Zeroizing::new(t)));
+            match t.into_string() {
+                Ok(t) => kept.push((v, zeroize::Zeroizing::new(t))),
+                // Not UTF-8: not a token any provider takes, but wiped like one.
+                Err(t) => {
+                    zeroize::Zeroize::zeroize(&mut std::os::unix::ffi::OsStringExt::into_vec(t))
+                }
             }
         }
     }

@@ -4,7 +4,8 @@
 //! splits it with Shamir's scheme over GF(2^8) (one polynomial of degree K−1 per key byte,
 //! share `i` is the values at `x = i`), writes the N share files and drops the key: the
 //! whole key is never written anywhere. At use time any K shares (or more, up to N) are
-//! combined, again in locked memory, checked against the key check value, and the result
+//! combined (through the crate's buffers, zeroized at once) into locked memory, checked
+//! against the key check value, and the result
 //! wraps DEKs exactly as a key file does (`file.rs`), under its own HKDF label.
 //!
 //! The arithmetic is the `vsss-rs` crate's (6.x, `Gf256`): constant-time field operations

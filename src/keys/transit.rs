@@ -168,7 +168,7 @@ fn read_file(
     max: usize,
     private: bool,
 ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-    crate::localfile::read_bounded(path, max, what, private)
+    crate::localfile::read_bounded(path, max, &format!("a {what}"), private)
         .map_err(|reason| config_err(format!("{what} {}: {reason}", path.display())))
 }
 

@@ -5,8 +5,9 @@
 //! (an AWS KMS `ECC_NIST_P256` key: `Sign`, `GetPublicKey`); `--trust-signer file:PATH.pub`
 //! (a PEM SubjectPublicKeyInfo) or `--trust-signer kms:KEY` (its public key, fetched once and
 //! checked offline); `pkcs11:…` (an EC P-256 key pair in a token, RFC 7512 URI as for
-//! `--key`): the private key signs inside the token, the public key object is read without
-//! a login. A signer is named by the SHA-256 of its SubjectPublicKeyInfo DER, so a
+//! `--key`): the private key signs inside the token, and the public key object is trusted
+//! only once a signature over a fresh challenge verifies under it (so either use logs in:
+//! `pin-source`). A signer is named by the SHA-256 of its SubjectPublicKeyInfo DER, so a
 //! file key and the same key held in KMS are the same signer.
 //!
 //! The signature is ECDSA P-256 with SHA-256 (ASN.1 DER) over [`signed_message`]: a domain
