@@ -595,6 +595,16 @@ fn find_required(
     ))
 }
 
+/// True if `wrapped` has the shape of a slot of a `kind` key: its mechanism tag, and the
+/// AES-GCM length, or an RSA ciphertext of a 1024..=8192-bit modulus.
+fn shape_ok(kind: Kind, wrapped: &[u8]) -> bool {
+    match (kind, wrapped.first()) {
+        (Kind::Aes, Some(&TAG_GCM)) => wrapped.len() == GCM_WRAPPED,
+        (Kind::Rsa, Some(&(TAG_OAEP | TAG_OAEP_SHA1))) => (129..=1025).contains(&wrapped.len()),
+        _ => false,
+    }
+}
+
 /// Finds exactly one object of `class` matching the URI (none: `None`).
 fn find_one(
     s: &Session,
@@ -820,9 +830,11 @@ impl Pkcs11Key {
                 }
             });
             let out = out?;
-            if kind == Kind::Aes && out.len() != GCM_WRAPPED {
+            // What the token returned is checked as a stored slot will be at unwrap: a
+            // slot that could never open is not written.
+            if !shape_ok(kind, &out) {
                 return Err(Fail::Unavailable(format!(
-                    "token returned {} bytes for AES-GCM",
+                    "token returned {} bytes: not a wrapped key of this key's kind",
                     out.len()
                 )));
             }
@@ -834,13 +846,7 @@ impl Pkcs11Key {
     /// Decrypts a wrapped DEK inside the token; the DEK goes straight into locked memory.
     pub async fn unwrap(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Result<Dek, KeyError> {
         let fail = || KeyError::UnwrapFailed(self.id.clone());
-        let ok_shape = match (self.kind, wrapped.first()) {
-            (Kind::Aes, Some(&TAG_GCM)) => wrapped.len() == GCM_WRAPPED,
-            // 1024..=8192-bit moduli.
-            (Kind::Rsa, Some(&(TAG_OAEP | TAG_OAEP_SHA1))) => (129..=1025).contains(&wrapped.len()),
-            _ => false,
-        };
-        if !ok_shape {
+        if !shape_ok(self.kind, wrapped) {
             return Err(fail());
         }
         let (token, uri, kind) = (self.token.clone(), self.uri.clone(), self.kind);
