@@ -134,7 +134,24 @@ impl Hsm {
     /// `sealfs seal SRC DEST --key KEY` (paths under the fixture), expecting `code`.
     #[track_caller]
     fn seal(&self, src: &str, dest: &str, key: &str, code: i32) -> String {
-        self.expect(&["seal", &self.p(src), &self.p(dest), "--key", key], code)
+        self.seal_with(src, dest, key, &[], code)
+    }
+    /// [`Hsm::seal`] with `extra` flags (`--sign …`).
+    #[track_caller]
+    fn seal_with(&self, src: &str, dest: &str, key: &str, extra: &[&str], code: i32) -> String {
+        let (src, dest) = (self.p(src), self.p(dest));
+        let mut args = vec!["seal", &src, &dest, "--key", key];
+        args.extend_from_slice(extra);
+        self.expect(&args, code)
+    }
+    /// `sealfs verify DIR --key KEY` (DIR under the fixture) with `extra` flags, expecting
+    /// `code`.
+    #[track_caller]
+    fn verify(&self, dir: &str, key: &str, extra: &[&str], code: i32) -> String {
+        let dir = self.p(dir);
+        let mut args = vec!["verify", &dir, "--key", key];
+        args.extend_from_slice(extra);
+        self.expect(&args, code)
     }
     /// `sealfs unseal SRC DEST --key KEY` (paths under the fixture), expecting `code`.
     #[track_caller]
@@ -192,7 +209,7 @@ fn an_hsm_aes_key_seals_verifies_unseals_and_mounts_with_one_unwrap_per_file() {
         !inspect.contains("module-path") && !inspect.contains("pin"),
         "{inspect}"
     );
-    let verify = h.expect(&["verify", &h.p("sealed"), "--key", &k], 0);
+    let verify = h.verify("sealed", &k, &[], 0);
     assert!(verify.contains("ok    "), "{verify}");
     h.unseal("sealed", "out", &k, 0);
     h.assert_same_tree("out");
@@ -265,35 +282,14 @@ fn an_hsm_rsa_key_needs_a_login_and_a_trusted_signer() {
     expect_code(&sealfs(&["keygen", "--signing", &h.p("pub.key")], &[]), 0);
     let signer = format!("file:{}", h.p("pub.key"));
     let trust = format!("file:{}", h.p("pub.key.pub"));
-    h.expect(
-        &[
-            "seal",
-            &h.p("src"),
-            &h.p("sealed"),
-            "--key",
-            &rsa,
-            "--sign",
-            &signer,
-        ],
-        0,
-    );
-    let out = h.expect(&["verify", &h.p("sealed"), "--key", &rsa], 2);
+    h.seal_with("src", "sealed", &rsa, &["--sign", &signer], 0);
+    let out = h.verify("sealed", &rsa, &[], 2);
     assert!(out.contains("wraps DEKs with a public key"), "{out}");
     let err = Mount::try_start(&h.p("sealed"), &["--key", &rsa], &h.env())
         .err()
         .unwrap();
     assert!(err.contains("wraps DEKs with a public key"), "{err}");
-    h.expect(
-        &[
-            "verify",
-            &h.p("sealed"),
-            "--key",
-            &rsa,
-            "--trust-signer",
-            &trust,
-        ],
-        0,
-    );
+    h.verify("sealed", &rsa, &["--trust-signer", &trust], 0);
     h.unseal("sealed", "out", &rsa, 0);
     h.assert_same_tree("out");
 
@@ -345,7 +341,7 @@ fn rewrap_moves_files_between_a_key_file_and_the_token_both_ways() {
         &["rewrap", &h.p("sealed"), "--key", &file, "--to-key", &hsm],
         0,
     );
-    let out = h.expect(&["verify", &h.p("sealed"), "--key", &file], 4);
+    let out = h.verify("sealed", &file, &[], 4);
     assert!(out.contains("no trusted key can open it"), "{out}");
     h.unseal("sealed", "out1", &hsm, 0);
     h.assert_same_tree("out1");
@@ -356,12 +352,12 @@ fn rewrap_moves_files_between_a_key_file_and_the_token_both_ways() {
         &["rewrap", &h.p("sealed"), "--key", &hsm, "--to-key", &rsa],
         0,
     );
-    h.expect(&["verify", &h.p("sealed"), "--key", &hsm], 4);
+    h.verify("sealed", &hsm, &[], 4);
     h.expect(
         &["rewrap", &h.p("sealed"), "--key", &rsa, "--to-key", &file],
         0,
     );
-    h.expect(&["verify", &h.p("sealed"), "--key", &hsm], 4);
+    h.verify("sealed", &hsm, &[], 4);
     h.unseal("sealed", "out2", &file, 0);
     h.assert_same_tree("out2");
 }
@@ -451,13 +447,13 @@ fn a_destroyed_key_or_a_missing_token_is_refused_in_bounded_time() {
     drop(m);
 
     let start = Instant::now();
-    let out = h.expect(&["verify", &h.p("sealed"), "--key", &k], 4);
+    let out = h.verify("sealed", &k, &[], 4);
     assert!(out.contains("the key is not in the token"), "{out}");
     assert!(start.elapsed() < Duration::from_secs(12));
 
     let gone = format!("pkcs11:token=no-such-token;object=kek1?module-path={MODULE}");
     let start = Instant::now();
-    let out = h.expect(&["verify", &h.p("sealed"), "--key", &gone], 4);
+    let out = h.verify("sealed", &gone, &[], 4);
     assert!(out.contains("no token with that"), "{out}");
     assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
     assert!(start.elapsed() < Duration::from_secs(12));
@@ -527,56 +523,15 @@ fn a_token_ec_key_signs_models_and_interoperates_with_model_signing() {
     let k = h.uri("kek1", true);
     let signer = h.uri("signer1", true);
     // Trusting a token's public key needs the PIN: the pair is checked first.
-    let out = h.expect(
-        &[
-            "verify",
-            &h.p("src"),
-            "--key",
-            &k,
-            "--trust-signer",
-            &h.uri("signer1", false),
-        ],
-        4,
-    );
+    let out = h.verify("src", &k, &["--trust-signer", &h.uri("signer1", false)], 4);
     assert!(out.contains("needs pin-source="), "{out}");
     let trust = h.uri("signer1", true);
-    h.expect(
-        &[
-            "seal",
-            &h.p("src"),
-            &h.p("sealed"),
-            "--key",
-            &k,
-            "--sign",
-            &signer,
-        ],
-        0,
-    );
-    let out = h.expect(
-        &[
-            "verify",
-            &h.p("sealed"),
-            "--key",
-            &k,
-            "--trust-signer",
-            &trust,
-        ],
-        0,
-    );
+    h.seal_with("src", "sealed", &k, &["--sign", &signer], 0);
+    let out = h.verify("sealed", &k, &["--trust-signer", &trust], 0);
     assert!(out.contains("signed by sha256:"), "{out}");
     expect_code(&sealfs(&["keygen", "--signing", &h.p("other.key")], &[]), 0);
     let other = format!("file:{}", h.p("other.key.pub"));
-    h.expect(
-        &[
-            "verify",
-            &h.p("sealed"),
-            "--key",
-            &k,
-            "--trust-signer",
-            &other,
-        ],
-        4,
-    );
+    h.verify("sealed", &k, &["--trust-signer", &other], 4);
 
     // The token's public key, exported as PEM, verifies the OMS model.sig on the mount.
     run(h.tool().args([
@@ -641,31 +596,9 @@ fn a_token_ec_key_signs_models_and_interoperates_with_model_signing() {
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    h.expect(
-        &[
-            "seal",
-            &h.p("src"),
-            &h.p("gated"),
-            "--key",
-            &k,
-            "--trust-signer",
-            &trust,
-        ],
-        0,
-    );
-    h.expect(&["verify", &h.p("gated"), "--key", &k], 0);
-    let out = h.expect(
-        &[
-            "seal",
-            &h.p("src"),
-            &h.p("refused"),
-            "--key",
-            &k,
-            "--trust-signer",
-            &other,
-        ],
-        3,
-    );
+    h.seal_with("src", "gated", &k, &["--trust-signer", &trust], 0);
+    h.verify("gated", &k, &[], 0);
+    let out = h.seal_with("src", "refused", &k, &["--trust-signer", &other], 3);
     assert!(out.contains("not by a trusted signer"), "{out}");
     assert!(!h.path("refused").exists(), "nothing visible at DEST");
 }
