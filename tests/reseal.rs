@@ -373,24 +373,30 @@ fn an_interrupted_or_failed_reseal_on_s3_leaves_the_old_generation_served() {
     let (c, t) = code(&sealfs(&reseal, &env));
     assert_eq!(c, 5, "{t}");
     assert!(t.contains("UploadPart"), "{t}");
-    let keys = rt.block_on(stack.keys_in("models"));
-    let g1 = generation1(&keys);
+    // No switch (no manifest of generation 1), no upload left open, and the old generation
+    // served whole.
+    let old_generation_served = || {
+        let keys = rt.block_on(stack.keys_in("models"));
+        let g1 = generation1(&keys);
+        assert!(
+            !g1.iter().any(|k| k.contains(".sealfs-manifest")),
+            "no switch: {g1:?}"
+        );
+        assert_eq!(
+            rt.block_on(stack.open_uploads("models")),
+            0,
+            "upload aborted"
+        );
+        let (c, t) = verify(&ka);
+        assert_eq!(c, 0, "the old generation is served whole: {t}");
+        assert_eq!(t.matches("ok    ").count(), 2, "{t}");
+        g1
+    };
+    let g1 = old_generation_served();
     assert!(
         g1.iter().any(|k| k.ends_with("a-small")),
         "the first file went up: {g1:?}"
     );
-    assert!(
-        !g1.iter().any(|k| k.contains(".sealfs-manifest")),
-        "no switch: {g1:?}"
-    );
-    assert_eq!(
-        rt.block_on(stack.open_uploads("models")),
-        0,
-        "upload aborted"
-    );
-    let (c, t) = verify(&ka);
-    assert_eq!(c, 0, "the old generation is served whole: {t}");
-    assert_eq!(t.matches("ok    ").count(), 2, "{t}");
 
     // SIGINT while a part is on its (slow) way.
     stack.reset();
@@ -423,20 +429,7 @@ fn an_interrupted_or_failed_reseal_on_s3_leaves_the_old_generation_served() {
         stderr: std::fs::read(&err).unwrap(),
     });
     assert_eq!(c, 130, "{t}");
-    let keys = rt.block_on(stack.keys_in("models"));
-    assert!(
-        !generation1(&keys)
-            .iter()
-            .any(|k| k.contains(".sealfs-manifest")),
-        "{keys:?}"
-    );
-    assert_eq!(
-        rt.block_on(stack.open_uploads("models")),
-        0,
-        "upload aborted"
-    );
-    let (c, t) = verify(&ka);
-    assert_eq!(c, 0, "{t}");
+    old_generation_served();
 
     // The rerun finishes the job.
     stack.reset();
