@@ -3,9 +3,8 @@
 # make a sample model, seal it, mount it, read it back through Python, unmount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v fusermount3 >/dev/null || ! python3 -c "import numpy, safetensors" 2>/dev/null; then
-  scripts/install-test-deps.sh
-fi
+# Only what the demo needs (fuse3, numpy, safetensors): seconds, not the test toolchain.
+scripts/install-demo-deps.sh
 cargo build --quiet --bin sealfs
 SEALFS="$PWD/target/debug/sealfs"
 work=$(mktemp -d /tmp/sealfs-demo.XXXXXX)

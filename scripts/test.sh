@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fail() { echo "test.sh: $*" >&2; exit 1; }
+# Installs what the suite needs (idempotent: seconds when everything is there), so that the
+# README's `make test` works on a fresh machine too; the checks below then fail loudly if
+# anything is still missing (a test never skips).
+scripts/install-test-deps.sh
 command -v moto_server >/dev/null || fail "moto_server missing: run scripts/install-test-deps.sh"
 command -v fusermount3 >/dev/null || fail "fusermount3 missing: run scripts/install-test-deps.sh"
 command -v strace >/dev/null || fail "strace missing: run scripts/install-test-deps.sh"

@@ -39,7 +39,18 @@ pub enum Error {
     Revoked { file: String },
     /// A model (or a file of it) the manifest or the trusted signers refuse.
     #[error(transparent)]
-    Model(#[from] crate::manifest::ModelError),
+    Model(#[from] crate::manifest::error::ModelError),
+}
+
+impl From<crate::sign::SignError> for Error {
+    /// A signer KMS refused is a key refusal (exit 4); anything else about a signer is a
+    /// usage error (exit 2).
+    fn from(e: crate::sign::SignError) -> Self {
+        match e {
+            crate::sign::SignError::Kms(k) => Error::KeySetup(k),
+            other => Error::Usage(other.to_string()),
+        }
+    }
 }
 
 impl Error {

@@ -8,6 +8,7 @@ pub mod calls;
 pub mod cli;
 pub mod crypto;
 pub mod error;
+pub mod exit;
 pub mod format;
 pub mod fs;
 pub mod fuse;

@@ -134,14 +134,14 @@ fn served_generations(all: Vec<SealedEntry>) -> (Vec<SealedEntry>, Vec<SealedEnt
     use std::collections::HashMap;
     let mut models: HashMap<String, u32> = HashMap::new();
     for e in &all {
-        if let Some(root) = crate::manifest::manifest_root(&e.logical) {
+        if let Some(root) = crate::format::naming::manifest_root(&e.logical) {
             let g = models.entry(root.to_string()).or_insert(0);
             *g = (*g).max(e.generation);
         }
     }
     // The generation cap of `logical`: its innermost listed model's manifest generation.
     let cap = |logical: &str| -> u32 {
-        if crate::manifest::manifest_root(logical).is_some() {
+        if crate::format::naming::manifest_root(logical).is_some() {
             return u32::MAX;
         }
         naming::innermost_root(logical, |d| models.contains_key(d)).map_or(u32::MAX, |r| models[r])
@@ -202,8 +202,8 @@ pub async fn find_bounded(store: &Store, prefix: &str, limits: &ListLimits) -> R
     // manifests of the directories above the prefix join the listing.
     if !prefix.is_empty() && has_uncapped_generation(&objects) {
         for dir in naming::dirs_above(prefix) {
-            let manifest = crate::manifest::under(dir, crate::manifest::MANIFEST_NAME);
-            let near = crate::manifest::under(dir, ".sealfs-");
+            let manifest = crate::format::naming::under(dir, crate::format::naming::MANIFEST_NAME);
+            let near = crate::format::naming::under(dir, ".sealfs-");
             for o in store.list_bounded(&near, limits).await? {
                 if naming::split_generation(naming::data_key(&o.key)).0 == manifest {
                     objects.push(o);
@@ -219,11 +219,11 @@ fn has_uncapped_generation(objects: &[ObjectInfo]) -> bool {
     let logical = |o: &ObjectInfo| naming::split_generation(naming::data_key(&o.key));
     let roots: std::collections::HashSet<String> = objects
         .iter()
-        .filter_map(|o| Some(crate::manifest::manifest_root(&logical(o).0)?.to_string()))
+        .filter_map(|o| Some(crate::format::naming::manifest_root(&logical(o).0)?.to_string()))
         .collect();
     objects.iter().any(|o| {
         let (key, g) = logical(o);
-        if g == 0 || crate::manifest::manifest_root(&key).is_some() {
+        if g == 0 || crate::format::naming::manifest_root(&key).is_some() {
             return false;
         }
         naming::innermost_root(&key, |d| roots.contains(d)).is_none()

@@ -235,6 +235,40 @@ fn the_mount_daemon_keeps_a_zero_core_limit() {
 fn reseal_with_force_on_a_local_directory_swaps_both_objects() {
     let t = Tree::new();
     std::fs::write(t.p("src/top"), pattern(70_000, 9)).unwrap();
+    // Over a model, --force writes the next generation beside it (nothing in place).
+    let over_model = sealfs(
+        &[
+            "seal",
+            &t.p("src/top"),
+            &t.p("sealed"),
+            "--key",
+            &t.key(),
+            "--force",
+        ],
+        &[],
+    );
+    expect_code(&over_model, 0);
+    assert_eq!(
+        entries(&t.dir.path().join("sealed/.sealfs-g1")),
+        [
+            ".sealfs-manifest",
+            ".sealfs-manifest.sealfs-c20",
+            "top",
+            "top.sealfs-c20"
+        ]
+    );
+    // Files no manifest covers (sealed before models) are replaced in place, both objects.
+    for name in std::fs::read_dir(t.dir.path().join("sealed")).unwrap() {
+        let p = name.unwrap().path();
+        let n = p.file_name().unwrap().to_string_lossy().into_owned();
+        if n.starts_with(".sealfs-") {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
     let o = sealfs(
         &[
             "seal",

@@ -159,13 +159,15 @@ async fn first_open_fetches_the_first_chunk_for_the_first_read() {
 }
 
 /// Decrypted chunks leave the cache with their file: after the grace, and when the object
-/// was replaced while open (its old version's chunks go when the last old handle closes).
+/// was replaced while open (its old version's chunks go at the first sweep after the last
+/// old handle closes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_leave_the_cache_with_their_file() {
     let dir = tempfile::tempdir().unwrap();
     let len = 6 * 16384;
     let config = MountConfig {
         dek_grace: std::time::Duration::ZERO,
+        list_ttl: std::time::Duration::from_millis(1),
         ..Default::default()
     };
     let (fs, ino, data) = core_over(dir.path(), len, config).await;
@@ -195,9 +197,12 @@ async fn chunks_leave_the_cache_with_their_file() {
     )
     .await
     .unwrap();
-    // Same path, new version: a new inode, so the kernel's cached pages of the old one
-    // can never be served for it; the old inode refuses new opens with ESTALE (the
-    // kernel then looks the name up again).
+    // The republish is the model's next generation: a re-list sees it.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    Box::pin(fs.refresh_if_due()).await; // boxed: a debug build's future is large
+                                         // Same path, new version: a new inode, so the kernel's cached pages of the old one
+                                         // can never be served for it; the old inode refuses new opens with ESTALE (the
+                                         // kernel then looks the name up again).
     let stale = fs.open(ino, (0, 0)).await.unwrap_err();
     assert_eq!(stale.errno(), libc::ESTALE, "{stale}");
     let ino2 = fs.lookup(ROOT, "f").unwrap().ino;
@@ -214,6 +219,9 @@ async fn chunks_leave_the_cache_with_their_file() {
     // Background fetches hold their file until they finish, so wait (bounded) for them.
     settles_at(&fs, 12, "both versions read whole").await;
     fs.release(old);
+    // The old generation's object is still there (until gc): its DEK and chunks are held
+    // like a closed file's, for the grace (zero here), until the sweeper drops them.
+    fs.sweep();
     settles_at(&fs, 6, "the old version's chunks left with it").await;
     fs.release(new);
     fs.sweep();

@@ -86,13 +86,26 @@ fn errno(r: std::io::Result<Vec<u8>>) -> i32 {
         .unwrap_or(0)
 }
 
-/// Copies a sealed file's two objects (data and key object) from `from` to `to`.
-fn copy_pair(s: &Site, from: &str, to: &str) {
-    for suffix in ["", ".sealfs-c16"] {
-        let dst = s.path(&format!("{to}{suffix}"));
-        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        std::fs::copy(s.path(&format!("{from}{suffix}")), dst).unwrap();
-    }
+/// The frozen v1 vectors: files sealed before models existed (loose).
+fn vectors() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/v1/objects")
+}
+
+/// The v1 vectors' key, copied into the site (0600), as a `--key` URI.
+fn vector_kek(s: &Site) -> String {
+    let kek = s.path("vector-kek");
+    std::fs::copy(vectors().join("../kek"), &kek).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    format!("file:{}", kek.display())
+}
+
+/// The manifest digest `seal` printed (`sha256:` and 64 hex digits).
+fn printed_digest(out: &str) -> String {
+    out.split_whitespace()
+        .find(|w| w.starts_with("sha256:") && w.len() == 71)
+        .unwrap_or_else(|| panic!("no digest in {out}"))
+        .to_string()
 }
 
 #[test]
@@ -156,28 +169,22 @@ fn unsigned_foreign_and_moved_signatures_are_refused() {
     }
     // Files sealed before models existed (the frozen v1 vectors) are loose: served without
     // --trust-signer, refused with it.
-    let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/v1/objects");
-    let kek = s.path("vector-kek");
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/v1/kek"),
-        &kek,
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = sealfs(
         &[
             "verify",
-            &vectors.join("ok-one-byte").display().to_string(),
+            &vectors().join("ok-one-byte").display().to_string(),
             "--key",
-            &format!("file:{}", kek.display()),
+            &vector_kek(&s),
             "--trust-signer",
             &s.trust("pub.key"),
         ],
         &[],
     );
     let text = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(text.contains("not part of a signed model"), "{text}");
+    assert!(
+        text.contains("not part of a model, and --trust-signer or --model-digest requires one"),
+        "{text}"
+    );
 }
 
 /// A holder of the DEK (any host that can unwrap) re-encrypts a chunk with valid AES-GCM:
@@ -209,7 +216,7 @@ fn a_chunk_forged_by_a_dek_holder_is_refused_under_trust_signer() {
     let e = f.read_exact(&mut second).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(
-        m.logs().contains("differs from the signed model manifest"),
+        m.logs().contains("chunk 1 differs from the model manifest"),
         "{}",
         m.logs()
     );
@@ -250,8 +257,6 @@ fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
     let s = Site::model();
     s.write("src/old-only.bin", b"dropped in v2");
     s.seal(&s.p("src"), &s.p("m"), "", &["--model-version", "1"]);
-    let keep = s.path("v1");
-    copy_pair(&s, "m/a.bin", "v1/a.bin");
     std::fs::remove_file(s.path("src/old-only.bin")).unwrap();
     s.write("src/a.bin", &pattern(3 * C + 17, 9));
     s.seal(
@@ -265,17 +270,21 @@ fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
         3,
         "old-only.bin is left over from v1"
     );
-    // v1's a.bin back beside v2's other files.
-    copy_pair(&s, "v1/a.bin", "m/a.bin");
-    drop(keep);
-    // v2's sub/b.bin gone.
-    for suffix in ["", ".sealfs-c16"] {
-        std::fs::remove_file(s.path(&format!("m/sub/b.bin{suffix}"))).unwrap();
-    }
+    // v2 is the model's next generation (beside v1, which a gc would delete): v2's a.bin
+    // deleted, so that v1's is the one listed, beside v2's other files; and sub/b.bin gone
+    // from both.
+    let drop_pair = |rel: &str| {
+        for suffix in ["", ".sealfs-c16"] {
+            std::fs::remove_file(s.path(&format!("{rel}{suffix}"))).unwrap();
+        }
+    };
+    drop_pair("m/.sealfs-g1/a.bin");
+    drop_pair("m/sub/.sealfs-g1/b.bin");
+    drop_pair("m/sub/b.bin");
     let (code, text) = s.verify(&s.p("m"), None);
     assert_eq!(code, 3, "{text}");
     for (file, why) in [
-        ("a.bin", "not the version the manifest lists"),
+        ("a.bin", "generation 0, and the manifest lists generation 1"),
         ("old-only.bin", "not in the model's manifest"),
         ("sub/b.bin", "listed in the manifest (model"),
     ] {
@@ -294,7 +303,8 @@ fn version_mixes_extra_and_missing_files_are_refused_without_any_option() {
     assert_eq!(errno(read(&m.path("old-only.bin"))), libc::EACCES);
     assert_eq!(read(&m.path("config.json")).unwrap(), b"{\"layers\": 2}\n");
     assert!(
-        m.logs().contains("not the version the manifest lists"),
+        m.logs()
+            .contains("generation 0, and the manifest lists generation 1"),
         "{}",
         m.logs()
     );
@@ -352,11 +362,7 @@ fn a_mount_refuses_a_rolled_back_model() {
 fn model_digest_pins_one_manifest() {
     let s = Site::model();
     let out = s.seal(&s.p("src"), &s.p("m"), "pub.key", &["--model-version", "1"]);
-    let digest = out
-        .split_whitespace()
-        .find(|w| w.starts_with("sha256:") && w.len() == 71)
-        .unwrap_or_else(|| panic!("no digest in {out}"))
-        .to_string();
+    let digest = printed_digest(&out);
     let (code, text) = s.verify(&s.p("m"), Some("pub.key"));
     assert_eq!(code, 0, "{text}");
     assert!(
@@ -398,6 +404,119 @@ fn model_digest_pins_one_manifest() {
         &[],
     );
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+}
+
+/// A pin is a proof of origin, as a trusted signer is (issue 19, findings 2 and 4): under
+/// `--model-digest` a file outside the model (a loose, pre-model file put into its
+/// directory) is refused by verify, unseal and the mount, and a chunk re-encrypted by a
+/// holder of the DEK (valid AES-GCM, other plaintext) is refused on every path: chunk 0 at
+/// open, a later chunk, a file whose DEK was unwrapped ahead, verify and unseal. Without
+/// the pin (and without a signer) the same forgery is served: that rung is what pins and
+/// signatures are for.
+#[test]
+fn a_pin_refuses_loose_files_and_chunks_forged_by_a_dek_holder() {
+    let s = Site::model();
+    let digest = printed_digest(&s.seal(&s.p("src"), &s.p("m"), "", &[]));
+    let (key, vkek) = (s.key(), vector_kek(&s));
+    let m = s.p("m");
+    let keys = ["--key", key.as_str(), "--key", vkek.as_str()];
+    let pin = ["--model-digest", digest.as_str()];
+    let run = |cmd: &[&str]| {
+        let out = sealfs(&[cmd, &keys[..], &pin[..]].concat(), &[]);
+        (
+            out.status.code().unwrap_or(-1),
+            format!("{}{}", stdout(&out), stderr(&out)),
+        )
+    };
+    let (code, text) = run(&["verify", &m]);
+    assert_eq!(code, 0, "the pinned model verifies: {text}");
+
+    // A loose file beside the pinned model's files.
+    for suffix in ["", ".sealfs-c14"] {
+        std::fs::copy(
+            vectors().join(format!("ok-one-byte{suffix}")),
+            s.path(&format!("m/ok-one-byte{suffix}")),
+        )
+        .unwrap();
+    }
+    let loose =
+        "ok-one-byte: not part of a model, and --trust-signer or --model-digest requires one";
+    let (code, text) = run(&["verify", &m]);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains(loose), "{text}");
+    assert!(
+        text.contains("ok    ") && text.contains("config.json"),
+        "{text}"
+    );
+    let (code, text) = run(&["unseal", &m, &s.p("out-loose")]);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains(loose), "{text}");
+    assert!(!s.path("out-loose").exists(), "nothing unsealed");
+    {
+        let mnt = s.mount(&m, None, &[&keys[2..], &pin[..]].concat());
+        assert_eq!(errno(read(&mnt.path("ok-one-byte"))), libc::EACCES);
+        assert!(mnt.logs().contains(loose), "{}", mnt.logs());
+        assert_eq!(
+            read(&mnt.path("config.json")).unwrap(),
+            b"{\"layers\": 2}\n"
+        );
+    }
+    for suffix in ["", ".sealfs-c14"] {
+        std::fs::remove_file(s.path(&format!("m/ok-one-byte{suffix}"))).unwrap();
+    }
+
+    // Chunks re-encrypted by a DEK holder: chunk 0 of sub/b.bin, chunk 1 of a.bin.
+    forge_chunk(&s, "m/sub/b.bin", 0);
+    forge_chunk(&s, "m/a.bin", 1);
+    let original = std::fs::read(s.path("src/a.bin")).unwrap();
+    {
+        let mnt = s.mount(&m, None, &["--direct-io"]);
+        assert!(read(&mnt.path("a.bin")).unwrap()[C..2 * C] != original[C..2 * C]);
+    }
+    for ahead in [false, true] {
+        let mut args = [&keys[2..], &pin[..], &["--direct-io"][..]].concat();
+        if ahead {
+            args.extend(["--unwrap-ahead", "8"]);
+        }
+        let mnt = s.mount(&m, None, &args);
+        if ahead {
+            // Its first open unwraps the DEKs of the model's other files ahead.
+            assert_eq!(
+                read(&mnt.path("config.json")).unwrap(),
+                b"{\"layers\": 2}\n"
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while mnt.logs().matches("dek unwrapped").count() < 3 {
+                assert!(std::time::Instant::now() < deadline, "{}", mnt.logs());
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        assert_eq!(
+            errno(read(&mnt.path("sub/b.bin"))),
+            libc::EIO,
+            "ahead: {ahead}"
+        );
+        let mut f = std::fs::File::open(mnt.path("a.bin")).unwrap();
+        let mut first = vec![0u8; C];
+        f.read_exact(&mut first).unwrap();
+        assert!(first == original[..C], "the untouched chunk is served");
+        let e = f.read_exact(&mut first).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "ahead: {ahead}: {e}");
+        for want in [
+            "chunk 0 differs from the model manifest",
+            "chunk 1 differs from the model manifest",
+        ] {
+            assert!(mnt.logs().contains(want), "ahead: {ahead}: {}", mnt.logs());
+        }
+        assert_eq!(mnt.logs().contains("dek adopted (unwrapped ahead)"), ahead);
+    }
+    let (code, text) = run(&["verify", &m]);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("chunks failed authentication: 1"), "{text}");
+    assert!(text.contains("chunks failed authentication: 0"), "{text}");
+    let (code, text) = run(&["unseal", &m, &s.p("out-forged")]);
+    assert_eq!(code, 3, "{text}");
+    assert!(!s.path("out-forged").join("a.bin").exists(), "{text}");
 }
 
 /// `model_signing` (OpenSSF Model Signing 1.1.1, the reference tool) runs `cmd` with
@@ -443,36 +562,7 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
         assert!(!other.status.success(), "accepted under another key");
     }
     // The other way: training signs SRC with model_signing (an openssl SEC1 key).
-    let train = s.p("training.pem");
-    let st = std::process::Command::new("openssl")
-        .args([
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &train,
-        ])
-        .status()
-        .expect("openssl");
-    assert!(st.success());
-    let st = std::process::Command::new("openssl")
-        .args(["ec", "-in", &train, "-pubout", "-out", &s.p("training.pub")])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let signed = model_signing(&[
-        "sign",
-        "key",
-        "--private_key",
-        &train,
-        "--signature",
-        &s.p("src/model.sig"),
-        &s.p("src"),
-    ]);
-    assert!(signed.status.success(), "{}", stderr(&signed));
+    training_signs(&s);
     let gate = format!("file:{}", s.p("training.pub"));
     let out = s.seal(
         &s.p("src"),
@@ -509,7 +599,11 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
         err.contains("config.json") && err.contains("content changed"),
         "{err}"
     );
-    assert!(!s.path("gated2").exists(), "nothing written");
+    assert_eq!(
+        files_under(&s.path("gated2")),
+        Vec::<String>::new(),
+        "nothing left"
+    );
     // And under a key training did not use.
     let wrong = format!("file:{}", s.p("other.key.pub"));
     let refused = gated_seal("gated3", &wrong);
@@ -519,6 +613,147 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
         stderr(&refused)
     );
     assert!(!s.path("gated3").exists());
+}
+
+/// Training signs `src` with model_signing (`src/model.sig`, an openssl SEC1 key whose
+/// public half is `training.pub`).
+fn training_signs(s: &Site) {
+    let train = s.p("training.pem");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &train,
+        ])
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    let st = std::process::Command::new("openssl")
+        .args(["ec", "-in", &train, "-pubout", "-out", &s.p("training.pub")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let signed = model_signing(&[
+        "sign",
+        "key",
+        "--private_key",
+        &train,
+        "--signature",
+        &s.p("src/model.sig"),
+        &s.p("src"),
+    ]);
+    assert!(signed.status.success(), "{}", stderr(&signed));
+}
+
+/// Waits for `p` (stdout and stderr piped) and returns what it printed.
+fn finish(p: &mut Proc) -> std::process::Output {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    p.0.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    p.0.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+    std::process::Output {
+        status: p.0.wait().unwrap(),
+        stdout: out,
+        stderr: err,
+    }
+}
+
+/// Regular files under `dir` (none if it does not exist), relative.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Issue 19, finding 5: the seal gate checks the bytes it seals, not the paths it looked at
+/// first. A file of the hand-off directory rewritten after the gate passed, while an
+/// earlier file is being sealed (its upload held 2 s by the fault proxy), is refused
+/// ("content changed"), no signature is made over it, and nothing of the seal is left in
+/// the bucket. A symlink in its place is never followed.
+#[test]
+fn a_file_swapped_after_the_gate_looked_is_not_sealed() {
+    let s = Site::model();
+    s.write("src/a-big.bin", &pattern(6 << 20, 7)); // sealed first (names sort)
+    training_signs(&s);
+    let gate = format!("file:{}", s.p("training.pub"));
+    let stack = Stack::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(stack.create_bucket("models"));
+    let env = stack.env();
+    let (key, sign) = (s.key(), format!("file:{}", s.p("pub.key")));
+    let seal = |dest: &str| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args([
+            "seal",
+            &s.p("src"),
+            dest,
+            "--key",
+            &key,
+            "--sign",
+            &sign,
+            "--trust-signer",
+            &gate,
+        ])
+        .env_clear()
+        .envs(env.iter().cloned())
+        .env("PATH", std::env::var("PATH").unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        Proc(cmd.spawn().unwrap())
+    };
+    stack.fault(serde_json::json!({"match": "s3:PUT", "path": "a-big", "delay": 2, "times": 1}));
+    let mut child = seal("s3://models/gated");
+    let start = std::time::Instant::now();
+    while stack.count("s3:PUT") == 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no upload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    s.write("src/config.json", b"{\"layers\": 99}\n");
+    let out = finish(&mut child);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("content changed"),
+        "{err}"
+    );
+    assert_eq!(rt.block_on(stack.keys_in("models")), vec![], "nothing left");
+    assert_eq!(rt.block_on(stack.open_uploads("models")), 0);
+
+    // A symlink put in a file's place is not followed.
+    s.write("src/config.json", b"{\"layers\": 2}\n");
+    std::fs::remove_file(s.path("src/sub/b.bin")).unwrap();
+    std::os::unix::fs::symlink(s.path("src/a.bin"), s.path("src/sub/b.bin")).unwrap();
+    let out = sealfs(
+        &[
+            "seal",
+            &s.p("src"),
+            &s.p("linked"),
+            "--key",
+            &key,
+            "--trust-signer",
+            &gate,
+        ],
+        &[],
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(files_under(&s.path("linked")), Vec::<String>::new());
 }
 
 /// Roll forward: a mount under `--trust-signer` adopts a newer signed version at re-list

@@ -295,7 +295,11 @@ fn replaced_while_open(strip_list_etags: bool) {
     let mut old = std::fs::File::open(m.path("model.bin")).unwrap();
     let mut buf = vec![0u8; 1000];
     old.read_exact(&mut buf).unwrap();
-    // Replace it: same path, other bytes, another size.
+    // Replace it in place: same path, other bytes, another size. (A model's republish is
+    // its next generation, which old handles never see: tests/models.rs. In place is what
+    // happens to a file no manifest covers: its manifest deleted first, as a bucket writer
+    // or a file sealed before models.)
+    rt().block_on(f.stack.delete_prefix("models", "llama/.sealfs-manifest"));
     let new_src = f.dir.path().join("new/model.bin");
     std::fs::create_dir_all(new_src.parent().unwrap()).unwrap();
     let new_bytes = pattern(11 * C + 7, 4242);

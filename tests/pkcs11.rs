@@ -67,8 +67,16 @@ impl Hsm {
             &h.pin,
         ]));
         for (args, label, id) in [
-            (&["--keygen", "--key-type", "AES:32"][..], "kek1", "01"),
-            (&["--keygen", "--key-type", "AES:32"][..], "kek2", "04"),
+            (
+                &["--keygen", "--key-type", "AES:32", "--private"][..],
+                "kek1",
+                "01",
+            ),
+            (
+                &["--keygen", "--key-type", "AES:32", "--private"][..],
+                "kek2",
+                "04",
+            ),
             (
                 &["--keypairgen", "--key-type", "rsa:2048"][..],
                 "rsa1",
@@ -294,40 +302,7 @@ fn an_hsm_rsa_key_needs_a_login_and_a_trusted_signer() {
     h.assert_same_tree("out");
 
     // The public object replaced by another key's (no PIN needed to do that): refused.
-    run(h.tool().args([
-        "--keypairgen",
-        "--key-type",
-        "rsa:2048",
-        "--label",
-        "other",
-        "--id",
-        "09",
-        "--login",
-        "--pin",
-        &h.pin,
-    ]));
-    run(h.tool().args([
-        "--read-object",
-        "--type",
-        "pubkey",
-        "--label",
-        "other",
-        "-o",
-        &h.p("other.der"),
-    ]));
-    run(h
-        .tool()
-        .args(["--delete-object", "--type", "pubkey", "--label", "rsa1"]));
-    run(h.tool().args([
-        "--write-object",
-        &h.p("other.der"),
-        "--type",
-        "pubkey",
-        "--label",
-        "rsa1",
-        "--id",
-        "03",
-    ]));
+    replace_public_object(&h, "rsa1", "03");
     let out = h.unseal("sealed", "out2", &rsa, 4);
     assert!(out.contains("does not match the private key"), "{out}");
 }
@@ -601,4 +576,168 @@ fn a_token_ec_key_signs_models_and_interoperates_with_model_signing() {
     let out = h.seal_with("src", "refused", &k, &["--trust-signer", &other], 3);
     assert!(out.contains("not by a trusted signer"), "{out}");
     assert!(!h.path("refused").exists(), "nothing visible at DEST");
+}
+
+/// Issue 19, finding 1: an object anyone can create without the PIN is never a key. A
+/// public AES key planted under the RSA pair's label (`pkcs11-tool --write-object`, no
+/// login) takes over neither `seal` nor `rewrap --to-key`: the label then names a secret key
+/// and a pair, and both are refused until `type=` says which; `type=private` picks the pair
+/// and ignores it; a public AES key on its own is refused (CKA_PRIVATE=false); and slots the
+/// pair made are never opened by an AES key put under the same URI (a change of kind).
+#[test]
+fn a_secret_key_planted_without_the_pin_takes_over_nothing() {
+    let h = Hsm::new();
+    let rsa = h.uri("rsa1", true);
+    expect_code(&sealfs(&["keygen", "--signing", &h.p("pub.key")], &[]), 0);
+    let signer = format!("file:{}", h.p("pub.key"));
+    let trust = format!("file:{}", h.p("pub.key.pub"));
+    h.seal_with("src", "sealed", &rsa, &["--sign", &signer], 0);
+    h.seal("src", "by-file", &h.file_key(), 0);
+    h.write("planted.key", &[7u8; 32]);
+    let plant = |label: &str, id: &str| {
+        run(h.tool().args([
+            "--write-object",
+            &h.p("planted.key"),
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--label",
+            label,
+            "--id",
+            id,
+        ]))
+    };
+    plant("rsa1", "03");
+
+    let both = "names both a secret key and a key pair";
+    let out = h.seal_with("src", "planted", &rsa, &["--sign", &signer], 4);
+    assert!(out.contains(both), "{out}");
+    assert!(!h.path("planted").exists(), "nothing sealed");
+    let out = h.expect(
+        &[
+            "rewrap",
+            &h.p("by-file"),
+            "--key",
+            &h.file_key(),
+            "--to-key",
+            &rsa,
+        ],
+        4,
+    );
+    assert!(out.contains(both), "{out}");
+    // Still only the key file's slots: nothing was wrapped under the planted key.
+    let ko = std::fs::read(key_object(&h.path("by-file"), "a.bin")).unwrap();
+    let ko = sealfs::format::KeyObject::parse(&ko).unwrap();
+    assert!(
+        ko.slots
+            .iter()
+            .all(|s| s.kind == sealfs::format::SlotKind::File),
+        "{:?}",
+        ko.slots.iter().map(|s| &s.key_id).collect::<Vec<_>>()
+    );
+
+    // type= says which: the pair, whatever else the label names.
+    let pair = rsa.replace(";object=rsa1", ";object=rsa1;type=private");
+    h.seal_with("src", "typed", &pair, &["--sign", &signer], 0);
+    h.verify("typed", &pair, &["--trust-signer", &trust], 0);
+    h.unseal("sealed", "out", &pair, 0);
+    h.assert_same_tree("out");
+    let secret = rsa.replace(";object=rsa1", ";object=rsa1;type=secret-key");
+    let out = h.seal("src", "typed-secret", &secret, 4);
+    assert!(out.contains("CKA_PRIVATE=false"), "{out}");
+
+    // A public AES key on its own.
+    plant("planted", "0a");
+    let out = h.seal("src", "public-aes", &h.uri("planted", true), 4);
+    assert!(out.contains("CKA_PRIVATE=false"), "{out}");
+    assert!(!h.path("public-aes").exists(), "nothing sealed");
+
+    // A real (private) AES key under the pair's URI, made with the PIN: the pair's slots
+    // are not opened by it.
+    run(h
+        .tool()
+        .args(["--delete-object", "--type", "secrkey", "--label", "rsa1"]));
+    run(h.tool().args([
+        "--login",
+        "--pin",
+        &h.pin,
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--private",
+        "--label",
+        "rsa1",
+        "--id",
+        "03",
+    ]));
+    let out = h.verify("sealed", &secret, &["--trust-signer", &trust], 4);
+    assert!(out.contains("a change of kind is refused"), "{out}");
+}
+
+/// Issue 19, finding 3: an RSA wrap encrypts to the public key checked against the private
+/// key at resolve, not to whatever public object the token holds when it wraps: the public
+/// object replaced (no PIN needed) between resolve and wrap, the DEK still goes to the pair.
+#[test]
+fn an_rsa_wrap_encrypts_to_the_public_key_checked_at_resolve() {
+    use sealfs::keys::pkcs11::{Pkcs11Key, Pkcs11Uri};
+    let h = Hsm::new();
+    // The only test of this binary that loads the module in its own process.
+    std::env::set_var("SOFTHSM2_CONF", h.p("softhsm2.conf"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let uri: Pkcs11Uri = h.uri("rsa1", true).parse().unwrap();
+    let key = rt.block_on(Pkcs11Key::resolve(&uri)).unwrap();
+    let ctx: sealfs::format::EncryptionContext = [("k".to_string(), "v".to_string())].into();
+    let dek = sealfs::crypto::Dek::random().unwrap();
+    let before = rt.block_on(key.wrap(&dek, &ctx)).unwrap();
+    replace_public_object(&h, "rsa1", "03");
+    let after = rt.block_on(key.wrap(&dek, &ctx)).unwrap();
+    for wrapped in [before, after] {
+        let back = rt.block_on(key.unwrap(&wrapped, &ctx)).unwrap();
+        assert!(
+            back.expose() == dek.expose(),
+            "the pair's private key opens it"
+        );
+    }
+}
+
+/// Replaces the public object `label` (id `id`) with another RSA key's, as anyone who
+/// reaches the token can without the PIN.
+fn replace_public_object(h: &Hsm, label: &str, id: &str) {
+    let other = format!("other-{label}");
+    run(h.tool().args([
+        "--keypairgen",
+        "--key-type",
+        "rsa:2048",
+        "--label",
+        &other,
+        "--id",
+        "99",
+        "--login",
+        "--pin",
+        &h.pin,
+    ]));
+    let der = h.p(&format!("{other}.der"));
+    run(h.tool().args([
+        "--read-object",
+        "--type",
+        "pubkey",
+        "--label",
+        &other,
+        "-o",
+        &der,
+    ]));
+    run(h
+        .tool()
+        .args(["--delete-object", "--type", "pubkey", "--label", label]));
+    run(h.tool().args([
+        "--write-object",
+        &der,
+        "--type",
+        "pubkey",
+        "--label",
+        label,
+        "--id",
+        id,
+    ]));
 }

@@ -487,6 +487,7 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
     seal(&[]);
     std::fs::remove_file(s.path("src/old.bin")).unwrap();
     seal(&["--force"]);
+    // (v2 is generation 1: every republish is a switch to the next generation.)
     let reseal = |from: &str, to: &str| {
         expect_code(
             &s.run(&[
@@ -501,10 +502,10 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
             0,
         )
     };
-    reseal(&old, &new); // generation 1, under the new key
+    reseal(&old, &new); // generation 2, under the new key
                         // Generation 2, interrupted before its switch: its manifest never landed.
     reseal(&new, &new);
-    for e in std::fs::read_dir(s.path("m/.sealfs-g2")).unwrap() {
+    for e in std::fs::read_dir(s.path("m/.sealfs-g3")).unwrap() {
         let p = e.unwrap().path();
         if p.file_name()
             .unwrap()
@@ -515,7 +516,7 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
             std::fs::remove_file(p).unwrap();
         }
     }
-    assert!(s.path("m/sub/.sealfs-g2/b.bin").exists());
+    assert!(s.path("m/sub/.sealfs-g3/b.bin").exists());
     // Generation 1 is served whole, through the model, part of it, or one object (old.bin,
     // left by v1, is an extra file: refused until gc removes it).
     let (c, t) = code(&s.run(&["verify", &m, "--key", &new]));
@@ -525,7 +526,7 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
     for uri in [format!("{m}/sub"), format!("{m}/sub/b.bin")] {
         let (c, t) = code(&s.run(&["verify", &uri, "--key", &new]));
         assert_eq!(c, 0, "{uri}: {t}");
-        assert!(!t.contains("generation 2"), "{t}");
+        assert!(!t.contains("generation 3"), "{t}");
     }
     expect_code(
         &s.run(&["unseal", &format!("{m}/sub"), &s.p("o1"), "--key", &new]),
@@ -534,7 +535,7 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
     assert_eq!(std::fs::read(s.path("o1/b.bin")).unwrap(), pattern(C, 2));
 
     // gc of part of the model deletes that part's older generations only: never the served
-    // generation 1, never the unswitched generation 2.
+    // generation 2, never the unswitched generation 3.
     let out = expect_code(
         &s.run(&["gc", &format!("{m}/sub"), "--key", &new, "--grace", "0"]),
         0,
@@ -544,9 +545,13 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
         "{out}"
     );
     assert!(!s.path("m/sub/b.bin").exists(), "generation 0 collected");
-    assert!(s.path("m/sub/.sealfs-g1/b.bin").exists(), "served: kept");
     assert!(
-        s.path("m/sub/.sealfs-g2/b.bin").exists(),
+        !s.path("m/sub/.sealfs-g1/b.bin").exists(),
+        "generation 1 collected"
+    );
+    assert!(s.path("m/sub/.sealfs-g2/b.bin").exists(), "served: kept");
+    assert!(
+        s.path("m/sub/.sealfs-g3/b.bin").exists(),
         "above the manifest: kept"
     );
     assert!(s.path("m/a.bin").exists(), "outside the prefix: kept");
@@ -555,58 +560,58 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
 
     // A file of a later generation removed by the bucket writer after a switch: unseal
     // refuses the model rather than write a mix of two versions.
-    reseal(&new, &new); // generation 2, switched
+    reseal(&new, &new); // generation 3, switched
     std::fs::create_dir(s.path("bak")).unwrap();
     for f in ["config.json", "config.json.sealfs-c16"] {
         std::fs::rename(
-            s.path(&format!("m/.sealfs-g2/{f}")),
+            s.path(&format!("m/.sealfs-g3/{f}")),
             s.path(&format!("bak/{f}")),
         )
         .unwrap();
     }
     let (c, t) = code(&s.run(&["unseal", &m, &s.p("o2"), "--key", &new]));
     assert_eq!(c, 3, "{t}");
-    // (Its generation 1, still there for readers, is what the listing then serves.)
+    // (Its generation 2, still there for readers, is what the listing then serves.)
     assert!(
-        t.contains("config.json: generation 1, and the manifest lists generation 2"),
+        t.contains("config.json: generation 2, and the manifest lists generation 3"),
         "{t}"
     );
     assert!(!s.path("o2/a.bin").exists(), "nothing written");
     for f in ["config.json", "config.json.sealfs-c16"] {
         std::fs::rename(
             s.path(&format!("bak/{f}")),
-            s.path(&format!("m/.sealfs-g2/{f}")),
+            s.path(&format!("m/.sealfs-g3/{f}")),
         )
         .unwrap();
     }
 
     // A manifest copied to a higher generation (it fails its path binding): gc refuses,
     // deletes nothing; seal refuses to go past the last generation a name can hold.
-    copy(&s, "m/.sealfs-g2", "m/.sealfs-g3");
+    copy(&s, "m/.sealfs-g3", "m/.sealfs-g4");
     let before = objects(&s.path("m"));
     let (c, t) = code(&s.run(&["gc", &m, "--key", &new, "--grace", "0"]));
     assert_eq!(c, 3, "{t}");
     assert!(t.contains("sealed for path"), "{t}");
     assert_eq!(objects(&s.path("m")), before, "nothing deleted");
-    std::fs::remove_dir_all(s.path("m/.sealfs-g3")).unwrap();
-    copy(&s, "m/.sealfs-g2", "m/.sealfs-g999999999");
+    std::fs::remove_dir_all(s.path("m/.sealfs-g4")).unwrap();
+    copy(&s, "m/.sealfs-g3", "m/.sealfs-g999999999");
     let (c, t) = code(&s.run(&["seal", &s.p("src"), &m, "--key", &old, "--force"]));
     assert_eq!(c, 2, "{t}");
     assert!(t.contains("no generation left"), "{t}");
     std::fs::remove_dir_all(s.path("m/.sealfs-g999999999")).unwrap();
-    let (c, t) = code(&s.run(&["seal", &s.p("src"), &s.p("m/y/.sealfs-g1"), "--key", &old]));
+    let (c, t) = code(&s.run(&["seal", &s.p("src"), &s.p("m/y/.sealfs-g2"), "--key", &old]));
     assert_eq!(c, 2, "{t}");
     assert!(t.contains("reserved"), "{t}");
 
     // gc of the whole model: every older generation and the file v1 had are gone; the old
     // key opens nothing that is left.
-    reseal(&new, &new); // generation 3
+    reseal(&new, &new); // generation 4
     let out = expect_code(&s.run(&["gc", &m, "--key", &new, "--grace", "0"]), 0);
     assert!(out.contains("old.bin"), "{out}");
     let left = objects(&s.path("m"));
     assert!(
-        left.iter().all(|k| k.starts_with(".sealfs-g3/")
-            || k.contains("/.sealfs-g3/")
+        left.iter().all(|k| k.starts_with(".sealfs-g4/")
+            || k.contains("/.sealfs-g4/")
             || k == ".sealfs-store"),
         "{left:?}"
     );
@@ -626,4 +631,68 @@ fn a_bucket_writer_cannot_mix_generations_or_make_gc_delete_what_is_served() {
     );
     let (c, t) = code(&s.run(&["verify", &m, "--key", &old]));
     assert_eq!(c, 4, "{t}");
+}
+
+/// Issue 19, finding 7: a routine gc while a republish (`seal --force`) is under way
+/// deletes nothing the republish wrote. The republish's files are written, its manifest
+/// not yet (its PUT keeps failing): gc, run past the old manifest's grace, deletes nothing,
+/// the old version is still served whole, and the republish, run again, completes. (A
+/// republish is a new generation: nothing is rewritten in place; and a file the served
+/// manifest does not list is deleted only once it has itself aged past the grace.)
+#[test]
+fn gc_during_a_republish_deletes_nothing_it_wrote() {
+    let stack = Stack::start();
+    let rt = rt();
+    rt.block_on(stack.create_bucket("models"));
+    let ka = format!("kms:{}", rt.block_on(stack.create_key(None)));
+    let env = stack.env();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), pattern(3 * C, 1)).unwrap();
+    std::fs::write(src.join("config.json"), b"{}").unwrap();
+    let uri = "s3://models/m";
+    let seal = || {
+        code(&sealfs(
+            &[
+                "seal",
+                &src.display().to_string(),
+                uri,
+                "--key",
+                &ka,
+                "--force",
+            ],
+            &env,
+        ))
+    };
+    assert_eq!(seal().0, 0);
+    std::thread::sleep(Duration::from_millis(3200)); // the old manifest is past the grace
+    std::fs::write(src.join("a.bin"), pattern(3 * C, 2)).unwrap();
+    std::fs::write(src.join("c.bin"), pattern(C + 1, 3)).unwrap();
+    stack.fault(json!({"match": "s3:PUT", "error": "500", "path": ".sealfs-manifest"}));
+    let (c, t) = seal();
+    assert_eq!(c, 5, "the republish stops at its manifest: {t}");
+    stack.reset();
+    let before = rt.block_on(stack.keys_in("models"));
+    assert!(
+        before.iter().any(|(k, _)| k.ends_with("c.bin")),
+        "the republish wrote its new file: {before:?}"
+    );
+    expect_code(
+        &sealfs(&["gc", uri, "--key", &ka, "--grace", "3s"], &env),
+        0,
+    );
+    assert_eq!(
+        rt.block_on(stack.keys_in("models")),
+        before,
+        "gc deleted something the republish wrote"
+    );
+    let verify = || code(&sealfs(&["verify", uri, "--key", &ka], &env));
+    let (c, t) = verify();
+    assert_eq!(c, 0, "the old version is served whole: {t}");
+    assert_eq!(t.matches("ok    ").count(), 2, "{t}");
+    assert_eq!(seal().0, 0);
+    let (c, t) = verify();
+    assert_eq!(c, 0, "{t}");
+    assert_eq!(t.matches("ok    ").count(), 3, "{t}");
 }

@@ -559,7 +559,8 @@ fn failed_reseal_with_force_keeps_the_old_version() {
     f.stack.reset();
     old_is_intact("interrupted reseal");
 
-    // A reseal that completes replaces both objects, stale chunk sizes included.
+    // A republish that completes is the model's next generation, beside the old one (for
+    // its readers) until gc, which leaves only the new one.
     expect_code(
         &f.run(&[
             "seal",
@@ -575,15 +576,24 @@ fn failed_reseal_with_force_keeps_the_old_version() {
     );
     let t = expect_code(&f.run(&["verify", "s3://models/r", "--key", &key]), 0);
     assert!(t.contains(&format!("({} bytes)", v2.len())), "{t}");
-    assert_eq!(
-        names_under(&f, "r/"),
-        [
-            "r/.sealfs-manifest",
-            "r/.sealfs-manifest.sealfs-c14",
-            "r/model.bin",
-            "r/model.bin.sealfs-c14"
-        ]
+    let new = [
+        "r/.sealfs-g1/.sealfs-manifest",
+        "r/.sealfs-g1/.sealfs-manifest.sealfs-c14",
+        "r/.sealfs-g1/model.bin",
+        "r/.sealfs-g1/model.bin.sealfs-c14",
+    ];
+    let old = [
+        "r/.sealfs-manifest",
+        "r/.sealfs-manifest.sealfs-c20",
+        "r/model.bin",
+        "r/model.bin.sealfs-c20",
+    ];
+    assert_eq!(names_under(&f, "r/"), [&new[..], &old[..]].concat());
+    expect_code(
+        &f.run(&["gc", "s3://models/r", "--key", &key, "--grace", "0"]),
+        0,
     );
+    assert_eq!(names_under(&f, "r/"), new);
 }
 
 #[test]

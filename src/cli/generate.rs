@@ -26,11 +26,11 @@ pub fn run(dir: &Path) -> i32 {
             for f in files {
                 println!("{}", f.display());
             }
-            super::exit::OK
+            crate::exit::OK
         }
         Err(e) => {
             eprintln!("sealfs: error: {}: {e}", dir.display());
-            super::exit::FAILURE
+            crate::exit::FAILURE
         }
     }
 }

@@ -1,6 +1,5 @@
 //! The `sealfs` command line: parse, run, map the outcome to one line and an exit code.
 
-pub mod exit;
 pub mod generate;
 pub mod mount_opts;
 
@@ -10,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
+use crate::exit;
 use crate::keys::{KeySpec, Keyring};
 use crate::seal::{self, Cancel, SealOptions};
 use crate::store::Location;
@@ -103,6 +103,10 @@ pub enum Command {
         /// kms:<key>; repeatable. Files outside a signed model are refused.
         #[arg(long = "trust-signer")]
         trust_signers: Vec<String>,
+        /// Require every model to be the one whose manifest has this digest (sha256:HEX);
+        /// files outside a model are refused.
+        #[arg(long, value_parser = parse_digest)]
+        model_digest: Option<String>,
     },
     /// Break-glass: decrypt sealed files to a local path.
     Unseal {
@@ -112,6 +116,10 @@ pub enum Command {
         keys: Vec<String>,
         #[arg(long)]
         force: bool,
+        /// Unseal only the model whose manifest has this digest (sha256:HEX); files
+        /// outside a model are refused.
+        #[arg(long, value_parser = parse_digest)]
+        model_digest: Option<String>,
     },
     /// Mount sealed files read-only as plaintext (daemonizes once the mount is live).
     #[command(after_help = MOUNT_OPTIONS_HELP)]
@@ -389,27 +397,15 @@ fn parse_chunk_size(s: &str) -> Result<u8, String> {
 }
 
 async fn signer(spec: &str) -> Result<crate::sign::Signer> {
-    let spec: crate::sign::SignerSpec = spec.parse().map_err(sign_err)?;
-    crate::sign::Signer::resolve(&spec).await.map_err(sign_err)
+    let spec: crate::sign::SignerSpec = spec.parse().map_err(Error::from)?;
+    crate::sign::Signer::resolve(&spec)
+        .await
+        .map_err(Error::from)
 }
 
 /// The `--trust-signer` set.
 pub async fn trusted_signers(specs: &[String]) -> Result<crate::sign::TrustedSigners> {
-    let specs = specs
-        .iter()
-        .map(|s| s.parse::<crate::sign::SignerSpec>())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(sign_err)?;
-    crate::sign::TrustedSigners::resolve(&specs)
-        .await
-        .map_err(sign_err)
-}
-
-fn sign_err(e: crate::sign::SignError) -> Error {
-    match e {
-        crate::sign::SignError::Kms(k) => Error::KeySetup(k),
-        other => Error::Usage(other.to_string()),
-    }
+    Ok(crate::sign::TrustedSigners::from_uris(specs).await?)
 }
 
 async fn keyring(specs: &[String]) -> Result<Keyring> {
@@ -557,14 +553,20 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             uri,
             keys,
             trust_signers,
+            model_digest,
         } => {
             let loc = Location::parse(&uri).await?;
             let ring = keyring(&keys).await?;
-            let trusted = trusted_signers(&trust_signers).await?;
-            if let Some(why) = ring.origin_unproven(!trusted.is_empty(), false) {
+            let origin = crate::manifest::Origin {
+                signers: trusted_signers(&trust_signers).await?,
+                pin: model_digest,
+            };
+            if let Some(why) =
+                ring.origin_unproven(!origin.signers.is_empty(), origin.pin.is_some())
+            {
                 return Err(Error::Usage(why));
             }
-            let (reports, models) = seal::verify(&loc, &ring, &trusted, cancel).await?;
+            let (reports, models) = seal::verify(&loc, &ring, &origin, cancel).await?;
             for m in &models {
                 println!(
                     "model {} version {} digest sha256:{} {}",
@@ -607,13 +609,18 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             dest,
             keys,
             force,
+            model_digest,
         } => {
             let loc = Location::parse(&src).await?;
             let ring = keyring(&keys).await?;
-            if let Some(why) = ring.origin_unproven(false, false) {
+            if let Some(why) = ring.origin_unproven(false, model_digest.is_some()) {
                 eprintln!("sealfs: warning: {why}; unsealing anyway (break-glass)");
             }
-            for p in seal::unseal(&loc, &dest, &ring, force, cancel).await? {
+            let origin = crate::manifest::Origin {
+                signers: Default::default(),
+                pin: model_digest,
+            };
+            for p in seal::unseal(&loc, &dest, &ring, &origin, force, cancel).await? {
                 println!("unsealed {}", p.display());
             }
         }

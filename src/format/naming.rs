@@ -200,6 +200,35 @@ pub fn escaped(name: &str) -> String {
     name.escape_debug().to_string()
 }
 
+// Model objects: the manifest and its signature under a model root.
+
+/// Name of a model's manifest (a sealed file) under the model root.
+pub const MANIFEST_NAME: &str = ".sealfs-manifest";
+/// Name of the publisher signature object (clear JSON) under the model root.
+pub const SIGNATURE_NAME: &str = ".sealfs-manifest.sig";
+
+/// The key of `name` under model root `root`.
+pub fn under(root: &str, name: &str) -> String {
+    if root.is_empty() {
+        name.to_string()
+    } else {
+        format!("{root}/{name}")
+    }
+}
+
+/// If `key` is a model's manifest, that model's root.
+pub fn manifest_root(key: &str) -> Option<&str> {
+    if key == MANIFEST_NAME {
+        return Some("");
+    }
+    key.strip_suffix(MANIFEST_NAME)?.strip_suffix('/')
+}
+
+/// True for the names sealfs keeps for itself under a model root.
+pub fn is_reserved(base: &str) -> bool {
+    base == MANIFEST_NAME || base == SIGNATURE_NAME
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -417,16 +417,16 @@ impl SealFs {
                 data = &data[take..];
                 if filled == need {
                     let mut full: crate::cache::Reservation = slot.take().expect("slot in use");
-                    // Under --trust-signer the signed manifest's digest of this sealed chunk
-                    // first: a DEK holder can make a chunk that authenticates, not one with
-                    // the digest the publisher signed.
+                    // Under --trust-signer or --model-digest the manifest's digest of this
+                    // sealed chunk first: a DEK holder can make a chunk that authenticates,
+                    // not one with the digest the publisher signed or the operator pinned.
                     let listed = match o.digests.as_ref().map(|d| d.get(index as usize)) {
                         Some(Some(d)) if crate::crypto::chunk_digest(&full.buf()[..need]) == *d => {
                             Ok(())
                         }
                         Some(_) => Err(crate::Error::integrity(
                             &f.key,
-                            format!("chunk {index} differs from the signed model manifest"),
+                            format!("chunk {index} differs from the model manifest"),
                         )),
                         None => Ok(()),
                     };

@@ -26,6 +26,26 @@ pub enum Scope {
     Key(String),
 }
 
+/// The `sealfs revoke` calls a mount received, the latest [`REVOKE_LOG`] kept: an unwrap
+/// in flight when one arrived (an open's, or one ahead) is not yet held, so the revoke
+/// cannot reach it; it checks what it unwrapped against those issued since it started.
+#[derive(Default)]
+pub(crate) struct RevokeLog {
+    issued: u64,
+    recent: std::collections::VecDeque<(u64, Scope, String)>,
+}
+
+/// Revokes remembered for unwraps in flight (older ones: such an unwrap is revoked whole).
+const REVOKE_LOG: usize = 64;
+
+/// Whether a revoke of `scope` concerns held version `o`.
+fn hits(scope: &Scope, o: &Opened) -> bool {
+    match scope {
+        Scope::All => true,
+        Scope::Key(id) => o.file.key_object.slots.iter().any(|s| s.key_id == *id),
+    }
+}
+
 /// What one revalidation round found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Round {
@@ -109,20 +129,48 @@ impl SealFs {
 
     /// Revokes every held file in `scope` at once (`sealfs revoke`); returns how many.
     pub async fn revoke(&self, scope: &Scope, reason: &str) -> usize {
-        // Unwraps ahead that finish after this revoke drop what they unwrapped (see
-        // `SealFs::unwrap_ahead`): the panic button is not undone by a background task.
-        self.revoke_requests.fetch_add(1, Ordering::SeqCst);
+        // Logged before the held DEKs are looked at: an unwrap still in flight finds it
+        // when it ends ([`SealFs::missed_revoke`]), so the panic button is not undone by
+        // an open or an unwrap ahead that was waiting on the provider.
+        {
+            let mut log = lock(&self.revokes);
+            log.issued += 1;
+            let n = log.issued;
+            log.recent.push_back((n, scope.clone(), reason.to_string()));
+            if log.recent.len() > REVOKE_LOG {
+                log.recent.pop_front();
+            }
+        }
         let mut n = 0;
         for o in self.held() {
-            let hit = match scope {
-                Scope::All => true,
-                Scope::Key(id) => o.file.key_object.slots.iter().any(|s| s.key_id == *id),
-            };
-            if hit && self.revoke_one(&o, reason).await {
+            if hits(scope, &o) && self.revoke_one(&o, reason).await {
                 n += 1;
             }
         }
         n
+    }
+
+    /// How many revokes were issued so far: taken before an unwrap, for
+    /// [`SealFs::missed_revoke`] after it.
+    pub(super) fn revoke_epoch(&self) -> u64 {
+        lock(&self.revokes).issued
+    }
+
+    /// The reason of a revoke issued since `epoch` that concerns `o` (unwrapped meanwhile).
+    pub(super) fn missed_revoke(&self, epoch: u64, o: &Opened) -> Option<String> {
+        let log = lock(&self.revokes);
+        if log.issued == epoch {
+            return None;
+        }
+        // More revokes since than are kept: the unwrap is revoked, whatever they were.
+        if log.recent.front().is_none_or(|(n, _, _)| *n > epoch + 1) {
+            return Some("revoked while its DEK was being unwrapped".into());
+        }
+        log.recent
+            .iter()
+            .filter(|(n, scope, _)| *n > epoch && hits(scope, o))
+            .map(|(_, _, why)| format!("{why} (issued while its DEK was being unwrapped)"))
+            .next()
     }
 
     /// Revokes one held version; false if it already was.

@@ -23,15 +23,21 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 use crate::localfile::euid;
 
-/// Where this user's control sockets live: `/run/sealfs` for root, else
-/// `$XDG_RUNTIME_DIR/sealfs`, else `/tmp/sealfs-UID`.
+/// Where this user's control sockets live: `/run/sealfs` for root; else
+/// `/run/user/UID/sealfs` when the user's runtime directory exists (logind makes it, owned
+/// by the user, under a root-owned `/run/user`: nobody else can create it first); else
+/// `/tmp/sealfs-UID`. From the uid alone, never from the environment, so that `sealfs
+/// revoke` from another session (cron, ssh, sudo -u) finds the daemon's socket. Under
+/// `/tmp` another local user can create the directory first: it is then refused by name
+/// ([`check_private_dir`]), never used.
 fn socket_dir() -> PathBuf {
     let uid = euid();
     if uid == 0 {
         return PathBuf::from("/run/sealfs");
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("sealfs"),
+    let runtime = PathBuf::from(format!("/run/user/{uid}"));
+    match std::fs::symlink_metadata(&runtime) {
+        Ok(m) if m.is_dir() && m.uid() == uid => runtime.join("sealfs"),
         _ => PathBuf::from(format!("/tmp/sealfs-{uid}")),
     }
 }
@@ -62,8 +68,12 @@ fn check_private_dir(dir: &Path) -> Result<(), String> {
     let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if !m.is_dir() || m.uid() != euid() || m.mode() & 0o077 != 0 {
         return Err(format!(
-            "{} is not a directory of uid {} with mode 0700",
+            "{} is not a directory of uid {} with mode 0700 (it belongs to uid {}: another \
+             user may have created it first; remove it, or run under a login session with \
+             /run/user/{})",
             dir.display(),
+            euid(),
+            m.uid(),
             euid()
         ));
     }

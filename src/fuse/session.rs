@@ -14,8 +14,8 @@ use std::time::Duration;
 use fuser::{Config, MountOption, SessionACL};
 
 use super::adapter::Adapter;
-use crate::cli::exit;
 use crate::error::Error;
+use crate::exit;
 use crate::fs::{MountConfig, SealFs};
 use crate::keys::{KeySpec, Keyring};
 use crate::store::Location;
@@ -138,7 +138,9 @@ async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
         .into());
     }
     let keyring = Keyring::resolve(&specs).await.map_err(Error::from)?;
-    let trusted = crate::cli::trusted_signers(&args.trust_signers).await?;
+    let trusted = crate::sign::TrustedSigners::from_uris(&args.trust_signers)
+        .await
+        .map_err(Error::from)?;
     if let Some(why) =
         keyring.origin_unproven(!trusted.is_empty(), args.config.model_digest.is_some())
     {
@@ -387,8 +389,63 @@ fn serve(
     Ok(())
 }
 
+/// Detaches a dead sealfs mount at `p` (its daemon gone: every access answers ENOTCONN),
+/// so that a restarted `sealfs mount` (by hand, or systemd's `Restart=`) takes its place.
+/// Only a FUSE mount whose daemon is gone (an opendir answers ENOTCONN) is touched: it
+/// cannot serve anything any more, and the caller asked for sealfs there.
+fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
+    // A dead mount's path cannot be resolved (that is the failure): its parent can.
+    let parent = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let target = match (parent.canonicalize(), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => return Ok(()),
+    };
+    let shown = target.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let fstype = mounts
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(shown.as_str()))
+        .filter_map(|l| l.split_once(" - ").and_then(|(_, t)| t.split(' ').next()))
+        .next_back();
+    let Some(fstype) = fstype else {
+        return Ok(());
+    };
+    // Dead? An opendir goes to the daemon (a stat may be answered from the kernel's cache).
+    match std::fs::read_dir(&target) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        _ => return Ok(()), // alive (or not ours to judge): check_mountpoint says busy
+    }
+    // fusermount3 records a sealfs mount as `fuse` (or `fuse.sealfs` through mount.fuse3).
+    if fstype != "fuse" && !fstype.starts_with("fuse.") {
+        return Err(Fatal(
+            exit::USAGE,
+            format!("mount point {shown}: a dead {fstype} mount (not FUSE): detach it first"),
+        ));
+    }
+    let st = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&target)
+        .status();
+    match st {
+        Ok(st) if st.success() => {
+            tracing::warn!(mountpoint = %shown, "detached a dead sealfs mount (its daemon had exited) to mount again");
+            Ok(())
+        }
+        _ => Err(Fatal(
+            exit::FAILURE,
+            format!(
+                "mount point {shown}: a dead sealfs mount that fusermount3 -u -z could not detach"
+            ),
+        )),
+    }
+}
+
 /// The canonical mount point, or a clear reason it cannot be used.
 fn check_mountpoint(p: &Path) -> Result<PathBuf, Fatal> {
+    recover_dead_mount(p)?;
     let canon = p
         .canonicalize()
         .map_err(|e| Fatal(exit::USAGE, format!("mount point {}: {e}", p.display())))?;

@@ -463,6 +463,16 @@ impl Keyring {
         let mut dek: Option<Dek> = None;
         let mut out = Vec::with_capacity(to.keks.len());
         for target in &to.keks {
+            // A token key whose kind changed since it made this object's slots is refused.
+            if let Kek::Pkcs11(k) = target {
+                for s in ko
+                    .slots
+                    .iter()
+                    .filter(|s| s.kind == SlotKind::Pkcs11 && s.key_id == k.id())
+                {
+                    k.check_kind(&s.wrapped)?;
+                }
+            }
             if let Kek::Transit(dst) = target {
                 // The first slot under this same key, if it is trusted (in `self`).
                 let same = self.candidates(ko).find_map(|(kek, s)| match kek {

@@ -69,6 +69,18 @@ pub struct Pkcs11Uri {
     pub id: Option<Vec<u8>>,
     pub module_path: PathBuf,
     pub pin_source: Option<PathBuf>,
+    /// `type=`: which kind of object the URI names (`None`: whichever the token holds,
+    /// refused when the label names both a secret key and a key pair).
+    pub object_type: Option<ObjectType>,
+}
+
+/// An RFC 7512 `type=` a KEK may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectType {
+    /// `secret-key`: an AES key.
+    SecretKey,
+    /// `private` or `public`: a key pair (both halves are used either way).
+    Pair,
 }
 
 fn bad(uri: &str, reason: impl Into<String>) -> KeyError {
@@ -130,6 +142,7 @@ impl std::str::FromStr for Pkcs11Uri {
             id: None,
             module_path: PathBuf::new(),
             pin_source: None,
+            object_type: None,
         };
         let text = |k: &str, v: Vec<u8>| {
             String::from_utf8(v).map_err(|_| bad(s, format!("{k} is not UTF-8")))
@@ -155,9 +168,12 @@ impl std::str::FromStr for Pkcs11Uri {
                             .map_err(|_| bad(s, "slot-id is not a number"))?,
                     )
                 }
-                // The object class is found from the token; a type= is only checked to be
-                // one sealfs can use.
-                "type" if matches!(&v[..], b"secret-key" | b"private" | b"public") => {}
+                // Honoured: only objects of that kind are looked for (a key of another
+                // kind under the same label is never adopted).
+                "type" if &v[..] == b"secret-key" => u.object_type = Some(ObjectType::SecretKey),
+                "type" if matches!(&v[..], b"private" | b"public") => {
+                    u.object_type = Some(ObjectType::Pair)
+                }
                 _ => {
                     return Err(bad(
                         s,
@@ -582,17 +598,28 @@ impl Token {
     }
 }
 
-/// [`find_one`], where none is the error `missing` (as the token would answer it).
+/// The one object of `class` matching the URI that needs the PIN (`CKA_PRIVATE`): a secret
+/// or private key, never one planted without the PIN; none is the error `missing` (as the
+/// token would answer it).
 fn find_required(
     s: &Session,
     uri: &Pkcs11Uri,
     class: ObjectClass,
     missing: RvError,
 ) -> Result<ObjectHandle, CkError> {
-    find_one(s, uri, class)?.ok_or(CkError::Pkcs11(
-        missing,
-        cryptoki::context::Function::FindObjects,
-    ))
+    let mut template = uri.object_template(class);
+    template.push(Attribute::Private(true));
+    match s.find_objects(&template)?[..] {
+        [h] => Ok(h),
+        [] => Err(CkError::Pkcs11(
+            missing,
+            cryptoki::context::Function::FindObjects,
+        )),
+        _ => Err(CkError::Pkcs11(
+            RvError::KeyHandleInvalid,
+            cryptoki::context::Function::FindObjects,
+        )),
+    }
 }
 
 /// True if `wrapped` has the shape of a slot of a `kind` key: its mechanism tag, and the
@@ -622,6 +649,144 @@ fn find_one(
     }
 }
 
+/// The RSA public key a pair wraps to, captured once at resolve from the checked pair:
+/// every wrap uses these bytes, never whatever public object the token holds by then.
+#[derive(Clone)]
+struct RsaPublic {
+    modulus: Vec<u8>,
+    exponent: Vec<u8>,
+}
+
+/// A KEK found in the token (its kind and, for a pair, its public key), or why none is.
+type Found = Result<(Kind, Option<RsaPublic>), &'static str>;
+
+/// The KEK the URI names in the token; `Ok(Err(reason))` when the token holds no usable key
+/// under it.
+fn find_kek(s: &Session, u: &Pkcs11Uri) -> Result<Found, CkError> {
+    let wants = |t: ObjectType| u.object_type.is_none_or(|w| w == t);
+    let secret = match wants(ObjectType::SecretKey) {
+        true => find_one(s, u, ObjectClass::SECRET_KEY)?,
+        false => None,
+    };
+    let (public, private) = match wants(ObjectType::Pair) {
+        true => (
+            find_one(s, u, ObjectClass::PUBLIC_KEY)?,
+            find_one(s, u, ObjectClass::PRIVATE_KEY)?,
+        ),
+        false => (None, None),
+    };
+    let attrs = |h, types: &[AttributeType]| s.get_attributes(h, types);
+    let private_attr = |a: &[Attribute]| a.iter().any(|a| matches!(a, Attribute::Private(true)));
+    if let Some(h) = secret {
+        if public.is_some() || private.is_some() {
+            return Ok(Err("the URI names both a secret key and a key pair: one of them was \
+                 planted, refusing both (give type=secret-key or type=private, and remove the other)"));
+        }
+        let a = attrs(
+            h,
+            &[
+                AttributeType::KeyType,
+                AttributeType::ValueLen,
+                AttributeType::Extractable,
+                AttributeType::Private,
+            ],
+        )?;
+        if !private_attr(&a) {
+            return Ok(Err(
+                "the secret key is readable without login (CKA_PRIVATE=false): \
+                 anyone who reaches the token could have planted it; create it with \
+                 CKA_PRIVATE=true and give pin-source=",
+            ));
+        }
+        if a.iter().any(|a| matches!(a, Attribute::Extractable(true))) {
+            // Not refused (HSM backup schemes may need it), but "never leaves the HSM" is
+            // then the HSM policy's promise, not the key's.
+            tracing::warn!(key = %u.key_id(), "the token's AES key is extractable (CKA_EXTRACTABLE): create it non-extractable so it can never leave the HSM");
+        }
+        let aes = a
+            .iter()
+            .any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::AES));
+        let len32 = a
+            .iter()
+            .any(|a| matches!(a, Attribute::ValueLen(n) if u64::from(*n) == 32));
+        return Ok(if aes && len32 {
+            Ok((Kind::Aes, None))
+        } else {
+            Err("a secret key that is not AES-256")
+        });
+    }
+    let Some(h) = public.or(private) else {
+        return Ok(Err(
+            "the key is not in the token (destroyed, or not visible to this user: \
+             a key needs pin-source=)",
+        ));
+    };
+    if !attrs(h, &[AttributeType::KeyType])?
+        .iter()
+        .any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::RSA))
+    {
+        return Ok(Err(
+            "a key pair that is not RSA (EC keys sign: use --sign / --trust-signer)",
+        ));
+    }
+    // Public objects can be replaced by anyone who reaches the token, without the PIN: the
+    // pair is used only logged in, only when its private half needs the PIN, and only when
+    // the public half is the private half's.
+    let (Some(public), Some(private)) = (public, private) else {
+        return Ok(Err(
+            "an RSA key needs both halves visible: give pin-source= (the public key \
+             object alone is not a trust anchor: anyone who can reach the token may replace it)",
+        ));
+    };
+    // Each half's modulus and exponent (a private key object usually carries both too),
+    // and whether it needs the PIN.
+    let half = |h| -> Result<(Option<RsaPublic>, bool), CkError> {
+        let a = attrs(
+            h,
+            &[
+                AttributeType::Modulus,
+                AttributeType::PublicExponent,
+                AttributeType::Private,
+            ],
+        )?;
+        let needs_pin = private_attr(&a);
+        let (mut modulus, mut exponent) = (None, None);
+        for a in a {
+            match a {
+                Attribute::Modulus(v) => modulus = Some(v),
+                Attribute::PublicExponent(v) => exponent = Some(v),
+                _ => {}
+            }
+        }
+        let key = modulus.map(|modulus| RsaPublic {
+            modulus,
+            exponent: exponent.unwrap_or_default(),
+        });
+        Ok((key, needs_pin))
+    };
+    let (public, _) = half(public)?;
+    let (private, needs_pin) = half(private)?;
+    if !needs_pin {
+        return Ok(Err(
+            "the RSA private key is readable without login (CKA_PRIVATE=false): \
+             anyone who reaches the token could have planted the pair; refusing it",
+        ));
+    }
+    match (public, private) {
+        // The private object's exponent, where the token shows it, must match too.
+        (Some(p), Some(s))
+            if !p.exponent.is_empty()
+                && p.modulus == s.modulus
+                && (s.exponent.is_empty() || s.exponent == p.exponent) =>
+        {
+            Ok(Ok((Kind::Rsa, Some(p))))
+        }
+        _ => Ok(Err(
+            "the RSA public key object does not match the private key: refusing it",
+        )),
+    }
+}
+
 /// What the URI's object is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -635,6 +800,8 @@ pub struct Pkcs11Key {
     uri: Arc<Pkcs11Uri>,
     id: String,
     kind: Kind,
+    /// A pair's public key, checked at resolve: what every wrap encrypts to.
+    public: Option<RsaPublic>,
 }
 
 fn aad(ctx: &EncryptionContext) -> Vec<u8> {
@@ -709,73 +876,32 @@ async fn bounded<T: Send + 'static>(
 
 impl Pkcs11Key {
     /// Loads the module, opens (and logs in to) the token and finds the key: an AES secret
-    /// key, or else an RSA key pair whose two halves match.
+    /// key, or an RSA key pair whose two halves match, as `type=` allows. Only objects that
+    /// need the PIN (`CKA_PRIVATE`) are keys: anyone who reaches the token can create a
+    /// public one, under any label. A label naming both a secret key and a pair is refused:
+    /// one of the two was planted, and which one wraps must not depend on lookup order.
     pub async fn resolve(uri: &Pkcs11Uri) -> Result<Self, KeyError> {
         let id = uri.key_id();
         let u = Arc::new(uri.clone());
-        let (token, kind) = bounded(None, &id, "open", {
+        let (token, found) = bounded(None, &id, "open", {
             let u = u.clone();
             move || {
                 let token = Token::get(&u)?;
-                let kind = token
-                    .with(|s| {
-                        if let Some(h) = find_one(s, &u, ObjectClass::SECRET_KEY)? {
-                            let attrs = s.get_attributes(h, &[AttributeType::KeyType, AttributeType::ValueLen, AttributeType::Extractable])?;
-                            if attrs.iter().any(|a| matches!(a, Attribute::Extractable(true))) {
-                                // Not refused (HSM backup schemes may need it), but "never
-                                // leaves the HSM" is then the HSM policy's promise, not the key's.
-                                tracing::warn!(key = %u.key_id(), "the token's AES key is extractable (CKA_EXTRACTABLE): create it non-extractable so it can never leave the HSM");
-                            }
-                            let aes = attrs.iter().any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::AES));
-                            let len32 = attrs.iter().any(|a| matches!(a, Attribute::ValueLen(n) if u64::from(*n) == 32));
-                            return Ok(Some(if aes && len32 { Ok(Kind::Aes) } else { Err("a secret key that is not AES-256") }));
-                        }
-                        let public = find_one(s, &u, ObjectClass::PUBLIC_KEY)?;
-                        let private = find_one(s, &u, ObjectClass::PRIVATE_KEY)?;
-                        let Some(h) = public.or(private) else {
-                            return Ok(None);
-                        };
-                        let attrs = s.get_attributes(h, &[AttributeType::KeyType])?;
-                        if !attrs.iter().any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::RSA)) {
-                            return Ok(Some(Err("a key pair that is not RSA (EC keys sign: use --sign / --trust-signer)")));
-                        }
-                        // Public objects can be replaced by anyone who reaches the token,
-                        // without the PIN: the pair is used only logged in, and only when the
-                        // public half is the private half's.
-                        let (Some(public), Some(private)) = (public, private) else {
-                            return Ok(Some(Err("an RSA key needs both halves visible: give pin-source= (the public key object alone is not a trust anchor: anyone who can reach the token may replace it)")));
-                        };
-                        let modulus = |h| -> Result<Option<Vec<u8>>, CkError> {
-                            Ok(s.get_attributes(h, &[AttributeType::Modulus])?.into_iter().find_map(|a| match a {
-                                Attribute::Modulus(m) => Some(m),
-                                _ => None,
-                            }))
-                        };
-                        let (a, b) = (modulus(public)?, modulus(private)?);
-                        Ok(Some(if a.is_some() && a == b {
-                            Ok(Kind::Rsa)
-                        } else {
-                            Err("the RSA public key object does not match the private key: refusing it")
-                        }))
-                    })
-                    ?;
-                match kind {
-                    None => Err(Fail::Denied(
-                        "the key is not in the token (destroyed, or not visible to this user: \
-                         a private key needs pin-source=)"
-                            .into(),
-                    )),
-                    Some(Err(why)) => Err(Fail::Denied(why.into())),
-                    Some(Ok(k)) => Ok((token, k)),
+                let found = token.with(|s| find_kek(s, &u))?;
+                match found {
+                    Err(why) => Err(Fail::Denied(why.into())),
+                    Ok(found) => Ok((token, found)),
                 }
             }
         })
         .await?;
+        let (kind, public) = found;
         Ok(Self {
             token,
             uri: u,
             id,
             kind,
+            public,
         })
     }
 
@@ -787,9 +913,38 @@ impl Pkcs11Key {
         self.kind
     }
 
+    /// A slot's first byte is the kind of key that made it (01 AES-GCM, 02/03 RSA-OAEP):
+    /// a slot of this key's id made by the other kind means the token's object under the
+    /// URI changed kind, which is refused, never adopted.
+    pub fn check_kind(&self, wrapped: &[u8]) -> Result<(), KeyError> {
+        let made_by = match wrapped.first() {
+            Some(&TAG_GCM) => Kind::Aes,
+            Some(&(TAG_OAEP | TAG_OAEP_SHA1)) => Kind::Rsa,
+            _ => return Ok(()), // not a slot of any kind: refused by its shape
+        };
+        if made_by == self.kind {
+            return Ok(());
+        }
+        let name = |k| match k {
+            Kind::Aes => "an AES key",
+            Kind::Rsa => "an RSA pair",
+        };
+        Err(KeyError::Pkcs11Denied {
+            op: "unwrap",
+            key: self.id.clone(),
+            message: format!(
+                "its slots were made by {}, the token now holds {} under this URI: a change \
+                 of kind is refused",
+                name(made_by),
+                name(self.kind)
+            ),
+        })
+    }
+
     /// Encrypts the DEK inside the token (see the module docs for the bytes).
     pub async fn wrap(&self, dek: &Dek, ctx: &EncryptionContext) -> Result<Vec<u8>, KeyError> {
         let (token, uri, kind) = (self.token.clone(), self.uri.clone(), self.kind);
+        let public = self.public.clone();
         let aad = aad(ctx);
         // The DEK crosses to the blocking thread in a zeroized buffer.
         let plain = Zeroizing::new(*dek.expose());
@@ -805,28 +960,25 @@ impl Pkcs11Key {
                     Ok([&[TAG_GCM][..], &iv, &ct].concat())
                 }
                 Kind::Rsa => {
-                    let h =
-                        find_required(s, &uri, ObjectClass::PUBLIC_KEY, RvError::KeyHandleInvalid)?;
-                    let label = crate::crypto::sha256(&aad);
-                    match s.encrypt(
-                        &Mechanism::RsaPkcsOaep(oaep(TAG_OAEP, &label)),
-                        h,
-                        &plain[..],
-                    ) {
-                        Ok(ct) => Ok([&[TAG_OAEP][..], &ct].concat()),
-                        Err(CkError::Pkcs11(
-                            RvError::ArgumentsBad | RvError::MechanismParamInvalid,
-                            _,
-                        )) => {
-                            let ct = s.encrypt(
-                                &Mechanism::RsaPkcsOaep(oaep(TAG_OAEP_SHA1, &label)),
-                                h,
-                                &plain[..],
-                            )?;
-                            Ok([&[TAG_OAEP_SHA1][..], &ct].concat())
-                        }
-                        Err(e) => Err(e),
-                    }
+                    // A session object from the public key checked at resolve, never the
+                    // token's public object now (anyone may have replaced it since).
+                    let p = public.as_ref().ok_or(CkError::Pkcs11(
+                        RvError::KeyHandleInvalid,
+                        cryptoki::context::Function::CreateObject,
+                    ))?;
+                    let h = s.create_object(&[
+                        Attribute::Class(ObjectClass::PUBLIC_KEY),
+                        Attribute::KeyType(KeyType::RSA),
+                        Attribute::Token(false),
+                        Attribute::Private(false),
+                        Attribute::Encrypt(true),
+                        Attribute::Modulus(p.modulus.clone()),
+                        Attribute::PublicExponent(p.exponent.clone()),
+                    ])?;
+                    let out = rsa_wrap(s, h, &aad, &plain[..]);
+                    // Session objects go with the session anyway; a failed destroy is moot.
+                    let _ = s.destroy_object(h);
+                    out
                 }
             });
             let out = out?;
@@ -846,6 +998,7 @@ impl Pkcs11Key {
     /// Decrypts a wrapped DEK inside the token; the DEK goes straight into locked memory.
     pub async fn unwrap(&self, wrapped: &[u8], ctx: &EncryptionContext) -> Result<Dek, KeyError> {
         let fail = || KeyError::UnwrapFailed(self.id.clone());
+        self.check_kind(wrapped)?;
         if !shape_ok(self.kind, wrapped) {
             return Err(fail());
         }
@@ -890,6 +1043,24 @@ impl Pkcs11Key {
             return Err(fail());
         }
         Ok(Dek::from_slice_zeroizing(&mut plain[..])?)
+    }
+}
+
+/// RSA-OAEP of `plain` to public key `h`: SHA-256 with the context label, or, where the
+/// token refuses those parameters, SHA-1 and no label (see the module docs).
+fn rsa_wrap(s: &Session, h: ObjectHandle, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, CkError> {
+    let label = crate::crypto::sha256(aad);
+    match s.encrypt(&Mechanism::RsaPkcsOaep(oaep(TAG_OAEP, &label)), h, plain) {
+        Ok(ct) => Ok([&[TAG_OAEP][..], &ct].concat()),
+        Err(CkError::Pkcs11(RvError::ArgumentsBad | RvError::MechanismParamInvalid, _)) => {
+            let ct = s.encrypt(
+                &Mechanism::RsaPkcsOaep(oaep(TAG_OAEP_SHA1, &label)),
+                h,
+                plain,
+            )?;
+            Ok([&[TAG_OAEP_SHA1][..], &ct].concat())
+        }
+        Err(e) => Err(e),
     }
 }
 

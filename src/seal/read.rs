@@ -13,9 +13,8 @@ use super::Cancel;
 use crate::error::{Error, Result};
 use crate::format::naming;
 use crate::keys::Keyring;
-use crate::manifest::{self, Model, ModelError};
+use crate::manifest::{self, Model, ModelError, Origin};
 use crate::object::{find, read_key_object, OpenFile, SealedEntry};
-use crate::sign::TrustedSigners;
 use crate::store::Location;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -141,12 +140,13 @@ pub fn loaded_models(
 
 /// Authenticates every chunk of every sealed file at `loc`; writes no plaintext. Files of
 /// a model are checked against its manifest (present, the listed version, every chunk's
-/// digest), each model's missing files are reported, and with `trusted` signers every
-/// model must carry a signature by one of them (loose files are refused).
+/// digest), each model's missing files are reported, and with `origin` signers every
+/// model must carry a signature by one of them, with its pin it must be the pinned
+/// manifest (under either, loose files are refused).
 pub async fn verify(
     loc: &Location,
     keyring: &Keyring,
-    trusted: &TrustedSigners,
+    origin: &Origin,
     cancel: &Cancel,
 ) -> Result<(Vec<VerifyReport>, Vec<ModelReport>)> {
     let (files, manifests) = split(loc).await?;
@@ -154,7 +154,7 @@ pub async fn verify(
     let mut models: BTreeMap<String, std::result::Result<Arc<Model>, ModelError>> = BTreeMap::new();
     let mut out = Vec::new();
     for e in &files {
-        let result = verify_one(loc, e, keyring, trusted, &manifests, &mut models, cancel).await;
+        let result = verify_one(loc, e, keyring, origin, &manifests, &mut models, cancel).await;
         if matches!(result, Err(Error::Interrupted)) {
             return Err(Error::Interrupted);
         }
@@ -168,7 +168,7 @@ pub async fn verify(
     let referenced: HashSet<String> = models.keys().cloned().collect();
     for (root, m) in &manifests {
         if !models.contains_key(root) {
-            let r = load_model(loc, Some(m), root, keyring, trusted).await;
+            let r = load_model(loc, Some(m), root, keyring, origin).await;
             models.insert(root.clone(), r);
         }
     }
@@ -199,13 +199,13 @@ pub async fn verify(
 }
 
 /// The model at `root` from its listed manifest, or (a verify of part of a model) the one
-/// found by name.
+/// found by name; its signature checked with `origin`'s signers, its digest with the pin.
 async fn load_model(
     loc: &Location,
     listed: Option<&SealedEntry>,
     root: &str,
     keyring: &Keyring,
-    trusted: &TrustedSigners,
+    origin: &Origin,
 ) -> std::result::Result<Arc<Model>, ModelError> {
     let found = match listed {
         Some(m) => Some(m.clone()),
@@ -213,23 +213,24 @@ async fn load_model(
             .await
             .map_err(|e| ModelError::from_load(root, e))?,
     };
-    manifest::load(&loc.store, found.as_ref(), root, keyring, trusted)
+    let m = manifest::load(&loc.store, found.as_ref(), root, keyring, &origin.signers)
         .await
-        .map(Arc::new)
-        .map_err(|e| ModelError::from_load(root, e))
+        .map_err(|e| ModelError::from_load(root, e))?;
+    origin.check_pin(&m)?;
+    Ok(Arc::new(m))
 }
 
 async fn verify_one(
     loc: &Location,
     e: &SealedEntry,
     keyring: &Keyring,
-    trusted: &TrustedSigners,
+    origin: &Origin,
     manifests: &HashMap<String, SealedEntry>,
     models: &mut BTreeMap<String, std::result::Result<Arc<Model>, ModelError>>,
     cancel: &Cancel,
 ) -> Result<u64> {
     let ko = read_key_object(&loc.store, e).await?;
-    let digests = model_digests(loc, e, &ko, keyring, trusted, manifests, models).await?;
+    let digests = model_digests(loc, e, &ko, keyring, origin, manifests, models).await?;
     let f = OpenFile::open_parsed(ko, e, keyring).await?;
     let bad = read_all(loc, &f, digests.as_deref(), true, cancel, |_| Ok(())).await?;
     if bad.is_empty() {
@@ -255,6 +256,7 @@ pub async fn unseal(
     src: &Location,
     dest: &Path,
     keyring: &Keyring,
+    origin: &Origin,
     force: bool,
     cancel: &Cancel,
 ) -> Result<Vec<PathBuf>> {
@@ -303,10 +305,9 @@ pub async fn unseal(
     // missing is refused: an unseal is one version of each model, whole.
     let mut models = BTreeMap::new();
     let mut checked = Vec::with_capacity(list.len());
-    let none = TrustedSigners::default();
     for e in &list {
         let ko = read_key_object(&src.store, e).await?;
-        let digests = model_digests(src, e, &ko, keyring, &none, &manifests, &mut models).await?;
+        let digests = model_digests(src, e, &ko, keyring, origin, &manifests, &mut models).await?;
         checked.push((ko, digests));
     }
     let listed: HashSet<&str> = list.iter().map(|e| e.logical.as_str()).collect();
@@ -358,19 +359,19 @@ fn missing(m: &Model, key: String) -> ModelError {
 }
 
 /// The manifest's chunk digests of file `e` (whose key object is `ko`) once it is checked
-/// against its model's manifest (loaded once per model into `models`, its signature checked
-/// with `trusted` signers); `None` for a loose file, which `trusted` signers refuse.
+/// against its model's manifest (loaded once per model into `models`, checked against
+/// `origin`); `None` for a loose file, which a proof of origin refuses.
 async fn model_digests(
     loc: &Location,
     e: &SealedEntry,
     ko: &crate::format::KeyObject,
     keyring: &Keyring,
-    trusted: &TrustedSigners,
+    origin: &Origin,
     manifests: &HashMap<String, SealedEntry>,
     models: &mut BTreeMap<String, std::result::Result<Arc<Model>, ModelError>>,
 ) -> Result<Option<Vec<[u8; 32]>>> {
     let Some(root) = manifest::model_of(&e.data.key, &ko.header.context)? else {
-        if !trusted.is_empty() {
+        if origin.proven() {
             return Err(ModelError::Loose {
                 file: e.data.key.clone(),
             }
@@ -379,7 +380,7 @@ async fn model_digests(
         return Ok(None);
     };
     if !models.contains_key(&root) {
-        let r = load_model(loc, manifests.get(&root), &root, keyring, trusted).await;
+        let r = load_model(loc, manifests.get(&root), &root, keyring, origin).await;
         models.insert(root.clone(), r);
     }
     let model = models[&root].as_ref().map_err(|e| Error::from(e.clone()))?;

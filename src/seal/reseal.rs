@@ -201,7 +201,10 @@ async fn reseal_model(
             ..opts.clone()
         };
         let key = naming::generation_key(&logical, generation);
-        let new = seal_file(source, store, &key, root, to, &file_opts, cancel, &pb).await?;
+        let (new, _) = seal_file(
+            source, store, &key, root, to, &file_opts, cancel, &pb, false,
+        )
+        .await?;
         tracing::info!(file = %store.describe(&logical), generation, "resealed");
         m.files.push(FileEntry {
             path: f.path.clone(),
@@ -284,11 +287,12 @@ pub async fn gc(
     let mut out = Collected::default();
     for (root, listed) in &roots {
         let model = manifest::load(store, Some(listed), root, keyring, &none).await?;
-        let aged = listed
-            .data
-            .modified
-            .and_then(|t| now.duration_since(t).ok())
-            .is_some_and(|age| age >= grace);
+        let aged = |e: &crate::object::SealedEntry| {
+            e.data
+                .modified
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= grace)
+        };
         let paths: std::collections::HashSet<String> = model
             .manifest
             .files
@@ -300,7 +304,8 @@ pub async fn gc(
                 continue;
             }
             let is_manifest = manifest::manifest_root(&e.logical).is_some();
-            let doomed = if is_manifest || paths.contains(&e.logical) {
+            let listed_now = is_manifest || paths.contains(&e.logical);
+            let doomed = if listed_now {
                 e.generation < model.generation
             } else {
                 // Not in the model now: only a file whose header names this model (a file
@@ -311,7 +316,10 @@ pub async fn gc(
             if !doomed {
                 continue;
             }
-            if !aged {
+            // The manifest's age says how long readers may have held what it replaced. A
+            // file it does not list may also be one a republish is writing right now, for a
+            // manifest not yet in: it must have aged too.
+            if !aged(listed) || (!listed_now && !aged(e)) {
                 out.waiting.push(e.data.key.clone());
                 continue;
             }

@@ -170,13 +170,23 @@ pub async fn seal_model(
             manifest::SIGNATURE_NAME
         )));
     }
-    // A pipeline gate: seal only what training signed (DIR/model.sig, OMS), checked before
-    // anything is written.
-    if !gate.is_empty() {
-        oms::verify_dir(src, &files, gate).map_err(|e| {
-            Error::integrity(&src.display().to_string(), format!("refusing to seal: {e}"))
-        })?;
-    }
+    // A pipeline gate: seal only what training signed (DIR/model.sig, OMS). The signature
+    // and the names are checked before anything is written; the contents inside the
+    // sealing pass, from the bytes sealed, before the manifest is written.
+    let refusing = |e: oms::OmsError| {
+        Error::integrity(&src.display().to_string(), format!("refusing to seal: {e}"))
+    };
+    let statement = match gate.is_empty() {
+        true => None,
+        false => {
+            let st = oms::Statement::verify(src, gate).map_err(refusing)?;
+            st.check_names(files.iter().map(|(_, rel)| rel.as_str()))
+                .map_err(refusing)?;
+            Some(st)
+        }
+    };
+    // The SHA-256 of each file's plaintext, for the gate and for the OMS signature.
+    let hash = statement.is_some() || signer.is_some();
     // With a signer, the model's own OMS signature replaces any model.sig in SRC.
     let files: Vec<_> = match signer {
         Some(_) => files
@@ -192,16 +202,18 @@ pub async fn seal_model(
             dest.describe(root)
         )));
     }
-    // A model is replaced whole: without --force an existing one stays as it is. One that
-    // a reseal moved to generation N is replaced by generation N+1, switched to by its
-    // manifest, as a reseal does (a file in place would sit below the served generation).
+    // A model is replaced whole: without --force an existing one stays as it is. With it,
+    // generation N is replaced by generation N+1 beside it, switched to by its manifest, as
+    // a reseal does: nothing a reader holds is rewritten in place, an interrupted or
+    // refused republish leaves the served model whole, and gc never mistakes a file being
+    // written for one the model dropped.
     let current = manifest::find_manifest(&dest.store, root).await?;
     if let Some(m) = current.as_ref().filter(|_| !opts.force) {
         return Err(StoreError::Exists(dest.describe(&m.data.key)).into());
     }
     let generation = match &current {
-        Some(m) if m.generation > 0 => next_generation(root, m.generation)?,
-        _ => 0,
+        Some(m) => next_generation(root, m.generation)?,
+        None => 0,
     };
     let manifest_key =
         naming::generation_key(&manifest::under(root, manifest::MANIFEST_NAME), generation);
@@ -227,11 +239,14 @@ pub async fn seal_model(
         force: opts.force || generation > 0,
         ..opts.clone()
     };
+    let mut digests = Vec::with_capacity(files.len());
     for (path, rel) in &files {
         let key = naming::generation_key(&dest.key(rel), generation);
         pb.set_message(rel.clone());
         let source = Source::open(path)?;
-        let entry = seal_file(
+        // Boxed, as below: seal_file's future is large, and a debug build's poll frames
+        // of seal_model would otherwise hold several copies of it on the stack.
+        let (entry, sha256) = Box::pin(seal_file(
             source,
             &dest.store,
             &key,
@@ -240,7 +255,8 @@ pub async fn seal_model(
             &file_opts,
             cancel,
             &pb,
-        )
+            hash,
+        ))
         .await?;
         m.files.push(FileEntry {
             path: rel.clone(),
@@ -248,18 +264,21 @@ pub async fn seal_model(
         });
         tracing::info!(file = %dest.describe(&key), "sealed");
         written.push(key);
-    }
-    // The publisher's OMS signature over the plaintext (model_signing verifies it on the
-    // mount), sealed like the other files and listed in the manifest.
-    if let Some(signer) = signer {
-        let mut digests = Vec::with_capacity(files.len());
-        for (path, rel) in &files {
-            let d = oms::file_sha256(path).map_err(|source| Error::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+        if let Some(d) = sha256 {
             digests.push((rel.clone(), d));
         }
+    }
+    if let Some(st) = &statement {
+        if let Err(e) = st.check(&digests) {
+            // A file changed after the gate's first look: what was written goes, and the
+            // model served (if any) stays as it was.
+            discard(&dest.store, &written, opts.chunk_log2).await;
+            return Err(refusing(e));
+        }
+    }
+    // The publisher's OMS signature over the plaintext sealed (model_signing verifies it
+    // on the mount), sealed like the other files and listed in the manifest.
+    if let Some(signer) = signer {
         let name = src
             .canonicalize()
             .ok()
@@ -271,7 +290,7 @@ pub async fn seal_model(
             .map_err(|e| Error::Usage(format!("signing the OMS signature: {e}")))?;
         let key = naming::generation_key(&dest.key(oms::SIGNATURE_FILE), generation);
         let source = Source::Mem(zeroize::Zeroizing::new(bundle));
-        let entry = seal_file(
+        let (entry, _) = Box::pin(seal_file(
             source,
             &dest.store,
             &key,
@@ -280,7 +299,8 @@ pub async fn seal_model(
             &plain_force(opts),
             cancel,
             &pb,
-        )
+            false,
+        ))
         .await?;
         m.files.push(FileEntry {
             path: oms::SIGNATURE_FILE.to_string(),
@@ -288,7 +308,7 @@ pub async fn seal_model(
         });
         written.push(key);
     }
-    let (digest, signed_by) = commit_manifest(
+    let (digest, signed_by) = Box::pin(commit_manifest(
         &dest.store,
         &m,
         generation,
@@ -297,7 +317,7 @@ pub async fn seal_model(
         opts,
         cancel,
         &pb,
-    )
+    ))
     .await?;
     pb.finish_and_clear();
     Ok(SealedModel {
@@ -359,6 +379,7 @@ pub(super) async fn commit_manifest(
         &plain,
         cancel,
         pb,
+        false,
     )
     .await?;
     if signer.is_none() {
@@ -410,12 +431,18 @@ pub(super) enum Source {
 }
 
 impl Source {
+    /// A regular file, never through a symlink: the one descriptor it is sealed (and
+    /// hashed) from.
     fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
+        let shown = path.display().to_string();
+        let (file, _) = crate::localfile::open_regular(path).map_err(|e| match e {
+            crate::localfile::OpenError::Io(source) => Error::Io {
+                path: shown.clone(),
+                source,
+            },
+            e => Error::Usage(format!("{shown}: {e}")),
         })?;
-        Ok(Source::File(file, path.display().to_string()))
+        Ok(Source::File(file, shown))
     }
 
     fn len(&self) -> Result<u64> {
@@ -464,7 +491,8 @@ pub(super) async fn seal_file(
     opts: &SealOptions,
     cancel: &Cancel,
     pb: &indicatif::ProgressBar,
-) -> Result<FileEntry> {
+    hash: bool,
+) -> Result<(FileEntry, Option<[u8; 32]>)> {
     let old = existing(store, key).await?;
     if !old.is_empty() && !opts.force {
         return Err(StoreError::Exists(store.describe(key)).into());
@@ -515,6 +543,7 @@ pub(super) async fn seal_file(
         file_id,
         chunks_per_part: chunks_per_part(&layout, opts.part_size),
         chunk_digests: std::sync::Mutex::new(vec![[0u8; 32]; layout.chunk_count() as usize]),
+        plain_sha256: hash.then(InOrder::default),
     });
     let staged = async {
         tokio::select! {
@@ -537,6 +566,9 @@ pub(super) async fn seal_file(
     let previous = match staged {
         Ok(p) => p,
         Err(e) => {
+            if let Some(h) = &job.plain_sha256 {
+                h.abandon();
+            }
             abort(store, key, upload).await;
             return Err(e);
         }
@@ -572,7 +604,8 @@ pub(super) async fn seal_file(
         store.delete(k).await?;
     }
     let chunks = std::mem::take(&mut *job.chunk_digests.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(FileEntry {
+    let sha256 = job.plain_sha256.as_ref().map(InOrder::finish);
+    let entry = FileEntry {
         path: key.to_string(),
         file_id: hex::encode(file_id),
         header_sha256: hex::encode(digest),
@@ -581,7 +614,24 @@ pub(super) async fn seal_file(
         plaintext_size: layout.plaintext_size(),
         object_size: layout.object_size(),
         chunks: chunks.into_iter().map(manifest::Digest).collect(),
-    })
+    };
+    Ok((entry, sha256))
+}
+
+/// Deletes sealed files written by a seal that is refused before its manifest (their data
+/// and key objects); a delete that fails is only logged (what is left is never served: no
+/// manifest lists it).
+async fn discard(store: &Store, written: &[String], chunk_log2: u8) {
+    for key in written {
+        for k in [key.clone(), naming::key_object_name(key, chunk_log2)] {
+            match store.delete(&k).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(object = %store.describe(&k), error = %e, "could not delete")
+                }
+            }
+        }
+    }
 }
 
 async fn abort(store: &Store, key: &str, upload: crate::store::Upload) {
@@ -608,6 +658,70 @@ struct PartJob {
     chunks_per_part: u64,
     /// SHA-256 of each sealed chunk, for the manifest.
     chunk_digests: std::sync::Mutex<Vec<[u8; 32]>>,
+    /// SHA-256 of the plaintext as it was read to be sealed (seal gate, OMS signature).
+    plain_sha256: Option<InOrder>,
+}
+
+/// SHA-256 of a file's plaintext fed by parts sealed in parallel: part `p` hashes its bytes
+/// once parts `0..p` have (each waits its turn), so the digest is of exactly the bytes
+/// that were sealed, read once, from the one descriptor.
+struct InOrder {
+    state: std::sync::Mutex<(u64, Option<ring::digest::Context>)>,
+    turn: std::sync::Condvar,
+}
+
+impl Default for InOrder {
+    fn default() -> Self {
+        Self {
+            state: std::sync::Mutex::new((
+                0,
+                Some(ring::digest::Context::new(&ring::digest::SHA256)),
+            )),
+            turn: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl InOrder {
+    /// Hashes part `p`'s `pieces` in its turn. Parts start in order (and each hashes before
+    /// it seals or uploads), so the wait is for parts already running; once the file is
+    /// abandoned (an error elsewhere), it returns at once.
+    fn feed<'a>(&self, p: u64, pieces: impl Iterator<Item = &'a [u8]>) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.0 != p && st.1.is_some() {
+            st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let Some(ctx) = st.1.as_mut() else {
+            return Err(Error::Interrupted);
+        };
+        for piece in pieces {
+            ctx.update(piece);
+        }
+        st.0 += 1;
+        self.turn.notify_all();
+        Ok(())
+    }
+
+    /// Wakes every part waiting for its turn, which then fails: the file is not sealed.
+    fn abandon(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = None;
+        self.turn.notify_all();
+    }
+
+    /// The digest, once every part was fed.
+    fn finish(&self) -> [u8; 32] {
+        let ctx = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .take();
+        let mut out = [0u8; 32];
+        if let Some(ctx) = ctx {
+            out.copy_from_slice(ctx.finish().as_ref());
+        }
+        out
+    }
 }
 
 impl PartJob {
@@ -632,6 +746,17 @@ impl PartJob {
         if let (Source::Sealed { file, digests }, Some(buf)) = (&self.file, sealed) {
             return self.reseal(p, file, digests, buf);
         }
+        let built = self.seal_part(p);
+        if let (Err(_), Some(h)) = (&built, &self.plain_sha256) {
+            // Parts after this one must not wait for its turn.
+            h.abandon();
+        }
+        built
+    }
+
+    /// [`PartJob::build`] from a local source: read, hashed in turn if asked, sealed in
+    /// place.
+    fn seal_part(&self, p: u64) -> Result<(u64, Bytes, u64)> {
         let (first, last) = self.chunks(p);
         let (mut start, end) = self.layout.cipher_range(first, last);
         let mut buf = Vec::with_capacity((end - start + PRELUDE_LEN) as usize);
@@ -645,22 +770,33 @@ impl PartJob {
             start = 0;
         }
         let mut plain_bytes = 0;
+        let base = buf.len();
         for i in first..=last {
             let n = self.layout.chunk_plain_len(i);
             let at = buf.len();
             buf.resize(at + n + TAG_LEN as usize, 0);
             self.file
                 .read_exact_at(&mut buf[at..at + n], i << self.layout.chunk_log2())?;
-            seal_chunk(
-                &self.keys,
-                &self.digest,
-                i,
-                self.layout.is_last(i),
-                &mut buf[at..],
-            );
-            let d = crate::crypto::chunk_digest(&buf[at..]);
+        }
+        if let Some(h) = &self.plain_sha256 {
+            let mut at = base;
+            let pieces = (first..=last).map(|i| {
+                let n = self.layout.chunk_plain_len(i);
+                let piece = &buf[at..at + n];
+                at += n + TAG_LEN as usize;
+                piece
+            });
+            h.feed(p, pieces)?;
+        }
+        let mut at = base;
+        for i in first..=last {
+            let n = self.layout.chunk_plain_len(i);
+            let chunk = &mut buf[at..at + n + TAG_LEN as usize];
+            seal_chunk(&self.keys, &self.digest, i, self.layout.is_last(i), chunk);
+            let d = crate::crypto::chunk_digest(chunk);
             self.chunk_digests.lock().unwrap_or_else(|p| p.into_inner())[i as usize] = d;
             plain_bytes += n as u64;
+            at += chunk.len();
         }
         Ok((start, Bytes::from(buf), plain_bytes))
     }

@@ -236,6 +236,15 @@ pub struct TrustedSigners {
 }
 
 impl TrustedSigners {
+    /// The signers of `--trust-signer` URIs, parsed and resolved.
+    pub async fn from_uris(uris: &[String]) -> Result<Self, SignError> {
+        let specs = uris
+            .iter()
+            .map(|s| s.parse::<SignerSpec>())
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::resolve(&specs).await
+    }
+
     pub async fn resolve(specs: &[SignerSpec]) -> Result<Self, SignError> {
         let mut keys = Vec::new();
         for spec in specs {

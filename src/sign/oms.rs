@@ -110,24 +110,6 @@ pub async fn bundle(signer: &Signer, payload: &[u8]) -> Result<Vec<u8>, super::S
     Ok(serde_json::to_vec(&v).expect("a bundle always serializes"))
 }
 
-/// SHA-256 of a whole file.
-pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    Ok(out)
-}
-
 /// True for a relative path `model_signing` leaves out.
 fn ignored(rel: &str, extra: &[String]) -> bool {
     let first = rel.split('/').next().unwrap_or(rel);
@@ -137,105 +119,136 @@ fn ignored(rel: &str, extra: &[String]) -> bool {
             .any(|p| rel == p || rel.starts_with(&format!("{p}/")))
 }
 
-/// Verifies `dir/model.sig` against `trusted` and the files of `dir` (`files`: every
-/// regular file under it as (path, relative name)), as `model_signing verify key` does: the
-/// signature, the statement, and exactly the listed files with exactly those digests.
-pub fn verify_dir(
-    dir: &Path,
-    files: &[(std::path::PathBuf, String)],
-    trusted: &TrustedSigners,
-) -> Result<(), OmsError> {
-    use base64::Engine;
-    let sig_path = dir.join(SIGNATURE_FILE);
-    let shown = sig_path.display().to_string();
-    let bad = |why: &str| OmsError::Malformed(shown.clone(), why.to_string());
-    // Opened once (no check-then-read race), read no further than the bound.
-    let (f, _) = crate::localfile::open_regular(&sig_path)
-        .map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_BUNDLE_LEN + 1), &mut bytes)
-        .map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
-    if bytes.len() as u64 > MAX_BUNDLE_LEN {
-        return Err(bad("larger than a model.sig can be"));
-    }
-    let b: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
-    if b["mediaType"] != MEDIA_TYPE {
-        return Err(bad("not a Sigstore bundle v0.3"));
-    }
-    let env = &b["dsseEnvelope"];
-    if env["payloadType"] != PAYLOAD_TYPE {
-        return Err(bad("payload is not an in-toto statement"));
-    }
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let payload = b64
-        .decode(env["payload"].as_str().unwrap_or(""))
-        .map_err(|_| bad("payload is not base64"))?;
-    let sig = b64
-        .decode(env["signatures"][0]["sig"].as_str().unwrap_or(""))
-        .map_err(|_| bad("signature is not base64"))?;
-    let signed = pae(&payload);
-    if !trusted.verifies(&signed, &sig) {
-        return Err(OmsError::Untrusted(shown, trusted.ids().join(", ")));
-    }
-    let s: Value = serde_json::from_slice(&payload).map_err(|e| bad(&e.to_string()))?;
-    if s["_type"] != STATEMENT_TYPE || s["predicateType"] != PREDICATE_TYPE {
-        return Err(bad("not a model_signing v1.0 statement"));
-    }
-    let ser = &s["predicate"]["serialization"];
-    if ser["method"] != "files" || ser["hash_type"] != "sha256" {
-        return Err(bad("only the \"files\"/sha256 serialization is supported"));
-    }
-    let extra: Vec<String> = ser["ignore_paths"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.as_str().map(str::to_string))
-        .collect();
-    let mut listed = std::collections::BTreeMap::new();
-    let mut root = Vec::new();
-    for r in s["predicate"]["resources"].as_array().into_iter().flatten() {
-        let (Some(name), Some(d)) = (r["name"].as_str(), r["digest"].as_str()) else {
-            return Err(bad("a resource without name or digest"));
-        };
-        let digest = hex::decode(d).map_err(|_| bad("a digest is not hex"))?;
-        if r["algorithm"] != "sha256" || digest.len() != 32 {
-            return Err(bad("a resource is not sha256"));
+/// What a `model.sig` that verified says the model's files are: each relative name and the
+/// SHA-256 of its content. A seal gate checks it against the digests of the bytes it
+/// actually sealed, computed from the one descriptor each file was sealed from, never a
+/// reopened path (a file swapped after the check would be sealed, and signed, unchecked).
+pub struct Statement {
+    shown: String,
+    listed: std::collections::BTreeMap<String, Vec<u8>>,
+    /// `ignore_paths`: names the statement does not cover.
+    ignore: Vec<String>,
+}
+
+impl Statement {
+    /// Verifies `dir/model.sig` against `trusted`, as `model_signing verify key` does: the
+    /// signature and the statement. Reads no other file.
+    pub fn verify(dir: &Path, trusted: &TrustedSigners) -> Result<Self, OmsError> {
+        use base64::Engine;
+        let sig_path = dir.join(SIGNATURE_FILE);
+        let shown = sig_path.display().to_string();
+        let bad = |why: &str| OmsError::Malformed(shown.clone(), why.to_string());
+        // Opened once (no check-then-read race), read no further than the bound.
+        let (f, _) = crate::localfile::open_regular(&sig_path)
+            .map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_BUNDLE_LEN + 1), &mut bytes)
+            .map_err(|e| OmsError::Io(shown.clone(), e.to_string()))?;
+        if bytes.len() as u64 > MAX_BUNDLE_LEN {
+            return Err(bad("larger than a model.sig can be"));
         }
-        root.extend_from_slice(&digest);
-        listed.insert(name.to_string(), digest);
-    }
-    let subject = s["subject"][0]["digest"]["sha256"].as_str().unwrap_or("");
-    if s["subject"].as_array().map(Vec::len) != Some(1)
-        || subject != hex::encode(crate::crypto::sha256(&root))
-    {
-        return Err(bad("the statement's subject does not match its resources"));
-    }
-    let mut present = std::collections::BTreeSet::new();
-    for (path, rel) in files {
-        if ignored(rel, &extra) {
-            continue;
+        let b: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
+        if b["mediaType"] != MEDIA_TYPE {
+            return Err(bad("not a Sigstore bundle v0.3"));
         }
-        present.insert(rel.clone());
-        let Some(want) = listed.get(rel) else {
-            return Err(OmsError::Mismatch(
-                shown,
-                rel.clone(),
-                "not in the signature",
-            ));
-        };
-        let got = file_sha256(path).map_err(|e| OmsError::Io(rel.clone(), e.to_string()))?;
-        if got[..] != want[..] {
-            return Err(OmsError::Mismatch(shown, rel.clone(), "content changed"));
+        let env = &b["dsseEnvelope"];
+        if env["payloadType"] != PAYLOAD_TYPE {
+            return Err(bad("payload is not an in-toto statement"));
         }
-    }
-    if let Some(missing) = listed.keys().find(|k| !present.contains(*k)) {
-        return Err(OmsError::Mismatch(
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let payload = b64
+            .decode(env["payload"].as_str().unwrap_or(""))
+            .map_err(|_| bad("payload is not base64"))?;
+        let sig = b64
+            .decode(env["signatures"][0]["sig"].as_str().unwrap_or(""))
+            .map_err(|_| bad("signature is not base64"))?;
+        let signed = pae(&payload);
+        if !trusted.verifies(&signed, &sig) {
+            return Err(OmsError::Untrusted(shown, trusted.ids().join(", ")));
+        }
+        let s: Value = serde_json::from_slice(&payload).map_err(|e| bad(&e.to_string()))?;
+        if s["_type"] != STATEMENT_TYPE || s["predicateType"] != PREDICATE_TYPE {
+            return Err(bad("not a model_signing v1.0 statement"));
+        }
+        let ser = &s["predicate"]["serialization"];
+        if ser["method"] != "files" || ser["hash_type"] != "sha256" {
+            return Err(bad("only the \"files\"/sha256 serialization is supported"));
+        }
+        let ignore: Vec<String> = ser["ignore_paths"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect();
+        let mut listed = std::collections::BTreeMap::new();
+        let mut root = Vec::new();
+        for r in s["predicate"]["resources"].as_array().into_iter().flatten() {
+            let (Some(name), Some(d)) = (r["name"].as_str(), r["digest"].as_str()) else {
+                return Err(bad("a resource without name or digest"));
+            };
+            let digest = hex::decode(d).map_err(|_| bad("a digest is not hex"))?;
+            if r["algorithm"] != "sha256" || digest.len() != 32 {
+                return Err(bad("a resource is not sha256"));
+            }
+            root.extend_from_slice(&digest);
+            listed.insert(name.to_string(), digest);
+        }
+        let subject = s["subject"][0]["digest"]["sha256"].as_str().unwrap_or("");
+        if s["subject"].as_array().map(Vec::len) != Some(1)
+            || subject != hex::encode(crate::crypto::sha256(&root))
+        {
+            return Err(bad("the statement's subject does not match its resources"));
+        }
+        Ok(Self {
             shown,
-            missing.clone(),
-            "listed but missing",
-        ));
+            listed,
+            ignore,
+        })
     }
-    Ok(())
+
+    /// The names, before anything is read: exactly the listed files (`rels`: every regular
+    /// file of the directory, relative), none extra, none missing.
+    pub fn check_names<'a>(&self, rels: impl Iterator<Item = &'a str>) -> Result<(), OmsError> {
+        let mut present = std::collections::BTreeSet::new();
+        for rel in rels.filter(|r| !ignored(r, &self.ignore)) {
+            if !self.listed.contains_key(rel) {
+                return Err(OmsError::Mismatch(
+                    self.shown.clone(),
+                    rel.to_string(),
+                    "not in the signature",
+                ));
+            }
+            present.insert(rel);
+        }
+        match self.listed.keys().find(|k| !present.contains(k.as_str())) {
+            Some(missing) => Err(OmsError::Mismatch(
+                self.shown.clone(),
+                missing.clone(),
+                "listed but missing",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The contents: `got` holds each file's relative name and the SHA-256 of the bytes
+    /// that were sealed; exactly the listed files with exactly the listed digests.
+    pub fn check(&self, got: &[(String, [u8; 32])]) -> Result<(), OmsError> {
+        self.check_names(got.iter().map(|(r, _)| r.as_str()))?;
+        for (rel, digest) in got.iter().filter(|(r, _)| !ignored(r, &self.ignore)) {
+            if self
+                .listed
+                .get(rel)
+                .is_none_or(|want| want[..] != digest[..])
+            {
+                return Err(OmsError::Mismatch(
+                    self.shown.clone(),
+                    rel.clone(),
+                    "content changed",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

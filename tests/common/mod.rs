@@ -269,6 +269,21 @@ impl Stack {
         aws_sdk_s3::Client::from_conf(conf)
     }
 
+    /// Deletes every object of `bucket` whose key starts with `prefix`, as a bucket writer can.
+    pub async fn delete_prefix(&self, bucket: &str, prefix: &str) {
+        let s3 = self.s3().await;
+        for (key, _) in self.keys_in(bucket).await {
+            if key.starts_with(prefix) {
+                s3.delete_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     pub async fn kms(&self) -> aws_sdk_kms::Client {
         aws_sdk_kms::Client::new(&self.sdk().await)
     }

@@ -23,7 +23,9 @@ Control API (on the same port, never forwarded):
                                                  S, e.g. one KMS key id),
                                       "path": S (optional: only requests whose URL path
                                                  holds S, e.g. one object's name),
-                                      "delay": seconds (optional)}
+                                      "delay": seconds (optional),
+                                      "rate": P (optional: each matching request with
+                                                 probability P, for soak runs)}
   POST /__proxy/strip-list-etags  -> LIST answers lose their ETags (until reset)
   POST /__proxy/list-mode  JSON   -> {"endless": "fresh" | "same", "objects": N (default 0)}:
                                      every ListObjectsV2 is answered here, never forwarded,
@@ -49,6 +51,7 @@ import html
 import http.client
 import http.server
 import json
+import random
 import re
 import secrets
 import socket
@@ -57,6 +60,7 @@ import time
 import urllib.parse
 
 LOCK = threading.Lock()
+RNG = random.Random()
 CLEAN = {
     "faults": [],
     "strip_list_etags": False,
@@ -149,6 +153,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if f.get("path") and f["path"] not in urllib.parse.unquote(self.path.split("?")[0]):
                     continue
                 if f.get("match") in names and f.get("times", 1) != 0:
+                    if "rate" in f and RNG.random() >= float(f["rate"]):
+                        continue
                     if "times" in f:
                         f["times"] -= 1
                     return f

@@ -1,4 +1,6 @@
-//! Exit codes: a stable part of the CLI (docs/CLI.md).
+//! Exit codes: a stable part of the CLI (docs/CLI.md). A module of its own, under both
+//! the CLI and the mount session (whose daemonized child reports its code to the parent
+//! over a pipe), so that neither imports the other.
 
 use crate::error::Error;
 

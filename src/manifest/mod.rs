@@ -14,12 +14,13 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::format::naming;
+// The names of a model's objects live with the other names; kept here for callers.
+pub use crate::format::naming::{is_reserved, manifest_root, under, MANIFEST_NAME, SIGNATURE_NAME};
+pub use error::{ModelError, Unreadable};
+
+pub mod error;
 use crate::sign::TrustedSigners;
 
-/// Name of a model's manifest (a sealed file) under the model root.
-pub const MANIFEST_NAME: &str = ".sealfs-manifest";
-/// Name of the publisher signature object (clear JSON) under the model root.
-pub const SIGNATURE_NAME: &str = ".sealfs-manifest.sig";
 /// Largest manifest accepted (about a million chunks: 1 TiB at 1 MiB chunks).
 pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
 /// Largest signature object accepted.
@@ -31,28 +32,6 @@ pub const FORMAT: &str = "sealfs-manifest-v1";
 pub const SIG_FORMAT: &str = "sealfs-signature-v1";
 const ALGORITHM: &str = "ecdsa-p256-sha256";
 const CHUNK_DIGEST: &str = "blake3";
-
-/// The key of `name` under model root `root`.
-pub fn under(root: &str, name: &str) -> String {
-    if root.is_empty() {
-        name.to_string()
-    } else {
-        format!("{root}/{name}")
-    }
-}
-
-/// If `key` is a model's manifest, that model's root.
-pub fn manifest_root(key: &str) -> Option<&str> {
-    if key == MANIFEST_NAME {
-        return Some("");
-    }
-    key.strip_suffix(MANIFEST_NAME)?.strip_suffix('/')
-}
-
-/// True for the names sealfs keeps for itself under a model root.
-pub fn is_reserved(base: &str) -> bool {
-    base == MANIFEST_NAME || base == SIGNATURE_NAME
-}
 
 /// A model manifest (its plaintext is this, as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,93 +91,7 @@ impl<'de> Deserialize<'de> for Digest {
     }
 }
 
-/// Why a model, or one file of it, is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ModelError {
-    #[error("model {model}: manifest malformed: {reason}")]
-    Malformed { model: String, reason: String },
-    #[error("model {model}: manifest missing (its files name it as their model)")]
-    MissingManifest { model: String },
-    #[error(
-        "model {model}: not signed (no {SIGNATURE_NAME}), and --trust-signer requires a signature"
-    )]
-    Unsigned { model: String },
-    #[error(
-        "model {model}: signed by {found}, which is not a trusted signer (trusted: {trusted})"
-    )]
-    UntrustedSigner {
-        model: String,
-        found: String,
-        trusted: String,
-    },
-    #[error("model {model}: the signature does not cover this manifest (altered)")]
-    Altered { model: String },
-    #[error("{file}: {reason}")]
-    File { file: String, reason: String },
-    #[error("{file}: not part of a signed model, and --trust-signer requires one")]
-    Loose { file: String },
-    #[error("model {model}: manifest digest sha256:{found} is not the pinned sha256:{pinned} (--model-digest)")]
-    NotPinned {
-        model: String,
-        found: String,
-        pinned: String,
-    },
-    #[error("model {model}: manifest unreadable: {reason}")]
-    Unreadable {
-        model: String,
-        reason: String,
-        class: Unreadable,
-    },
-    #[error("model {model}: manifest version {found} generation {found_generation} is older than version {served} generation {served_generation} already served (rollback)")]
-    Rollback {
-        model: String,
-        found: u64,
-        found_generation: u32,
-        served: u64,
-        served_generation: u32,
-    },
-}
-
-/// Why a manifest could not be read, for exit codes and retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unreadable {
-    /// Bytes failed authentication or parsing.
-    Tampered,
-    /// A key refused.
-    Denied,
-    /// KMS failed (after bounded retries).
-    Unavailable,
-    /// The store failed or answered wrongly.
-    Store,
-}
-
 impl ModelError {
-    /// True when bytes were tampered with (exit 3 at the CLI).
-    pub fn is_tampering(&self) -> bool {
-        match self {
-            ModelError::Unreadable { class, .. } => *class == Unreadable::Tampered,
-            other => !other.is_untrusted(),
-        }
-    }
-
-    /// True when the refusal is about trust (no signature, an untrusted signer, a loose
-    /// file under --trust-signer): exit 4 at the CLI. Every model refusal is EACCES at the
-    /// mount; the others are tampering (exit 3).
-    pub fn is_untrusted(&self) -> bool {
-        matches!(
-            self,
-            ModelError::Unsigned { .. }
-                | ModelError::NotPinned { .. }
-                | ModelError::UntrustedSigner { .. }
-                | ModelError::Loose { .. }
-                | ModelError::Unreadable {
-                    class: Unreadable::Denied,
-                    ..
-                }
-        )
-    }
-
     /// Any error of loading model `root`, as a model error.
     pub fn from_load(root: &str, e: crate::Error) -> Self {
         match e {
@@ -392,6 +285,35 @@ pub struct Model {
     /// The generation of the manifest object (0, or N for `ROOT/.sealfs-gN/`): every file
     /// it lists is of the same generation (reseal and republish write a model whole).
     pub generation: u32,
+}
+
+/// What proves who published a model, besides the KEK that opens it: trusted signers
+/// (`--trust-signer`) and a pinned manifest digest (`--model-digest`). Under either, a file
+/// outside a model is refused and every chunk is checked against the manifest.
+#[derive(Default)]
+pub struct Origin {
+    pub signers: TrustedSigners,
+    /// Hex SHA-256 of the one manifest accepted.
+    pub pin: Option<String>,
+}
+
+impl Origin {
+    /// True under trusted signers or a pin.
+    pub fn proven(&self) -> bool {
+        !self.signers.is_empty() || self.pin.is_some()
+    }
+
+    /// The pin's refusal of `m`, if it is pinned to another manifest.
+    pub fn check_pin(&self, m: &Model) -> Result<(), ModelError> {
+        match &self.pin {
+            Some(pin) if *pin != m.digest => Err(ModelError::NotPinned {
+                model: m.root.clone(),
+                found: m.digest.clone(),
+                pinned: pin.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Model {
