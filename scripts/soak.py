@@ -3,7 +3,8 @@
 
 One `sealfs mount` of an S3 prefix (moto_server behind tests/tools/fault_proxy.py, on
 127.0.0.1 only) holding M single-file models, half under KMS key A and half under key B,
-read through a small chunk cache by N reader processes:
+read through a small chunk cache by N reader processes (each pass drops the file's pages
+from the kernel's page cache first, so that it reads through the daemon):
   * sequential: the whole file in 1 MiB reads,
   * random: 16 reads of 4 KiB..4 MiB at random offsets,
   * mmap: the whole file through a private mapping (in a forked child: a page the daemon
@@ -82,6 +83,16 @@ def http(port, method, path, body=b""):
 # ---------------------------------------------------------------- readers
 
 
+def diagnose(i, v, off, got, want, size):
+    """A wrong read, described: where it first differs, and whose bytes it got instead."""
+    exp = want[off:off + len(got)]
+    first = next((k for k in range(len(got)) if got[k] != exp[k]), len(got))
+    whose = [w for w in range(0, v + 8) if w != v and content(i, w, size)[off:off + len(got)] == got]
+    return {"file": i, "version": v, "offset": off, "len": len(got),
+            "first_diff_at": off + first, "zeros_there": not any(got[first:first + 4096]) if got else None,
+            "bytes_of_version": whose}
+
+
 def reader(idx, mode, files, mnt, size, deadline, hang_bound, out):
     """Passes over random files until the deadline; results into the queue `out`."""
     rng = random.Random(idx)
@@ -114,6 +125,9 @@ def reader(idx, mode, files, mnt, size, deadline, hang_bound, out):
             time.sleep(0.2)
             continue
         try:
+            # The kernel's page cache would answer most reads without the daemon: drop this
+            # file's pages first, so every pass reads through sealfs (mmap faults too).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             head = timed(os.pread, fd, HEADER, 0)
             named = version_of(head)
             if named is None or named[0] != i:
@@ -125,7 +139,7 @@ def reader(idx, mode, files, mnt, size, deadline, hang_bound, out):
                 while off < size:
                     got = timed(os.pread, fd, MIB, off)
                     if got != want[off:off + len(got)] or not got:
-                        stats["wrong"].append({"file": i, "version": named[1], "offset": off})
+                        stats["wrong"].append(diagnose(i, named[1], off, got, want, size))
                         break
                     off += len(got)
                     stats["bytes"] += len(got)
@@ -134,10 +148,15 @@ def reader(idx, mode, files, mnt, size, deadline, hang_bound, out):
                     n = rng.randint(4096, 4 * MIB)
                     off = rng.randrange(0, size)
                     got = timed(os.pread, fd, n, off)
-                    if got != want[off:off + n]:
-                        stats["wrong"].append({"file": i, "version": named[1], "offset": off})
+                    if got != want[off:off + len(got)] or (not got and off < size):
+                        stats["wrong"].append(diagnose(i, named[1], off, got, want, size))
                         break
                     stats["bytes"] += len(got)
+                    if len(got) < min(n, size - off):
+                        # Some pages, then an error (a revoked key): POSIX's short read;
+                        # the next read of the rest gets the error itself.
+                        err("short read")
+                        break
             else:  # mmap, in a child: SIGBUS there is an error, not the reader's end
                 t = time.monotonic()
                 pid = os.fork()
@@ -273,7 +292,7 @@ class Run:
         return {"rss_mib": field("VmRSS:") / 1024, "threads": field("Threads:"),
                 "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
-    def cleanup(self):
+    def cleanup(self, keep=False):
         if self.daemon and self.daemon.poll() is None:
             self.daemon.send_signal(signal.SIGTERM)
             try:
@@ -284,7 +303,10 @@ class Run:
         for p in self.procs:
             p.kill()
             p.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if keep:
+            print(f"soak: kept {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def main():
@@ -297,6 +319,7 @@ def main():
     ap.add_argument("--hang-bound", type=float, default=90.0)
     ap.add_argument("--sealfs", default=os.path.join(ROOT, "target/debug/sealfs"))
     ap.add_argument("--report")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     a = ap.parse_args()
     run = Run(a)
     report = {"seconds": a.seconds, "readers": a.readers, "files": a.files,
@@ -372,6 +395,7 @@ def main():
                 p.kill()
         if hung:
             failures.append(f"{len(hung)} reader(s) still blocked {a.hang_bound:.0f} s after the deadline")
+        proxy = json.loads(http(run.proxy, "GET", "/__proxy/counts")[1])
         run.faults(False)
         if not enabled_again:
             run.kms.enable_key(KeyId=run.keys[0])
@@ -418,7 +442,6 @@ def main():
             failures.append(f"slowest read {total['slowest']:.1f} s > {a.hang_bound} s")
         if total["passes"] == 0:
             failures.append("no reader finished a pass")
-        proxy = json.loads(http(run.proxy, "GET", "/__proxy/counts")[1])
         report.update({
             "passes": total["passes"], "bytes_read": total["bytes"],
             "wrong_bytes_reads": len(total["wrong"]), "errors": total["errors"],
@@ -430,7 +453,7 @@ def main():
             "failures": failures,
         })
     finally:
-        run.cleanup()
+        run.cleanup(keep=a.keep)
     text = json.dumps(report, indent=1, default=str)
     print(text)
     if a.report:
