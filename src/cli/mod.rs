@@ -356,8 +356,14 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(match unit {
         "" | "s" => std::time::Duration::from_secs(n),
         "ms" => std::time::Duration::from_millis(n),
-        "m" => std::time::Duration::from_secs(n * 60),
-        "h" => std::time::Duration::from_secs(n * 3600),
+        "m" | "h" => {
+            let per = if unit == "m" { 60 } else { 3600 };
+            // Checked: an unchecked product wraps to a shorter duration in a release build.
+            let secs = n
+                .checked_mul(per)
+                .ok_or_else(|| format!("{s:?}: too long"))?;
+            std::time::Duration::from_secs(secs)
+        }
         _ => return Err(format!("{s:?}: unknown unit (use ms, s, m, h)")),
     })
 }
@@ -880,5 +886,21 @@ mod tests {
         assert_eq!(parse_chunk_size("1MiB"), Ok(20));
         assert!(parse_chunk_size("3MiB").is_err());
         assert!(parse_chunk_size("4KiB").is_err());
+    }
+
+    #[test]
+    fn durations_never_wrap() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        // Found by fuzz/fuzz_targets/mount_opts.rs: n * 60 overflowed (a panic in a debug
+        // build, a shorter duration in a release build).
+        for long in ["999999999999999999m", "18446744073709551615h"] {
+            assert!(
+                parse_duration(long).unwrap_err().contains("too long"),
+                "{long}"
+            );
+        }
     }
 }

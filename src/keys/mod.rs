@@ -190,7 +190,14 @@ pub(crate) fn shown_uri(s: &str) -> String {
     if !s.contains('=') {
         return printable(s.split('?').next().unwrap_or(""), 256);
     }
-    match s.split_once(':') {
+    // Only a real scheme is shown as one: text before a later `:` (a `pkcs11;…` typed for
+    // `pkcs11:…`, whose `pin-source=file:` supplies the colon) may hold attribute values.
+    let scheme_like = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    };
+    match s.split_once(':').filter(|(scheme, _)| scheme_like(scheme)) {
         Some((scheme, rest)) => format!(
             "{}:{}",
             printable(scheme, 32),
@@ -527,6 +534,9 @@ mod tests {
             "pkcs11;token=t;pin-value=9876",
             "pksc11:token=t?pin-value=9876",
             "hsm:object=k;pin=9876",
+            // Found by fuzz/fuzz_targets/pkcs11_uri.rs: the `:` of `file:` taken for the
+            // scheme's printed the PIN before it.
+            "pkcs11;token=t;pin-value=9876?module-path=/m.so&pin-source=file:/run/pin",
         ] {
             let e = key_err(bad);
             assert!(!e.contains("9876"), "{bad}: {e}");
