@@ -235,19 +235,14 @@ fn the_mount_daemon_keeps_a_zero_core_limit() {
 fn reseal_with_force_on_a_local_directory_swaps_both_objects() {
     let t = Tree::new();
     std::fs::write(t.p("src/top"), pattern(70_000, 9)).unwrap();
+    let (src, dest, key) = (t.p("src/top"), t.p("sealed"), t.key());
+    let seal_top = |extra: &[&str]| {
+        let mut args = vec!["seal", &src, &dest, "--key", &key, "--force"];
+        args.extend_from_slice(extra);
+        sealfs(&args, &[])
+    };
     // Over a model, --force writes the next generation beside it (nothing in place).
-    let over_model = sealfs(
-        &[
-            "seal",
-            &t.p("src/top"),
-            &t.p("sealed"),
-            "--key",
-            &t.key(),
-            "--force",
-        ],
-        &[],
-    );
-    expect_code(&over_model, 0);
+    expect_code(&seal_top(&[]), 0);
     assert_eq!(
         entries(&t.dir.path().join("sealed/.sealfs-g1")),
         [
@@ -269,19 +264,7 @@ fn reseal_with_force_on_a_local_directory_swaps_both_objects() {
             }
         }
     }
-    let o = sealfs(
-        &[
-            "seal",
-            &t.p("src/top"),
-            &t.p("sealed"),
-            "--key",
-            &t.key(),
-            "--force",
-            "--chunk-size",
-            "32KiB",
-        ],
-        &[],
-    );
+    let o = seal_top(&["--chunk-size", "32KiB"]);
     expect_code(&o, 0);
     let names = entries(&t.dir.path().join("sealed"));
     // The seal is a (one-file) model now: its manifest replaces the old one.
