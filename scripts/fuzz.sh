@@ -1,12 +1,40 @@
 #!/usr/bin/env bash
-# Runs each cargo-fuzz target for FUZZ_SECONDS (default 60) from the committed corpus
-# (fuzz/corpus/<target>, seeded with the v1 vectors). The machine's toolchain is stable,
-# so RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z sanitizer flags.
+# Runs every cargo-fuzz target that fuzz/Cargo.toml lists (`cargo fuzz list`; FUZZ_TARGETS="a b"
+# runs only those) for FUZZ_SECONDS each (default 60), from its committed seed corpus
+# fuzz/corpus/<target>. Inputs a run adds go to fuzz/target/corpus/<target> (ignored), so a run
+# leaves the tree as it was; FUZZ_KEEP_CORPUS=1 adds them to fuzz/corpus/<target> instead (to
+# commit, after `cargo fuzz cmin`). A crash, panic, sanitizer report, hang (FUZZ_TIMEOUT seconds
+# for one input, default 15) or OOM stops that target with its input in fuzz/artifacts/<target>/;
+# the other targets still run, then the script exits 1 naming the failed ones.
+# The toolchain is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z sanitizer flags.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
-for t in header_parse open_chunk layout; do
-  mkdir -p "corpus/$t"
-  cargo fuzz run "$t" "corpus/$t" -- -max_total_time="${FUZZ_SECONDS:-60}" -rss_limit_mb=2048
+seconds=${FUZZ_SECONDS:-60}
+read -r -a targets <<<"${FUZZ_TARGETS:-$(cargo fuzz list | tr '\n' ' ')}"
+[ ${#targets[@]} -gt 0 ] || { echo "fuzz: no targets" >&2; exit 1; }
+# One build of every target; each run below finds it up to date.
+start=$SECONDS
+cargo fuzz build
+echo "fuzz: built ${#targets[@]} targets in $((SECONDS - start)) s"
+failed=()
+for t in "${targets[@]}"; do
+  mkdir -p "corpus/$t" "target/corpus/$t"
+  if [ "${FUZZ_KEEP_CORPUS:-0}" = 1 ]; then
+    dirs=("corpus/$t")
+  else
+    # libFuzzer writes new inputs to the first directory and only reads the others.
+    dirs=("target/corpus/$t" "corpus/$t")
+  fi
+  echo "fuzz: $t for $seconds s"
+  if ! cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" \
+    -timeout="${FUZZ_TIMEOUT:-15}" -rss_limit_mb=2048 -print_final_stats=1; then
+    failed+=("$t")
+  fi
 done
+echo "fuzz: ${#targets[@]} targets, $seconds s each, $((SECONDS - start)) s in all"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "fuzz: FAILED: ${failed[*]} (inputs in fuzz/artifacts/<target>/)" >&2
+  exit 1
+fi

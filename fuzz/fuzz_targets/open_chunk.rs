@@ -8,7 +8,11 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let keys = FileKeys::derive(&Dek::from_slice_zeroizing(&mut [0x42; 32]).unwrap(), &[7; 16]).unwrap();
+    let keys = FileKeys::derive(
+        &Dek::from_slice_zeroizing(&mut [0x42; 32]).unwrap(),
+        &[7; 16],
+    )
+    .unwrap();
     let (index, last) = (data[0] as u64, data[1] & 1 == 1);
     let mut buf = data[2..].to_vec();
     let want = buf.len().saturating_sub(16);
