@@ -12,6 +12,8 @@ pub mod exit;
 pub mod format;
 pub mod fs;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod localfile;
 pub mod manifest;
