@@ -563,6 +563,9 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
     }
     // The other way: training signs SRC with model_signing (an openssl SEC1 key).
     training_signs(&s);
+    // A name model_signing leaves out, added after training signed: not sealed under the
+    // gate (it would be published, and signed with --sign, unchecked).
+    s.write("src/.gitattributes", b"*.bin filter=lfs\n");
     let gate = format!("file:{}", s.p("training.pub"));
     let out = s.seal(
         &s.p("src"),
@@ -572,6 +575,10 @@ fn oms_signatures_interoperate_with_model_signing_both_ways() {
     );
     assert!(out.contains("signed by"), "{out}");
     assert_eq!(s.verify(&s.p("gated"), Some("pub.key")).0, 0);
+    assert!(
+        !s.path("gated/.gitattributes").exists(),
+        "an uncovered file was sealed"
+    );
     // A file changed after training signed: refused, nothing written.
     s.write("src/config.json", b"{\"layers\": 99}\n");
     let key = s.key();

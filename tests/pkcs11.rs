@@ -672,7 +672,7 @@ fn a_secret_key_planted_without_the_pin_takes_over_nothing() {
         "03",
     ]));
     let out = h.verify("sealed", &secret, &["--trust-signer", &trust], 4);
-    assert!(out.contains("a change of kind is refused"), "{out}");
+    assert!(out.contains("refused (a change of kind"), "{out}");
 }
 
 /// Issue 19, finding 3: an RSA wrap encrypts to the public key checked against the private
@@ -699,6 +699,52 @@ fn an_rsa_wrap_encrypts_to_the_public_key_checked_at_resolve() {
             "the pair's private key opens it"
         );
     }
+}
+
+/// Review of the fixes for finding 3: the public exponent is not bound to the modulus. A
+/// public object put back with the pair's modulus and another exponent (e = 3 here; e = 1
+/// would send the padded DEK in the clear) is refused at resolve (the exponents compared
+/// where the token shows both, and a probe round-tripped through the pair in any case), so
+/// nothing is wrapped to a key the private key cannot open.
+#[test]
+fn an_rsa_public_object_with_another_exponent_is_refused() {
+    let h = Hsm::new();
+    let rsa = h.uri("rsa1", true);
+    let (pk, forged) = (h.p("rsa1.der"), h.p("rsa1-e3.der"));
+    run(h.tool().args([
+        "--read-object",
+        "--type",
+        "pubkey",
+        "--label",
+        "rsa1",
+        "-o",
+        &pk,
+    ]));
+    let py = "import sys\n\
+from cryptography.hazmat.primitives import serialization as s\n\
+from cryptography.hazmat.primitives.asymmetric import rsa\n\
+n = s.load_der_public_key(open(sys.argv[1], 'rb').read()).public_numbers().n\n\
+k = rsa.RSAPublicNumbers(3, n).public_key()\n\
+open(sys.argv[2], 'wb').write(k.public_bytes(s.Encoding.DER, s.PublicFormat.SubjectPublicKeyInfo))\n";
+    run(Command::new("python3").args(["-c", py, &pk, &forged]));
+    run(h
+        .tool()
+        .args(["--delete-object", "--type", "pubkey", "--label", "rsa1"]));
+    run(h.tool().args([
+        "--write-object",
+        &forged,
+        "--type",
+        "pubkey",
+        "--label",
+        "rsa1",
+        "--id",
+        "03",
+    ]));
+    let out = h.seal("src", "e3", &rsa, 4);
+    // SoftHSM shows the private key's exponent, so the comparison refuses it; a token that
+    // does not is refused by the round trip ("exponent is not the private key's").
+    assert!(out.contains("does not match the private key"), "{out}");
+    assert!(!h.path("e3").exists(), "nothing sealed");
 }
 
 /// Replaces the public object `label` (id `id`) with another RSA key's, as anyone who

@@ -426,7 +426,10 @@ fn a_revoke_issued_while_an_open_is_unwrapping_reaches_it() {
         "nothing was held yet: {out}"
     );
     let results: Vec<_> = opens.into_iter().map(|t| t.join().unwrap()).collect();
-    let refused = results[0].as_ref().map(Vec::len).map_err(|e| e.raw_os_error());
+    let refused = results[0]
+        .as_ref()
+        .map(Vec::len)
+        .map_err(|e| e.raw_os_error());
     assert_eq!(
         refused,
         Err(Some(libc::EACCES)),

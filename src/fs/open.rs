@@ -51,6 +51,9 @@ impl SealFs {
                 None => return Err(FsError::NotFound),
             }
         };
+        // A revoke issued from here on may miss this version until its handle is in
+        // `handles` (attach checks after the unwrap; this checks after the insert).
+        let epoch = self.revoke_epoch();
         let (opened, slot) = match self.open_listed(&entry, who).await {
             Ok(o) => o,
             Err(Listed::Failed(e)) => return Err(e),
@@ -131,7 +134,13 @@ impl SealFs {
             slot,
             prefetch: Mutex::new(read::Prefetch::default()),
         };
-        lock(&self.handles).insert(fh, Arc::new(h));
+        let h = Arc::new(h);
+        lock(&self.handles).insert(fh, h.clone());
+        if let Some(why) = self.missed_revoke(epoch, &h.opened) {
+            Box::pin(self.revoke_one(&h.opened, &why)).await;
+            self.release(fh);
+            return Err(h.opened.revoked_error());
+        }
         Ok(fh)
     }
 

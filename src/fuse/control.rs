@@ -31,22 +31,36 @@ use crate::localfile::euid;
 /// `/tmp` another local user can create the directory first: it is then refused by name
 /// ([`check_private_dir`]), never used.
 fn socket_dir() -> PathBuf {
+    socket_dirs().swap_remove(0)
+}
+
+/// Every place a daemon of this user may have put its socket, the daemon's choice now
+/// first: the runtime directory may have appeared (a login after a daemon started by a
+/// unit) or gone (a logout) since the daemon chose. `sealfs revoke` looks in each.
+fn socket_dirs() -> Vec<PathBuf> {
     let uid = euid();
     if uid == 0 {
-        return PathBuf::from("/run/sealfs");
+        return vec![PathBuf::from("/run/sealfs")];
     }
     let runtime = PathBuf::from(format!("/run/user/{uid}"));
+    let tmp = PathBuf::from(format!("/tmp/sealfs-{uid}"));
     match std::fs::symlink_metadata(&runtime) {
-        Ok(m) if m.is_dir() && m.uid() == uid => runtime.join("sealfs"),
-        _ => PathBuf::from(format!("/tmp/sealfs-{uid}")),
+        Ok(m) if m.is_dir() && m.uid() == uid => vec![runtime.join("sealfs"), tmp],
+        _ => vec![tmp, runtime.join("sealfs")],
     }
 }
 
-/// The control socket of the mount at `mountpoint` (canonicalized by the caller).
-pub fn socket_path(mountpoint: &Path) -> PathBuf {
+/// The name of the control socket of the mount at `mountpoint` (canonicalized by the
+/// caller), in whichever socket directory.
+fn socket_name(mountpoint: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let d = crate::crypto::sha256(mountpoint.as_os_str().as_bytes());
-    socket_dir().join(format!("{}.sock", hex::encode(&d[..16])))
+    format!("{}.sock", hex::encode(&d[..16]))
+}
+
+/// The control socket this daemon binds for the mount at `mountpoint`.
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    socket_dir().join(socket_name(mountpoint))
 }
 
 /// The socket directory, created 0700 if absent; refused unless it is a directory of this
@@ -180,17 +194,32 @@ pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
     let mp =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     // Only a private directory of ours, and only a daemon of ours (or root) answering: a
-    // socket another user planted must neither get the request nor fake the answer.
-    check_private_dir(&socket_dir())
-        .map_err(|e| format!("{e}: not talking to what answers there"))?;
-    let path = socket_path(&mp);
-    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "no sealfs daemon answers for {} ({}: {e})",
+    // socket another user planted must neither get the request nor fake the answer. A
+    // directory that exists but is not ours is refused by name, never skipped silently.
+    let mut tried = Vec::new();
+    let mut found = None;
+    for dir in socket_dirs() {
+        if std::fs::symlink_metadata(&dir).is_err() {
+            tried.push(format!("{}: absent", dir.display()));
+            continue;
+        }
+        check_private_dir(&dir).map_err(|e| format!("{e}: not talking to what answers there"))?;
+        let path = dir.join(socket_name(&mp));
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => {
+                found = Some((s, path));
+                break;
+            }
+            Err(e) => tried.push(format!("{}: {e}", path.display())),
+        }
+    }
+    let Some((mut s, path)) = found else {
+        return Err(format!(
+            "no sealfs daemon answers for {} ({})",
             mp.display(),
-            path.display()
-        )
-    })?;
+            tried.join("; ")
+        ));
+    };
     let io = |e: std::io::Error| format!("{}: {e}", path.display());
     match peer_uid(&s) {
         Some(u) if u == 0 || u == euid() => {}

@@ -404,10 +404,11 @@ fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
         _ => return Ok(()),
     };
     let shown = target.to_string_lossy().into_owned();
+    let escaped = mountinfo_escaped(&shown);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let fstype = mounts
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(shown.as_str()))
+        .filter(|l| l.split(' ').nth(4) == Some(escaped.as_str()))
         .filter_map(|l| l.split_once(" - ").and_then(|(_, t)| t.split(' ').next()))
         .next_back();
     let Some(fstype) = fstype else {
@@ -431,7 +432,7 @@ fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
         .status();
     match st {
         Ok(st) if st.success() => {
-            tracing::warn!(mountpoint = %shown, "detached a dead sealfs mount (its daemon had exited) to mount again");
+            tracing::warn!(mountpoint = %shown, fstype, "detached a dead FUSE mount (its daemon had exited) to mount again");
             Ok(())
         }
         _ => Err(Fatal(
@@ -441,6 +442,17 @@ fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
             ),
         )),
     }
+}
+
+/// A path as /proc/self/mountinfo writes it: space, tab, newline and backslash as octal
+/// escapes.
+fn mountinfo_escaped(path: &str) -> String {
+    path.chars()
+        .map(|c| match c {
+            ' ' | '\t' | '\n' | '\\' => format!("\\{:03o}", c as u32),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 /// The canonical mount point, or a clear reason it cannot be used.
@@ -456,10 +468,10 @@ fn check_mountpoint(p: &Path) -> Result<PathBuf, Fatal> {
         ));
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let target = canon.to_string_lossy();
+    let target = mountinfo_escaped(&canon.to_string_lossy());
     if mounts
         .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*target))
+        .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
     {
         return Err(Fatal(
             exit::USAGE,
@@ -586,5 +598,17 @@ fn bound_heap() {
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mount_points_are_matched_as_mountinfo_writes_them() {
+        assert_eq!(
+            super::mountinfo_escaped("/m/a b\tc\\d"),
+            "/m/a\\040b\\011c\\134d"
+        );
+        assert_eq!(super::mountinfo_escaped("/models/x"), "/models/x");
     }
 }

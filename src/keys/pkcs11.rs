@@ -765,6 +765,7 @@ fn find_kek(s: &Session, u: &Pkcs11Uri) -> Result<Found, CkError> {
         Ok((key, needs_pin))
     };
     let (public, _) = half(public)?;
+    let private_handle = private;
     let (private, needs_pin) = half(private)?;
     if !needs_pin {
         return Ok(Err(
@@ -772,19 +773,70 @@ fn find_kek(s: &Session, u: &Pkcs11Uri) -> Result<Found, CkError> {
              anyone who reaches the token could have planted the pair; refusing it",
         ));
     }
-    match (public, private) {
+    let p = match (public, private) {
         // The private object's exponent, where the token shows it, must match too.
-        (Some(p), Some(s))
-            if !p.exponent.is_empty()
-                && p.modulus == s.modulus
-                && (s.exponent.is_empty() || s.exponent == p.exponent) =>
+        (Some(p), Some(k))
+            if p.modulus == k.modulus && (k.exponent.is_empty() || k.exponent == p.exponent) =>
         {
-            Ok(Ok((Kind::Rsa, Some(p))))
+            p
         }
-        _ => Ok(Err(
-            "the RSA public key object does not match the private key: refusing it",
-        )),
+        _ => {
+            return Ok(Err(
+                "the RSA public key object does not match the private key: refusing it",
+            ))
+        }
+    };
+    // An exponent is not bound to the modulus: a public object with the right modulus and
+    // e = 1 (or any other odd choice) would make every wrap send the padded DEK in the
+    // clear. Only a sane exponent, and only one the private key proves it inverts.
+    if !sane_exponent(&p.exponent) || !pair_round_trips(s, private_handle, &p)? {
+        return Ok(Err(
+            "the RSA public key object's exponent is not the private key's: refusing it",
+        ));
     }
+    Ok(Ok((Kind::Rsa, Some(p))))
+}
+
+/// An RSA public exponent sealfs wraps with: odd, at least 3, at most 2^64 - 1.
+fn sane_exponent(e: &[u8]) -> bool {
+    let e: Vec<u8> = e.iter().copied().skip_while(|&b| b == 0).collect();
+    !e.is_empty() && e.len() <= 8 && e[e.len() - 1] & 1 == 1 && (e.len() > 1 || e[0] >= 3)
+}
+
+/// Whether `public` is the private key's: a random value wrapped to it (as a session
+/// object, as every wrap does) comes back from the private key unchanged.
+fn pair_round_trips(
+    s: &Session,
+    private: ObjectHandle,
+    public: &RsaPublic,
+) -> Result<bool, CkError> {
+    let mut probe = Zeroizing::new([0u8; DEK_LEN]);
+    random_bytes(&mut probe[..]);
+    let aad = b"sealfs v1 pkcs11 pair check";
+    let h = public_session_object(s, public)?;
+    let wrapped = rsa_wrap(s, h, aad, &probe[..]);
+    let _ = s.destroy_object(h);
+    let wrapped = wrapped?;
+    let label = crate::crypto::sha256(aad);
+    let back = s.decrypt(
+        &Mechanism::RsaPkcsOaep(oaep(wrapped[0], &label)),
+        private,
+        &wrapped[1..],
+    );
+    Ok(back.is_ok_and(|b| b[..] == probe[..]))
+}
+
+/// A session object (gone with the session) holding `p`, to encrypt to.
+fn public_session_object(s: &Session, p: &RsaPublic) -> Result<ObjectHandle, CkError> {
+    s.create_object(&[
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Encrypt(true),
+        Attribute::Modulus(p.modulus.clone()),
+        Attribute::PublicExponent(p.exponent.clone()),
+    ])
 }
 
 /// What the URI's object is.
@@ -933,8 +985,8 @@ impl Pkcs11Key {
             op: "unwrap",
             key: self.id.clone(),
             message: format!(
-                "its slots were made by {}, the token now holds {} under this URI: a change \
-                 of kind is refused",
+                "a slot's tag says {} made it, but the token holds {} under this URI: \
+                 refused (a change of kind, or a slot tampered with in the store)",
                 name(made_by),
                 name(self.kind)
             ),
@@ -966,15 +1018,7 @@ impl Pkcs11Key {
                         RvError::KeyHandleInvalid,
                         cryptoki::context::Function::CreateObject,
                     ))?;
-                    let h = s.create_object(&[
-                        Attribute::Class(ObjectClass::PUBLIC_KEY),
-                        Attribute::KeyType(KeyType::RSA),
-                        Attribute::Token(false),
-                        Attribute::Private(false),
-                        Attribute::Encrypt(true),
-                        Attribute::Modulus(p.modulus.clone()),
-                        Attribute::PublicExponent(p.exponent.clone()),
-                    ])?;
+                    let h = public_session_object(s, p)?;
                     let out = rsa_wrap(s, h, &aad, &plain[..]);
                     // Session objects go with the session anyway; a failed destroy is moot.
                     let _ = s.destroy_object(h);

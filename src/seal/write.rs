@@ -185,6 +185,16 @@ pub async fn seal_model(
             Some(st)
         }
     };
+    // Under a gate, only what training signed is sealed (its model.sig too): a file the
+    // statement does not cover (`.git/…`, its ignore_paths) would otherwise be published
+    // unchecked, and signed with --sign.
+    let files: Vec<_> = match &statement {
+        Some(st) => files
+            .into_iter()
+            .filter(|(_, rel)| st.covers(rel) || rel == oms::SIGNATURE_FILE)
+            .collect(),
+        None => files,
+    };
     // The SHA-256 of each file's plaintext, for the gate and for the OMS signature.
     let hash = statement.is_some() || signer.is_some();
     // With a signer, the model's own OMS signature replaces any model.sig in SRC.
@@ -567,7 +577,7 @@ pub(super) async fn seal_file(
         Ok(p) => p,
         Err(e) => {
             if let Some(h) = &job.plain_sha256 {
-                h.abandon();
+                h.abandon(&crate::error_chain(&e));
             }
             abort(store, key, upload).await;
             return Err(e);
@@ -666,8 +676,11 @@ struct PartJob {
 /// once parts `0..p` have (each waits its turn), so the digest is of exactly the bytes
 /// that were sealed, read once, from the one descriptor.
 struct InOrder {
+    /// The next part to hash, and the hash (`None` once the file is abandoned).
     state: std::sync::Mutex<(u64, Option<ring::digest::Context>)>,
     turn: std::sync::Condvar,
+    /// Why the file was abandoned, for the parts woken by it.
+    cause: std::sync::Mutex<String>,
 }
 
 impl Default for InOrder {
@@ -678,6 +691,7 @@ impl Default for InOrder {
                 Some(ring::digest::Context::new(&ring::digest::SHA256)),
             )),
             turn: std::sync::Condvar::new(),
+            cause: Default::default(),
         }
     }
 }
@@ -685,14 +699,19 @@ impl Default for InOrder {
 impl InOrder {
     /// Hashes part `p`'s `pieces` in its turn. Parts start in order (and each hashes before
     /// it seals or uploads), so the wait is for parts already running; once the file is
-    /// abandoned (an error elsewhere), it returns at once.
+    /// abandoned (an error or a panic elsewhere, a cancelled upload), it fails at once,
+    /// with the cause.
     fn feed<'a>(&self, p: u64, pieces: impl Iterator<Item = &'a [u8]>) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.0 != p && st.1.is_some() {
             st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         let Some(ctx) = st.1.as_mut() else {
-            return Err(Error::Interrupted);
+            let cause = self.cause.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            return Err(Error::Io {
+                path: "(the file being sealed)".into(),
+                source: std::io::Error::other(format!("an earlier part failed: {cause}")),
+            });
         };
         for piece in pieces {
             ctx.update(piece);
@@ -702,8 +721,15 @@ impl InOrder {
         Ok(())
     }
 
-    /// Wakes every part waiting for its turn, which then fails: the file is not sealed.
-    fn abandon(&self) {
+    /// Wakes every part waiting for its turn, which then fails with `cause`: the file is
+    /// not sealed.
+    fn abandon(&self, cause: &str) {
+        {
+            let mut c = self.cause.lock().unwrap_or_else(|e| e.into_inner());
+            if c.is_empty() {
+                *c = cause.to_string();
+            }
+        }
         self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = None;
         self.turn.notify_all();
     }
@@ -721,6 +747,18 @@ impl InOrder {
             out.copy_from_slice(ctx.finish().as_ref());
         }
         out
+    }
+}
+
+/// Abandons the file's hash when dropped armed: a part that panics (unwinding through
+/// here) must not leave the parts after it waiting for its turn.
+struct AbandonOnDrop<'a>(Option<&'a InOrder>);
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0 {
+            h.abandon("a sealing task panicked");
+        }
     }
 }
 
@@ -746,10 +784,12 @@ impl PartJob {
         if let (Source::Sealed { file, digests }, Some(buf)) = (&self.file, sealed) {
             return self.reseal(p, file, digests, buf);
         }
+        let mut guard = AbandonOnDrop(self.plain_sha256.as_ref());
         let built = self.seal_part(p);
-        if let (Err(_), Some(h)) = (&built, &self.plain_sha256) {
+        guard.0 = None;
+        if let (Err(e), Some(h)) = (&built, &self.plain_sha256) {
             // Parts after this one must not wait for its turn.
-            h.abandon();
+            h.abandon(&crate::error_chain(e));
         }
         built
     }

@@ -206,6 +206,12 @@ impl Statement {
         })
     }
 
+    /// Whether the statement covers `rel` (`model_signing` leaves some names out, and a
+    /// statement may list more in `ignore_paths`).
+    pub fn covers(&self, rel: &str) -> bool {
+        !ignored(rel, &self.ignore)
+    }
+
     /// The names, before anything is read: exactly the listed files (`rels`: every regular
     /// file of the directory, relative), none extra, none missing.
     pub fn check_names<'a>(&self, rels: impl Iterator<Item = &'a str>) -> Result<(), OmsError> {
