@@ -14,9 +14,13 @@ export RUSTC_BOOTSTRAP=1
 seconds=${FUZZ_SECONDS:-60}
 read -r -a targets <<<"${FUZZ_TARGETS:-$(cargo fuzz list | tr '\n' ' ')}"
 [ ${#targets[@]} -gt 0 ] || { echo "fuzz: no targets" >&2; exit 1; }
+# FUZZ_DEV=1: an unoptimized build (CI, cold: a fraction of the release build's time; fewer
+# executions per second, which a short run can spare).
+profile=()
+[ "${FUZZ_DEV:-0}" = 1 ] && profile=(--dev)
 # One build of every target; each run below finds it up to date.
 start=$SECONDS
-cargo fuzz build
+cargo fuzz build "${profile[@]}"
 echo "fuzz: built ${#targets[@]} targets in $((SECONDS - start)) s"
 failed=()
 for t in "${targets[@]}"; do
@@ -28,7 +32,7 @@ for t in "${targets[@]}"; do
     dirs=("target/corpus/$t" "corpus/$t")
   fi
   echo "fuzz: $t for $seconds s"
-  if ! cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" \
+  if ! cargo fuzz run "${profile[@]}" "$t" "${dirs[@]}" -- -max_total_time="$seconds" \
     -timeout="${FUZZ_TIMEOUT:-15}" -rss_limit_mb=2048 -print_final_stats=1; then
     failed+=("$t")
   fi
