@@ -51,8 +51,8 @@ impl SealFs {
                 None => return Err(FsError::NotFound),
             }
         };
-        // A revoke issued from here on may miss this version until its handle is in
-        // `handles` (attach checks after the unwrap; this checks after the insert).
+        // A revoke issued from here on may miss this version (being unwrapped, or replaced
+        // in `files`) until its handle is in `handles`: checked once it is.
         let epoch = self.revoke_epoch();
         let (opened, slot) = match self.open_listed(&entry, who).await {
             Ok(o) => o,
@@ -308,8 +308,6 @@ impl SealFs {
         key_object: Option<bytes::Bytes>,
         who: (u32, u32),
     ) -> Result<(Arc<Opened>, Arc<FileSlot>), FsError> {
-        // Before the provider call: a revoke issued while it runs cannot see this DEK yet.
-        let epoch = self.revoke_epoch();
         let slot = {
             let mut files = lock(&self.files);
             let s = files
@@ -364,15 +362,7 @@ impl SealFs {
             })
             .await;
         match opened {
-            Ok(o) => {
-                // Revoked while it was unwrapped: dropped as the revoke would have (the
-                // open that asked is then refused like any later one).
-                if let Some(why) = self.missed_revoke(epoch, o) {
-                    // Boxed: every open's future would otherwise carry a revocation's.
-                    Box::pin(self.revoke_one(o, &why)).await;
-                }
-                Ok((o.clone(), slot))
-            }
+            Ok(o) => Ok((o.clone(), slot)),
             Err(e) => {
                 self.close_slot(&slot);
                 Err(e)
@@ -503,15 +493,7 @@ impl SealFs {
             })
             .await?
             .clone();
-        if let Some(pin) = &self.config.model_digest {
-            if *pin != model.digest {
-                return Err(ModelError::NotPinned {
-                    model: root.to_string(),
-                    found: model.digest.clone(),
-                    pinned: pin.clone(),
-                });
-            }
-        }
+        manifest::check_pin(self.config.model_digest.as_deref(), &model)?;
         let mut served = lock(&self.served);
         let high = served.entry(root.to_string()).or_insert((0, 0));
         let this = (model.manifest.version, model.generation);
@@ -575,9 +557,13 @@ impl SealFs {
                     }
                 }
                 match self.attach(&e, None, who).await {
-                    Ok((_, slot)) => {
+                    Ok((opened, slot)) => {
                         slot.ahead.store(true, Ordering::SeqCst);
                         self.close_slot(&slot);
+                        // A revoke that ran meanwhile saw no such DEK: drop it as it would.
+                        if let Some(why) = self.missed_revoke(epoch, &opened) {
+                            self.revoke_one(&opened, &why).await;
+                        }
                     }
                     Err(err) => {
                         tracing::debug!(file = %e.data.key, error = %err, "not unwrapped ahead")

@@ -609,17 +609,10 @@ fn find_required(
 ) -> Result<ObjectHandle, CkError> {
     let mut template = uri.object_template(class);
     template.push(Attribute::Private(true));
-    match s.find_objects(&template)?[..] {
-        [h] => Ok(h),
-        [] => Err(CkError::Pkcs11(
-            missing,
-            cryptoki::context::Function::FindObjects,
-        )),
-        _ => Err(CkError::Pkcs11(
-            RvError::KeyHandleInvalid,
-            cryptoki::context::Function::FindObjects,
-        )),
-    }
+    find_unique(s, &template)?.ok_or(CkError::Pkcs11(
+        missing,
+        cryptoki::context::Function::FindObjects,
+    ))
 }
 
 /// True if `wrapped` has the shape of a slot of a `kind` key: its mechanism tag, and the
@@ -638,10 +631,15 @@ fn find_one(
     uri: &Pkcs11Uri,
     class: ObjectClass,
 ) -> Result<Option<ObjectHandle>, CkError> {
-    let found = s.find_objects(&uri.object_template(class))?;
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.first().copied()),
+    find_unique(s, &uri.object_template(class))
+}
+
+/// The object `template` matches, if one does; more than one is an error (which of them
+/// is meant must never depend on the token's order).
+fn find_unique(s: &Session, template: &[Attribute]) -> Result<Option<ObjectHandle>, CkError> {
+    match s.find_objects(template)?[..] {
+        [] => Ok(None),
+        [h] => Ok(Some(h)),
         _ => Err(CkError::Pkcs11(
             RvError::KeyHandleInvalid,
             cryptoki::context::Function::FindObjects,

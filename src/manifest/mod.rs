@@ -305,14 +305,20 @@ impl Origin {
 
     /// The pin's refusal of `m`, if it is pinned to another manifest.
     pub fn check_pin(&self, m: &Model) -> Result<(), ModelError> {
-        match &self.pin {
-            Some(pin) if *pin != m.digest => Err(ModelError::NotPinned {
-                model: m.root.clone(),
-                found: m.digest.clone(),
-                pinned: pin.clone(),
-            }),
-            _ => Ok(()),
-        }
+        check_pin(self.pin.as_deref(), m)
+    }
+}
+
+/// `--model-digest`: the refusal of `m` when `pin` (hex SHA-256) names another manifest.
+/// The one check the mount, verify, unseal and reseal share.
+pub fn check_pin(pin: Option<&str>, m: &Model) -> Result<(), ModelError> {
+    match pin {
+        Some(pin) if pin != m.digest => Err(ModelError::NotPinned {
+            model: m.root.clone(),
+            found: m.digest.clone(),
+            pinned: pin.to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 

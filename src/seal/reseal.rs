@@ -121,16 +121,7 @@ async fn reseal_model(
     } = *job;
     let listed = manifest::find_manifest(store, root).await?;
     let model = manifest::load(store, listed.as_ref(), root, from, job.trusted).await?;
-    if let Some(pin) = job.pin {
-        if pin != model.digest {
-            return Err(ModelError::NotPinned {
-                model: root.to_string(),
-                found: model.digest.clone(),
-                pinned: pin.to_string(),
-            }
-            .into());
-        }
-    }
+    manifest::check_pin(job.pin, &model)?;
     // A signed model stays signed: its signature cannot cover the new manifest, so the
     // publisher signs again, or mounts under --trust-signer would refuse it at the switch.
     let old_sig = naming::generation_key(
