@@ -676,10 +676,25 @@ fn a_peer_holding_every_metrics_connection_costs_the_mount_nothing() {
     let addr = format!("127.0.0.1:{port}");
     let m = f.mount(&["--metrics-addr", &addr]);
     assert!(scrape(port).contains_key("sealfs_bytes_served_total"));
-    let held: Vec<_> = (0..16)
-        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
-        .collect();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The scrape's own task may still hold its slot for a moment after the reply, and then
+    // one of these is closed at once: keep connecting until 16 are held open by the server.
+    let mut held: Vec<std::net::TcpStream> = Vec::new();
+    let start = std::time::Instant::now();
+    while held.len() < 16 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_millis(1500),
+            "the server kept closing fresh connections"
+        );
+        while held.len() < 16 {
+            held.push(std::net::TcpStream::connect(&addr).unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        held.retain(|c| {
+            c.set_nonblocking(true).unwrap();
+            // EOF: the server closed it; WouldBlock: the server holds it open.
+            matches!(c.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+    }
     let start = std::time::Instant::now();
     assert_eq!(
         std::fs::read(m.path("big.bin")).unwrap(),
