@@ -35,6 +35,17 @@ pub struct FileKek {
     pub(crate) attempts: Attempts,
 }
 
+/// Why bytes are not a usable key file ([`FileKek::parse`]); never says what they held.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("not a sealfs key file")]
+    NotAKeyFile,
+    #[error("malformed key")]
+    Malformed,
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
 /// Writes a new random KEK to `path` with mode 0600; never overwrites.
 pub fn keygen(path: &Path) -> Result<String, KeyError> {
     let err = |reason: String| KeyError::FileKey {
@@ -77,12 +88,24 @@ impl FileKek {
         };
         let buf =
             crate::localfile::read_private(path, MAX_KEY_FILE, "a sealfs key file").map_err(err)?;
-        let hexpart = std::str::from_utf8(&buf)
+        Self::parse(&buf).map_err(|e| match e {
+            KeyFileError::Lock(l) => KeyError::Lock(l),
+            e => err(e.to_string()),
+        })
+    }
+
+    /// A key file's exact content (what `keygen` writes) that came from elsewhere: released
+    /// by a KBS, unsealed by a TPM. At most [`MAX_KEY_FILE`] bytes; the caller zeroizes it.
+    pub fn parse(content: &[u8]) -> Result<Self, KeyFileError> {
+        if content.len() > MAX_KEY_FILE {
+            return Err(KeyFileError::NotAKeyFile);
+        }
+        let hexpart = std::str::from_utf8(content)
             .ok()
             .and_then(|t| t.trim_end().strip_prefix(PREFIX))
-            .ok_or_else(|| err("not a sealfs key file".into()))?;
+            .ok_or(KeyFileError::NotAKeyFile)?;
         let mut kek = Zeroizing::new([0u8; DEK_LEN]);
-        hex::decode_to_slice(hexpart, &mut kek[..]).map_err(|_| err("malformed key".into()))?;
+        hex::decode_to_slice(hexpart, &mut kek[..]).map_err(|_| KeyFileError::Malformed)?;
         Ok(Self::from_bytes(&kek)?)
     }
 
