@@ -82,6 +82,7 @@ impl SealFs {
     /// One revalidation round: one unwrap per held DEK with the trusted keys, as at open.
     pub async fn revalidate(&self) -> Round {
         let held = self.held();
+        self.keyring.refresh_released().await;
         let mut round = Round {
             checked: held.len(),
             ..Round::default()

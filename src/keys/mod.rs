@@ -1,12 +1,16 @@
 //! KEK providers: the one place where key algorithms vary (age's "one joint").
 //!
 //! `--key` URIs: `kms:<key id | ARN | alias/…>`, `file:<path>`, `pkcs11:<RFC 7512 URI>` (an
-//! HSM), `transit:[MOUNT/]NAME` (Vault / OpenBao Transit) or `shares:<path>,<path>,…` (a k-of-n
-//! key ceremony). A [`Keyring`] is the ordered list a command was given; for reads it is also
+//! HSM), `transit:[MOUNT/]NAME` (Vault / OpenBao Transit), `shares:<path>,<path>,…` (a k-of-n
+//! key ceremony) or `kbs:///REPO/TYPE/TAG` (a key file released by a Confidential Containers
+//! key broker after attestation). A [`Keyring`] is the ordered list a command was given; for reads it is also
 //! the *trusted* list: a DEK wrapped only under other keys is refused without any provider
 //! call (strict mode).
 
+pub mod attester;
 pub mod file;
+pub mod jwe;
+pub mod kbs;
 pub mod kms;
 pub mod pkcs11;
 pub mod shares;
@@ -22,7 +26,7 @@ use crate::format::{EncryptionContext, KeyObject, KeySlot, SlotKind};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME or shares:<path>,<path>,…")]
+    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME, shares:<path>,<path>,… or kbs:///REPO/TYPE/TAG")]
     BadUri(String),
     #[error("key file {path}: {reason}")]
     FileKey { path: String, reason: String },
@@ -101,6 +105,29 @@ pub enum KeyError {
         key: String,
         message: String,
     },
+    // Key brokers (Trustee KBS, CoCo CDH): keys/kbs.rs.
+    #[error("key broker configuration: {0}")]
+    KbsConfig(String),
+    #[error("key broker {broker} refused {resource}: {message}")]
+    KbsDenied {
+        broker: String,
+        resource: String,
+        message: String,
+    },
+    #[error("key broker {broker} unavailable for {resource}: {message}")]
+    KbsUnavailable {
+        broker: String,
+        resource: String,
+        message: String,
+    },
+    #[error("key broker {broker} answered {resource} with something refused: {reason}")]
+    KbsBadAnswer {
+        broker: String,
+        resource: String,
+        reason: String,
+    },
+    #[error("no evidence for {resource}: {message}")]
+    KbsAttester { resource: String, message: String },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -112,7 +139,12 @@ impl KeyError {
     pub fn is_access_denied(&self) -> bool {
         // A token that is gone is answered like a key that refuses (EACCES, bounded), but
         // it is an outage, not a refusal: a revalidation does not revoke on it.
-        self.is_refusal() || matches!(self, KeyError::Pkcs11Unavailable { .. })
+        // So is an attester that cannot produce evidence: nothing will be released.
+        self.is_refusal()
+            || matches!(
+                self,
+                KeyError::Pkcs11Unavailable { .. } | KeyError::KbsAttester { .. }
+            )
     }
 
     /// True when the provider itself answered no (key disabled, pending deletion, destroyed,
@@ -128,6 +160,10 @@ impl KeyError {
                 | KeyError::TransitNotFound { .. }
                 | KeyError::NoTrustedKey { .. }
                 | KeyError::Pkcs11Denied { .. }
+                // A broker that says no, or answers with what sealfs refuses (a bad JWE, a
+                // resource that is not a key file): fail closed.
+                | KeyError::KbsDenied { .. }
+                | KeyError::KbsBadAnswer { .. }
         )
     }
 
@@ -161,6 +197,8 @@ pub enum KeySpec {
         mount: String,
         name: String,
     },
+    /// A KBS resource path `REPO/TYPE/TAG` (`keys/kbs.rs`).
+    Kbs(String),
 }
 
 impl std::str::FromStr for KeySpec {
@@ -174,6 +212,9 @@ impl std::str::FromStr for KeySpec {
             Some(("shares", ps)) if !ps.split(',').any(str::is_empty) => {
                 Ok(KeySpec::Shares(ps.split(',').map(Into::into).collect()))
             }
+            Some(("kbs", r)) => kbs::parse_spec(r)
+                .map(KeySpec::Kbs)
+                .ok_or_else(|| KeyError::BadUri(shown_uri(s))),
             Some(("transit", t)) => match transit::parse_spec(t) {
                 Some((mount, name)) => Ok(KeySpec::Transit { mount, name }),
                 None => Err(KeyError::BadUri(shown_uri(s))),
@@ -207,6 +248,17 @@ pub(crate) fn shown_uri(s: &str) -> String {
     }
 }
 
+/// Why an answer did not parse, without serde's text: that can quote a value, and answers
+/// of Transit's `datakey` and `decrypt` or a KBS resource hold key material.
+pub(crate) fn json_error(e: &serde_json::Error) -> String {
+    format!(
+        "unexpected answer ({:?} error at line {} column {})",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
+}
+
 /// One resolved KEK.
 pub enum Kek {
     Kms(kms::KmsKey),
@@ -215,6 +267,8 @@ pub enum Kek {
     /// The KEK combined from shares: the key-file wrap under its own label (`shares.rs`).
     Shares(Box<file::FileKek>),
     Transit(transit::TransitKey),
+    /// A key file released by a key broker: opens what that key file opens.
+    Kbs(Box<kbs::KbsKey>),
 }
 
 impl Kek {
@@ -225,13 +279,14 @@ impl Kek {
             Kek::File(f) | Kek::Shares(f) => f.id(),
             Kek::Pkcs11(k) => k.id(),
             Kek::Transit(t) => t.id(),
+            Kek::Kbs(k) => k.id(),
         }
     }
 
     fn kind(&self) -> SlotKind {
         match self {
             Kek::Kms(_) => SlotKind::Kms,
-            Kek::File(_) => SlotKind::File,
+            Kek::File(_) | Kek::Kbs(_) => SlotKind::File,
             Kek::Pkcs11(_) => SlotKind::Pkcs11,
             Kek::Shares(_) => SlotKind::Shares,
             Kek::Transit(_) => SlotKind::Transit,
@@ -244,6 +299,7 @@ impl Kek {
             Kek::File(f) | Kek::Shares(f) => f.wrap(dek, ctx),
             Kek::Pkcs11(k) => k.wrap(dek, ctx).await?,
             Kek::Transit(t) => t.encrypt(dek, ctx).await?,
+            Kek::Kbs(k) => k.file().wrap(dek, ctx),
         };
         Ok(KeySlot {
             kind: self.kind(),
@@ -258,6 +314,7 @@ impl Kek {
             Kek::File(f) | Kek::Shares(f) => f.unwrap(&slot.wrapped, ctx),
             Kek::Pkcs11(k) => k.unwrap(&slot.wrapped, ctx).await,
             Kek::Transit(t) => t.decrypt(&slot.wrapped, ctx).await,
+            Kek::Kbs(k) => k.file().unwrap(&slot.wrapped, ctx),
         }
     }
 }
@@ -304,12 +361,25 @@ impl Keyring {
                 KeySpec::Transit { mount, name } => Kek::Transit(
                     transit::TransitKey::resolve(transit::shared()?, mount, name).await?,
                 ),
+                KeySpec::Kbs(r) => Kek::Kbs(Box::new(
+                    Box::pin(kbs::KbsKey::resolve(kbs::shared()?, r)).await?,
+                )),
             });
         }
         Ok(Self {
             keks,
             specs: specs.to_vec(),
         })
+    }
+
+    /// The start of a revalidation round: each key a broker released is asked for again
+    /// (attesting again once its token expired): once per key, not once per DEK.
+    pub async fn refresh_released(&self) {
+        for k in &self.keks {
+            if let Kek::Kbs(k) = k {
+                k.refresh().await;
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -442,6 +512,18 @@ impl Keyring {
         let mut refused = None;
         let mut outage = None;
         for (kek, slot) in self.candidates(ko) {
+            // A released key answers with what the broker said at this round's start.
+            if let Some(e) = match kek {
+                Kek::Kbs(k) => k.refused(),
+                _ => None,
+            } {
+                if e.revokes() {
+                    refused = Some(e);
+                } else {
+                    outage = Some(e);
+                }
+                continue;
+            }
             // The DEK and keys it yields are dropped (zeroized) at once.
             match open_slot(kek, slot, ko).await {
                 Ok(_) => return Ok(()),
@@ -465,7 +547,7 @@ impl Keyring {
         // slot, and its first slot.
         let kms_source = self.candidates(ko).find_map(|(kek, s)| match kek {
             Kek::Kms(k) => Some((s, k)),
-            Kek::File(_) | Kek::Pkcs11(_) | Kek::Shares(_) | Kek::Transit(_) => None,
+            Kek::File(_) | Kek::Pkcs11(_) | Kek::Shares(_) | Kek::Transit(_) | Kek::Kbs(_) => None,
         });
         let mut dek: Option<Dek> = None;
         let mut out = Vec::with_capacity(to.keks.len());

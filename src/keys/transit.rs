@@ -450,7 +450,7 @@ impl Transit {
 
     /// One call to `path` (below `/v1/`), counted as `transit`/`op`; the answer's `data`
     /// member parsed as `T`, from its zeroized buffer (a parse error never quotes it: see
-    /// [`unexpected`]). A refused token that came from a file is read again and, if the
+    /// [`super::json_error`]). A refused token that came from a file is read again and, if the
     /// file now holds another, tried once more.
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
@@ -481,7 +481,7 @@ impl Transit {
             .map_err(|e| KeyError::TransitUnavailable {
                 op,
                 key: key.to_string(),
-                message: unexpected(&e),
+                message: super::json_error(&e),
             })
     }
 
@@ -572,17 +572,6 @@ fn error_text(body: &[u8]) -> String {
         _ => String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned(),
     };
     crate::format::naming::printable(&text, 256)
-}
-
-/// Why an answer did not parse, without serde's text: that can quote a value, and answers
-/// of `datakey` and `decrypt` hold a DEK.
-fn unexpected(e: &serde_json::Error) -> String {
-    format!(
-        "unexpected answer ({:?} error at line {} column {})",
-        e.classify(),
-        e.line(),
-        e.column()
-    )
 }
 
 /// The `outcome` metric label of a refused call.
