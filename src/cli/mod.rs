@@ -33,6 +33,11 @@ pub struct Cli {
     /// without it logs to syslog/journald once it has left the terminal.
     #[arg(long, global = true)]
     pub log_file: Option<PathBuf>,
+    /// Keep each KBS attestation's token and evidence as files (0600) in DIR, for auditors
+    /// (`kbs:` keys; DIR must exist, this user's, mode 0700). The audit log has their
+    /// SHA-256 either way.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub attestation_log: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -145,7 +150,8 @@ pub enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         dek_grace: std::time::Duration,
         /// Ask the key provider this often whether each held DEK may still be unwrapped
-        /// (one call per held DEK); a refusal revokes the file at once, open handles and
+        /// (one call per held DEK; a kbs: key is released again once per round); a refusal
+        /// revokes the file at once, open handles and
         /// page cache included (0: never).
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         revalidate: std::time::Duration,
@@ -436,6 +442,12 @@ pub fn main_with(cli: Cli) -> i32 {
     }
     // Every command, not only the mount: seal, unseal and rewrap hold DEKs and plaintext.
     crate::process::harden();
+    if let Some(dir) = &cli.attestation_log {
+        if let Err(e) = crate::keys::kbs::set_attestation_log(dir) {
+            eprintln!("sealfs: error: {e}");
+            return exit::USAGE;
+        }
+    }
     if let Command::Mount { .. } = cli.command {
         // The mount forks before any thread exists, so it builds its own runtime.
         return crate::fuse::session::run(mount_args(cli.command));

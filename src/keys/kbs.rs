@@ -251,6 +251,8 @@ enum Failure {
     Status(StatusCode, String),
     Timeout,
     Transport(String),
+    /// An answer past [`MAX_ANSWER`]: hostile, not an outage.
+    TooLong,
 }
 
 /// The `{"type", "detail"}` of a KBS error (its last path segment and the detail), escaped
@@ -341,6 +343,7 @@ impl Broker {
             Ok(_) => "ok",
             Err(Failure::Timeout) => "timeout",
             Err(Failure::Transport(_)) => "network",
+            Err(Failure::TooLong) => "bad_answer",
             Err(Failure::Status(s, _)) if s.is_server_error() => "error",
             Err(Failure::Status(..)) => "denied",
         };
@@ -386,9 +389,7 @@ impl Broker {
             let frame = frame.map_err(|e| Failure::Transport(crate::error_chain(&e)))?;
             if let Some(d) = frame.data_ref() {
                 if out.len() + d.len() > MAX_ANSWER {
-                    return Err(Failure::Transport(format!(
-                        "answer longer than {MAX_ANSWER} bytes"
-                    )));
+                    return Err(Failure::TooLong);
                 }
                 out.extend_from_slice(d);
             }
@@ -424,6 +425,11 @@ impl Broker {
                 broker,
                 resource,
                 message: format!("{step}: no answer in {}s", CALL_TIMEOUT.as_secs()),
+            },
+            Failure::TooLong => KeyError::KbsBadAnswer {
+                broker,
+                resource,
+                reason: format!("{step}: answer longer than {MAX_ANSWER} bytes"),
             },
             Failure::Transport(m) => KeyError::KbsUnavailable {
                 broker,

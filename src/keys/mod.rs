@@ -314,7 +314,12 @@ impl Kek {
             Kek::File(f) | Kek::Shares(f) => f.unwrap(&slot.wrapped, ctx),
             Kek::Pkcs11(k) => k.unwrap(&slot.wrapped, ctx).await,
             Kek::Transit(t) => t.decrypt(&slot.wrapped, ctx).await,
-            Kek::Kbs(k) => k.file().unwrap(&slot.wrapped, ctx),
+            // Refused at the last revalidation: no new DEK either (an outage keeps the
+            // held key working; held DEKs are bounded by --revalidate-max-outage).
+            Kek::Kbs(k) => match k.refused().filter(KeyError::revokes) {
+                Some(e) => Err(e),
+                None => k.file().unwrap(&slot.wrapped, ctx),
+            },
         }
     }
 }
