@@ -781,6 +781,29 @@ fn the_cdh_path_releases_refuses_and_reports_an_outage() {
         "{}",
         stderr(&o)
     );
+    // inspect --key: which slots the released key opens (the key file's), nothing unwrapped.
+    let o = sealfs(&["inspect", &m.store(), "--key", KEY_URI], &env(&cdh));
+    let out = expect_code(&o, 0);
+    let file_id = expect_code(&sealfs(&["inspect", &m.store()], &[]), 0);
+    let slot = file_id
+        .lines()
+        .find(|l| l.trim_start().starts_with("file file:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        out.contains(&format!("{slot} (opened by {KEY_URI})")),
+        "{out}"
+    );
+    let o = sealfs(
+        &["inspect", &m.store(), "--json", "--key", KEY_URI],
+        &env(&cdh),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["files"][0]["wrapped_keys"][0]["opened_by"],
+        serde_json::json!([KEY_URI])
+    );
     let mnt = Mount::start(&m.store(), &["--key", KEY_URI], &env(&cdh));
     assert_eq!(std::fs::read(mnt.path("a.bin")).unwrap(), m.files[0].1);
     drop(mnt);

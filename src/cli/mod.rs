@@ -98,6 +98,10 @@ pub enum Command {
         uri: String,
         #[arg(long)]
         json: bool,
+        /// Also show which wrapped keys each of these keys opens (resolving it: a kbs: key
+        /// is released, a TPM-sealed key unsealed); nothing is unwrapped.
+        #[arg(long = "key")]
+        keys: Vec<String>,
     },
     /// Authenticate every chunk of every sealed file; writes no plaintext.
     Verify {
@@ -555,9 +559,14 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                 }
             );
         }
-        Command::Inspect { uri, json } => {
+        Command::Inspect { uri, json, keys } => {
             let loc = Location::parse(&uri).await?;
-            let v = seal::inspect(&loc).await?;
+            let ring = if keys.is_empty() {
+                None
+            } else {
+                Some(keyring(&keys).await?)
+            };
+            let v = seal::inspect(&loc, ring.as_ref().map(|r| (&keys[..], r))).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).expect("JSON value"));
             } else {
@@ -848,7 +857,18 @@ fn print_inspect(v: &serde_json::Value) {
             } else {
                 ""
             };
-            println!("    {} {}{escrow}", t(&s["kind"]), t(&s["key_id"]));
+            let opened: Vec<_> = s["opened_by"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(t)
+                .collect();
+            let opened = if opened.is_empty() {
+                String::new()
+            } else {
+                format!(" (opened by {})", opened.join(", "))
+            };
+            println!("    {} {}{escrow}{opened}", t(&s["kind"]), t(&s["key_id"]));
         }
     }
     for m in v["models"].as_array().into_iter().flatten() {

@@ -10,7 +10,9 @@
 //!   report data is SHA-384 of the RFC 8785 JSON of `{additional-evidence, nonce, tee-pubkey}`
 //!   → an attestation token (EAR JWT); `GET /kbs/v0/resource/PATH` with the token as bearer
 //!   → a JWE to the TEE key ([`super::jwe`]). Token and TEE key are reused until the token
-//!   expires (one attestation per KEK per `--revalidate` interval, not one per DEK).
+//!   expires (several `kbs:` keys of one command share one attestation); each
+//!   `--revalidate` round attests afresh, once per KEK (not once per DEK: DEKs unwrap
+//!   locally under the released key).
 //! - `SEALFS_CDH_URL`: the Confidential Data Hub of a CoCo pod, `GET /cdh/resource/PATH`; the
 //!   CDH attests itself and answers the plaintext resource (on its loopback).
 //!
@@ -448,15 +450,20 @@ impl Broker {
     }
 
     /// The resource's content (a key file, checked by the caller) and what the release
-    /// showed. Logs the transcript.
+    /// showed. Logs the transcript. `fresh`: attest again even if a token is held (each
+    /// revalidation: evidence as of now, not as of the token's issue).
     pub async fn release(
         &self,
         resource: &str,
+        fresh: bool,
     ) -> Result<(Zeroizing<Vec<u8>>, Transcript), KeyError> {
         let out = match &self.kind {
             Kind::Cdh => self.release_cdh(resource).await?,
             Kind::Kbs { attester, session } => {
                 let mut s = session.lock().await;
+                if fresh {
+                    *s = None;
+                }
                 // A cached token first; one refused (expired early, KBS restarted) is
                 // dropped and the exchange done once afresh.
                 let cached = match s.as_ref() {
@@ -775,7 +782,7 @@ pub struct KbsKey {
 impl KbsKey {
     /// Releases the key (attesting if no token is held) and checks it is a key file.
     pub async fn resolve(broker: Arc<Broker>, resource: &str) -> Result<Self, KeyError> {
-        let kek = Self::fetch(&broker, resource).await?;
+        let kek = Self::fetch(&broker, resource, false).await?;
         Ok(Self {
             broker,
             resource: resource.to_string(),
@@ -784,8 +791,8 @@ impl KbsKey {
         })
     }
 
-    async fn fetch(broker: &Broker, resource: &str) -> Result<FileKek, KeyError> {
-        let (content, _) = broker.release(resource).await?;
+    async fn fetch(broker: &Broker, resource: &str, fresh: bool) -> Result<FileKek, KeyError> {
+        let (content, _) = broker.release(resource, fresh).await?;
         FileKek::parse(&content).map_err(|e| match e {
             super::file::KeyFileError::Lock(l) => KeyError::Lock(l),
             e => broker.bad_answer(resource, format!("the resource is {e}")),
@@ -805,10 +812,10 @@ impl KbsKey {
         &self.resource
     }
 
-    /// Revalidation: release again (re-attesting when the token expired). Another key under
-    /// the same path is a refusal of this one.
+    /// Revalidation: attest again and release again (once per key per round, whatever the
+    /// number of DEKs it opened). Another key under the same path is a refusal of this one.
     pub async fn refresh(&self) {
-        let r = Self::fetch(&self.broker, &self.resource).await;
+        let r = Self::fetch(&self.broker, &self.resource, true).await;
         let state = match r {
             Ok(k) if k.id() == self.kek.id() => None,
             Ok(k) => Some((

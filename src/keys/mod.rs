@@ -424,6 +424,14 @@ impl Keyring {
         self.keks.get(i).map(|k| k.id().to_string())
     }
 
+    /// The positions (in `--key` order) of the keys that would open `slot`: same kind and
+    /// id (a `kbs:` key opens the slots of the key file it released).
+    pub fn opens(&self, slot: &KeySlot) -> Vec<usize> {
+        (0..self.keks.len())
+            .filter(|&i| self.keks[i].kind() == slot.kind && self.keks[i].id() == slot.key_id)
+            .collect()
+    }
+
     pub fn ids(&self) -> Vec<String> {
         self.keks.iter().map(|k| k.id().to_string()).collect()
     }

@@ -10,7 +10,13 @@ use crate::store::Location;
 
 /// One JSON value per sealed file (errors included as `"error"`), plus unsealed objects and
 /// the names refused as not clean relative paths (escaped: a name never spans two lines).
-pub async fn inspect(loc: &Location) -> Result<Value> {
+/// With `keys` (the `--key` URIs and their resolved ring), each wrapped key also lists the
+/// given keys that open it (`opened_by`): how a `kbs:` key's release or a token's key maps
+/// onto the slots, without unwrapping anything.
+pub async fn inspect(
+    loc: &Location,
+    keys: Option<(&[String], &crate::keys::Keyring)>,
+) -> Result<Value> {
     let l = find(&loc.store, &loc.prefix).await?;
     let mut files = Vec::new();
     let mut models = Vec::new();
@@ -50,7 +56,16 @@ pub async fn inspect(loc: &Location) -> Result<Value> {
                         // A k-of-n shares slot is the offline escrow: opened only for
                         // break-glass unseal or rewrap (docs/OPERATIONS.md).
                         let escrow = s.kind == SlotKind::Shares;
-                        json!({"kind": kind, "key_id": s.key_id, "wrapped_bytes": s.wrapped.len(), "escrow": escrow})
+                        let mut slot = json!({"kind": kind, "key_id": s.key_id, "wrapped_bytes": s.wrapped.len(), "escrow": escrow});
+                        if let Some((uris, ring)) = keys {
+                            slot["opened_by"] = ring
+                                .opens(s)
+                                .into_iter()
+                                .filter_map(|i| uris.get(i))
+                                .map(|u| json!(u))
+                                .collect();
+                        }
+                        slot
                     })
                     .collect();
             }
