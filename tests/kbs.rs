@@ -119,6 +119,18 @@ impl Drop for Kbs {
     }
 }
 
+/// `python3 -c SCRIPT ARGS…`: its stdout; fails the test if it fails.
+fn python_c(script: &str, args: &[&str]) -> String {
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn s2(k: &str, v: &str) -> (String, String) {
     (k.to_string(), v.to_string())
 }
@@ -258,7 +270,25 @@ fn a_released_key_verifies_unseals_and_mounts_with_a_transcript() {
     let evidence = std::fs::read(kept.iter().find(|p| *p != token_file).unwrap()).unwrap();
     assert!(event.contains(&format!("evidence_sha256={}", sha256(&evidence))));
     let ev: serde_json::Value = serde_json::from_slice(&evidence).unwrap();
-    assert_eq!(ev["primary_evidence"]["svn"], "1", "{ev}");
+    assert_eq!(ev["tee-evidence"]["primary_evidence"]["svn"], "1", "{ev}");
+    // An auditor recomputes the binding from the record alone (independently, in Python):
+    // report_data = SHA-384 of the RFC 8785 JSON of the nonce and the TEE public key.
+    let check = python_c(
+        "import json,sys,hashlib,base64\n\
+         ev=json.load(open(sys.argv[1]))\n\
+         rd=ev['runtime-data']\n\
+         prd={'tee-pubkey':rd['tee-pubkey'],'nonce':rd['nonce'],'additional-evidence':''}\n\
+         d=hashlib.sha384(json.dumps(prd,sort_keys=True,separators=(',',':')).encode()).digest()\n\
+         got=base64.b64decode(ev['tee-evidence']['primary_evidence']['report_data'])\n\
+         print('bound' if d==got else 'NOT BOUND')\n",
+        &[kept
+            .iter()
+            .find(|p| *p != token_file)
+            .unwrap()
+            .to_str()
+            .unwrap()],
+    );
+    assert_eq!(check.trim(), "bound");
     for p in &kept {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
@@ -268,6 +298,12 @@ fn a_released_key_verifies_unseals_and_mounts_with_a_transcript() {
     }
     let token = String::from_utf8(token).unwrap();
     assert!(token.split('.').count() == 3 && !all.contains(&token));
+    // The claims and the signature (the header is the same for every token of that KBS).
+    let secrets: Vec<String> = token
+        .split('.')
+        .skip(1)
+        .map(|p| p[..24].to_string())
+        .collect();
     assert!(!all.contains(&m.key_hex()));
 
     // unseal writes every file back.
@@ -293,11 +329,14 @@ fn a_released_key_verifies_unseals_and_mounts_with_a_transcript() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", mnt.pid())).unwrap();
     for blob in [&environ, &cmdline] {
         let t = String::from_utf8_lossy(blob);
-        assert!(!t.contains(&m.key_hex()) && !t.contains(&token[..40]));
+        assert!(!t.contains(&m.key_hex()));
+        assert!(secrets.iter().all(|x| !t.contains(x.as_str())));
     }
     let logs = mnt.logs();
     assert!(logs.contains("kek released by the key broker"), "{logs}");
-    assert!(!logs.contains(&m.key_hex()) && !logs.contains(&token[..40]));
+    assert!(!logs.contains(&m.key_hex()));
+    assert!(secrets.iter().all(|x| !logs.contains(x.as_str())));
+    assert!(secrets.iter().all(|x| !all.contains(x.as_str())));
 
     // The time of one release (auth + attest + resource), for docs/PERFORMANCE.md: the
     // best of 5 `verify` runs with kbs: against the same with file:.
@@ -517,54 +556,219 @@ fn header(jwe: &mut serde_json::Value, f: impl FnOnce(&mut serde_json::Value)) {
     jwe["protected"] = b64u(h.to_string().as_bytes()).into();
 }
 
+/// What a fake KBS does beyond the protocol: its calls counted, switched to 503 at will.
+#[derive(Default)]
+struct FakeState {
+    auths: std::sync::atomic::AtomicUsize,
+    attests: std::sync::atomic::AtomicUsize,
+    resources: std::sync::atomic::AtomicUsize,
+    /// Every call answers 503 while set.
+    down: AtomicBool,
+}
+
 /// A fake KBS: a real protocol shape (cookie, nonce, a JWT-shaped token), the resource a
 /// JWE to the TEE key the attest request carried, built by sealfs's own sender side
 /// (`encrypt_for_tests`) from `content` and then mutated.
 fn fake_kbs(content: Vec<u8>, mutate: Mutate, status: u16) -> Fake {
+    fake_kbs_with(content, mutate, status, None, Arc::default())
+}
+
+fn fake_kbs_with(
+    content: Vec<u8>,
+    mutate: Mutate,
+    status: u16,
+    exp: Option<u64>,
+    state: Arc<FakeState>,
+) -> Fake {
     let jwk = Arc::new(Mutex::new(serde_json::Value::Null));
-    Fake::start(move |r| match (r.method.as_str(), r.path.as_str()) {
-        ("POST", "/kbs/v0/auth") => (
-            200,
-            vec!["Set-Cookie: kbs-session-id=fake1234; Path=/".into()],
-            br#"{"nonce":"bm9uY2U=","extra-params":""}"#.to_vec(),
-        ),
-        ("POST", "/kbs/v0/attest") => {
-            assert!(r.head.contains("kbs-session-id=fake1234"), "{}", r.head);
-            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            *jwk.lock().unwrap() = v["runtime-data"]["tee-pubkey"].clone();
-            let exp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-                + 300;
-            let claims = serde_json::json!({"iss": "fake", "exp": exp,
-                "submods": {"cpu0": {"ear.status": "affirming"}}});
-            let token = format!("e30.{}.c2ln", b64u(claims.to_string().as_bytes()));
-            (
-                200,
-                vec![],
-                serde_json::json!({ "token": token })
-                    .to_string()
-                    .into_bytes(),
-            )
+    Fake::start(move |r| {
+        if state.down.load(Ordering::SeqCst) {
+            return (503, vec![], b"{}".to_vec());
         }
-        ("GET", p) if p.starts_with("/kbs/v0/resource/") => {
-            assert!(r.head.contains("Bearer e30."), "{}", r.head);
-            let mut jwe = sealfs::keys::jwe::encrypt_for_tests(&jwk.lock().unwrap(), &content);
-            mutate(&mut jwe);
-            let mut body = jwe.to_string().into_bytes();
-            if jwe.get("pad").is_some() {
-                body.resize(100 * 1024, b' ');
+        match (r.method.as_str(), r.path.as_str()) {
+            ("POST", "/kbs/v0/auth") => {
+                state.auths.fetch_add(1, Ordering::SeqCst);
+                (
+                    200,
+                    vec!["Set-Cookie: kbs-session-id=fake1234; Path=/".into()],
+                    br#"{"nonce":"bm9uY2U=","extra-params":""}"#.to_vec(),
+                )
             }
-            let headers = if status == 302 {
-                vec!["Location: http://127.0.0.1:1/".into()]
-            } else {
-                vec![]
-            };
-            (status, headers, body)
+            ("POST", "/kbs/v0/attest") => {
+                state.attests.fetch_add(1, Ordering::SeqCst);
+                assert!(r.head.contains("kbs-session-id=fake1234"), "{}", r.head);
+                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                *jwk.lock().unwrap() = v["runtime-data"]["tee-pubkey"].clone();
+                let exp = exp.unwrap_or_else(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs()
+                        + 300
+                });
+                let claims = serde_json::json!({"iss": "fake", "exp": exp,
+                    "submods": {"cpu0": {"ear.status": "affirming"}}});
+                let token = format!("e30.{}.c2ln", b64u(claims.to_string().as_bytes()));
+                (
+                    200,
+                    vec![],
+                    serde_json::json!({ "token": token })
+                        .to_string()
+                        .into_bytes(),
+                )
+            }
+            ("GET", p) if p.starts_with("/kbs/v0/resource/") => {
+                state.resources.fetch_add(1, Ordering::SeqCst);
+                assert!(r.head.contains("Bearer e30."), "{}", r.head);
+                let mut jwe = sealfs::keys::jwe::encrypt_for_tests(&jwk.lock().unwrap(), &content);
+                mutate(&mut jwe);
+                let mut body = jwe.to_string().into_bytes();
+                if jwe.get("pad").is_some() {
+                    body.resize(100 * 1024, b' ');
+                }
+                let headers = if status == 302 {
+                    vec!["Location: http://127.0.0.1:1/".into()]
+                } else {
+                    vec![]
+                };
+                (status, headers, body)
+            }
+            _ => (404, vec![], b"{}".to_vec()),
         }
-        _ => (404, vec![], b"{}".to_vec()),
     })
+}
+
+/// A hostile `exp` (past what a time can hold) is a bad answer, not a panic.
+#[test]
+fn a_token_whose_exp_overflows_is_refused_in_one_line() {
+    let m = Model::new();
+    let key = std::fs::read(m.key_file()).unwrap();
+    let f = fake_kbs_with(key, |_| {}, 200, Some(u64::MAX), Arc::default());
+    let env = vec![
+        s2("SEALFS_KBS_URL", &f.url()),
+        s2("SEALFS_ATTESTER", "sample"),
+    ];
+    refused_with(&m.verify(&env), 4, "exp is out of range", &m.key_hex());
+}
+
+/// One attestation serves every `kbs:` key of a command (the token is reused until it
+/// expires), and a revalidating mount attests once per key per round, not once per DEK.
+#[test]
+fn attestations_are_once_per_command_and_once_per_key_per_round() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let m = Model::new();
+    let key = std::fs::read(m.key_file()).unwrap();
+    let state: Arc<FakeState> = Arc::default();
+    let f = fake_kbs_with(key, |_| {}, 200, None, state.clone());
+    let env = vec![
+        s2("SEALFS_KBS_URL", &f.url()),
+        s2("SEALFS_ATTESTER", "sample"),
+    ];
+    let o = sealfs(
+        &[
+            "verify",
+            &m.store(),
+            "--key",
+            KEY_URI,
+            "--key",
+            "kbs:///sealfs/kek/m2",
+        ],
+        &env,
+    );
+    expect_code(&o, 0);
+    assert_eq!(state.auths.load(SeqCst), 1, "one attestation for both keys");
+    assert_eq!(state.resources.load(SeqCst), 2, "one release per key");
+
+    let state: Arc<FakeState> = Arc::default();
+    let f = fake_kbs_with(
+        std::fs::read(m.key_file()).unwrap(),
+        |_| {},
+        200,
+        None,
+        state.clone(),
+    );
+    let env = vec![
+        s2("SEALFS_KBS_URL", &f.url()),
+        s2("SEALFS_ATTESTER", "sample"),
+    ];
+    let mnt = Mount::start(
+        &m.store(),
+        &["--key", KEY_URI, "--revalidate", "1s", "--dek-grace", "1h"],
+        &env,
+    );
+    // Three files and the manifest: four DEKs held.
+    for (n, d) in &m.files {
+        assert_eq!(&std::fs::read(mnt.path(n)).unwrap(), d);
+    }
+    let start = Instant::now();
+    let before = state.attests.load(SeqCst);
+    std::thread::sleep(Duration::from_millis(3500));
+    let rounds = state.attests.load(SeqCst) - before;
+    let most = start.elapsed().as_secs() as usize + 1;
+    assert!(
+        (2..=most).contains(&rounds),
+        "{rounds} attestations in {:?} with 4 DEKs held: once per round expected",
+        start.elapsed()
+    );
+}
+
+/// A broker kept unreachable (a hostile host drops the traffic, or stalls the quote) is an
+/// outage, bounded: past --revalidate-max-outage the held handle, a re-open and a first
+/// open are all refused.
+#[test]
+fn a_broker_outage_past_the_bound_refuses_held_reopened_and_new_files() {
+    use std::os::unix::fs::FileExt;
+    let m = Model::new();
+    let state: Arc<FakeState> = Arc::default();
+    let f = fake_kbs_with(
+        std::fs::read(m.key_file()).unwrap(),
+        |_| {},
+        200,
+        None,
+        state.clone(),
+    );
+    let env = vec![
+        s2("SEALFS_KBS_URL", &f.url()),
+        s2("SEALFS_ATTESTER", "sample"),
+    ];
+    let mnt = Mount::start(
+        &m.store(),
+        &[
+            "--key",
+            KEY_URI,
+            "--revalidate",
+            "1s",
+            "--revalidate-max-outage",
+            "3s",
+            "--dek-grace",
+            "1h",
+        ],
+        &env,
+    );
+    let h = std::fs::File::open(mnt.path("a.bin")).unwrap();
+    let mut buf = [0u8; 16];
+    h.read_exact_at(&mut buf, 0).unwrap();
+    state.down.store(true, Ordering::SeqCst);
+    // Within the bound the outage is ridden out.
+    std::thread::sleep(Duration::from_millis(1500));
+    h.read_exact_at(&mut buf, 0).unwrap();
+    let start = Instant::now();
+    while h.read_at(&mut buf, 0).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "still serving: {}",
+            mnt.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let eacces = |p: &str| std::fs::read(mnt.path(p)).unwrap_err().raw_os_error();
+    assert_eq!(eacces("a.bin"), Some(libc::EACCES), "a re-open");
+    assert_eq!(eacces("sub/b.txt"), Some(libc::EACCES), "a first open");
+    assert!(
+        mnt.logs().contains("--revalidate-max-outage"),
+        "{}",
+        mnt.logs()
+    );
 }
 
 #[test]
@@ -807,6 +1011,19 @@ fn the_cdh_path_releases_refuses_and_reports_an_outage() {
     let mnt = Mount::start(&m.store(), &["--key", KEY_URI], &env(&cdh));
     assert_eq!(std::fs::read(mnt.path("a.bin")).unwrap(), m.files[0].1);
     drop(mnt);
+    // A real CDH answers every failure 500 with the KBS client's error text.
+    for text in [
+        "get resource failed: KBS attest unauthorized, Error Info: UnAuthorized",
+        "get resource failed: KBS resource Not Found (Error 404)",
+        "rpc error: PolicyDeny",
+    ] {
+        refused_with(
+            &m.verify(&env(&serve(500, text.as_bytes().to_vec()))),
+            4,
+            "refused sealfs/kek/m1",
+            &m.key_hex(),
+        );
+    }
     refused_with(
         &m.verify(&env(&serve(403, b"denied".to_vec()))),
         4,
@@ -814,7 +1031,7 @@ fn the_cdh_path_releases_refuses_and_reports_an_outage() {
         &m.key_hex(),
     );
     refused_with(
-        &m.verify(&env(&serve(500, b"down".to_vec()))),
+        &m.verify(&env(&serve(500, b"connect: connection refused".to_vec()))),
         1,
         "unavailable",
         &m.key_hex(),
@@ -840,4 +1057,50 @@ fn the_cdh_path_releases_refuses_and_reports_an_outage() {
         "plain http only to a loopback address",
         &m.key_hex(),
     );
+}
+
+#[test]
+fn an_attestation_log_that_is_not_a_private_directory_is_refused_before_any_call() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = Model::new();
+    let d = tempfile::tempdir().unwrap();
+    let open_dir = d.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = d.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(&private, &link).unwrap();
+    let file = d.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let with_slash = format!("{}/", private.display());
+    // No broker is reachable: a refusal here happens before any call.
+    let env = vec![
+        s2("SEALFS_KBS_URL", "http://127.0.0.1:1"),
+        s2("SEALFS_ATTESTER", "sample"),
+    ];
+    for (dir, why) in [
+        (
+            open_dir.to_str().unwrap(),
+            "mode 0755 gives group or others access",
+        ),
+        (link.to_str().unwrap(), "a symbolic link"),
+        (file.to_str().unwrap(), "not a directory"),
+        (with_slash.as_str(), "without a trailing /"),
+    ] {
+        let o = sealfs(
+            &[
+                "--attestation-log",
+                dir,
+                "verify",
+                &m.store(),
+                "--key",
+                KEY_URI,
+            ],
+            &env,
+        );
+        refused_with(&o, 2, why, &m.key_hex());
+        assert!(!stderr(&o).contains("unavailable"), "{}", stderr(&o));
+    }
 }

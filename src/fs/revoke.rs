@@ -81,8 +81,9 @@ impl SealFs {
 
     /// One revalidation round: one unwrap per held DEK with the trusted keys, as at open.
     pub async fn revalidate(&self) -> Round {
-        let held = self.held();
+        // Brokers first: an open whose unwrap ran during the refresh is then in `held`.
         self.keyring.refresh_released().await;
+        let held = self.held();
         let mut round = Round {
             checked: held.len(),
             ..Round::default()

@@ -138,6 +138,9 @@ async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
         .into());
     }
     let keyring = Keyring::resolve(&specs).await.map_err(Error::from)?;
+    if !args.config.revalidate.is_zero() {
+        keyring.bound_release_outages(args.config.revalidate_max_outage);
+    }
     let trusted = crate::sign::TrustedSigners::from_uris(&args.trust_signers)
         .await
         .map_err(Error::from)?;

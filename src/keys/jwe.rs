@@ -98,6 +98,51 @@ struct Epk {
     y: String,
 }
 
+/// A released resource in locked, undumpable memory (zeroized on drop): the JWE is opened
+/// in place here, so the key file it carries never sits in ordinary heap.
+pub struct Plaintext(Locked<PlainBuf>);
+
+struct PlainBuf {
+    buf: [u8; MAX_PLAINTEXT + 16],
+    len: usize,
+}
+
+/// Never the bytes: only how many.
+impl std::fmt::Debug for Plaintext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Plaintext({} bytes)", self.0.len)
+    }
+}
+
+impl Plaintext {
+    fn empty() -> Result<Self, LockError> {
+        Ok(Self(Locked::new(PlainBuf {
+            buf: [0u8; MAX_PLAINTEXT + 16],
+            len: 0,
+        })?))
+    }
+
+    /// A copy of `b` (at most [`MAX_PLAINTEXT`] bytes: longer is `None`), e.g. a CDH's answer.
+    pub fn copy_of(b: &[u8]) -> Result<Option<Self>, LockError> {
+        if b.len() > MAX_PLAINTEXT {
+            return Ok(None);
+        }
+        let mut p = Self::empty()?;
+        p.0.buf[..b.len()].copy_from_slice(b);
+        p.0.len = b.len();
+        Ok(Some(p))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0.buf[..self.0.len]
+    }
+
+    #[cfg(test)]
+    fn address(&self) -> usize {
+        &*self.0 as *const PlainBuf as usize
+    }
+}
+
 /// The TEE key of one exchange (reused with its attestation token until that expires).
 pub struct TeeKey {
     scalar: Locked<[u8; 32]>,
@@ -147,8 +192,8 @@ impl TeeKey {
     }
 
     /// Opens a flattened JSON JWE to this key. Every check happens before the content key
-    /// is used; the plaintext is returned zeroizing.
-    pub fn decrypt(&self, body: &[u8]) -> Result<Zeroizing<Vec<u8>>, JweError> {
+    /// is used; the plaintext exists only in locked memory.
+    pub fn decrypt(&self, body: &[u8]) -> Result<Plaintext, JweError> {
         if body.len() > MAX_JWE {
             return Err(JweError::TooLong(MAX_JWE));
         }
@@ -183,7 +228,7 @@ impl TeeKey {
         let wrapped = field("encrypted_key", &jwe.encrypted_key, 40, 40)?;
         let iv = field("iv", &jwe.iv, 12, 12)?;
         let tag = field("tag", &jwe.tag, 16, 16)?;
-        let mut data = Zeroizing::new(field("ciphertext", &jwe.ciphertext, 0, MAX_PLAINTEXT)?);
+        let ciphertext = field("ciphertext", &jwe.ciphertext, 0, MAX_PLAINTEXT)?;
 
         let private = PrivateKey::from_private_key(&ECDH_P256, &self.scalar[..])
             .map_err(|_| JweError::Malformed("TEE key".into()))?;
@@ -208,17 +253,20 @@ impl TeeKey {
         );
         let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(&iv)
             .map_err(|_| JweError::Malformed("iv".into()))?;
-        data.extend_from_slice(&tag);
-        let n = key
+        let mut out = Plaintext::empty()?;
+        let n = ciphertext.len();
+        out.0.buf[..n].copy_from_slice(&ciphertext);
+        out.0.buf[n..n + 16].copy_from_slice(&tag);
+        let opened = key
             .open_in_place(
                 nonce,
                 aws_lc_rs::aead::Aad::from(jwe.protected.as_bytes()),
-                &mut data[..],
+                &mut out.0.buf[..n + 16],
             )
             .map_err(|_| JweError::Tag)?
             .len();
-        data.truncate(n);
-        Ok(data)
+        out.0.len = opened;
+        Ok(out)
     }
 }
 
@@ -301,7 +349,9 @@ mod tests {
         let k = TeeKey::generate().unwrap();
         let good = encrypt_for_tests(&k.jwk(), b"sealfs-kek-v1:00\n");
         let open = |v: &serde_json::Value| k.decrypt(v.to_string().as_bytes());
-        assert_eq!(&open(&good).unwrap()[..], b"sealfs-kek-v1:00\n");
+        let p = open(&good).unwrap();
+        assert_eq!(p.bytes(), b"sealfs-kek-v1:00\n");
+        assert!(crate::crypto::locked::is_locked_undumpable(p.address()));
 
         let mut j = good.clone();
         reencode_header(&mut j, |h| h["alg"] = "none".into());

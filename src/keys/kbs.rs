@@ -40,7 +40,7 @@ use zeroize::Zeroizing;
 
 use super::attester::Attester;
 use super::file::FileKek;
-use super::jwe::TeeKey;
+use super::jwe::{Plaintext, TeeKey};
 use super::KeyError;
 use crate::format::naming::printable;
 
@@ -53,6 +53,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_ANSWER: usize = 64 * 1024;
 /// A resource is a key file.
 const MAX_RESOURCE: usize = super::file::MAX_KEY_FILE;
+/// The most an attestation token may hold (a JWT with its certificate chain: ~3 KiB).
+const MAX_TOKEN: usize = 32 * 1024;
 /// A token is reused until this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(15);
 
@@ -76,20 +78,34 @@ fn config_err(msg: impl Into<String>) -> KeyError {
     KeyError::KbsConfig(msg.into())
 }
 
-/// Where `--attestation-log DIR` keeps tokens and evidence (set once, by the CLI).
-static ATTESTATION_LOG: OnceLock<PathBuf> = OnceLock::new();
+/// `--attestation-log DIR`, opened once (set once, by the CLI): files are created through
+/// this descriptor (`/proc/self/fd/N/NAME`), so renaming a parent later redirects nothing.
+static ATTESTATION_LOG: OnceLock<std::fs::File> = OnceLock::new();
 
-/// Checks `dir` (exists, a directory of this user's, mode 0700 or tighter) and keeps it.
+/// Opens `dir` without following a symlink, checks the open directory (this user's, mode
+/// 0700 or tighter) and keeps it.
 pub fn set_attestation_log(dir: &Path) -> Result<(), KeyError> {
     use std::os::unix::fs::MetadataExt;
     let bad = |why: String| config_err(format!("--attestation-log {}: {why}", dir.display()));
-    let m = std::fs::symlink_metadata(dir).map_err(|e| bad(e.to_string()))?;
-    if !m.is_dir() {
-        return Err(bad("not a directory".into()));
+    // A trailing `/` would make the kernel follow a final symlink: refuse the form.
+    if dir.as_os_str().as_encoded_bytes().ends_with(b"/") && dir != Path::new("/") {
+        return Err(bad("give the directory without a trailing /".into()));
     }
-    // SAFETY: getuid cannot fail.
-    #[allow(unsafe_code)]
-    let uid = unsafe { libc::getuid() };
+    // (For the message only: the open below refuses a link either way, as ENOTDIR.)
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(bad("a symbolic link".into()));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => bad("a symbolic link".into()),
+            Some(libc::ENOTDIR) => bad("not a directory".into()),
+            _ => bad(e.to_string()),
+        })?;
+    let m = f.metadata().map_err(|e| bad(e.to_string()))?;
+    let uid = crate::localfile::euid();
     if m.uid() != uid {
         return Err(bad(format!("owned by uid {}, not this user", m.uid())));
     }
@@ -99,7 +115,7 @@ pub fn set_attestation_log(dir: &Path) -> Result<(), KeyError> {
             m.mode() & 0o7777
         )));
     }
-    let _ = ATTESTATION_LOG.set(dir.to_path_buf());
+    let _ = ATTESTATION_LOG.set(f);
     Ok(())
 }
 
@@ -186,9 +202,9 @@ fn check_url(var: &str, url: &str) -> Result<String, KeyError> {
     let host = uri.host().unwrap_or("");
     let loopback = {
         let h = host.trim_start_matches('[').trim_end_matches(']');
-        h == "localhost"
-            || h.parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        // An IP literal only: `localhost` is whatever name resolution says.
+        h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
     };
     match uri.scheme_str() {
         Some("https") if !host.is_empty() => {}
@@ -406,7 +422,20 @@ impl Broker {
     fn classify(&self, resource: &str, step: &'static str, f: Failure) -> KeyError {
         let (broker, resource) = (self.name(), resource.to_string());
         match f {
-            Failure::Status(s, m) if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+            // A real CDH answers every failure 500 with the KBS client's error text
+            // (guest-components api-server-rest): a refusal is told by that text.
+            Failure::Status(s, m)
+                if matches!(self.kind, Kind::Cdh) && s.is_server_error() && cdh_refusal(&m) =>
+            {
+                KeyError::KbsDenied {
+                    broker,
+                    resource,
+                    message: format!("{step}: HTTP {}: {m}", s.as_u16()),
+                }
+            }
+            Failure::Status(s, m)
+                if s.is_server_error() || matches!(s.as_u16(), 408 | 425 | 429) =>
+            {
                 KeyError::KbsUnavailable {
                     broker,
                     resource,
@@ -456,7 +485,7 @@ impl Broker {
         &self,
         resource: &str,
         fresh: bool,
-    ) -> Result<(Zeroizing<Vec<u8>>, Transcript), KeyError> {
+    ) -> Result<(Plaintext, Transcript), KeyError> {
         let out = match &self.kind {
             Kind::Cdh => self.release_cdh(resource).await?,
             Kind::Kbs { attester, session } => {
@@ -492,10 +521,7 @@ impl Broker {
         Ok(out)
     }
 
-    async fn release_cdh(
-        &self,
-        resource: &str,
-    ) -> Result<(Zeroizing<Vec<u8>>, Transcript), KeyError> {
+    async fn release_cdh(&self, resource: &str) -> Result<(Plaintext, Transcript), KeyError> {
         let (body, _) = self
             .call(
                 "cdh_resource",
@@ -512,6 +538,10 @@ impl Broker {
                 format!("resource longer than {MAX_RESOURCE} bytes"),
             ));
         }
+        // Into locked memory at once (hyper's own buffers held it on the way: as for Transit
+        // answers, those are the HTTP stack's).
+        let body = Plaintext::copy_of(&body)?
+            .ok_or_else(|| self.bad_answer(resource, "resource too long"))?;
         Ok((
             body,
             Transcript {
@@ -575,7 +605,10 @@ impl Broker {
         }
         let cookie =
             cookie.ok_or_else(|| self.bad_answer(resource, "auth: no kbs-session-id cookie"))?;
-        let key = TeeKey::generate().map_err(|e| self.bad_answer(resource, e.to_string()))?;
+        let key = TeeKey::generate().map_err(|e| match e {
+            super::jwe::JweError::Lock(l) => KeyError::Lock(l),
+            e => self.bad_answer(resource, e.to_string()),
+        })?;
         let runtime = format!(
             r#"{{"additional-evidence":"","nonce":"{}","tee-pubkey":{}}}"#,
             ch.nonce,
@@ -592,20 +625,19 @@ impl Broker {
                 message: format!("the attester reported tee {} then {}", tee, evidence.tee),
             });
         }
-        let tee_evidence =
-            serde_json::json!({"primary_evidence": evidence.primary, "additional_evidence": ""});
-        let evidence_json = tee_evidence.to_string();
         let attest = serde_json::json!({
             "runtime-data": {"nonce": ch.nonce, "tee-pubkey": key.jwk()},
-            "tee-evidence": tee_evidence,
+            "tee-evidence": {"primary_evidence": evidence.primary, "additional_evidence": ""},
         });
+        // What auditors keep (public: nonce, TEE public key, evidence).
+        let evidence_json = attest.to_string();
         let (body, _) = self
             .call(
                 "attest",
                 Method::POST,
                 "/kbs/v0/attest",
                 &[(COOKIE, format!("kbs-session-id={cookie}"))],
-                Some(attest.to_string().into_bytes()),
+                Some(evidence_json.clone().into_bytes()),
             )
             .await
             .map_err(|f| self.classify(resource, "attest", f))?;
@@ -617,6 +649,13 @@ impl Broker {
         let token = serde_json::from_slice::<Token>(&body)
             .map(|t| Zeroizing::new(t.token))
             .map_err(|e| self.bad_answer(resource, format!("attest: {}", super::json_error(&e))))?;
+        if token.len() > MAX_TOKEN
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(self.bad_answer(resource, "attest: the token is not a compact JWT"));
+        }
         let claims = read_claims(&token)
             .map_err(|why| self.bad_answer(resource, format!("attest: {why}")))?;
         let sha = |b: &[u8]| hex::encode(ring::digest::digest(&ring::digest::SHA256, b));
@@ -631,9 +670,10 @@ impl Broker {
             evidence_sha256: sha(evidence_json.as_bytes()),
         };
         keep_for_auditors(&transcript, &token, &evidence_json);
-        let valid_until = (UNIX_EPOCH + Duration::from_secs(claims.expires))
-            .checked_sub(TOKEN_MARGIN)
-            .unwrap_or(UNIX_EPOCH);
+        let valid_until = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.expires))
+            .and_then(|t| t.checked_sub(TOKEN_MARGIN))
+            .ok_or_else(|| self.bad_answer(resource, "attest: the token's exp is out of range"))?;
         Ok(Session {
             key,
             token,
@@ -646,7 +686,7 @@ impl Broker {
         &self,
         resource: &str,
         s: &Session,
-    ) -> Result<(Zeroizing<Vec<u8>>, Transcript), KeyError> {
+    ) -> Result<(Plaintext, Transcript), KeyError> {
         let (body, _) = self
             .call(
                 "resource",
@@ -661,7 +701,7 @@ impl Broker {
             .key
             .decrypt(&body)
             .map_err(|e| self.bad_answer(resource, format!("resource: {e}")))?;
-        if plain.len() > MAX_RESOURCE {
+        if plain.bytes().len() > MAX_RESOURCE {
             return Err(self.bad_answer(
                 resource,
                 format!("resource longer than {MAX_RESOURCE} bytes"),
@@ -671,6 +711,27 @@ impl Broker {
         t.resource = resource.to_string();
         Ok((plain, t))
     }
+}
+
+/// Whether a CDH's 500 text is a refusal passed on from the KBS (policy denied, attestation
+/// refused, resource not found) rather than the CDH or the KBS being down. Best effort: the
+/// CDH's API has no error codes; what matches none is an outage (bounded by
+/// `--revalidate-max-outage`).
+fn cdh_refusal(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "unauthorized",
+        "policydeny",
+        "policy deny",
+        "attestationerror",
+        "attestation failed",
+        "not found",
+        "notfound",
+        "denied",
+        "forbidden",
+    ]
+    .iter()
+    .any(|w| t.contains(w))
 }
 
 /// `kbs-session-id=VALUE` of one `Set-Cookie` line: a bounded token of safe characters.
@@ -685,6 +746,21 @@ fn session_cookie(line: &str) -> Option<String> {
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)))
     .then(|| v.to_string())
+}
+
+/// A claim as an audit line shows it: only `[A-Za-z0-9._:/-]` (others become `_`), so a
+/// KBS cannot write ` token_sha256=…` into the line; cut at `max` characters.
+fn plain_field(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:/-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 struct Claims {
@@ -723,14 +799,14 @@ fn read_claims(token: &str) -> Result<Claims, String> {
         .map(|(k, v)| {
             format!(
                 "{}={}",
-                printable(k, 32),
-                printable(v["ear.status"].as_str().unwrap_or("?"), 32)
+                plain_field(k, 32),
+                plain_field(v["ear.status"].as_str().unwrap_or("?"), 32)
             )
         })
         .collect::<Vec<_>>()
         .join(",");
     Ok(Claims {
-        issuer: printable(c.iss.as_deref().unwrap_or("?"), 128),
+        issuer: plain_field(c.iss.as_deref().unwrap_or("?"), 128),
         status: if status.is_empty() {
             "?".into()
         } else {
@@ -740,13 +816,16 @@ fn read_claims(token: &str) -> Result<Claims, String> {
     })
 }
 
-/// `--attestation-log DIR`: the token and the evidence of each attestation, 0600, named by
-/// time and token digest. A failure to keep them is logged, not fatal (the audit event has
+/// `--attestation-log DIR`: the token and the whole attest request (the nonce, the TEE
+/// public key and the evidence: an auditor recomputes report_data from it) of each
+/// attestation, 0600, named by time and token digest. A failure to keep them is logged, not fatal (the audit event has
 /// their digests).
 fn keep_for_auditors(t: &Transcript, token: &str, evidence: &str) {
+    use std::os::fd::AsRawFd;
     let Some(dir) = ATTESTATION_LOG.get() else {
         return;
     };
+    let dir = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -777,6 +856,11 @@ pub struct KbsKey {
     kek: FileKek,
     /// The last revalidation's answer (`None` before any, or when it released the same key).
     state: Mutex<Option<(bool, String)>>,
+    /// When the broker last released this key, and how long an outage may last before the
+    /// key is refused (`--revalidate-max-outage` of a revalidating mount; zero: unbounded).
+    /// Without it a broker kept unreachable (a hostile host drops the traffic, or stalls
+    /// the quote) would let new opens unwrap under the held key for ever.
+    last_ok: Mutex<(Instant, Duration)>,
 }
 
 impl KbsKey {
@@ -788,12 +872,13 @@ impl KbsKey {
             resource: resource.to_string(),
             kek,
             state: Mutex::new(None),
+            last_ok: Mutex::new((Instant::now(), Duration::ZERO)),
         })
     }
 
     async fn fetch(broker: &Broker, resource: &str, fresh: bool) -> Result<FileKek, KeyError> {
         let (content, _) = broker.release(resource, fresh).await?;
-        FileKek::parse(&content).map_err(|e| match e {
+        FileKek::parse(content.bytes()).map_err(|e| match e {
             super::file::KeyFileError::Lock(l) => KeyError::Lock(l),
             e => broker.bad_answer(resource, format!("the resource is {e}")),
         })
@@ -812,12 +897,21 @@ impl KbsKey {
         &self.resource
     }
 
+    /// Bounds outages: once the broker has not released this key for `bound`, every use
+    /// of it is refused (`--revalidate-max-outage`; set only when the mount revalidates).
+    pub fn bound_outage(&self, bound: Duration) {
+        self.last_ok.lock().unwrap_or_else(|p| p.into_inner()).1 = bound;
+    }
+
     /// Revalidation: attest again and release again (once per key per round, whatever the
     /// number of DEKs it opened). Another key under the same path is a refusal of this one.
     pub async fn refresh(&self) {
         let r = Self::fetch(&self.broker, &self.resource, true).await;
         let state = match r {
-            Ok(k) if k.id() == self.kek.id() => None,
+            Ok(k) if k.id() == self.kek.id() => {
+                self.last_ok.lock().unwrap_or_else(|p| p.into_inner()).0 = Instant::now();
+                None
+            }
             Ok(k) => Some((
                 true,
                 format!(
@@ -830,8 +924,20 @@ impl KbsKey {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
-    /// The last refresh's refusal or outage, as an error for every DEK under this key.
+    /// The last refresh's refusal or outage, as an error for every DEK under this key; an
+    /// outage past the bound is a refusal.
     pub fn refused(&self) -> Option<KeyError> {
+        let (since, bound) = *self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+        if !bound.is_zero() && since.elapsed() >= bound {
+            return Some(KeyError::KbsDenied {
+                broker: self.broker.name(),
+                resource: self.resource.clone(),
+                message: format!(
+                    "not released for {}s (--revalidate-max-outage)",
+                    since.elapsed().as_secs()
+                ),
+            });
+        }
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.as_ref().map(|(revokes, message)| {
             let (broker, resource, message) =

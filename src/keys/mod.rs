@@ -377,6 +377,16 @@ impl Keyring {
         })
     }
 
+    /// A revalidating mount's `--revalidate-max-outage`: a released key the broker has not
+    /// released again for that long opens nothing more.
+    pub fn bound_release_outages(&self, bound: std::time::Duration) {
+        for k in &self.keks {
+            if let Kek::Kbs(k) = k {
+                k.bound_outage(bound);
+            }
+        }
+    }
+
     /// The start of a revalidation round: each key a broker released is asked for again
     /// (attesting again once its token expired): once per key, not once per DEK.
     pub async fn refresh_released(&self) {
