@@ -37,6 +37,11 @@ pub fn scrub_env() {
     for v in BODY_LOGGING_VARS {
         std::env::remove_var(v);
     }
+    // The TSS (keys/tpm2.rs) prints its own WARNING/ERROR lines to stderr: sealfs reports
+    // TPM failures in its one error line. TSS2_LOG=all+trace still shows them when debugging.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+NONE");
+    }
     // Key-manager tokens: kept in this process only, never inherited by a child
     // (fusermount3, mount helpers).
     let mut kept = TOKENS.lock().unwrap_or_else(|p| p.into_inner());

@@ -2,7 +2,8 @@
 //!
 //! `--key` URIs: `kms:<key id | ARN | alias/…>`, `file:<path>`, `pkcs11:<RFC 7512 URI>` (an
 //! HSM), `transit:[MOUNT/]NAME` (Vault / OpenBao Transit) or `shares:<path>,<path>,…` (a k-of-n
-//! key ceremony). A [`Keyring`] is the ordered list a command was given; for reads it is also
+//! key ceremony) or `tpm2:<path>` (a key file sealed to this host's TPM under a PCR
+//! policy). A [`Keyring`] is the ordered list a command was given; for reads it is also
 //! the *trusted* list: a DEK wrapped only under other keys is refused without any provider
 //! call (strict mode).
 
@@ -10,6 +11,7 @@ pub mod file;
 pub mod kms;
 pub mod pkcs11;
 pub mod shares;
+pub mod tpm2;
 pub mod transit;
 
 use std::collections::BTreeMap;
@@ -22,7 +24,7 @@ use crate::format::{EncryptionContext, KeyObject, KeySlot, SlotKind};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME or shares:<path>,<path>,…")]
+    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME, shares:<path>,<path>,… or tpm2:<path>")]
     BadUri(String),
     #[error("key file {path}: {reason}")]
     FileKey { path: String, reason: String },
@@ -101,6 +103,29 @@ pub enum KeyError {
         key: String,
         message: String,
     },
+    // TPM 2.0 (keys/tpm2.rs). Classes: a PCR mismatch, a blob this TPM does not load and a
+    // policy the TPM refuses are refusals (this host is not the one, or not in the state,
+    // the key was sealed for: exit 4, EACCES); a TPM that does not answer is an outage
+    // (answered like a missing PKCS#11 token: exit 4, never a revocation); a sealed file
+    // that is unreadable or malformed is a local file error like a bad key file (exit 1).
+    // None is an integrity failure: the TPM's answer to altered blobs cannot be told from
+    // its answer to another TPM's.
+    #[error("this sealfs was built without TPM support (cargo feature tpm2)")]
+    Tpm2NotBuilt,
+    #[error("TPM-sealed key file {path}: {reason}")]
+    Tpm2File { path: String, reason: String },
+    #[error("TPM-sealed key {path}: this host's PCRs differ from those it was sealed against: {pcrs} (another kernel, boot chain or Secure Boot state); the TPM will not release the key")]
+    Tpm2PcrMismatch { path: String, pcrs: String },
+    #[error("TPM-sealed key {path}: this TPM does not load it (sealed on another TPM, the TPM was cleared, or the file was altered): {message}")]
+    Tpm2Foreign { path: String, message: String },
+    #[error(
+        "TPM-sealed key {path}: the TPM refused to unseal it (PCR policy not satisfied): {message}"
+    )]
+    Tpm2PolicyFailed { path: String, message: String },
+    #[error("TPM unavailable at {tcti} (set SEALFS_TPM2_TCTI): {message}")]
+    Tpm2Unavailable { tcti: String, message: String },
+    #[error("TPM {op} failed: {message}")]
+    Tpm2Failed { op: &'static str, message: String },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -112,7 +137,11 @@ impl KeyError {
     pub fn is_access_denied(&self) -> bool {
         // A token that is gone is answered like a key that refuses (EACCES, bounded), but
         // it is an outage, not a refusal: a revalidation does not revoke on it.
-        self.is_refusal() || matches!(self, KeyError::Pkcs11Unavailable { .. })
+        self.is_refusal()
+            || matches!(
+                self,
+                KeyError::Pkcs11Unavailable { .. } | KeyError::Tpm2Unavailable { .. }
+            )
     }
 
     /// True when the provider itself answered no (key disabled, pending deletion, destroyed,
@@ -128,6 +157,9 @@ impl KeyError {
                 | KeyError::TransitNotFound { .. }
                 | KeyError::NoTrustedKey { .. }
                 | KeyError::Pkcs11Denied { .. }
+                | KeyError::Tpm2PcrMismatch { .. }
+                | KeyError::Tpm2Foreign { .. }
+                | KeyError::Tpm2PolicyFailed { .. }
         )
     }
 
@@ -161,6 +193,8 @@ pub enum KeySpec {
         mount: String,
         name: String,
     },
+    /// A key file sealed to this host's TPM (`keys/tpm2.rs`).
+    Tpm2(std::path::PathBuf),
 }
 
 impl std::str::FromStr for KeySpec {
@@ -174,6 +208,7 @@ impl std::str::FromStr for KeySpec {
             Some(("shares", ps)) if !ps.split(',').any(str::is_empty) => {
                 Ok(KeySpec::Shares(ps.split(',').map(Into::into).collect()))
             }
+            Some(("tpm2", p)) if !p.is_empty() => Ok(KeySpec::Tpm2(p.into())),
             Some(("transit", t)) => match transit::parse_spec(t) {
                 Some((mount, name)) => Ok(KeySpec::Transit { mount, name }),
                 None => Err(KeyError::BadUri(shown_uri(s))),
@@ -289,6 +324,17 @@ impl Keyring {
                 KeySpec::File(p) => Kek::File(Box::new(file::FileKek::load(p)?)),
                 KeySpec::Pkcs11(u) => Kek::Pkcs11(pkcs11::Pkcs11Key::resolve(u).await?),
                 KeySpec::Shares(ps) => Kek::Shares(Box::new(shares::load(ps)?)),
+                // The TPM releases the key file: it opens what that key file opens.
+                KeySpec::Tpm2(p) => {
+                    let p = p.clone();
+                    let kek = tokio::task::spawn_blocking(move || tpm2::unseal(&p))
+                        .await
+                        .map_err(|e| KeyError::Tpm2Failed {
+                            op: "unseal",
+                            message: e.to_string(),
+                        })??;
+                    Kek::File(Box::new(kek))
+                }
                 KeySpec::Kms(id) => {
                     let region = kms::region_of(id);
                     let client = match kms_clients.get(&region) {
