@@ -323,6 +323,9 @@ fn key_line(content: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
 /// current values and writes the sealed file `out` (0600, never over an existing file).
 /// Returns the sealed file, for the CLI to report.
 pub fn seal(key_file: &Path, selection: &PcrSelection, out: &Path) -> Result<Sealed, KeyError> {
+    if !cfg!(feature = "tpm2") {
+        return Err(KeyError::Tpm2NotBuilt);
+    }
     let key_err = |reason: String| KeyError::FileKey {
         path: key_file.display().to_string(),
         reason,
@@ -368,6 +371,9 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
 /// `--key tpm2:PATH`: reads and checks the sealed file, asks this TPM to unseal it, and
 /// returns the key file it held. The unsealed line is zeroized once parsed.
 pub fn unseal(path: &Path) -> Result<FileKek, KeyError> {
+    if !cfg!(feature = "tpm2") {
+        return Err(KeyError::Tpm2NotBuilt);
+    }
     let file_err = |reason: String| KeyError::Tpm2File {
         path: path.display().to_string(),
         reason,
@@ -952,6 +958,17 @@ mod tests {
         assert_eq!(s.differing(&now).as_deref(), Some("sha256:7"));
         let now = vec![vec![0; 32], vec![3; 32]];
         assert_eq!(s.differing(&now).as_deref(), Some("sha256:0, sha256:7"));
+    }
+
+    #[test]
+    fn tpm2_uris_parse() {
+        use super::super::KeySpec;
+        assert_eq!(
+            "tpm2:/etc/sealfs/k.tpm2".parse::<KeySpec>().unwrap(),
+            KeySpec::Tpm2("/etc/sealfs/k.tpm2".into())
+        );
+        let e = "tpm2:".parse::<KeySpec>().unwrap_err().to_string();
+        assert!(e.contains("tpm2:<path>"), "{e}");
     }
 
     #[test]
