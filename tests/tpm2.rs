@@ -521,6 +521,39 @@ mod with_tpm {
         assert!(err.contains("sealed on another TPM"), "{err}");
     }
 
+    /// More PCRs than one PCR_Read returns (8), and another bank: sealed, verified, and a
+    /// change in the second read's part named.
+    #[test]
+    fn wide_selections_and_other_banks_work() {
+        let f = Fixture::new();
+        let all: Vec<String> = (0..16).map(|p| p.to_string()).collect();
+        let wide = format!("sha256:{}", all.join(","));
+        for (pcrs, out) in [(wide.as_str(), "wide.json"), ("sha1:0,7", "sha1.json")] {
+            f.run_on(
+                &f.tpm,
+                &[
+                    "tpm2",
+                    "seal",
+                    "--key-file",
+                    &f.p("k"),
+                    "--pcrs",
+                    pcrs,
+                    &f.p(out),
+                ],
+                0,
+            );
+            f.verify(out, 0);
+        }
+        f.tpm.extend(12);
+        let err = f.refused("wide.json", 4);
+        assert!(
+            err.contains("differ from those it was sealed against: sha256:12 ("),
+            "{err}"
+        );
+        // The SHA-1 bank did not move (only sha256:12 was extended).
+        f.verify("sha1.json", 0);
+    }
+
     fn write_private(p: &Path, bytes: &[u8]) {
         std::fs::write(p, bytes).unwrap();
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -541,26 +541,34 @@ mod imp {
             }
         }
 
-        /// The current values of `sel`'s PCRs, in order (the TPM reads at most 8 a call).
+        /// The current values of `sel`'s PCRs, in order. The TPM returns at most 8 values
+        /// a call, and nothing for a bank it has not allocated: read in chunks of 8, each
+        /// answer checked to be exactly what was asked (tss-esapi's `read_all` would loop
+        /// forever on an empty answer).
         fn read_pcrs(&mut self, sel: &PcrSelection) -> Result<Vec<Vec<u8>>, KeyError> {
-            let list = selection_list(sel).map_err(|e| self.failed("PCR_Read", e))?;
-            let data = tss_esapi::abstraction::pcr::read_all(&mut self.ctx, list)
-                .map_err(|e| self.failed("PCR_Read", e))?;
-            let bank = data.pcr_bank(hash(sel.bank));
-            sel.pcrs
-                .iter()
-                .map(|p| {
-                    bank.and_then(|b| b.get_digest(slot(*p)))
-                        .map(|d| d.value().to_vec())
-                        .ok_or_else(|| KeyError::Tpm2Failed {
-                            op: "PCR_Read",
-                            message: format!(
-                                "this TPM has no PCR {}:{p} (bank not allocated?)",
-                                sel.bank.name()
-                            ),
-                        })
-                })
-                .collect()
+            let mut values = Vec::with_capacity(sel.pcrs.len());
+            for chunk in sel.pcrs.chunks(8) {
+                let part = PcrSelection {
+                    bank: sel.bank,
+                    pcrs: chunk.to_vec(),
+                };
+                let list = selection_list(&part).map_err(|e| self.failed("PCR_Read", e))?;
+                let (_, read, digests) = self
+                    .ctx
+                    .pcr_read(list.clone())
+                    .map_err(|e| self.failed("PCR_Read", e))?;
+                if read != list || digests.value().len() != chunk.len() {
+                    return Err(KeyError::Tpm2Failed {
+                        op: "PCR_Read",
+                        message: format!(
+                            "this TPM did not return the PCRs {part} (is the {} bank allocated?)",
+                            sel.bank.name()
+                        ),
+                    });
+                }
+                values.extend(digests.value().iter().map(|d| d.value().to_vec()));
+            }
+            Ok(values)
         }
 
         /// The storage root key under the owner hierarchy (transient, tracked).
