@@ -16,7 +16,7 @@ fmt-check:
 	cargo fmt --all -- --check
 
 clippy:
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features tpm2 -- -D warnings
 
 bench:           ## AEAD crates x chunk sizes; seal vs raw multipart (see docs/PERFORMANCE.md)
 	cargo bench --bench aead

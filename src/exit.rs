@@ -24,7 +24,9 @@ pub fn code(err: &Error) -> i32 {
         e if e.is_access_denied() => KEY_DENIED,
         Error::Usage(_) | Error::NothingSealed(_) => USAGE,
         Error::KeySetup(
-            crate::keys::KeyError::BadUri(_) | crate::keys::KeyError::Pkcs11Uri { .. },
+            crate::keys::KeyError::BadUri(_)
+            | crate::keys::KeyError::Pkcs11Uri { .. }
+            | crate::keys::KeyError::Tpm2NotBuilt,
         ) => USAGE,
         Error::Store(crate::store::StoreError::BadUri(_)) => USAGE,
         Error::Store(_) => STORE,

@@ -37,6 +37,14 @@ pub fn scrub_env() {
     for v in BODY_LOGGING_VARS {
         std::env::remove_var(v);
     }
+    // The TSS (keys/tpm2.rs) prints its own WARNING/ERROR lines to stderr: sealfs reports
+    // TPM failures in its one error line, so it is silent unless TSS2_LOG asks; and never
+    // above debug, since its trace level dumps decrypted responses (an unsealed key file).
+    let tss_log = match std::env::var("TSS2_LOG") {
+        Ok(v) => v.to_ascii_lowercase().replace("trace", "debug"),
+        Err(_) => "all+none".to_string(),
+    };
+    std::env::set_var("TSS2_LOG", tss_log);
     // Key-manager tokens: kept in this process only, never inherited by a child
     // (fusermount3, mount helpers).
     let mut kept = TOKENS.lock().unwrap_or_else(|p| p.into_inner());

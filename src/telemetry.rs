@@ -118,7 +118,9 @@ struct Levels {
 static LEVELS: OnceLock<Levels> = OnceLock::new();
 
 fn directives(level: &str) -> String {
-    format!("sealfs={level},sealfs::audit=info,fuser=error,warn")
+    // tss_esapi logs each failed TPM command at error level; keys/tpm2.rs reports it in
+    // the command's one error line instead.
+    format!("sealfs={level},sealfs::audit=info,fuser=error,tss_esapi=off,warn")
 }
 
 /// Logs at `default_level` unless `RUST_LOG` says otherwise, to stderr or to `log_file`:

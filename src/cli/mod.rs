@@ -62,9 +62,10 @@ pub enum Command {
         src: PathBuf,
         /// s3://BUCKET/PREFIX, file://PATH or a directory path.
         dest: String,
-        /// kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME
-        /// or shares:<path>,<path>,… (K share files of a `keygen --shares` ceremony); repeat to
-        /// wrap the DEK under several.
+        /// kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME,
+        /// shares:<path>,<path>,… (K share files of a `keygen --shares` ceremony) or
+        /// tpm2:<path> (a key file sealed by `sealfs tpm2 seal`); repeat to wrap the DEK under
+        /// several.
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
         /// Extra encryption context pair (k=v), shown in every KMS audit record.
@@ -281,6 +282,29 @@ pub enum Command {
         #[arg(long = "to-key", required = true)]
         to_keys: Vec<String>,
     },
+    /// TPM 2.0: bind a key file to this host's TPM and measured boot (`--key tpm2:PATH`).
+    #[command(subcommand)]
+    Tpm2(Tpm2Command),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Tpm2Command {
+    /// Seal a key file to this host's TPM under the current values of some PCRs: OUT
+    /// (created 0600, never overwritten) opens only on this TPM, and only while those PCRs
+    /// hold the same values (same firmware, boot chain, Secure Boot state). Read it with
+    /// `--key tpm2:OUT`; keep the key file itself offline, to reseal after an update.
+    /// The TPM is reached through SEALFS_TPM2_TCTI (default device:/dev/tpmrm0).
+    Seal {
+        /// The key file to seal (as `sealfs keygen` writes it).
+        #[arg(long, value_name = "KEY_FILE")]
+        key_file: PathBuf,
+        /// The PCR bank and PCRs whose current values the key is bound to (e.g.
+        /// sha256:0,2,4,7: firmware, option ROMs, boot loader, Secure Boot policy).
+        #[arg(long, value_name = "BANK:PCR,…", value_parser = parse_pcrs)]
+        pcrs: crate::keys::tpm2::PcrSelection,
+        /// The sealed key file to write.
+        out: PathBuf,
+    },
 }
 
 const LONG_ABOUT: &str = "\
@@ -376,6 +400,10 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         }
         _ => return Err(format!("{s:?}: unknown unit (use ms, s, m, h)")),
     })
+}
+
+fn parse_pcrs(s: &str) -> Result<crate::keys::tpm2::PcrSelection, String> {
+    s.parse()
 }
 
 fn parse_threshold(s: &str) -> Result<crate::keys::shares::Threshold, String> {
@@ -747,6 +775,21 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
             for k in &c.waiting {
                 println!("kept {} (replaced less than --grace ago)", loc.describe(k));
             }
+        }
+        Command::Tpm2(Tpm2Command::Seal {
+            key_file,
+            pcrs,
+            out,
+        }) => {
+            let sealed = crate::keys::tpm2::seal(&key_file, &pcrs, &out).map_err(|e| match e {
+                crate::keys::KeyError::Tpm2NotBuilt => Error::Usage(e.to_string()),
+                e => Error::KeySetup(e),
+            })?;
+            println!(
+                "wrote {} (sealed to this TPM under {})",
+                out.display(),
+                sealed.selection
+            );
         }
         Command::Rewrap { uri, keys, to_keys } => {
             let loc = Location::parse(&uri).await?;

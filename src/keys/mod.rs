@@ -2,8 +2,9 @@
 //!
 //! `--key` URIs: `kms:<key id | ARN | alias/…>`, `file:<path>`, `pkcs11:<RFC 7512 URI>` (an
 //! HSM), `transit:[MOUNT/]NAME` (Vault / OpenBao Transit), `shares:<path>,<path>,…` (a k-of-n
-//! key ceremony) or `kbs:///REPO/TYPE/TAG` (a key file released by a Confidential Containers
-//! key broker after attestation). A [`Keyring`] is the ordered list a command was given; for reads it is also
+//! key ceremony), `kbs:///REPO/TYPE/TAG` (a key file released by a Confidential Containers
+//! key broker after attestation) or `tpm2:<path>` (a key file sealed to this host's TPM
+//! under a PCR policy). A [`Keyring`] is the ordered list a command was given; for reads it is also
 //! the *trusted* list: a DEK wrapped only under other keys is refused without any provider
 //! call (strict mode).
 
@@ -14,6 +15,7 @@ pub mod kbs;
 pub mod kms;
 pub mod pkcs11;
 pub mod shares;
+pub mod tpm2;
 pub mod transit;
 
 use std::collections::BTreeMap;
@@ -26,7 +28,7 @@ use crate::format::{EncryptionContext, KeyObject, KeySlot, SlotKind};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME, shares:<path>,<path>,… or kbs:///REPO/TYPE/TAG")]
+    #[error("bad key URI {0:?}: expected kms:<key id|ARN|alias/NAME>, file:<path>, pkcs11:<RFC 7512 URI>, transit:[MOUNT/]NAME, shares:<path>,<path>,…, kbs:///REPO/TYPE/TAG or tpm2:<path>")]
     BadUri(String),
     #[error("key file {path}: {reason}")]
     FileKey { path: String, reason: String },
@@ -128,6 +130,29 @@ pub enum KeyError {
     },
     #[error("no evidence for {resource}: {message}")]
     KbsAttester { resource: String, message: String },
+    // TPM 2.0 (keys/tpm2.rs). Classes: a PCR mismatch, a blob this TPM does not load and a
+    // policy the TPM refuses are refusals (this host is not the one, or not in the state,
+    // the key was sealed for: exit 4, EACCES); a TPM that does not answer is an outage
+    // (answered like a missing PKCS#11 token: exit 4, never a revocation); a sealed file
+    // that is unreadable or malformed is a local file error like a bad key file (exit 1).
+    // None is an integrity failure: the TPM's answer to altered blobs cannot be told from
+    // its answer to another TPM's.
+    #[error("this sealfs was built without TPM support (cargo feature tpm2)")]
+    Tpm2NotBuilt,
+    #[error("TPM-sealed key file {path}: {reason}")]
+    Tpm2File { path: String, reason: String },
+    #[error("TPM-sealed key {path}: this host's PCRs differ from those it was sealed against: {pcrs} (another kernel, boot chain or Secure Boot state); the TPM will not release the key")]
+    Tpm2PcrMismatch { path: String, pcrs: String },
+    #[error("TPM-sealed key {path}: this TPM does not load it (sealed on another TPM, the TPM was cleared, or the file was altered): {message}")]
+    Tpm2Foreign { path: String, message: String },
+    #[error(
+        "TPM-sealed key {path}: the TPM refused to unseal it (PCR policy not satisfied): {message}"
+    )]
+    Tpm2PolicyFailed { path: String, message: String },
+    #[error("TPM unavailable at {tcti} (set SEALFS_TPM2_TCTI): {message}")]
+    Tpm2Unavailable { tcti: String, message: String },
+    #[error("TPM {op} failed: {message}")]
+    Tpm2Failed { op: &'static str, message: String },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -139,11 +164,14 @@ impl KeyError {
     pub fn is_access_denied(&self) -> bool {
         // A token that is gone is answered like a key that refuses (EACCES, bounded), but
         // it is an outage, not a refusal: a revalidation does not revoke on it.
-        // So is an attester that cannot produce evidence: nothing will be released.
+        // So is an attester that cannot produce evidence (nothing will be released), and a
+        // TPM that does not answer.
         self.is_refusal()
             || matches!(
                 self,
-                KeyError::Pkcs11Unavailable { .. } | KeyError::KbsAttester { .. }
+                KeyError::Pkcs11Unavailable { .. }
+                    | KeyError::KbsAttester { .. }
+                    | KeyError::Tpm2Unavailable { .. }
             )
     }
 
@@ -164,6 +192,9 @@ impl KeyError {
                 // resource that is not a key file): fail closed.
                 | KeyError::KbsDenied { .. }
                 | KeyError::KbsBadAnswer { .. }
+                | KeyError::Tpm2PcrMismatch { .. }
+                | KeyError::Tpm2Foreign { .. }
+                | KeyError::Tpm2PolicyFailed { .. }
         )
     }
 
@@ -199,6 +230,8 @@ pub enum KeySpec {
     },
     /// A KBS resource path `REPO/TYPE/TAG` (`keys/kbs.rs`).
     Kbs(String),
+    /// A key file sealed to this host's TPM (`keys/tpm2.rs`).
+    Tpm2(std::path::PathBuf),
 }
 
 impl std::str::FromStr for KeySpec {
@@ -215,6 +248,7 @@ impl std::str::FromStr for KeySpec {
             Some(("kbs", r)) => kbs::parse_spec(r)
                 .map(KeySpec::Kbs)
                 .ok_or_else(|| KeyError::BadUri(shown_uri(s))),
+            Some(("tpm2", p)) if !p.is_empty() => Ok(KeySpec::Tpm2(p.into())),
             Some(("transit", t)) => match transit::parse_spec(t) {
                 Some((mount, name)) => Ok(KeySpec::Transit { mount, name }),
                 None => Err(KeyError::BadUri(shown_uri(s))),
@@ -351,6 +385,17 @@ impl Keyring {
                 KeySpec::File(p) => Kek::File(Box::new(file::FileKek::load(p)?)),
                 KeySpec::Pkcs11(u) => Kek::Pkcs11(pkcs11::Pkcs11Key::resolve(u).await?),
                 KeySpec::Shares(ps) => Kek::Shares(Box::new(shares::load(ps)?)),
+                // The TPM releases the key file: it opens what that key file opens.
+                KeySpec::Tpm2(p) => {
+                    let p = p.clone();
+                    let kek = tokio::task::spawn_blocking(move || tpm2::unseal(&p))
+                        .await
+                        .map_err(|e| KeyError::Tpm2Failed {
+                            op: "unseal",
+                            message: e.to_string(),
+                        })??;
+                    Kek::File(Box::new(kek))
+                }
                 KeySpec::Kms(id) => {
                     let region = kms::region_of(id);
                     let client = match kms_clients.get(&region) {
