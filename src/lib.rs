@@ -7,6 +7,7 @@ pub mod cache;
 pub mod calls;
 pub mod cli;
 pub mod crypto;
+pub mod csi;
 pub mod error;
 pub mod exit;
 pub mod format;

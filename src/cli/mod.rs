@@ -211,7 +211,17 @@ pub enum Command {
         /// Mount noexec (nothing on the mount can be executed).
         #[arg(long)]
         noexec: bool,
+        /// Serve the FUSE connection on this inherited file descriptor, which someone else
+        /// opened (/dev/fuse) and mounted (the CSI node plugin): MOUNTPOINT is then only a
+        /// label for logs. This process opens no /dev/fuse and calls no mount(2); SIGTERM
+        /// ends it, and the unmount belongs to whoever mounted.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
+        fuse_fd: Option<i32>,
     },
+    /// Kubernetes CSI driver processes (deploy/kubernetes/): `mounter` serves FUSE
+    /// connections that the node plugin mounted, one `mount --fuse-fd` child per volume.
+    #[command(subcommand)]
+    Csi(CsiCommand),
     /// Revoke now, in the daemon serving MOUNTPOINT, the DEKs it holds (all, or those of
     /// files under one key): wiped, with their cached chunks and the kernel's pages; every
     /// later read and open of those files is EACCES until a new open unwraps again.
@@ -460,6 +470,18 @@ async fn keyring(specs: &[String]) -> Result<Keyring> {
     Ok(Keyring::resolve(&specs).await?)
 }
 
+#[derive(Subcommand, Debug)]
+pub enum CsiCommand {
+    /// One per node, needing only CAP_IPC_LOCK: receives FUSE connections on a unix socket
+    /// (0600, peer uid checked) and serves each with its own `sealfs mount --fuse-fd`
+    /// child; never opens /dev/fuse, never mounts.
+    Mounter {
+        /// The unix socket the node plugin connects to.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
 /// Runs the command; returns the exit code after printing its output or one error line.
 pub fn main_with(cli: Cli) -> i32 {
     // Before any thread (the runtime, the mount's fork): see process::scrub_env.
@@ -479,6 +501,10 @@ pub fn main_with(cli: Cli) -> i32 {
             eprintln!("sealfs: error: {e}");
             return exit::USAGE;
         }
+    }
+    if let Command::Csi(CsiCommand::Mounter { socket }) = &cli.command {
+        // Threads and children of its own; no runtime.
+        return crate::csi::mounter::run(socket);
     }
     if let Command::Mount { .. } = cli.command {
         // The mount forks before any thread exists, so it builds its own runtime.
@@ -514,7 +540,7 @@ pub fn main_with(cli: Cli) -> i32 {
 
 async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
     match cmd {
-        Command::Mount { .. } => unreachable!("handled in main_with"),
+        Command::Mount { .. } | Command::Csi(_) => unreachable!("handled in main_with"),
         Command::Keygen {
             path,
             signing,
@@ -829,6 +855,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         dir_mode,
         metrics_addr,
         noexec,
+        fuse_fd,
     } = cmd
     else {
         unreachable!("called for mount only")
@@ -858,6 +885,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
     crate::fuse::session::MountArgs {
         metrics_addr,
         noexec,
+        fuse_fd,
         uri,
         mountpoint,
         keys,

@@ -1,6 +1,7 @@
 //! Locked memory for secrets and plaintext (DEKs, derived key schedules, decrypted chunks):
-//! `mmap` + `mlock` + `MADV_DONTDUMP`, zeroized and unmapped on drop. With `fuse::session`
-//! (fork, prctl) and the aws-lc AEAD context (`aead.rs`) the only `unsafe` in sealfs.
+//! `mmap` + `mlock` + `MADV_DONTDUMP`, zeroized and unmapped on drop. Other `unsafe` in
+//! sealfs is confined to calls with no safe wrapper (fork, prctl, pre_exec, descriptors
+//! inherited or passed by SCM_RIGHTS, the aws-lc AEAD context), each with its SAFETY note.
 
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};

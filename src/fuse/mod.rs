@@ -2,4 +2,5 @@
 
 pub mod adapter;
 pub mod control;
+pub mod kernel_mount;
 pub mod session;

@@ -35,6 +35,9 @@ pub struct MountArgs {
     /// Serve Prometheus metrics here (`GET /metrics`).
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub noexec: bool,
+    /// `--fuse-fd N`: serve a connection someone else opened and mounted; `mountpoint` is
+    /// then only a label.
+    pub fuse_fd: Option<i32>,
 }
 
 /// A failure before the mount was live: one line and an exit code.
@@ -48,7 +51,20 @@ impl From<Error> for Fatal {
 
 /// Runs `sealfs mount`. Must be called before any thread exists (it may fork).
 pub fn run(args: MountArgs) -> i32 {
-    let mountpoint = match check_mountpoint(&args.mountpoint) {
+    // A passed connection is checked and owned before anything else opens a descriptor.
+    let passed = match args.fuse_fd.map(take_fuse_fd).transpose() {
+        Ok(p) => p,
+        Err(Fatal(code, msg)) => {
+            eprintln!("sealfs: error: {msg}");
+            return code;
+        }
+    };
+    // A passed connection: the mount point is the mounter's, maybe not even visible here.
+    let checked = match args.fuse_fd {
+        Some(_) => Ok(args.mountpoint.clone()),
+        None => check_mountpoint(&args.mountpoint),
+    };
+    let mountpoint = match checked {
         Ok(p) => p,
         Err(Fatal(code, msg)) => {
             eprintln!("sealfs: error: {msg}");
@@ -106,7 +122,7 @@ pub fn run(args: MountArgs) -> i32 {
             return code;
         }
     };
-    let code = match serve(&rt, fs, &args, &mountpoint, &mut pipe, report) {
+    let code = match serve(&rt, fs, &args, passed, &mountpoint, &mut pipe, report) {
         Ok(()) => exit::OK,
         Err(f) => {
             let code = f.0;
@@ -165,6 +181,7 @@ fn serve(
     rt: &tokio::runtime::Runtime,
     fs: Arc<SealFs>,
     args: &MountArgs,
+    passed: Option<OwnedFd>,
     mountpoint: &Path,
     pipe: &mut Option<std::fs::File>,
     report: impl Fn(&mut Option<std::fs::File>, Result<(), Fatal>),
@@ -188,7 +205,9 @@ fn serve(
         _ => SessionACL::Owner,
     };
     config.n_threads = Some(2);
-    config.clone_fd = true;
+    // A cloned fd per thread needs /dev/fuse; a passed connection's threads share its fd.
+    config.clone_fd = args.fuse_fd.is_none();
+
     // Bind the metrics port before the mount, so a busy port fails the start.
     let metrics = match args.metrics_addr {
         Some(addr) => {
@@ -226,9 +245,15 @@ fn serve(
         fs: fs.clone(),
         rt: rt.handle().clone(),
     };
-    let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
-        Fatal(exit::FAILURE, format!("cannot mount {}: {e} (is /dev/fuse there and fusermount3 installed? allow_other needs user_allow_other in /etc/fuse.conf)", mountpoint.display()))
-    })?;
+    let mut session = match passed {
+        // The kernel's INIT is read here: the mounter mounted before passing the fd.
+        Some(fd) => fuser::Session::from_fd(adapter, fd, config.acl, config.clone()).map_err(|e| {
+            Fatal(exit::FAILURE, format!("--fuse-fd: the FUSE handshake failed: {e}"))
+        })?,
+        None => fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
+            Fatal(exit::FAILURE, format!("cannot mount {}: {e} (is /dev/fuse there and fusermount3 installed? allow_other needs user_allow_other in /etc/fuse.conf)", mountpoint.display()))
+        })?,
+    };
     let notifier = session.notifier();
     // Offset 0, length 0: every cached page of the inode, mapped ones included.
     fs.set_invalidator(Arc::new(move |ino| {
@@ -249,16 +274,20 @@ fn serve(
         })
         .map_err(|e| Fatal(exit::FAILURE, format!("cannot start the FUSE loop: {e}")))?;
 
-    // Ready only once the kernel routes a stat of the mount point to us.
+    // Ready only once the kernel routes a stat of the mount point to us (a passed
+    // connection is live once its handshake is done: the mount point may not be visible).
     let mp = mountpoint.to_path_buf();
-    let live = rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            tokio::task::spawn_blocking(move || std::fs::metadata(mp)),
-        )
-        .await
-    });
-    if !matches!(live, Ok(Ok(Ok(ref m))) if m.is_dir()) {
+    let live = args.fuse_fd.is_some() || {
+        let stat = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                tokio::task::spawn_blocking(move || std::fs::metadata(mp)),
+            )
+            .await
+        });
+        matches!(stat, Ok(Ok(Ok(ref m))) if m.is_dir())
+    };
+    if !live {
         let _ = unmounter.unmount();
         let _ = looper.join();
         return Err(Fatal(
@@ -364,6 +393,23 @@ fn serve(
         }
     });
     lister.abort();
+    if ended_by_signal && args.fuse_fd.is_some() {
+        // The unmount is the mounter's: end here. The loop thread is blocked reading the
+        // connection; the process exit closes it, and the kernel fails every later access
+        // (ENOTCONN) until the mounter unmounts.
+        crate::telemetry::sd_notify("STOPPING=1");
+        tracing::info!("signal received; ending (the mounter unmounts)");
+        sweeper.abort();
+        if let Some(r) = revalidator {
+            r.abort();
+        }
+        if let Some((task, path)) = control {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
+        drop(looper);
+        return Ok(());
+    }
     if ended_by_signal {
         crate::telemetry::sd_notify("STOPPING=1");
         tracing::info!("signal received; unmounting");
@@ -390,6 +436,32 @@ fn serve(
     }
     tracing::info!("unmounted; cache wiped");
     Ok(())
+}
+
+/// The `--fuse-fd` descriptor, owned from here on, if it is an open /dev/fuse (character
+/// device 10:229): anything else fails the start in one line.
+#[allow(unsafe_code)]
+fn take_fuse_fd(n: i32) -> Result<OwnedFd, Fatal> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let bad = |why: String| Fatal(exit::USAGE, format!("--fuse-fd {n}: {why}"));
+    // SAFETY: F_GETFD only asks whether `n` is an open descriptor.
+    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(bad("not an open file descriptor".into()));
+    }
+    // SAFETY: `n` is open (checked above) and was handed to this process to own: nothing
+    // else in sealfs knows of it.
+    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let file = std::fs::File::from(fd);
+    let m = file.metadata().map_err(|e| bad(e.to_string()))?;
+    let dev = m.rdev();
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    if !m.file_type().is_char_device() || (major, minor) != (10, 229) {
+        return Err(bad("not a /dev/fuse connection".into()));
+    }
+    Ok(OwnedFd::from(file))
 }
 
 /// Detaches a dead sealfs mount at `p` (its daemon gone: every access answers ENOTCONN),

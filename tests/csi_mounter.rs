@@ -1,0 +1,281 @@
+//! `sealfs csi mounter` (issue 21, part 2), driven as the node plugin drives it: this test
+//! mounts each target itself (`kernel_mount`, as root) and hands the connection over the
+//! mounter's socket. The mounter runs with only CAP_IPC_LOCK in its bounding set, under
+//! strace: neither it nor its children open /dev/fuse or call mount(2).
+
+mod common;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sealfs::csi::seqpacket;
+use sealfs::csi::wire::Reply;
+use sealfs::fuse::kernel_mount::{self, FuseMount};
+
+/// Targets this test mounted; lazily unmounted on drop (also on failure).
+struct Targets(Vec<PathBuf>);
+
+impl Drop for Targets {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            let _ = kernel_mount::unmount(t);
+        }
+    }
+}
+
+struct Mounter {
+    proc: Proc,
+    socket: PathBuf,
+    log: PathBuf,
+    trace: PathBuf,
+}
+
+impl Mounter {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("mounter.sock");
+        let log = dir.join("mounter.log");
+        let trace = dir.join("mounter.strace");
+        let child = Command::new("strace")
+            .args(["-f", "-e", "trace=open,openat,mount,umount2", "-o"])
+            .arg(&trace)
+            .args([
+                "setpriv",
+                "--bounding-set",
+                "-all,+ipc_lock",
+                "--inh-caps",
+                "-all",
+                "--",
+            ])
+            .arg(bin())
+            .args(["csi", "mounter", "--socket"])
+            .arg(&socket)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "sealfs=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("strace and setpriv are needed (scripts/install-test-deps.sh)");
+        let mut m = Self {
+            proc: Proc(child),
+            socket,
+            log,
+            trace,
+        };
+        let start = Instant::now();
+        while seqpacket::connect(&m.socket).is_err() {
+            if let Some(st) = m.proc.0.try_wait().unwrap() {
+                panic!("mounter exited ({st}): {}", m.logs());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{}", m.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn ask(&self, req: serde_json::Value, fds: &[&OwnedFd]) -> Reply {
+        let c = seqpacket::connect(&self.socket).unwrap();
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        seqpacket::send(&c, req.to_string().as_bytes(), &raw).unwrap();
+        let (b, _) = seqpacket::recv(&c).unwrap();
+        serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{e}: {b:?}"))
+    }
+}
+
+fn publish_req(target: &Path, store: &str, key: &str) -> serde_json::Value {
+    serde_json::json!({"op": "publish", "target": target, "uri": store,
+        "args": ["--key", key, "--allow-other"]})
+}
+
+fn mount_target(site: &Site, name: &str) -> (PathBuf, OwnedFd) {
+    let t = site.path(name);
+    std::fs::create_dir(&t).unwrap();
+    let fd = kernel_mount::mount(
+        &t,
+        &FuseMount {
+            source: site.p("store"),
+            allow_other: true,
+        },
+    )
+    .expect("mount /dev/fuse (the suite runs as root)");
+    (t, fd)
+}
+
+fn errno_of(p: &Path) -> Option<i32> {
+    std::fs::read_dir(p).err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
+    let site = Site::new();
+    let files = [("a.bin", pattern(100_000, 5)), ("b.txt", b"hi\n".to_vec())];
+    for (n, d) in &files {
+        site.write(&format!("src/{n}"), d);
+    }
+    expect_code(
+        &sealfs(
+            &[
+                "seal",
+                &site.p("src"),
+                &site.p("store"),
+                "--key",
+                &site.key(),
+            ],
+            &[],
+        ),
+        0,
+    );
+    let m = Mounter::start(site.dir.path());
+    let mut targets = Targets(vec![]);
+    assert_eq!(
+        m.ask(serde_json::json!({"op": "ping"}), &[]),
+        Reply::ok(None)
+    );
+
+    // Two pods, the same volume: two children.
+    let (t1, fd1) = mount_target(&site, "pod1");
+    targets.0.push(t1.clone());
+    let r1 = m.ask(publish_req(&t1, &site.p("store"), &site.key()), &[&fd1]);
+    assert!(r1.ok, "{r1:?}: {}", m.logs());
+    drop(fd1);
+    let (t2, fd2) = mount_target(&site, "pod2");
+    targets.0.push(t2.clone());
+    let r2 = m.ask(publish_req(&t2, &site.p("store"), &site.key()), &[&fd2]);
+    assert!(r2.ok, "{r2:?}");
+    drop(fd2);
+    assert_ne!(r1.pid, r2.pid, "one child per volume");
+    for t in [&t1, &t2] {
+        for (n, d) in &files {
+            assert_eq!(&std::fs::read(t.join(n)).unwrap(), d, "{n}");
+        }
+    }
+
+    // A refused start: the child's one line and exit code come back; nothing serves.
+    let (t3, fd3) = mount_target(&site, "pod3");
+    targets.0.push(t3.clone());
+    let r3 = m.ask(
+        publish_req(
+            &t3,
+            &site.p("store"),
+            &format!("file:{}", site.p("missing")),
+        ),
+        &[&fd3],
+    );
+    drop(fd3);
+    assert!(!r3.ok, "{r3:?}");
+    assert_eq!(r3.code, Some(1), "{r3:?}");
+    assert!(
+        r3.error.as_deref().unwrap_or("").contains("missing"),
+        "{r3:?}"
+    );
+    assert_eq!(errno_of(&t3), Some(libc::ENOTCONN), "nothing serves pod3");
+
+    // Requests the mounter refuses: its own options, an environment outside the list, a
+    // publish without its connection.
+    let (t4, fd4) = mount_target(&site, "pod4");
+    targets.0.push(t4.clone());
+    let mut bad = publish_req(&t4, &site.p("store"), &site.key());
+    bad["args"] = serde_json::json!(["--fuse-fd", "7"]);
+    let r = m.ask(bad, &[&fd4]);
+    assert_eq!((r.ok, r.code), (false, Some(2)), "{r:?}");
+    let mut bad = publish_req(&t4, &site.p("store"), &site.key());
+    bad["env"] = serde_json::json!({"LD_PRELOAD": "/tmp/x.so"});
+    let r = m.ask(bad, &[&fd4]);
+    assert!(r.error.unwrap().contains("LD_PRELOAD"));
+    let r = m.ask(publish_req(&t4, &site.p("store"), &site.key()), &[]);
+    assert!(r.error.unwrap().contains("descriptor"));
+    drop(fd4);
+
+    // One child killed: its target answers ENOTCONN, the other pod reads on.
+    let pid1 = r1.pid.unwrap() as i32;
+    // SAFETY: signalling a child of the mounter this test started.
+    unsafe { libc::kill(pid1, libc::SIGKILL) };
+    let start = Instant::now();
+    while errno_of(&t1) != Some(libc::ENOTCONN) {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::read(t2.join("b.txt")).unwrap(), b"hi\n");
+    // Reaped and logged.
+    let start = Instant::now();
+    while !m.logs().contains("mount child exited") {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", m.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The next publish (kubelet's, after the node plugin remounts) recovers it.
+    kernel_mount::unmount(&t1).unwrap();
+    let fd1 = kernel_mount::mount(
+        &t1,
+        &FuseMount {
+            source: site.p("store"),
+            allow_other: true,
+        },
+    )
+    .unwrap();
+    let r = m.ask(publish_req(&t1, &site.p("store"), &site.key()), &[&fd1]);
+    drop(fd1);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(std::fs::read(t1.join("b.txt")).unwrap(), b"hi\n");
+
+    // Unpublish ends that child only.
+    let r = m.ask(serde_json::json!({"op": "unpublish", "target": t2}), &[]);
+    assert!(r.ok);
+    assert_eq!(errno_of(&t2), Some(libc::ENOTCONN));
+    assert_eq!(std::fs::read(t1.join("b.txt")).unwrap(), b"hi\n");
+
+    // The socket is the node plugin's alone (0600): another user cannot even connect.
+    let other = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c"])
+        .arg("import socket,sys; s=socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect(sys.argv[1])")
+        .arg(&m.socket)
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    assert!(String::from_utf8_lossy(&other.stderr).contains("Permission denied"));
+
+    // The mounter ends (SIGTERM) and its children with it.
+    let mounter_pid = m.proc.0.id();
+    let sealfs_pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .is_ok_and(|s| s.contains(&format!("PPid:\t{mounter_pid}\n")))
+                && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sealfs")
+        })
+        .expect("the mounter process (strace's child)");
+    // SAFETY: signalling the mounter this test started.
+    unsafe { libc::kill(sealfs_pid, libc::SIGTERM) };
+    let mut m = m;
+    let st = m.proc.0.wait().unwrap();
+    assert_eq!(st.code(), Some(0), "{}", m.logs());
+    let start = Instant::now();
+    while errno_of(&t1) != Some(libc::ENOTCONN) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "child outlived the mounter"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let trace = std::fs::read_to_string(&m.trace).unwrap();
+    assert!(
+        trace.contains(&site.p("k")),
+        "the children were traced: {trace}"
+    );
+    for l in trace.lines() {
+        assert!(!l.contains("/dev/fuse"), "opened /dev/fuse: {l}");
+        assert!(
+            !l.contains(" mount(") && !l.contains("umount2("),
+            "mounted: {l}"
+        );
+    }
+    drop(targets);
+}
