@@ -93,6 +93,14 @@ pub const TOKEN_VARS: [&str; 2] = ["BAO_TOKEN", "VAULT_TOKEN"];
 static TOKENS: std::sync::Mutex<Vec<(&str, zeroize::Zeroizing<String>)>> =
     std::sync::Mutex::new(Vec::new());
 
+/// Sets a token for this process only (a CSI volume's `transitToken` secret, from
+/// `--secrets-fd`): read by [`token_var`] as if it had come from the environment.
+pub fn set_token_var(name: &'static str, value: zeroize::Zeroizing<String>) {
+    let mut kept = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+    kept.retain(|(n, _)| *n != name);
+    kept.push((name, value));
+}
+
 /// A token variable as it was at start: from the environment [`scrub_env`] took it out
 /// of, or (a process that never scrubbed, such as a unit test) the environment itself.
 pub fn token_var(name: &str) -> Option<zeroize::Zeroizing<String>> {

@@ -279,3 +279,84 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     }
     drop(targets);
 }
+
+/// A volume's key file travels as a sealed memfd in the publish message: the child opens
+/// under it (`--key secret:keyFile`), and the key is nowhere in argv, environ or the logs.
+#[test]
+fn a_key_file_secret_reaches_only_its_child_as_a_sealed_memfd() {
+    use sealfs::csi::secrets::{seal, Secrets};
+    let site = Site::new();
+    site.write("src/m.bin", &pattern(50_000, 9));
+    expect_code(
+        &sealfs(
+            &[
+                "seal",
+                &site.p("src"),
+                &site.p("store"),
+                "--key",
+                &site.key(),
+            ],
+            &[],
+        ),
+        0,
+    );
+    let key_text = std::fs::read_to_string(site.path("k")).unwrap();
+    let key_hex = key_text
+        .trim()
+        .trim_start_matches("sealfs-kek-v1:")
+        .to_string();
+    // The key file is gone from disk: only the secret has it now.
+    std::fs::remove_file(site.path("k")).unwrap();
+    let m = Mounter::start(site.dir.path());
+    let mut targets = Targets(vec![]);
+    let (t, fd) = mount_target(&site, "pod");
+    targets.0.push(t.clone());
+    let secrets = seal(&Secrets {
+        key_file: Some(zeroize::Zeroizing::new(key_text.clone())),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut req = publish_req(&t, &site.p("store"), "secret:keyFile");
+    req["secrets"] = true.into();
+    let r = m.ask(req, &[&fd, &secrets]);
+    drop((fd, secrets));
+    assert!(r.ok, "{r:?}: {}", m.logs());
+    assert_eq!(std::fs::read(t.join("m.bin")).unwrap(), pattern(50_000, 9));
+    let pid = r.pid.unwrap();
+    for f in ["cmdline", "environ"] {
+        let b = std::fs::read(format!("/proc/{pid}/{f}")).unwrap();
+        assert!(!String::from_utf8_lossy(&b).contains(&key_hex), "{f}");
+    }
+    assert!(!m.logs().contains(&key_hex));
+    // Without its secret, `secret:keyFile` is one line, exit 1.
+    let (t2, fd2) = mount_target(&site, "pod2");
+    targets.0.push(t2.clone());
+    let r = m.ask(
+        publish_req(&t2, &site.p("store"), "secret:keyFile"),
+        &[&fd2],
+    );
+    drop(fd2);
+    assert!(!r.ok);
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no keyFile secret was given"),
+        "{r:?}"
+    );
+    // An unsealed memfd is refused by the child before anything else.
+    let (t3, fd3) = mount_target(&site, "pod3");
+    targets.0.push(t3.clone());
+    let raw = nix::sys::memfd::memfd_create(
+        "x",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut std::fs::File::from(raw.try_clone().unwrap()), b"{}").unwrap();
+    let mut req = publish_req(&t3, &site.p("store"), "secret:keyFile");
+    req["secrets"] = true.into();
+    let r = m.ask(req, &[&fd3, &raw]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.error.unwrap().contains("not a sealed memfd"));
+    drop(targets);
+}

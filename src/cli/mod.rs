@@ -217,6 +217,10 @@ pub enum Command {
         /// ends it, and the unmount belongs to whoever mounted.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
         fuse_fd: Option<i32>,
+        /// Read this inherited sealed memfd of volume secrets at start (the CSI mounter
+        /// passes it): `keyFile` for `--key secret:keyFile`, `transitToken` for transit:.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
+        secrets_fd: Option<i32>,
     },
     /// Kubernetes CSI driver processes (deploy/kubernetes/): `mounter` serves FUSE
     /// connections that the node plugin mounted, one `mount --fuse-fd` child per volume.
@@ -856,6 +860,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         metrics_addr,
         noexec,
         fuse_fd,
+        secrets_fd,
     } = cmd
     else {
         unreachable!("called for mount only")
@@ -886,6 +891,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         metrics_addr,
         noexec,
         fuse_fd,
+        secrets_fd,
         uri,
         mountpoint,
         keys,

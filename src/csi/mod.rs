@@ -3,5 +3,6 @@
 //! (`wire.rs`, over `seqpacket.rs`).
 
 pub mod mounter;
+pub mod secrets;
 pub mod seqpacket;
 pub mod wire;

@@ -172,14 +172,6 @@ fn publish(
     if let Err(e) = check_publish(args, env) {
         return Reply::failed(exit::USAGE, e);
     }
-    // Secrets (a sealed memfd for `--secrets-fd`) come with the node plugin's secret
-    // handling; until then a publish with secrets is refused, not half-served.
-    if secrets {
-        return Reply::failed(
-            exit::USAGE,
-            "volume secrets are not supported by this mounter yet",
-        );
-    }
     if fds.len() != 1 + usize::from(secrets) {
         return Reply::failed(
             exit::USAGE,

@@ -38,6 +38,8 @@ pub struct MountArgs {
     /// `--fuse-fd N`: serve a connection someone else opened and mounted; `mountpoint` is
     /// then only a label.
     pub fuse_fd: Option<i32>,
+    /// `--secrets-fd N`: a sealed memfd of volume secrets (csi/secrets.rs).
+    pub secrets_fd: Option<i32>,
 }
 
 /// A failure before the mount was live: one line and an exit code.
@@ -51,7 +53,20 @@ impl From<Error> for Fatal {
 
 /// Runs `sealfs mount`. Must be called before any thread exists (it may fork).
 pub fn run(args: MountArgs) -> i32 {
-    // A passed connection is checked and owned before anything else opens a descriptor.
+    // Passed descriptors are checked and owned before anything else opens one.
+    if let Some(n) = args.secrets_fd {
+        let kept = take_fd(n, "--secrets-fd")
+            .and_then(|fd| {
+                crate::csi::secrets::open(fd).map_err(|e| Fatal(exit::USAGE, e.to_string()))
+            })
+            .and_then(|s| {
+                crate::csi::secrets::keep(s).map_err(|e| Fatal(exit::USAGE, e.to_string()))
+            });
+        if let Err(Fatal(code, msg)) = kept {
+            eprintln!("sealfs: error: {msg}");
+            return code;
+        }
+    }
     let passed = match args.fuse_fd.map(take_fuse_fd).transpose() {
         Ok(p) => p,
         Err(Fatal(code, msg)) => {
@@ -440,18 +455,10 @@ fn serve(
 
 /// The `--fuse-fd` descriptor, owned from here on, if it is an open /dev/fuse (character
 /// device 10:229): anything else fails the start in one line.
-#[allow(unsafe_code)]
 fn take_fuse_fd(n: i32) -> Result<OwnedFd, Fatal> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let bad = |why: String| Fatal(exit::USAGE, format!("--fuse-fd {n}: {why}"));
-    // SAFETY: F_GETFD only asks whether `n` is an open descriptor.
-    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-        return Err(bad("not an open file descriptor".into()));
-    }
-    // SAFETY: `n` is open (checked above) and was handed to this process to own: nothing
-    // else in sealfs knows of it.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
-    let file = std::fs::File::from(fd);
+    let file = std::fs::File::from(take_fd(n, "--fuse-fd")?);
     let m = file.metadata().map_err(|e| bad(e.to_string()))?;
     let dev = m.rdev();
     let (major, minor) = (
@@ -462,6 +469,21 @@ fn take_fuse_fd(n: i32) -> Result<OwnedFd, Fatal> {
         return Err(bad("not a /dev/fuse connection".into()));
     }
     Ok(OwnedFd::from(file))
+}
+
+/// An inherited descriptor named by a flag, owned from here on (closed when dropped).
+#[allow(unsafe_code)]
+fn take_fd(n: i32, flag: &str) -> Result<OwnedFd, Fatal> {
+    // SAFETY: F_GETFD only asks whether `n` is an open descriptor.
+    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(Fatal(
+            exit::USAGE,
+            format!("{flag} {n}: not an open file descriptor"),
+        ));
+    }
+    // SAFETY: `n` is open (checked above) and was handed to this process to own: nothing
+    // else in sealfs knows of it.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Detaches a dead sealfs mount at `p` (its daemon gone: every access answers ENOTCONN),

@@ -35,6 +35,30 @@ pub struct FileKek {
     pub(crate) attempts: Attempts,
 }
 
+/// A key file's text handed over as a volume secret (`--secrets-fd`), for `--key
+/// secret:keyFile`; this process only.
+static SECRET_KEY_FILE: std::sync::Mutex<Option<Zeroizing<String>>> = std::sync::Mutex::new(None);
+
+pub fn keep_secret_key_file(text: Zeroizing<String>) {
+    *SECRET_KEY_FILE.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+}
+
+/// `--key secret:keyFile`: the key file given as a secret.
+pub fn secret_key_file() -> Result<FileKek, KeyError> {
+    let err = |reason: String| KeyError::FileKey {
+        path: "secret:keyFile".into(),
+        reason,
+    };
+    let kept = SECRET_KEY_FILE.lock().unwrap_or_else(|p| p.into_inner());
+    let text = kept
+        .as_ref()
+        .ok_or_else(|| err("no keyFile secret was given (--secrets-fd)".into()))?;
+    FileKek::parse(text.as_bytes()).map_err(|e| match e {
+        KeyFileError::Lock(l) => KeyError::Lock(l),
+        e => err(e.to_string()),
+    })
+}
+
 /// Why bytes are not a usable key file ([`FileKek::parse`]); never says what they held.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {

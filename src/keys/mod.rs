@@ -230,6 +230,8 @@ pub enum KeySpec {
     },
     /// A KBS resource path `REPO/TYPE/TAG` (`keys/kbs.rs`).
     Kbs(String),
+    /// `secret:keyFile`: the key file a CSI volume's secret carried (`--secrets-fd`).
+    SecretKeyFile,
     /// A key file sealed to this host's TPM (`keys/tpm2.rs`).
     Tpm2(std::path::PathBuf),
 }
@@ -245,6 +247,7 @@ impl std::str::FromStr for KeySpec {
             Some(("shares", ps)) if !ps.split(',').any(str::is_empty) => {
                 Ok(KeySpec::Shares(ps.split(',').map(Into::into).collect()))
             }
+            Some(("secret", "keyFile")) => Ok(KeySpec::SecretKeyFile),
             Some(("kbs", r)) => kbs::parse_spec(r)
                 .map(KeySpec::Kbs)
                 .ok_or_else(|| KeyError::BadUri(shown_uri(s))),
@@ -411,6 +414,7 @@ impl Keyring {
                 KeySpec::Transit { mount, name } => Kek::Transit(
                     transit::TransitKey::resolve(transit::shared()?, mount, name).await?,
                 ),
+                KeySpec::SecretKeyFile => Kek::File(Box::new(file::secret_key_file()?)),
                 KeySpec::Kbs(r) => Kek::Kbs(Box::new(
                     Box::pin(kbs::KbsKey::resolve(kbs::shared()?, r)).await?,
                 )),
