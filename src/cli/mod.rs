@@ -508,7 +508,13 @@ pub fn main_with(cli: Cli) -> i32 {
     }
     if let Command::Csi(CsiCommand::Mounter { socket }) = &cli.command {
         // Threads and children of its own; no runtime.
-        return crate::csi::mounter::run(socket);
+        return match crate::csi::mounter::run(socket) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("sealfs: error: {e}");
+                exit::FAILURE
+            }
+        };
     }
     if let Command::Mount { .. } = cli.command {
         // The mount forks before any thread exists, so it builds its own runtime.

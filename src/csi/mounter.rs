@@ -39,8 +39,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs the mounter until SIGTERM/SIGINT; returns the exit code.
-pub fn run(socket: &Path) -> i32 {
+/// Runs the mounter until SIGTERM/SIGINT; an error is why it could not start (one line,
+/// for the CLI to print).
+pub fn run(socket: &Path) -> Result<(), String> {
     let notify_dir = socket.with_extension("notify.d");
     let setup = || -> std::io::Result<OwnedFd> {
         use std::os::unix::fs::DirBuilderExt;
@@ -48,13 +49,7 @@ pub fn run(socket: &Path) -> i32 {
         std::fs::DirBuilder::new().mode(0o700).create(&notify_dir)?;
         seqpacket::listen(socket)
     };
-    let listener = match setup() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("sealfs: error: mounter socket {}: {e}", socket.display());
-            return exit::FAILURE;
-        }
-    };
+    let listener = setup().map_err(|e| format!("mounter socket {}: {e}", socket.display()))?;
     let state = Arc::new(State::default());
     {
         let state = state.clone();
@@ -94,7 +89,7 @@ pub fn run(socket: &Path) -> i32 {
     }
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_dir_all(&notify_dir);
-    exit::OK
+    Ok(())
 }
 
 /// Sets `flag` when `sig` arrives (a plain handler: the accept loop checks it after EINTR).
