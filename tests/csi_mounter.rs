@@ -91,7 +91,7 @@ impl Mounter {
 
 fn publish_req(target: &Path, store: &str, key: &str) -> serde_json::Value {
     serde_json::json!({"op": "publish", "target": target, "uri": store,
-        "args": ["--key", key, "--allow-other"]})
+        "args": [format!("--key={key}"), "--allow-other"]})
 }
 
 fn mount_target(site: &Site, name: &str) -> (PathBuf, OwnedFd) {
@@ -151,6 +151,40 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     assert!(r2.ok, "{r2:?}");
     drop(fd2);
     assert_ne!(r1.pid, r2.pid, "one child per volume");
+    // The child's argv ends `-- URI TARGET`, and it holds no descriptor but 0-2 and its
+    // connection (3): nothing of the mounter's or of another volume.
+    let pid = r1.pid.unwrap();
+    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let n = argv.len();
+    assert_eq!(
+        argv[n - 3..],
+        ["--".to_string(), site.p("store"), t1.display().to_string()],
+        "{argv:?}"
+    );
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort();
+    // (The child's own runtime adds descriptors above 3: epoll, eventfd, sockets, the
+    // control socket; none may be a FUSE connection other than 3.)
+    for fd in fds.iter().filter(|&&f| f > 3) {
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        assert_ne!(
+            link,
+            Path::new("/dev/fuse"),
+            "fd {fd} is another FUSE connection"
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap(),
+        Path::new("/dev/fuse")
+    );
     for t in [&t1, &t2] {
         for (n, d) in &files {
             assert_eq!(&std::fs::read(t.join(n)).unwrap(), d, "{n}");
@@ -182,9 +216,22 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     let (t4, fd4) = mount_target(&site, "pod4");
     targets.0.push(t4.clone());
     let mut bad = publish_req(&t4, &site.p("store"), &site.key());
-    bad["args"] = serde_json::json!(["--fuse-fd", "7"]);
+    for args in [
+        serde_json::json!(["--fuse-fd=7"]),
+        serde_json::json!(["-olog_file=/tmp/x.log,allow_root"]),
+        serde_json::json!(["--metrics-addr=0.0.0.0:9464"]),
+    ] {
+        bad["args"] = args;
+        let r = m.ask(bad.clone(), &[&fd4]);
+        assert_eq!((r.ok, r.code), (false, Some(2)), "{r:?}");
+    }
+    let mut bad = publish_req(&t4, "-olog_file=/tmp/x.log", &site.key());
+    let r = m.ask(bad.clone(), &[&fd4]);
+    assert!(r.error.unwrap().contains("uri must be"));
+    bad = publish_req(&t4, &site.p("store"), &site.key());
+    bad["env"] = serde_json::json!({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"});
     let r = m.ask(bad, &[&fd4]);
-    assert_eq!((r.ok, r.code), (false, Some(2)), "{r:?}");
+    assert!(r.error.unwrap().contains("AWS_ENDPOINT_URL"));
     let mut bad = publish_req(&t4, &site.p("store"), &site.key());
     bad["env"] = serde_json::json!({"LD_PRELOAD": "/tmp/x.so"});
     let r = m.ask(bad, &[&fd4]);

@@ -40,6 +40,13 @@ pub fn rewrite(args: Vec<OsString>, cli: &clap::Command) -> Result<Vec<OsString>
     let mut out: Vec<OsString> = args[..2].to_vec();
     let mut it = args.into_iter().skip(2);
     while let Some(a) = it.next() {
+        // After `--` everything is a positional (the CSI mounter's URI and target): never
+        // an option list, whatever it starts with.
+        if a == "--" {
+            out.push(a);
+            out.extend(it);
+            break;
+        }
         let list = match a.to_str() {
             Some("-o") => Some(
                 it.next()
@@ -102,6 +109,31 @@ mod tests {
         let cli = crate::cli::Cli::command();
         rewrite(args.iter().map(OsString::from).collect(), &cli)
             .map(|v| v.into_iter().map(|a| a.into_string().unwrap()).collect())
+    }
+
+    #[test]
+    fn after_a_double_dash_nothing_is_an_option_list() {
+        // The CSI mounter's children: `… -- URI TARGET`, whatever the URI starts with.
+        let out = rw(&[
+            "sealfs",
+            "mount",
+            "--key=file:/k",
+            "--",
+            "-olog_file=/x",
+            "/t",
+        ])
+        .unwrap();
+        assert_eq!(
+            out,
+            [
+                "sealfs",
+                "mount",
+                "--key=file:/k",
+                "--",
+                "-olog_file=/x",
+                "/t"
+            ]
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! ENOTCONN). Children die with it (PR_SET_PDEATHSIG): that is why it is updated OnDelete.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::seqpacket;
-use super::wire::{check_publish, Reply, Request, CHILD_ENV};
+use super::wire::{check_publish, Reply, Request, INHERITED_ENV, PUBLISH_ENV};
 use crate::exit;
 
 /// How long a child may take to serve (keys resolved, models listed) before it is killed.
@@ -45,6 +45,11 @@ pub fn run(socket: &Path) -> Result<(), String> {
     let notify_dir = socket.with_extension("notify.d");
     let setup = || -> std::io::Result<OwnedFd> {
         use std::os::unix::fs::DirBuilderExt;
+        // A live mounter keeps its socket: a second one (an OnDelete replacement started
+        // early) refuses to start rather than orphan the first one's children.
+        if seqpacket::connect(socket).is_ok() {
+            return Err(std::io::Error::other("in use by a running mounter"));
+        }
         let _ = std::fs::remove_dir_all(&notify_dir);
         std::fs::DirBuilder::new().mode(0o700).create(&notify_dir)?;
         seqpacket::listen(socket)
@@ -84,7 +89,13 @@ pub fn run(socket: &Path) -> Result<(), String> {
         std::thread::spawn(move || serve_conn(&conn, &state, &dir));
     }
     tracing::info!("mounter stopping; its children end with it");
-    for (_, mut s) in lock(&state.children).drain() {
+    // All signalled at once, then waited for (not one after another).
+    let all: Vec<Served> = lock(&state.children).drain().map(|(_, s)| s).collect();
+    for s in &all {
+        let pid = nix::unistd::Pid::from_raw(s.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    for mut s in all {
         stop_child(&mut s.child);
     }
     let _ = std::fs::remove_file(socket);
@@ -128,7 +139,8 @@ fn serve_conn(conn: &OwnedFd, state: &State, notify_dir: &Path) {
             ),
             Ok(Request::Ping {}) => Reply::ok(None),
             Ok(Request::Unpublish { target }) => {
-                if let Some(mut s) = lock(&state.children).remove(&target) {
+                let served = lock(&state.children).remove(&target);
+                if let Some(mut s) = served {
                     stop_child(&mut s.child);
                     tracing::info!(target, volume = %s.volume, "unpublished");
                 }
@@ -164,7 +176,7 @@ fn publish(
     secrets: bool,
     mut fds: Vec<OwnedFd>,
 ) -> Reply {
-    if let Err(e) = check_publish(args, env) {
+    if let Err(e) = check_publish(uri, target, args, env) {
         return Reply::failed(exit::USAGE, e);
     }
     if fds.len() != 1 + usize::from(secrets) {
@@ -179,8 +191,10 @@ fn publish(
     }
     let secrets_fd = secrets.then(|| fds.remove(1));
     let fuse_fd = fds.remove(0);
-    // A target published again (its pod restarted, kubelet republished): the old child goes.
-    if let Some(mut old) = lock(&state.children).remove(target) {
+    // A target published again (its pod restarted, kubelet republished): the old child goes
+    // (the map is not held while it stops).
+    let old = lock(&state.children).remove(target);
+    if let Some(mut old) = old {
         stop_child(&mut old.child);
     }
     let n = state
@@ -201,26 +215,13 @@ fn publish(
     if secrets_fd.is_some() {
         c.args(["--secrets-fd", "4"]);
     }
-    c.arg(uri).arg(target).args(args);
-    // The child's environment: PATH, the log filter, the mounter's own AWS settings and
-    // credentials source (the driver's identity), then the publish's allow-listed ones.
+    // Options, then `--`: the URI and target are positionals whatever they start with.
+    c.args(args).arg("--").arg(uri).arg(target);
+    // The child's environment: the operator's (the mounter's own: the driver's identity and
+    // endpoints), then the publish's allow-listed ones.
     c.env_clear();
     for (k, v) in std::env::vars() {
-        let inherit = k == "PATH"
-            || k == "RUST_LOG"
-            || k == "HOME"
-            || CHILD_ENV.contains(&k.as_str())
-            || matches!(
-                k.as_str(),
-                "AWS_ACCESS_KEY_ID"
-                    | "AWS_SECRET_ACCESS_KEY"
-                    | "AWS_SESSION_TOKEN"
-                    | "AWS_CONFIG_FILE"
-                    | "AWS_SHARED_CREDENTIALS_FILE"
-                    | "AWS_PROFILE"
-                    | "AWS_EC2_METADATA_DISABLED"
-            );
-        if inherit {
+        if INHERITED_ENV.contains(&k.as_str()) || PUBLISH_ENV.contains(&k.as_str()) {
             c.env(k, v);
         }
     }
@@ -231,7 +232,15 @@ fn publish(
         .stderr(Stdio::piped());
     // Out of the way of 3 and 4 first: a received descriptor may itself be 3 or 4, and
     // dup2 onto itself would neither move it nor clear close-on-exec.
-    let high = |f: &OwnedFd| nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64));
+    let high = |f: &OwnedFd| {
+        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64)).map(|fd| {
+            // SAFETY: fcntl returned a new descriptor that nothing else owns.
+            #[allow(unsafe_code)]
+            unsafe {
+                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            }
+        })
+    };
     let fuse_high = match high(&fuse_fd) {
         Ok(fd) => fd,
         Err(e) => return Reply::failed(exit::FAILURE, format!("dup: {e}")),
@@ -240,7 +249,12 @@ fn publish(
         Ok(fd) => fd,
         Err(e) => return Reply::failed(exit::FAILURE, format!("dup: {e}")),
     };
-    let (fuse_raw, secrets_raw) = (fuse_high, secrets_high);
+    use std::os::fd::AsRawFd;
+    let (fuse_raw, secrets_raw) = (
+        fuse_high.as_raw_fd(),
+        secrets_high.as_ref().map(|f| f.as_raw_fd()),
+    );
+    let first_unused: libc::c_uint = if secrets_raw.is_some() { 5 } else { 4 };
     // SAFETY: between fork and exec only async-signal-safe calls: dup2 (which clears
     // close-on-exec on the copy) and prctl.
     #[allow(unsafe_code)]
@@ -254,6 +268,8 @@ fn publish(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Nothing else of the mounter's reaches the child, inherited or not.
+            libc::syscall(libc::SYS_close_range, first_unused, libc::c_uint::MAX, 0);
             // The child ends with the mounter.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -263,12 +279,7 @@ fn publish(
     }
     let spawned = spawn(c);
     // No copy stays here once the child has them.
-    drop(fuse_fd);
-    drop(secrets_fd);
-    let _ = nix::unistd::close(fuse_high);
-    if let Some(s) = secrets_high {
-        let _ = nix::unistd::close(s);
-    }
+    drop((fuse_fd, secrets_fd, fuse_high, secrets_high));
     let mut child = match spawned {
         Ok(ch) => ch,
         Err(e) => {
@@ -277,18 +288,31 @@ fn publish(
         }
     };
     let last_error = Arc::new(Mutex::new(String::new()));
-    if let Some(err) = child.stderr.take() {
-        let (last, label) = (last_error.clone(), target.to_string());
+    let reader = child.stderr.take().map(|err| {
+        let (last, label) = (last_error.clone(), crate::format::naming::escaped(target));
         std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
+            // Always drained (a stalled pipe would block the child), each line bounded and
+            // shown escaped, non-UTF-8 included.
+            let mut r = BufReader::new(err);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                match (&mut r).take(16 * 1024).read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = crate::format::naming::printable(
+                    String::from_utf8_lossy(&raw).trim_end_matches('\n'),
+                    16 * 1024,
+                );
                 if let Some(e) = line.strip_prefix("sealfs: error: ") {
                     *lock(&last) = e.to_string();
                 }
                 // The child's log lines, named by their target, on the mounter's stderr.
                 let _ = writeln!(std::io::stderr(), "[{label}] {line}");
             }
-        });
-    }
+        })
+    });
     let start = Instant::now();
     let mut buf = [0u8; 256];
     let outcome = loop {
@@ -322,8 +346,10 @@ fn publish(
             Reply::ok(Some(pid))
         }
         Err(code) => {
-            // The stderr reader has the last line once the pipe closed.
-            std::thread::sleep(Duration::from_millis(50));
+            // The child is gone: its stderr reader ends at the pipe's end, last line read.
+            if let Some(r) = reader {
+                let _ = r.join();
+            }
             let msg = lock(&last_error).clone();
             let msg = if msg.is_empty() {
                 if start.elapsed() > READY_TIMEOUT {

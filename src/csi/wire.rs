@@ -13,23 +13,66 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// The most descriptors one message may carry (the connection and the secrets).
 pub const MAX_FDS: usize = 2;
 
-/// Environment variables a publish may set for its child (an allow-list: the mount's own
-/// settings and the standard AWS ones; nothing that changes how the binary loads).
-pub const CHILD_ENV: &[&str] = &[
+/// Environment variables a publish may set for its child. Never an STS, KMS or generic
+/// endpoint, nor an identity (role, token file): the child may run with the driver's
+/// credentials, and the SDK sends a web-identity token to whatever STS endpoint its
+/// environment names (`AWS_ENDPOINT_URL` included). Only the S3 endpoint, whose requests
+/// are signed and carry no credential.
+pub const PUBLISH_ENV: &[&str] = &[
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL_KMS",
-    "AWS_ROLE_ARN",
-    "AWS_ROLE_SESSION_NAME",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
     "BAO_ADDR",
     "VAULT_ADDR",
     "SEALFS_KBS_URL",
     "SEALFS_CDH_URL",
     "SEALFS_ATTESTER",
 ];
+
+/// What a child inherits from the mounter's own environment (the operator's settings: the
+/// driver's identity and endpoints), besides [`PUBLISH_ENV`].
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "RUST_LOG",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_KMS",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_PROFILE",
+    "AWS_EC2_METADATA_DISABLED",
+];
+
+/// The `mount` options a publish may give, each as ONE token `--name=value` (valued) or
+/// `--name` (switch): no separate values, no `-o` lists, nothing that moves logs, serves
+/// on a network or widens who may read (`--log-*`, `--attestation-log`, `--metrics-addr`,
+/// `--allow-root`), nothing the mounter sets itself.
+const VALUED: &[&str] = &[
+    "key",
+    "trust-signer",
+    "model-digest",
+    "cache-size",
+    "dek-grace",
+    "revalidate",
+    "revalidate-max-outage",
+    "max-prefetch",
+    "unwrap-ahead",
+    "list-ttl",
+    "max-chunk-size",
+    "max-objects",
+    "uid",
+    "gid",
+    "file-mode",
+    "dir-mode",
+];
+const SWITCHES: &[&str] = &["direct-io", "allow-other", "noexec"];
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
@@ -90,25 +133,43 @@ impl Reply {
     }
 }
 
-/// Checks a publish's child options: long options only, no option the mounter itself sets
-/// (`--fuse-fd`, `--secrets-fd`, `--foreground`), no NUL; and its environment against
-/// [`CHILD_ENV`].
-pub fn check_publish(args: &[String], env: &BTreeMap<String, String>) -> Result<(), String> {
-    const RESERVED: &[&str] = &["--fuse-fd", "--secrets-fd", "--foreground", "--log-file"];
-    for a in args {
-        if a.contains('\0') {
-            return Err("an option holds a NUL byte".into());
-        }
-        let name = a.split('=').next().unwrap_or("");
-        if RESERVED.contains(&name) {
-            return Err(format!("option {name} is the mounter's own"));
-        }
+/// Checks a publish: the URI (`s3://`, `file://` or an absolute path) and target (an
+/// absolute path), neither with a control character; every option against the allow-list
+/// ([`VALUED`] as `--name=value`, [`SWITCHES`] as `--name`); the environment against
+/// [`PUBLISH_ENV`]. The child's argv then ends `-- URI TARGET`.
+pub fn check_publish(
+    uri: &str,
+    target: &str,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let clean = |s: &str| !s.is_empty() && s.len() <= 4096 && !s.chars().any(char::is_control);
+    if !clean(uri)
+        || !(uri.starts_with("s3://") || uri.starts_with("file://") || uri.starts_with('/'))
+    {
+        return Err("uri must be s3://…, file://… or an absolute path".into());
     }
-    if args.first().is_some_and(|a| !a.starts_with("--")) {
-        return Err("options must start with a long option".into());
+    if !clean(target) || !target.starts_with('/') {
+        return Err("target must be an absolute path".into());
+    }
+    for a in args {
+        if !clean(a) {
+            return Err("an option is empty, too long or holds a control character".into());
+        }
+        let Some(opt) = a.strip_prefix("--") else {
+            return Err(format!("{a:?}: only --name=value and --switch options"));
+        };
+        match opt.split_once('=') {
+            Some((name, _)) if VALUED.contains(&name) => {}
+            None if SWITCHES.contains(&opt) => {}
+            _ => {
+                let name = opt.split('=').next().unwrap_or("");
+                return Err(format!("option --{name} is not allowed in a publish"));
+            }
+        }
     }
     for (k, v) in env {
-        if !CHILD_ENV.contains(&k.as_str()) {
+        if !PUBLISH_ENV.contains(&k.as_str()) {
             return Err(format!("environment variable {k:?} is not allowed"));
         }
         if v.contains('\0') {
@@ -138,13 +199,53 @@ mod tests {
     #[test]
     fn publish_options_and_environment_are_allow_listed() {
         let env = BTreeMap::new();
-        assert!(check_publish(&["--key".into(), "file:/k".into()], &env).is_ok());
-        for bad in ["--fuse-fd", "--fuse-fd=5", "--secrets-fd", "--foreground"] {
-            assert!(check_publish(&[bad.into()], &env).is_err(), "{bad}");
+        let ok = |args: &[&str]| {
+            let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            check_publish("s3://b/m", "/var/lib/kubelet/pods/p/mount", &a, &env)
+        };
+        assert!(ok(&["--key=file:/k", "--allow-other", "--cache-size=1GiB"]).is_ok());
+        for bad in [
+            "--fuse-fd=5",
+            "--secrets-fd=4",
+            "--foreground",
+            "--log-file=/run/x",
+            "--attestation-log=/run",
+            "--metrics-addr=0.0.0.0:9464",
+            "--allow-root",
+            "--log-level=trace",
+            "-olog_file=/run/x.log,allow_root",
+            "-o",
+            "--key",
+            "file:/k",
+            "--key=a\nb",
+        ] {
+            assert!(ok(&[bad]).is_err(), "{bad}");
         }
-        assert!(check_publish(&["file:/k".into()], &env).is_err());
-        let mut env = BTreeMap::new();
-        env.insert("LD_PRELOAD".to_string(), "/x.so".to_string());
-        assert!(check_publish(&[], &env).unwrap_err().contains("LD_PRELOAD"));
+        for (uri, target) in [
+            ("-olog_file=/x", "/t"),
+            ("--log-level=trace", "/t"),
+            ("s3://b/m", "relative"),
+            ("s3://b/m", "-x"),
+            ("http://x", "/t"),
+            ("s3://b/m\n", "/t"),
+        ] {
+            assert!(
+                check_publish(uri, target, &[], &env).is_err(),
+                "{uri} {target}"
+            );
+        }
+        let mut bad_env = BTreeMap::new();
+        for k in [
+            "LD_PRELOAD",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_STS",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_ROLE_ARN",
+        ] {
+            bad_env.clear();
+            bad_env.insert(k.to_string(), "x".to_string());
+            let e = check_publish("s3://b/m", "/t", &[], &bad_env).unwrap_err();
+            assert!(e.contains(k), "{e}");
+        }
     }
 }
