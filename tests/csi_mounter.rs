@@ -140,11 +140,23 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     );
 
     // Two pods, the same volume: two children.
+    let started = Instant::now();
     let (t1, fd1) = mount_target(&site, "pod1");
     targets.0.push(t1.clone());
     let r1 = m.ask(publish_req(&t1, &site.p("store"), &site.key()), &[&fd1]);
     assert!(r1.ok, "{r1:?}: {}", m.logs());
     drop(fd1);
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open(t1.join("a.bin")).unwrap(),
+        &mut first,
+    )
+    .unwrap();
+    // For docs/PERFORMANCE.md: mount(2) + publish to the mounter + first byte read.
+    eprintln!(
+        "csi publish to first byte (local store): {:?}",
+        started.elapsed()
+    );
     let (t2, fd2) = mount_target(&site, "pod2");
     targets.0.push(t2.clone());
     let r2 = m.ask(publish_req(&t2, &site.p("store"), &site.key()), &[&fd2]);
