@@ -1104,3 +1104,166 @@ fn an_attestation_log_that_is_not_a_private_directory_is_refused_before_any_call
         assert!(!stderr(&o).contains("unavailable"), "{}", stderr(&o));
     }
 }
+
+/// A TLS front for a fake: rustls's server with `cert`/`key`, each connection's request
+/// passed to `upstream` (plain HTTP on loopback) and the answer passed back.
+fn tls_front(cert: &Path, key: &Path, upstream: u16) -> (u16, Arc<AtomicBool>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            let Ok((c, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, c);
+                // The request head and body, as the client sends them (one per connection).
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    match tls.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= i + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                up.write_all(&buf).unwrap();
+                let mut resp = Vec::new();
+                let _ = up.read_to_end(&mut resp);
+                let _ = tls.write_all(&resp);
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    (port, stop)
+}
+
+/// `https://` to the KBS with its CA given by SEALFS_KBS_CACERT; without it (system roots)
+/// or with another CA, the certificate is refused and nothing is released.
+#[test]
+fn a_kbs_over_tls_is_trusted_only_through_its_ca() {
+    let m = Model::new();
+    let d = tempfile::tempdir().unwrap();
+    // A CA and a server certificate it signs (for 127.0.0.1), as a KBS deployment has.
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let ca = |name: &str| {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        d.path().join(format!("{name}.pem"))
+    };
+    let cert_ca = ca("kbs-ca");
+    let other = ca("other-ca");
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "kbs.key",
+        "-out",
+        "kbs.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.path().join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "kbs.csr",
+        "-CA",
+        "kbs-ca.pem",
+        "-CAkey",
+        "kbs-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "kbs.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+    let (cert, key) = (d.path().join("kbs.pem"), d.path().join("kbs.key"));
+    let fake = fake_kbs(std::fs::read(m.key_file()).unwrap(), |_| {}, 200);
+    let (port, stop) = tls_front(&cert, &key, fake.port);
+    let url = format!("https://127.0.0.1:{port}");
+    let env = |ca: Option<&Path>| {
+        let mut e = vec![s2("SEALFS_KBS_URL", &url), s2("SEALFS_ATTESTER", "sample")];
+        if let Some(ca) = ca {
+            e.push(s2("SEALFS_KBS_CACERT", ca.to_str().unwrap()));
+        }
+        e
+    };
+    let o = m.verify(&env(Some(&cert_ca)));
+    let all = expect_code(&o, 0);
+    assert!(all.contains(&format!("broker={url}")), "{all}");
+    for ca in [None, Some(other.as_path())] {
+        let o = m.verify(&env(ca));
+        let all = expect_code(&o, 1);
+        assert!(all.to_lowercase().contains("certificate"), "{all}");
+        assert!(!stdout(&o).contains("ok    "), "{all}");
+    }
+    stop.store(true, Ordering::Relaxed);
+}
