@@ -229,39 +229,14 @@ fn check_url(var: &str, url: &str) -> Result<String, KeyError> {
 }
 
 fn tls_config() -> Result<rustls::ClientConfig, KeyError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match std::env::var_os("SEALFS_KBS_CACERT").filter(|v| !v.is_empty()) {
-        Some(p) => {
-            use rustls::pki_types::pem::PemObject;
-            let p = PathBuf::from(p);
-            let bytes = crate::localfile::read_bounded(&p, 1 << 20, "a CA certificate file", false)
-                .map_err(|r| config_err(format!("SEALFS_KBS_CACERT {}: {r}", p.display())))?;
-            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| config_err(format!("SEALFS_KBS_CACERT {}: {e}", p.display())))?;
-            if certs.is_empty() {
-                return Err(config_err(format!(
-                    "SEALFS_KBS_CACERT {}: no PEM certificate in it",
-                    p.display()
-                )));
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| config_err(format!("SEALFS_KBS_CACERT {}: {e}", p.display())))?;
-            }
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| config_err(format!("TLS: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
+    let ca = std::env::var_os("SEALFS_KBS_CACERT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let roots = super::tls::roots(ca.as_deref())
+        .map_err(|e| config_err(format!("SEALFS_KBS_CACERT: {e}")))?;
+    Ok(super::tls::client(roots)
+        .map_err(config_err)?
+        .with_no_client_auth())
 }
 
 /// What a call returned, before classification.

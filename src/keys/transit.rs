@@ -234,18 +234,7 @@ fn pem_certs(
     what: &str,
     path: &Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, KeyError> {
-    use rustls::pki_types::pem::PemObject;
-    let bytes = read_file(what, path, MAX_PEM, false)?;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| config_err(format!("{what} {}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(config_err(format!(
-            "{what} {}: no PEM certificate in it",
-            path.display()
-        )));
-    }
-    Ok(certs)
+    super::tls::pem_certs(what, path).map_err(config_err)
 }
 
 fn tls_config() -> Result<rustls::ClientConfig, KeyError> {
@@ -263,26 +252,9 @@ fn tls_config() -> Result<rustls::ClientConfig, KeyError> {
              VAULT_CACERT",
         ));
     }
-    let mut roots = rustls::RootCertStore::empty();
-    match env("CACERT")? {
-        Some(p) => {
-            for c in pem_certs("CA certificate file", Path::new(&p))? {
-                roots
-                    .add(c)
-                    .map_err(|e| config_err(format!("CA certificate file {p}: {e}")))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| config_err(format!("TLS: {e}")))?
-    .with_root_certificates(roots);
+    let ca = env("CACERT")?;
+    let roots = super::tls::roots(ca.as_deref().map(Path::new)).map_err(config_err)?;
+    let builder = super::tls::client(roots).map_err(config_err)?;
     let config = match (env("CLIENT_CERT")?, env("CLIENT_KEY")?) {
         (Some(cert), Some(key)) => {
             use rustls::pki_types::pem::PemObject;
