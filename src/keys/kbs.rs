@@ -296,19 +296,8 @@ impl Broker {
                      Confidential Data Hub)",
                 )),
             };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config()?)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(https);
+        let client =
+            super::tls::https_client(tls_config()?, CONNECT_TIMEOUT, Duration::from_secs(30));
         Ok(Self { client, base, kind })
     }
 

@@ -56,3 +56,33 @@ pub fn client(
     .map_err(|e| format!("TLS: {e}"))?
     .with_root_certificates(roots))
 }
+
+/// The HTTP/1 client both key-manager clients use: `https://` (or plain `http://`, which
+/// the callers allow only to loopback), a connect timeout, no Nagle, pooled connections
+/// dropped after `idle`. Redirects are never followed (hyper's client does not).
+pub fn https_client<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: std::time::Duration,
+    idle: std::time::Duration,
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    B,
+>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(idle)
+        .build(https)
+}
