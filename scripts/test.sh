@@ -87,7 +87,7 @@ after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
 if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \
   || pgrep -f 'bao server -dev' >/dev/null || pgrep -f "$kbs_dir/bin/kbs" >/dev/null \
-  || pgrep -f 'swtpm socket --tpm2' >/dev/null; then
+  || pgrep -f 'swtpm socket --tpm2' >/dev/null || pgrep -f 'sealfs csi mounter' >/dev/null; then
   fail "a test server outlived the tests"
 fi
 echo "test.sh: all checks passed"

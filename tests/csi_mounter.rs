@@ -80,12 +80,35 @@ impl Mounter {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The sealfs mounter itself (strace's child): killing strace alone would leave it.
+    fn sealfs_pid(&self) -> Option<i32> {
+        let strace = self.proc.0.id();
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/status"))
+                    .is_ok_and(|s| s.contains(&format!("PPid:\t{strace}\n")))
+                    && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "sealfs")
+            })
+    }
+
     fn ask(&self, req: serde_json::Value, fds: &[&OwnedFd]) -> Reply {
         let c = seqpacket::connect(&self.socket).unwrap();
         let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         seqpacket::send(&c, req.to_string().as_bytes(), &raw).unwrap();
         let (b, _) = seqpacket::recv(&c).unwrap();
         serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{e}: {b:?}"))
+    }
+}
+
+impl Drop for Mounter {
+    fn drop(&mut self) {
+        if let Some(pid) = self.sealfs_pid() {
+            // SAFETY: signalling the mounter this test started; its children end with it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
