@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 use hyper::{Method, Request, StatusCode};
 use hyper_rustls::HttpsConnector;
@@ -365,17 +365,12 @@ impl Broker {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(session_cookie);
-        let mut b = resp.into_body();
-        let mut out = Zeroizing::new(Vec::with_capacity(4096));
-        while let Some(frame) = b.frame().await {
-            let frame = frame.map_err(|e| Failure::Transport(crate::error_chain(&e)))?;
-            if let Some(d) = frame.data_ref() {
-                if out.len() + d.len() > MAX_ANSWER {
-                    return Err(Failure::TooLong);
-                }
-                out.extend_from_slice(d);
-            }
-        }
+        let out = super::tls::read_body(resp.into_body(), MAX_ANSWER)
+            .await
+            .map_err(|e| match e {
+                super::tls::BodyError::TooLong => Failure::TooLong,
+                super::tls::BodyError::Transport(m) => Failure::Transport(m),
+            })?;
         if status.is_success() {
             Ok((out, cookie))
         } else {
@@ -855,10 +850,6 @@ impl KbsKey {
 
     pub fn file(&self) -> &FileKek {
         &self.kek
-    }
-
-    pub fn resource(&self) -> &str {
-        &self.resource
     }
 
     /// Bounds outages: once the broker has not released this key for `bound`, every use

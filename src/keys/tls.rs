@@ -86,3 +86,30 @@ where
         .pool_idle_timeout(idle)
         .build(https)
 }
+
+/// Why an answer's body was not read whole.
+pub enum BodyError {
+    /// Longer than the caller's bound: hostile, not an outage.
+    TooLong,
+    /// The connection failed mid-body.
+    Transport(String),
+}
+
+/// An answer's body, at most `max` bytes, into a zeroizing buffer (answers carry keys).
+pub async fn read_body(
+    mut body: hyper::body::Incoming,
+    max: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, BodyError> {
+    use http_body_util::BodyExt;
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(4096));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Transport(crate::error_chain(&e)))?;
+        if let Some(d) = frame.data_ref() {
+            if out.len() + d.len() > max {
+                return Err(BodyError::TooLong);
+            }
+            out.extend_from_slice(d);
+        }
+    }
+    Ok(out)
+}

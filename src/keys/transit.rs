@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Buf;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
 use hyper_rustls::HttpsConnector;
@@ -499,19 +499,14 @@ impl Transit {
             .await
             .map_err(|e| Failure::Transport(crate::error_chain(&e)))?;
         let status = resp.status();
-        let mut body = resp.into_body();
-        let mut out = Zeroizing::new(Vec::with_capacity(4096));
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| Failure::Transport(crate::error_chain(&e)))?;
-            if let Some(d) = frame.data_ref() {
-                if out.len() + d.len() > MAX_RESPONSE {
-                    return Err(Failure::Transport(format!(
-                        "response longer than {MAX_RESPONSE} bytes"
-                    )));
+        let out = super::tls::read_body(resp.into_body(), MAX_RESPONSE)
+            .await
+            .map_err(|e| match e {
+                super::tls::BodyError::TooLong => {
+                    Failure::Transport(format!("response longer than {MAX_RESPONSE} bytes"))
                 }
-                out.extend_from_slice(d);
-            }
-        }
+                super::tls::BodyError::Transport(m) => Failure::Transport(m),
+            })?;
         if status.is_success() {
             Ok(out)
         } else {
