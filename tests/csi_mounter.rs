@@ -117,17 +117,22 @@ fn publish_req(target: &Path, store: &str, key: &str) -> serde_json::Value {
         "args": [format!("--key={key}"), "--allow-other"]})
 }
 
-fn mount_target(site: &Site, name: &str) -> (PathBuf, OwnedFd) {
-    let t = site.path(name);
-    std::fs::create_dir(&t).unwrap();
-    let fd = kernel_mount::mount(
-        &t,
+/// The node plugin's half at `t`: /dev/fuse opened and mounted there.
+fn mount_at(site: &Site, t: &Path) -> OwnedFd {
+    kernel_mount::mount(
+        t,
         &FuseMount {
             source: site.p("store"),
             allow_other: true,
         },
     )
-    .expect("mount /dev/fuse (the suite runs as root)");
+    .expect("mount /dev/fuse (the suite runs as root)")
+}
+
+fn mount_target(site: &Site, name: &str) -> (PathBuf, OwnedFd) {
+    let t = site.path(name);
+    std::fs::create_dir(&t).unwrap();
+    let fd = mount_at(site, &t);
     (t, fd)
 }
 
@@ -139,22 +144,7 @@ fn errno_of(p: &Path) -> Option<i32> {
 fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     let site = Site::new();
     let files = [("a.bin", pattern(100_000, 5)), ("b.txt", b"hi\n".to_vec())];
-    for (n, d) in &files {
-        site.write(&format!("src/{n}"), d);
-    }
-    expect_code(
-        &sealfs(
-            &[
-                "seal",
-                &site.p("src"),
-                &site.p("store"),
-                "--key",
-                &site.key(),
-            ],
-            &[],
-        ),
-        0,
-    );
+    site.seal_files(&files);
     let m = Mounter::start(site.dir.path());
     let mut targets = Targets(vec![]);
     assert_eq!(
@@ -293,14 +283,7 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     }
     // The next publish (kubelet's, after the node plugin remounts) recovers it.
     kernel_mount::unmount(&t1).unwrap();
-    let fd1 = kernel_mount::mount(
-        &t1,
-        &FuseMount {
-            source: site.p("store"),
-            allow_other: true,
-        },
-    )
-    .unwrap();
+    let fd1 = mount_at(&site, &t1);
     let r = m.ask(publish_req(&t1, &site.p("store"), &site.key()), &[&fd1]);
     drop(fd1);
     assert!(r.ok, "{r:?}");
@@ -368,20 +351,7 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
 fn a_key_file_secret_reaches_only_its_child_as_a_sealed_memfd() {
     use sealfs::csi::secrets::{seal, Secrets};
     let site = Site::new();
-    site.write("src/m.bin", &pattern(50_000, 9));
-    expect_code(
-        &sealfs(
-            &[
-                "seal",
-                &site.p("src"),
-                &site.p("store"),
-                "--key",
-                &site.key(),
-            ],
-            &[],
-        ),
-        0,
-    );
+    site.seal_files(&[("m.bin", pattern(50_000, 9))]);
     let key_text = std::fs::read_to_string(site.path("k")).unwrap();
     let key_hex = key_text
         .trim()

@@ -27,22 +27,7 @@ fn model(site: &Site) -> Vec<(&'static str, Vec<u8>)> {
         ("a.bin", pattern(200_000, 3)),
         ("sub/b.txt", b"hello\n".to_vec()),
     ];
-    for (n, d) in &files {
-        site.write(&format!("src/{n}"), d);
-    }
-    expect_code(
-        &sealfs(
-            &[
-                "seal",
-                &site.p("src"),
-                &site.p("store"),
-                "--key",
-                &site.key(),
-            ],
-            &[],
-        ),
-        0,
-    );
+    site.seal_files(&files);
     files
 }
 

@@ -151,22 +151,7 @@ impl Model {
             ("sub/b.txt", b"hello\n".to_vec()),
             ("empty", vec![]),
         ];
-        for (n, d) in &files {
-            site.write(&format!("src/{n}"), d);
-        }
-        expect_code(
-            &sealfs(
-                &[
-                    "seal",
-                    &site.p("src"),
-                    &site.p("store"),
-                    "--key",
-                    &site.key(),
-                ],
-                &[],
-            ),
-            0,
-        );
+        site.seal_files(&files);
         Self { site, files }
     }
 

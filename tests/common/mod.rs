@@ -389,6 +389,26 @@ impl Site {
     pub fn key(&self) -> String {
         format!("file:{}", self.p("k"))
     }
+    /// Writes `files` under `src/` and seals them to `store` under this site's key.
+    pub fn seal_files(&self, files: &[(&str, Vec<u8>)]) {
+        for (n, d) in files {
+            self.write(&format!("src/{n}"), d);
+        }
+        expect_code(
+            &sealfs(
+                &[
+                    "seal",
+                    &self.p("src"),
+                    &self.p("store"),
+                    "--key",
+                    &self.key(),
+                ],
+                &[],
+            ),
+            0,
+        );
+    }
+
     pub fn write(&self, rel: &str, data: &[u8]) {
         let p = self.path(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
