@@ -160,6 +160,8 @@ pub const TRANSIT_STATUSES: [u16; 12] =
 /// A well-formed slot (`vault:v<N>:<base64>`).
 pub const TRANSIT_SLOT: &[u8] = b"vault:v1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
+const SERVER_THREAD: &str = "fuzz-transit";
+
 static ANSWER: Mutex<(u16, Vec<u8>)> = Mutex::new((200, Vec::new()));
 static TRANSIT_CALLS: AtomicU64 = AtomicU64::new(0);
 
@@ -172,11 +174,16 @@ fn set_answer(status: u16, body: &[u8]) {
 fn serve_http(mut s: std::net::TcpStream) {
     let mut buf = Vec::new();
     let mut tmp = vec![0u8; 16 << 10];
-    let mut fill = |s: &mut std::net::TcpStream, buf: &mut Vec<u8>| match s.read(&mut tmp) {
-        Ok(0) | Err(_) => false,
-        Ok(n) => {
-            buf.extend_from_slice(&tmp[..n]);
-            true
+    // libFuzzer's SIGALRM (every `-timeout`/2 + 1 s, no SA_RESTART) interrupts this read:
+    // an EINTR that closed the connection failed the next call with no request (CI, 2026-12-06).
+    let mut fill = |s: &mut std::net::TcpStream, buf: &mut Vec<u8>| loop {
+        match s.read(&mut tmp) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) | Err(_) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&tmp[..n]);
+                return true;
+            }
         }
     };
     loop {
@@ -229,7 +236,10 @@ fn transit_fixture() -> &'static TransitFixture {
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
                 let _ = s.set_nodelay(true);
-                std::thread::spawn(move || serve_http(s));
+                // Named so that a test can signal these threads alone.
+                let _ = std::thread::Builder::new()
+                    .name(SERVER_THREAD.into())
+                    .spawn(move || serve_http(s));
             }
         });
         for p in ["BAO", "VAULT"] {
@@ -499,4 +509,53 @@ pub fn oms_model_statement() -> Vec<u8> {
         .cloned()
         .collect();
     oms::statement("model", &files)
+}
+
+#[cfg(test)]
+mod tests {
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    /// libFuzzer's SIGALRM lands on any thread, without SA_RESTART: the loopback server's
+    /// read must go on after it, or the next call fails with no request (the CI failure of
+    /// 2026-12-06: "connection closed before message completed", `calls` 0).
+    #[test]
+    fn a_signal_on_the_server_thread_does_not_cost_a_call() {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+        let act = SigAction::new(
+            SigHandler::Handler(ignore),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing; SIGALRM is used by nothing else in this binary.
+        unsafe { sigaction(Signal::SIGALRM, &act) }.expect("a SIGALRM handler");
+        let pid = std::process::id() as libc::pid_t;
+        for round in 0..20 {
+            let out = super::transit_answer(3, 4, br#"{"errors":["no"]}"#);
+            assert_eq!(
+                (out.calls, out.status),
+                (1, 400),
+                "round {round}: {:?}",
+                out.result
+            );
+            let mut signalled = 0;
+            for t in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+                let t = t.expect("a task").path();
+                let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+                if comm.trim_end() == super::SERVER_THREAD {
+                    let tid: libc::pid_t = t
+                        .file_name()
+                        .and_then(|n| n.to_str()?.parse().ok())
+                        .expect("a tid");
+                    // SAFETY: tgkill with this process's pid and one of its thread ids.
+                    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGALRM) };
+                    signalled += 1;
+                }
+            }
+            assert!(
+                signalled >= 1,
+                "no {} thread to signal",
+                super::SERVER_THREAD
+            );
+        }
+    }
 }
