@@ -7,6 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fail() { echo "test.sh: $*" >&2; exit 1; }
+# Wall time of each long step in the log (test.sh: STEP N s).
+timed() {
+  local t=$SECONDS
+  "$@"
+  echo "test.sh: ${*:1:3} $((SECONDS - t)) s"
+}
 # Installs what the suite needs (idempotent: seconds when everything is there), so that the
 # README's `make test` works on a fresh machine too; the checks below then fail loudly if
 # anything is still missing (a test never skips).
@@ -73,16 +79,16 @@ done
 python3 tests/python/test_k8s_manifests.py || fail "deploy/kubernetes manifests: see the FAIL lines above"
 
 before=$(grep -c ' fuse' /proc/mounts || true)
-cargo build --bins --features tpm2 --quiet
-cargo test --all-targets --features tpm2 -- --test-threads=4
+timed cargo build --bins --features tpm2 --quiet
+timed cargo test --all-targets --features tpm2 -- --test-threads=4
 # Soak (issue 19): readers over a mount while S3 and KMS fail at random, files are
 # republished and rewrapped under them, a key revoked and disabled half-way. 3 minutes in
 # CI; the 30-minute, 32-reader figures are in docs/PERFORMANCE.md.
-python3 scripts/soak.py --seconds "${SOAK_SECONDS:-180}" --readers 8 --report target/soak-report.json
+timed python3 scripts/soak.py --seconds "${SOAK_SECONDS:-180}" --readers 8 --report target/soak-report.json
 # Install like a product: one release build -> the .deb (dpkg -i, `mount -t fuse.sealfs` and
 # an fstab line with the installed binary, man, completions, dpkg --purge) and the wheel (a
 # fresh venv, sealfs on its PATH). Before the mount and server checks below, so they cover it.
-scripts/package-test.sh
+timed scripts/package-test.sh
 after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
 if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \
