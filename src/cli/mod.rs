@@ -484,6 +484,23 @@ pub enum CsiCommand {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// The CSI node plugin (one per node, privileged): the Identity and Node gRPC services
+    /// on ENDPOINT. A publish mounts /dev/fuse at the pod's target and hands the connection
+    /// to the mounter; it holds no key and serves no file.
+    Node {
+        /// unix:///PATH of the gRPC socket (kubelet's plugin directory).
+        #[arg(long)]
+        endpoint: String,
+        /// This node's name (NodeGetInfo): the Kubernetes node name.
+        #[arg(long)]
+        node_id: String,
+        /// The mounter's socket (`sealfs csi mounter --socket`).
+        #[arg(long)]
+        mounter_socket: PathBuf,
+        /// Targets outside this directory are refused.
+        #[arg(long, default_value = "/var/lib/kubelet")]
+        kubelet_dir: PathBuf,
+    },
 }
 
 /// Runs the command; returns the exit code after printing its output or one error line.
@@ -530,6 +547,21 @@ pub fn main_with(cli: Cli) -> i32 {
             return exit::FAILURE;
         }
     };
+    if let Command::Csi(CsiCommand::Node {
+        endpoint,
+        node_id,
+        mounter_socket,
+        kubelet_dir,
+    }) = cli.command
+    {
+        return match csi_node(&rt, endpoint, node_id, mounter_socket, kubelet_dir) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("sealfs: error: {e}");
+                exit::FAILURE
+            }
+        };
+    }
     let (tx, cancel) = Cancel::new();
     rt.spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -546,6 +578,27 @@ pub fn main_with(cli: Cli) -> i32 {
             exit::code(&e)
         }
     }
+}
+
+fn csi_node(
+    rt: &tokio::runtime::Runtime,
+    endpoint: String,
+    node_id: String,
+    mounter_socket: PathBuf,
+    kubelet_dir: PathBuf,
+) -> std::result::Result<(), String> {
+    use crate::csi::node::{Node, NodeConfig};
+    let path = crate::csi::grpc::endpoint_path(&endpoint)?;
+    if node_id.is_empty() {
+        return Err("--node-id must not be empty".into());
+    }
+    let node = Node::new(NodeConfig {
+        node_id,
+        kubelet_dir,
+        mounter_socket,
+    })
+    .map_err(|e| e.to_string())?;
+    rt.block_on(crate::csi::grpc::serve(node, &path))
 }
 
 async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {

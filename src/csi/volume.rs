@@ -1,0 +1,556 @@
+//! A CSI `NodePublishVolume` turned into one `sealfs mount` for the mounter: the volume
+//! attributes (an allow-list), the PV's mount options (the fstab `-o` parser), the secrets
+//! and the capability, each checked before anything is mounted. Pure: no I/O, so every
+//! refusal is a unit test.
+//!
+//! Attributes (docs/KUBERNETES.md): `uri` (required), `keys` (key URIs, whitespace-separated;
+//! `file:secret` is the `keyFile` secret), `trustSigner` (whitespace-separated),
+//! `modelDigest`, `cacheSize`, `region`, `endpointUrl` (the S3 endpoint only),
+//! `authenticationSource` (`driver`, the default, or `pod`), `awsRoleArn`; and the
+//! `csi.storage.k8s.io/*` keys kubelet adds (pod info, service-account tokens).
+
+use std::collections::{BTreeMap, HashMap};
+
+use zeroize::Zeroizing;
+
+use super::secrets::Secrets;
+use crate::keys::KeySpec;
+
+/// What kubelet adds with `podInfoOnMount` and `tokenRequests`.
+pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+/// The most one secret value may hold (a key file is 79 bytes; a Transit token ~100).
+pub const MAX_SECRET: usize = 8 * 1024;
+/// The most one attribute value may hold.
+pub const MAX_ATTRIBUTE: usize = 4096;
+
+/// A publish request, as the gRPC adapter hands it over (no prost types here).
+pub struct Publish<'a> {
+    pub volume_id: &'a str,
+    pub target: &'a str,
+    pub attributes: &'a HashMap<String, String>,
+    pub secrets: &'a HashMap<String, String>,
+    /// The PV's `mountOptions` (CSI `mount_flags`).
+    pub mount_flags: &'a [String],
+    pub fs_type: &'a str,
+    /// The capability asks for a block device.
+    pub block: bool,
+    /// CSI `volume_mount_group` (the pod's fsGroup), or empty.
+    pub mount_group: &'a str,
+}
+
+/// One checked volume: what the mounter's `publish` carries.
+pub struct Plan {
+    pub uri: String,
+    /// `sealfs mount` long options (`--name=value`, `--switch`).
+    pub args: Vec<String>,
+    /// The child's environment ([`super::wire::PUBLISH_ENV`] only).
+    pub env: BTreeMap<String, String>,
+    pub secrets: Option<Secrets>,
+    /// The pod, when kubelet said (`podInfoOnMount`): for the audit and log lines.
+    pub pod: Option<Pod>,
+}
+
+/// The pod a volume is published for (`csi.storage.k8s.io/pod.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+}
+
+/// Why a publish is refused before anything is mounted (gRPC INVALID_ARGUMENT). Never holds
+/// a secret's value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+fn invalid(m: impl Into<String>) -> Invalid {
+    Invalid(m.into())
+}
+
+const ATTRIBUTES: &[&str] = &[
+    "uri",
+    "keys",
+    "trustSigner",
+    "modelDigest",
+    "cacheSize",
+    "region",
+    "endpointUrl",
+    "authenticationSource",
+    "awsRoleArn",
+];
+
+/// Checks a publish and plans its mount.
+pub fn plan(p: &Publish) -> Result<Plan, Invalid> {
+    if p.block {
+        return Err(invalid(
+            "a sealfs volume is a filesystem: block access is not supported",
+        ));
+    }
+    if !(p.fs_type.is_empty() || p.fs_type == "fuse.sealfs" || p.fs_type == "sealfs") {
+        return Err(invalid(format!(
+            "fsType {:?}: a sealfs volume is fuse.sealfs",
+            crate::format::naming::printable(p.fs_type, 64)
+        )));
+    }
+    if p.volume_id.is_empty()
+        || p.volume_id.len() > 256
+        || p.volume_id.chars().any(char::is_control)
+    {
+        return Err(invalid(
+            "volume id must be 1 to 256 characters without control characters",
+        ));
+    }
+    let attrs = p.attributes;
+    for (k, v) in attrs {
+        if !ATTRIBUTES.contains(&k.as_str()) && !k.starts_with(KUBELET_PREFIX) {
+            return Err(invalid(format!(
+                "unknown volume attribute {:?} (known: {})",
+                crate::format::naming::printable(k, 64),
+                ATTRIBUTES.join(", ")
+            )));
+        }
+        // Service-account tokens are long JWTs; every other value is short.
+        if !k.starts_with(KUBELET_PREFIX) && (v.len() > MAX_ATTRIBUTE || v.contains('\0')) {
+            return Err(invalid(format!(
+                "volume attribute {k} is longer than {MAX_ATTRIBUTE} bytes or holds a NUL"
+            )));
+        }
+    }
+    let get = |k: &str| attrs.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let uri = get("uri").ok_or_else(|| invalid("volume attribute uri is required"))?;
+    let secrets = secrets(p.secrets)?;
+
+    let mut args = Vec::new();
+    let mut key_file_used = false;
+    for k in get("keys").unwrap_or("").split_whitespace() {
+        let spec = volume_key(k)?;
+        key_file_used |= spec == "secret:keyFile";
+        args.push(format!("--key={spec}"));
+    }
+    for s in get("trustSigner").unwrap_or("").split_whitespace() {
+        s.parse::<crate::sign::SignerSpec>()
+            .map_err(|e| invalid(format!("trustSigner: {e}")))?;
+        args.push(format!("--trust-signer={s}"));
+    }
+    if let Some(d) = get("modelDigest") {
+        args.push(format!("--model-digest={d}"));
+    }
+    if let Some(c) = get("cacheSize") {
+        crate::cli::parse_size(c).map_err(|e| invalid(format!("cacheSize: {e}")))?;
+        args.push(format!("--cache-size={c}"));
+    }
+    // A key or signer in the PV's mountOptions is held to the same rules as in `keys`.
+    for a in mount_flags(p.mount_flags)? {
+        if let Some(k) = a.strip_prefix("--key=") {
+            let spec = volume_key(k)?;
+            key_file_used |= spec == "secret:keyFile";
+            args.push(format!("--key={spec}"));
+        } else if let Some(s) = a.strip_prefix("--trust-signer=") {
+            s.parse::<crate::sign::SignerSpec>()
+                .map_err(|e| invalid(format!("mountOptions trust-signer: {e}")))?;
+            args.push(a);
+        } else {
+            args.push(a);
+        }
+    }
+    if key_file_used && secrets.as_ref().is_none_or(|s| s.key_file.is_none()) {
+        return Err(invalid(
+            "keys names file:secret but the volume's secret has no keyFile",
+        ));
+    }
+    if !p.mount_group.is_empty() {
+        let gid: u32 = p
+            .mount_group
+            .parse()
+            .map_err(|_| invalid("volume mount group must be a numeric gid"))?;
+        args.push(format!("--gid={gid}"));
+    }
+    // Pods run as any uid: the kernel checks the modes the mount shows (default_permissions).
+    if !args.iter().any(|a| a == "--allow-other") {
+        args.push("--allow-other".into());
+    }
+
+    let mut env = BTreeMap::new();
+    if let Some(r) = get("region") {
+        env.insert("AWS_REGION".to_string(), r.to_string());
+    }
+    if let Some(e) = get("endpointUrl") {
+        if !(e.starts_with("https://") || e.starts_with("http://")) {
+            return Err(invalid("endpointUrl must be an http(s) URL"));
+        }
+        env.insert("AWS_ENDPOINT_URL_S3".to_string(), e.to_string());
+    }
+    match get("authenticationSource").unwrap_or("driver") {
+        "driver" => {
+            if get("awsRoleArn").is_some() {
+                return Err(invalid(
+                    "awsRoleArn needs authenticationSource: pod (the driver uses its own identity)",
+                ));
+            }
+        }
+        "pod" => {
+            return Err(invalid(
+                "authenticationSource: pod is not supported yet (the pod's own AWS identity): use driver",
+            ))
+        }
+        other => {
+            return Err(invalid(format!(
+                "authenticationSource {:?}: driver or pod",
+                crate::format::naming::printable(other, 32)
+            )))
+        }
+    }
+    let pod = pod(attrs);
+    super::wire::check_publish(uri, p.target, &args, &env).map_err(Invalid)?;
+    Ok(Plan {
+        uri: uri.to_string(),
+        args,
+        env,
+        secrets,
+        pod,
+    })
+}
+
+/// A key URI of a volume, as the child's `--key`: `file:secret` is the `keyFile` secret; a
+/// key file or share files at a path of the node are refused (an inline volume's author
+/// would choose which node file is read as a key).
+fn volume_key(k: &str) -> Result<String, Invalid> {
+    let spec: KeySpec = k
+        .parse()
+        .map_err(|e: crate::keys::KeyError| invalid(format!("keys: {e}")))?;
+    match spec {
+        KeySpec::File(p) if p.as_os_str() == "secret" => Ok("secret:keyFile".into()),
+        KeySpec::SecretKeyFile => Ok("secret:keyFile".into()),
+        KeySpec::File(_) | KeySpec::Shares(_) => Err(invalid(
+            "keys: a key file on the node is not a volume key: use file:secret with a keyFile secret",
+        )),
+        _ => Ok(k.to_string()),
+    }
+}
+
+/// The PV's `mountOptions`, through the fstab helper's `-o` parser, as long options.
+fn mount_flags(flags: &[String]) -> Result<Vec<String>, Invalid> {
+    if flags.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut argv: Vec<std::ffi::OsString> = vec!["sealfs".into(), "mount".into()];
+    for f in flags {
+        argv.push("-o".into());
+        argv.push(f.into());
+    }
+    let cli = <crate::cli::Cli as clap::CommandFactory>::command();
+    let out = crate::cli::mount_opts::rewrite(argv, &cli)
+        .map_err(|e| invalid(format!("mountOptions: {e}")))?;
+    out.into_iter()
+        .skip(2)
+        .map(|a| {
+            a.into_string()
+                .map_err(|_| invalid("mountOptions must be UTF-8"))
+        })
+        .collect()
+}
+
+/// The secrets a volume may carry; anything else, a value too long or with a control
+/// character (but the trailing newline a `--from-file` secret keeps) is refused, naming the
+/// key only.
+fn secrets(s: &HashMap<String, String>) -> Result<Option<Secrets>, Invalid> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Secrets::default();
+    for (k, v) in s {
+        if v.len() > MAX_SECRET {
+            return Err(invalid(format!(
+                "secret {} is longer than {MAX_SECRET} bytes",
+                crate::format::naming::printable(k, 64)
+            )));
+        }
+        let body = v.strip_suffix('\n').unwrap_or(v);
+        if body.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "secret {} holds a control character",
+                crate::format::naming::printable(k, 64)
+            )));
+        }
+        let value = Some(Zeroizing::new(v.clone()));
+        match k.as_str() {
+            "keyFile" => out.key_file = value,
+            "transitToken" => out.transit_token = value,
+            "pkcs11Pin" => {
+                return Err(invalid(
+                    "secret pkcs11Pin is not supported yet: use pin-source=file: on the node",
+                ))
+            }
+            other => {
+                return Err(invalid(format!(
+                    "unknown secret {:?} (known: keyFile, transitToken)",
+                    crate::format::naming::printable(other, 64)
+                )))
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+fn pod(attrs: &HashMap<String, String>) -> Option<Pod> {
+    let get = |k: &str| {
+        attrs
+            .get(&format!("{KUBELET_PREFIX}{k}"))
+            .map(|v| crate::format::naming::printable(v, 253))
+    };
+    Some(Pod {
+        namespace: get("pod.namespace")?,
+        name: get("pod.name")?,
+        uid: get("pod.uid")?,
+        service_account: get("serviceAccount.name").unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn try_plan(
+        attrs: &[(&str, &str)],
+        secrets: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Result<Plan, Invalid> {
+        let (a, s) = (map(attrs), map(secrets));
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        plan(&Publish {
+            volume_id: "vol-1",
+            target: "/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/v/mount",
+            attributes: &a,
+            secrets: &s,
+            mount_flags: &flags,
+            fs_type: "",
+            block: false,
+            mount_group: "",
+        })
+    }
+
+    const KEY: &str =
+        "sealfs-kek-v1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+
+    #[test]
+    fn a_full_volume_becomes_allow_listed_options_and_environment() {
+        let p = try_plan(
+            &[
+                ("uri", "s3://models/llama"),
+                ("keys", " file:secret\tkms:alias/models "),
+                ("trustSigner", "file:/etc/sealfs/publisher.pub"),
+                ("modelDigest", "sha256:00"),
+                ("cacheSize", "1GiB"),
+                ("region", "eu-west-1"),
+                ("endpointUrl", "http://127.0.0.1:9000"),
+                ("csi.storage.k8s.io/pod.namespace", "ml"),
+                ("csi.storage.k8s.io/pod.name", "vllm-0"),
+                ("csi.storage.k8s.io/pod.uid", "u-1"),
+                ("csi.storage.k8s.io/serviceAccount.name", "vllm"),
+                ("csi.storage.k8s.io/ephemeral", "false"),
+            ],
+            &[("keyFile", KEY)],
+            &["direct-io", "max-prefetch=4"],
+        )
+        .unwrap();
+        assert_eq!(p.uri, "s3://models/llama");
+        assert_eq!(
+            p.args,
+            [
+                "--key=secret:keyFile",
+                "--key=kms:alias/models",
+                "--trust-signer=file:/etc/sealfs/publisher.pub",
+                "--model-digest=sha256:00",
+                "--cache-size=1GiB",
+                "--direct-io",
+                "--max-prefetch=4",
+                "--allow-other",
+            ]
+        );
+        assert_eq!(p.env["AWS_REGION"], "eu-west-1");
+        assert_eq!(p.env["AWS_ENDPOINT_URL_S3"], "http://127.0.0.1:9000");
+        assert!(p.secrets.unwrap().key_file.is_some());
+        assert_eq!(
+            p.pod.unwrap(),
+            Pod {
+                namespace: "ml".into(),
+                name: "vllm-0".into(),
+                uid: "u-1".into(),
+                service_account: "vllm".into()
+            }
+        );
+    }
+
+    #[test]
+    fn every_bad_volume_is_refused_with_its_reason_and_no_secret_value() {
+        let uri = ("uri", "s3://b/m");
+        type Case<'a> = (
+            &'a [(&'a str, &'a str)],
+            &'a [(&'a str, &'a str)],
+            &'a [&'a str],
+            &'a str,
+        );
+        let cases: &[Case] = &[
+            (&[], &[], &[], "uri is required"),
+            (
+                &[uri, ("bucket", "x")],
+                &[],
+                &[],
+                "unknown volume attribute \"bucket\"",
+            ),
+            (&[uri, ("keys", "vault:x")], &[], &[], "keys:"),
+            (
+                &[uri, ("keys", "file:/etc/shadow")],
+                &[],
+                &[],
+                "not a volume key",
+            ),
+            (
+                &[uri, ("keys", "shares:/a,/b")],
+                &[],
+                &[],
+                "not a volume key",
+            ),
+            (&[uri, ("keys", "file:secret")], &[], &[], "has no keyFile"),
+            (&[uri, ("trustSigner", "nope")], &[], &[], "trustSigner"),
+            (&[uri, ("cacheSize", "lots")], &[], &[], "cacheSize"),
+            (
+                &[uri, ("endpointUrl", "file:///x")],
+                &[],
+                &[],
+                "endpointUrl",
+            ),
+            (
+                &[uri, ("authenticationSource", "node")],
+                &[],
+                &[],
+                "driver or pod",
+            ),
+            (
+                &[uri, ("awsRoleArn", "arn:aws:iam::1:role/r")],
+                &[],
+                &[],
+                "awsRoleArn",
+            ),
+            (&[("uri", "http://x/y")], &[], &[], "uri must be"),
+            (
+                &[uri],
+                &[("keyFile", "sealfs-kek-v1:00\u{1b}[2J\n")],
+                &[],
+                "secret keyFile holds a control",
+            ),
+            (
+                &[uri],
+                &[("keyFile", "a\nb\n")],
+                &[],
+                "secret keyFile holds a control",
+            ),
+            (
+                &[uri],
+                &[("password", "hunter2")],
+                &[],
+                "unknown secret \"password\"",
+            ),
+            (
+                &[uri],
+                &[("pkcs11Pin", "1234")],
+                &[],
+                "pkcs11Pin is not supported yet",
+            ),
+            (
+                &[uri],
+                &[],
+                &["log-file=/tmp/x"],
+                "option --log-file is not allowed",
+            ),
+            (
+                &[uri],
+                &[],
+                &["allow-root"],
+                "option --allow-root is not allowed",
+            ),
+            (&[uri], &[], &["no-such-option"], "mountOptions"),
+            (&[uri], &[], &["key=file:/x;rm -rf /"], "not a volume key"),
+            (&[uri], &[], &["key=file:secret"], "has no keyFile"),
+            (
+                &[uri],
+                &[],
+                &["trust-signer=bogus"],
+                "mountOptions trust-signer",
+            ),
+            (&[uri], &[], &["metrics-addr=0.0.0.0:1"], "not allowed"),
+            (&[uri], &[], &["foreground"], "not allowed"),
+        ];
+        for (attrs, secrets, flags, want) in cases {
+            let e = try_plan(attrs, secrets, flags).err().unwrap_or_else(|| {
+                panic!("accepted: {attrs:?} {flags:?}");
+            });
+            assert!(e.0.contains(want), "{attrs:?} {flags:?}: {e}");
+            for (_, v) in secrets.iter() {
+                assert!(!e.0.contains(v.trim_end()), "secret echoed: {e}");
+            }
+        }
+        let long = "x".repeat(MAX_SECRET + 1);
+        let e = try_plan(&[uri], &[("transitToken", &long)], &[])
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.0,
+            format!("secret transitToken is longer than {MAX_SECRET} bytes")
+        );
+    }
+
+    #[test]
+    fn block_access_another_fs_type_and_a_bad_group_are_refused() {
+        let (a, s) = (map(&[("uri", "s3://b/m")]), HashMap::new());
+        let base = Publish {
+            volume_id: "v",
+            target: "/var/lib/kubelet/x/mount",
+            attributes: &a,
+            secrets: &s,
+            mount_flags: &[],
+            fs_type: "",
+            block: false,
+            mount_group: "",
+        };
+        assert!(plan(&Publish {
+            block: true,
+            ..base
+        })
+        .err()
+        .unwrap()
+        .0
+        .contains("block"));
+        assert!(plan(&Publish {
+            fs_type: "ext4",
+            ..base
+        })
+        .err()
+        .unwrap()
+        .0
+        .contains("fsType"));
+        assert!(plan(&Publish {
+            mount_group: "wheel",
+            ..base
+        })
+        .err()
+        .unwrap()
+        .0
+        .contains("gid"));
+        let p = plan(&Publish {
+            mount_group: "2000",
+            ..base
+        })
+        .unwrap();
+        assert!(p.args.contains(&"--gid=2000".to_string()));
+        assert!(p.pod.is_none());
+    }
+}
