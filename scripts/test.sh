@@ -34,6 +34,7 @@ command -v swtpm >/dev/null && command -v tpm2_pcrextend >/dev/null || fail "swt
 [ -e /dev/fuse ] || fail "/dev/fuse missing: this machine cannot mount FUSE"
 python3 -c "import numpy, safetensors" 2>/dev/null || fail "python3 numpy/safetensors missing: run scripts/install-test-deps.sh"
 python3 -c "import kubernetes_validate" 2>/dev/null || fail "python3 kubernetes-validate missing (tests/python/test_k8s_manifests.py): run scripts/install-test-deps.sh"
+python3 -c "import grpc, grpc_tools" 2>/dev/null || fail "python3 grpcio/grpcio-tools missing (tests/python/test_csi_kubelet.py): run scripts/install-test-deps.sh"
 # Packaging (scripts/package-test.sh at the end).
 cargo deb --version >/dev/null 2>&1 || fail "cargo-deb missing: run scripts/install-test-deps.sh"
 [ -x target/pkg-tools/bin/maturin ] || fail "maturin (target/pkg-tools) missing: run scripts/install-test-deps.sh"
@@ -81,6 +82,9 @@ python3 tests/python/test_k8s_manifests.py || fail "deploy/kubernetes manifests:
 before=$(grep -c ' fuse' /proc/mounts || true)
 timed cargo build --bins --features tpm2 --quiet
 timed cargo test --all-targets --features tpm2 -- --test-threads=4
+# The CSI driver as kubelet drives it (issue 21): the real node plugin and mounter over gRPC,
+# local and S3+KMS (moto) volumes, every bad input, a killed child, restarts of both.
+timed python3 tests/python/test_csi_kubelet.py target/debug/sealfs
 # Soak (issue 19): readers over a mount while S3 and KMS fail at random, files are
 # republished and rewrapped under them, a key revoked and disabled half-way. 3 minutes in
 # CI; the 30-minute, 32-reader figures are in docs/PERFORMANCE.md.
@@ -93,7 +97,7 @@ after=$(grep -c ' fuse' /proc/mounts || true)
 [ "$after" -le "$before" ] || { grep ' fuse' /proc/mounts; fail "a FUSE mount outlived the tests"; }
 if pgrep -f 'moto_server -H 127.0.0.1' >/dev/null || pgrep -f fault_proxy.py >/dev/null \
   || pgrep -f 'bao server -dev' >/dev/null || pgrep -f "$kbs_dir/bin/kbs" >/dev/null \
-  || pgrep -f 'swtpm socket --tpm2' >/dev/null || pgrep -f 'sealfs csi mounter' >/dev/null; then
+  || pgrep -f 'swtpm socket --tpm2' >/dev/null || pgrep -f 'sealfs csi (mounter|node)' >/dev/null; then
   fail "a test server outlived the tests"
 fi
 echo "test.sh: all checks passed"

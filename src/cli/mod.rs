@@ -211,6 +211,12 @@ pub enum Command {
         /// Mount noexec (nothing on the mount can be executed).
         #[arg(long)]
         noexec: bool,
+        /// Before serving, load each model's manifest and open one file, as the first reads
+        /// would: a key refused (exit 4), a model unsigned, of another digest or tampered
+        /// (exit 3) or a store failing (exit 5) fails the start instead of answering EACCES
+        /// or EIO later. The CSI driver sets it on every publish.
+        #[arg(long)]
+        check_start: bool,
         /// Serve the FUSE connection on this inherited file descriptor, which someone else
         /// opened (/dev/fuse) and mounted (the CSI node plugin): MOUNTPOINT is then only a
         /// label for logs. This process opens no /dev/fuse and calls no mount(2); SIGTERM
@@ -918,6 +924,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         dir_mode,
         metrics_addr,
         noexec,
+        check_start,
         fuse_fd,
         secrets_fd,
     } = cmd
@@ -949,6 +956,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
     crate::fuse::session::MountArgs {
         metrics_addr,
         noexec,
+        check_start,
         fuse_fd,
         secrets_fd,
         uri,

@@ -157,10 +157,12 @@ impl Node {
         })?;
         let _busy = self.claim(&target)?;
         match mountinfo::at(&target).map_err(|e| internal("reading mountinfo for", &target, e))? {
-            Some(m) if m.fs_type == mountinfo::FS_TYPE => match std::fs::metadata(&target) {
+            // statfs, not stat: the kernel answers a stat of the root from its attribute
+            // cache even after the server is gone; statfs always asks the server.
+            Some(m) if m.fs_type == mountinfo::FS_TYPE => match nix::sys::statfs::statfs(&target) {
                 // The child died (or the mounter restarted): take the dead mount away and
                 // mount again.
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                Err(nix::errno::Errno::ENOTCONN) => {
                     tracing::warn!(target = %target.display(), "target's server is gone; mounting it again");
                     kernel_mount::unmount(&target)
                         .map_err(|e| internal("unmounting the dead mount at", &target, e))?;

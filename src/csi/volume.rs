@@ -167,6 +167,9 @@ pub fn plan(p: &Publish) -> Result<Plan, Invalid> {
             .map_err(|_| invalid("volume mount group must be a numeric gid"))?;
         args.push(format!("--gid={gid}"));
     }
+    // A key, signer or pin that refuses the model fails the publish, with its reason, in
+    // the pod's events: not a mount that answers EACCES.
+    args.push("--check-start".into());
     // Pods run as any uid: the kernel checks the modes the mount shows (default_permissions).
     if !args.iter().any(|a| a == "--allow-other") {
         args.push("--allow-other".into());
@@ -372,6 +375,7 @@ mod tests {
                 "--cache-size=1GiB",
                 "--direct-io",
                 "--max-prefetch=4",
+                "--check-start",
                 "--allow-other",
             ]
         );

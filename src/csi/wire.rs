@@ -72,7 +72,7 @@ const VALUED: &[&str] = &[
     "file-mode",
     "dir-mode",
 ];
-const SWITCHES: &[&str] = &["direct-io", "allow-other", "noexec"];
+const SWITCHES: &[&str] = &["direct-io", "allow-other", "noexec", "check-start"];
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]

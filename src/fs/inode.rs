@@ -345,6 +345,15 @@ impl Tree {
     }
 
     /// Nodes held, retired ones included.
+    /// The listed file with the lowest inode (the start check's sample).
+    pub fn first_file(&self) -> Option<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| matches!(n, Node::File { .. }))
+            .map(|(i, _)| *i)
+            .min()
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

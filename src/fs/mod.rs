@@ -512,6 +512,43 @@ impl SealFs {
             .await;
     }
 
+    /// `--check-start`: what the first reads would meet, before the mount serves: each
+    /// listed model's manifest (key, signature, pin) and one file opened and released (its
+    /// key, its admission). A refusal is the start's failure: the exit code and one line
+    /// (4 a key refused, 3 a model not signed, not pinned or tampered, 5 the store or KMS
+    /// failed), so that a CSI publish fails with the reason instead of serving EACCES.
+    pub async fn check_start(self: &Arc<Self>) -> Result<(), (i32, String)> {
+        use crate::manifest::{ModelError, Unreadable};
+        // The tree's guard ends here, not after the loop's awaits.
+        let roots = self.tree().model_roots();
+        for root in roots.into_iter().take(PRELOAD_MODELS) {
+            if let Err(e) = self.model(&root, false).await {
+                let code = match &e {
+                    ModelError::Unreadable { class, .. } => match class {
+                        Unreadable::Denied => crate::exit::KEY_DENIED,
+                        Unreadable::Tampered => crate::exit::INTEGRITY,
+                        Unreadable::Unavailable | Unreadable::Store => crate::exit::STORE,
+                    },
+                    _ => crate::exit::INTEGRITY,
+                };
+                return Err((code, crate::error_chain(&e)));
+            }
+        }
+        let first = self.tree().first_file();
+        if let Some(ino) = first {
+            let fh = self.open(ino, (0, 0)).await.map_err(|e| {
+                let code = match &e {
+                    FsError::Denied(_) => crate::exit::KEY_DENIED,
+                    FsError::Io(_) => crate::exit::STORE,
+                    _ => crate::exit::FAILURE,
+                };
+                (code, e.to_string())
+            })?;
+            self.release(fh);
+        }
+        Ok(())
+    }
+
     /// The kernel forgot inode `ino`: a retired one is freed.
     pub fn forget(&self, ino: u64) {
         self.tree

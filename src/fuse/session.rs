@@ -40,6 +40,8 @@ pub struct MountArgs {
     pub fuse_fd: Option<i32>,
     /// `--secrets-fd N`: a sealed memfd of volume secrets (csi/secrets.rs).
     pub secrets_fd: Option<i32>,
+    /// `--check-start`: [`SealFs::check_start`] before serving.
+    pub check_start: bool,
 }
 
 /// A failure before the mount was live: one line and an exit code.
@@ -137,6 +139,12 @@ pub fn run(args: MountArgs) -> i32 {
             return code;
         }
     };
+    if args.check_start {
+        if let Err((code, msg)) = rt.block_on(fs.check_start()) {
+            report(&mut pipe, Err(Fatal(code, msg)));
+            return code;
+        }
+    }
     let code = match serve(&rt, fs, &args, passed, &mountpoint, &mut pipe, report) {
         Ok(()) => exit::OK,
         Err(f) => {
