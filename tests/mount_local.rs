@@ -885,3 +885,41 @@ fn a_killed_daemon_fails_its_readers_at_once_and_a_new_mount_recovers_the_mount_
     );
     drop(m);
 }
+
+/// `--check-start` (issue 21: a CSI publish fails with the reason): a refused key fails the
+/// start with exit 4 and a model of another digest with exit 3, before anything is served;
+/// without it the same wrong key mounts (its reads answer EACCES); the right key passes.
+#[test]
+fn check_start_fails_the_start_on_a_refused_key_or_another_digest() {
+    let site = Site::new();
+    site.seal_files(&[("model.bin", pattern(3 << 20, 21))]);
+    expect_code(&sealfs(&["keygen", &site.p("other")], &[]), 0);
+    let store = site.p("store");
+    let other = format!("file:{}", site.p("other"));
+    let e = Mount::try_start(&store, &["--key", &other, "--check-start"], &[])
+        .err()
+        .expect("a refused key must fail the start");
+    assert!(e.contains("exit status: 4"), "{e}");
+    let pinned = format!("--model-digest=sha256:{}", "0".repeat(64));
+    let e = Mount::try_start(
+        &store,
+        &["--key", &site.key(), &pinned, "--check-start"],
+        &[],
+    )
+    .err()
+    .expect("another digest must fail the start");
+    assert!(
+        e.contains("exit status: 3") && e.contains("not the pinned"),
+        "{e}"
+    );
+    // Without the check, the wrong key mounts and only the read is refused.
+    let m = Mount::start(&store, &["--key", &other], &[]);
+    let err = std::fs::read(m.path("model.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    drop(m);
+    let m = Mount::start(&store, &["--key", &site.key(), "--check-start"], &[]);
+    assert_eq!(
+        sha256(&std::fs::read(m.path("model.bin")).unwrap()),
+        sha256(&pattern(3 << 20, 21))
+    );
+}
