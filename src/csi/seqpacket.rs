@@ -17,19 +17,24 @@ fn io(e: nix::Error) -> std::io::Error {
     std::io::Error::from(e)
 }
 
+/// A close-on-exec unix SOCK_SEQPACKET socket.
+fn seqpacket_socket() -> std::io::Result<OwnedFd> {
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io)
+}
+
 /// A listening socket at `path` (an old socket file there is replaced), mode 0600.
 pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         std::fs::remove_file(path)?;
     }
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(io)?;
+    let fd = seqpacket_socket()?;
     socket::bind(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     socket::listen(&fd, Backlog::new(16).map_err(io)?).map_err(io)?;
@@ -44,13 +49,7 @@ pub fn accept(listener: &OwnedFd) -> std::io::Result<OwnedFd> {
 }
 
 pub fn connect(path: &Path) -> std::io::Result<OwnedFd> {
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(io)?;
+    let fd = seqpacket_socket()?;
     socket::connect(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
     Ok(fd)
 }

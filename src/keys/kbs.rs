@@ -353,24 +353,17 @@ impl Broker {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| Failure::Transport(format!("bad request: {e}")))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| Failure::Transport(crate::error_chain(&e)))?;
-        let status = resp.status();
-        let cookie = resp
-            .headers()
-            .get_all(SET_COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(session_cookie);
-        let out = super::tls::read_body(resp.into_body(), MAX_ANSWER)
+        let (status, headers, out) = super::tls::round_trip(&self.client, req, MAX_ANSWER)
             .await
             .map_err(|e| match e {
                 super::tls::BodyError::TooLong => Failure::TooLong,
                 super::tls::BodyError::Transport(m) => Failure::Transport(m),
             })?;
+        let cookie = headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(session_cookie);
         if status.is_success() {
             Ok((out, cookie))
         } else {

@@ -95,8 +95,39 @@ pub enum BodyError {
     Transport(String),
 }
 
+/// Sends `req` and reads its answer's body (at most `max` bytes, zeroizing): the status,
+/// the headers and the body. A failure to send is `Transport`, as one mid-body.
+pub async fn round_trip<B>(
+    client: &hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        B,
+    >,
+    req: hyper::Request<B>,
+    max: usize,
+) -> Result<
+    (
+        hyper::StatusCode,
+        hyper::HeaderMap,
+        zeroize::Zeroizing<Vec<u8>>,
+    ),
+    BodyError,
+>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| BodyError::Transport(crate::error_chain(&e)))?;
+    let (parts, body) = resp.into_parts();
+    let out = read_body(body, max).await?;
+    Ok((parts.status, parts.headers, out))
+}
+
 /// An answer's body, at most `max` bytes, into a zeroizing buffer (answers carry keys).
-pub async fn read_body(
+async fn read_body(
     mut body: hyper::body::Incoming,
     max: usize,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, BodyError> {

@@ -493,13 +493,7 @@ impl Transit {
                 pos: 0,
             }))
             .map_err(|e| Failure::Transport(format!("bad request: {e}")))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| Failure::Transport(crate::error_chain(&e)))?;
-        let status = resp.status();
-        let out = super::tls::read_body(resp.into_body(), MAX_RESPONSE)
+        let (status, _, out) = super::tls::round_trip(&self.client, req, MAX_RESPONSE)
             .await
             .map_err(|e| match e {
                 super::tls::BodyError::TooLong => {

@@ -696,3 +696,21 @@ pub fn scrape(port: u16) -> std::collections::HashMap<String, u64> {
         })
         .collect()
 }
+
+/// An `strace -f -e trace=open,openat,mount,umount2` log of processes that serve a passed
+/// FUSE connection: it must show them (`seen`, e.g. the key file they open) and no open of
+/// /dev/fuse nor any mount(2)/umount2(2).
+pub fn assert_no_fuse_open_or_mount(trace: &Path, seen: &str) {
+    let log = std::fs::read_to_string(trace).unwrap();
+    assert!(
+        log.contains(seen),
+        "strace did not trace the servers: {log}"
+    );
+    for l in log.lines() {
+        assert!(!l.contains("/dev/fuse"), "opened /dev/fuse: {l}");
+        assert!(
+            !l.contains(" mount(") && !l.contains("umount2("),
+            "called mount: {l}"
+        );
+    }
+}
