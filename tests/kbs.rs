@@ -1015,12 +1015,19 @@ fn the_cdh_path_releases_refuses_and_reports_an_outage() {
         "refused sealfs/kek/m1",
         &m.key_hex(),
     );
-    refused_with(
-        &m.verify(&env(&serve(500, b"connect: connection refused".to_vec()))),
-        1,
-        "unavailable",
-        &m.key_hex(),
-    );
+    // Outages whose text only looks like a refusal: never a revocation.
+    for text in [
+        "connect: connection refused",
+        "get resource failed: connect AA: Permission denied (os error 13)",
+        "get resource failed: dns error: host not found",
+    ] {
+        refused_with(
+            &m.verify(&env(&serve(500, text.as_bytes().to_vec()))),
+            1,
+            "unavailable",
+            &m.key_hex(),
+        );
+    }
     refused_with(
         &m.verify(&env(&serve(200, vec![b'a'; 1000]))),
         4,

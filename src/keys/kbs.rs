@@ -669,6 +669,10 @@ impl Broker {
 /// refused, resource not found) rather than the CDH or the KBS being down. Best effort: the
 /// CDH's API has no error codes; what matches none is an outage (bounded by
 /// `--revalidate-max-outage`).
+///
+/// Only phrases the KBS and its client use for a refusal: a bare "denied" or "not found"
+/// also ends outage texts ("Permission denied (os error 13)" from the AA socket, a host
+/// "not found"), and a refusal revokes every DEK the key opened.
 fn cdh_refusal(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     [
@@ -676,11 +680,12 @@ fn cdh_refusal(text: &str) -> bool {
         "policydeny",
         "policy deny",
         "attestationerror",
-        "attestation failed",
-        "not found",
-        "notfound",
-        "denied",
         "forbidden",
+        "resource not found",
+        "resourcenotfound",
+        "error 401",
+        "error 403",
+        "error 404",
     ]
     .iter()
     .any(|w| t.contains(w))
