@@ -549,6 +549,8 @@ struct FakeState {
     resources: std::sync::atomic::AtomicUsize,
     /// Every call answers 503 while set.
     down: AtomicBool,
+    /// The challenge's `extra-params` (JSON), else `""`.
+    extra_params: Mutex<Option<String>>,
 }
 
 /// A fake KBS: a real protocol shape (cookie, nonce, a JWT-shaped token), the resource a
@@ -576,7 +578,16 @@ fn fake_kbs_with(
                 (
                     200,
                     vec!["Set-Cookie: kbs-session-id=fake1234; Path=/".into()],
-                    br#"{"nonce":"bm9uY2U=","extra-params":""}"#.to_vec(),
+                    format!(
+                        r#"{{"nonce":"bm9uY2U=","extra-params":{}}}"#,
+                        state
+                            .extra_params
+                            .lock()
+                            .unwrap()
+                            .as_deref()
+                            .unwrap_or("\"\"")
+                    )
+                    .into_bytes(),
                 )
             }
             ("POST", "/kbs/v0/attest") => {
@@ -621,6 +632,35 @@ fn fake_kbs_with(
             _ => (404, vec![], b"{}".to_vec()),
         }
     })
+}
+
+/// sealfs binds evidence with SHA-384 only: a challenge whose hash list lacks it is refused;
+/// one that offers it among others is used.
+#[test]
+fn a_challenge_without_sha384_is_refused() {
+    let m = Model::new();
+    let key = std::fs::read(m.key_file()).unwrap();
+    for (params, refused) in [
+        (r#"{"supported-hash-algorithms":["sha256"]}"#, true),
+        (r#"{"supported-hash-algorithms":7}"#, true),
+        (
+            r#"{"supported-hash-algorithms":["sha256","sha384"]}"#,
+            false,
+        ),
+    ] {
+        let state = Arc::new(FakeState::default());
+        *state.extra_params.lock().unwrap() = Some(params.to_string());
+        let f = fake_kbs_with(key.clone(), |_| {}, 200, None, state);
+        let env = vec![
+            s2("SEALFS_KBS_URL", &f.url()),
+            s2("SEALFS_ATTESTER", "sample"),
+        ];
+        if refused {
+            refused_with(&m.verify(&env), 4, "unexpected extra-params", &m.key_hex());
+        } else {
+            expect_code(&m.verify(&env), 0);
+        }
+    }
 }
 
 /// A hostile `exp` (past what a time can hold) is a bad answer, not a panic.

@@ -49,10 +49,14 @@ pub fn secret_key_file() -> Result<FileKek, KeyError> {
         path: "secret:keyFile".into(),
         reason,
     };
-    let kept = SECRET_KEY_FILE.lock().unwrap_or_else(|p| p.into_inner());
-    let text = kept
-        .as_ref()
-        .ok_or_else(|| err("no keyFile secret was given (--secrets-fd)".into()))?;
+    // Taken, so the text is wiped once the key is in locked memory (resolved once, at start).
+    let text = SECRET_KEY_FILE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| {
+            err("no keyFile secret was given (--secrets-fd), or it was already used".into())
+        })?;
     FileKek::parse(text.as_bytes()).map_err(|e| match e {
         KeyFileError::Lock(l) => KeyError::Lock(l),
         e => err(e.to_string()),

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 use hyper::{Method, Request, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -119,7 +119,8 @@ pub fn set_attestation_log(dir: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// What one release showed, for the audit log (no secret: the token itself only as a digest).
+/// What one release showed, for the audit log (the token only as a digest; `--attestation-log`
+/// alone keeps the token itself, a credential until its `exp`, for auditors).
 #[derive(Debug, Clone, Default)]
 pub struct Transcript {
     /// The KBS URL, or `cdh:URL`.
@@ -314,7 +315,7 @@ impl Broker {
         op: &'static str,
         method: Method,
         path: &str,
-        headers: &[(hyper::header::HeaderName, String)],
+        headers: &[(hyper::header::HeaderName, HeaderValue)],
         body: Option<Vec<u8>>,
     ) -> Result<(Zeroizing<Vec<u8>>, Option<String>), Failure> {
         let start = Instant::now();
@@ -338,14 +339,14 @@ impl Broker {
         &self,
         method: Method,
         path: &str,
-        headers: &[(hyper::header::HeaderName, String)],
+        headers: &[(hyper::header::HeaderName, HeaderValue)],
         body: Option<Vec<u8>>,
     ) -> Result<(Zeroizing<Vec<u8>>, Option<String>), Failure> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
         for (k, v) in headers {
-            req = req.header(k, v.as_str());
+            req = req.header(k, v.clone());
         }
         if body.is_some() {
             req = req.header(CONTENT_TYPE, "application/json");
@@ -547,12 +548,16 @@ impl Broker {
         {
             return Err(self.bad_answer(resource, "auth: the nonce is not base64"));
         }
-        // sealfs hashes with SHA-384 only; a KBS that asks for another is refused.
+        // sealfs hashes with SHA-384 only; a KBS that does not offer it is refused.
         match &ch.extra_params {
             serde_json::Value::String(s) if s.is_empty() => {}
             serde_json::Value::Null => {}
             serde_json::Value::Object(m)
-                if m.values().all(|v| v.as_str().is_none_or(|s| s == "sha384")) => {}
+                if m.values().all(|v| match v {
+                    serde_json::Value::String(s) => s == "sha384",
+                    serde_json::Value::Array(a) => a.iter().any(|x| x == "sha384"),
+                    _ => false,
+                }) => {}
             _ => return Err(self.bad_answer(resource, "auth: unexpected extra-params")),
         }
         let cookie =
@@ -583,12 +588,15 @@ impl Broker {
         });
         // What auditors keep (public: nonce, TEE public key, evidence).
         let evidence_json = attest.to_string();
+        let cookie_header = sensitive(&format!("kbs-session-id={cookie}")).ok_or_else(|| {
+            self.bad_answer(resource, "auth: the session cookie is not a header value")
+        })?;
         let (body, _) = self
             .call(
                 "attest",
                 Method::POST,
                 "/kbs/v0/attest",
-                &[(COOKIE, format!("kbs-session-id={cookie}"))],
+                &[(COOKIE, cookie_header)],
                 Some(evidence_json.clone().into_bytes()),
             )
             .await
@@ -639,12 +647,14 @@ impl Broker {
         resource: &str,
         s: &Session,
     ) -> Result<(Plaintext, Transcript), KeyError> {
+        let bearer = sensitive(&Zeroizing::new(format!("Bearer {}", s.token.as_str())))
+            .ok_or_else(|| self.bad_answer(resource, "attest: the token is not a header value"))?;
         let (body, _) = self
             .call(
                 "resource",
                 Method::GET,
                 &format!("/kbs/v0/resource/{resource}"),
-                &[(AUTHORIZATION, format!("Bearer {}", s.token.as_str()))],
+                &[(AUTHORIZATION, bearer)],
                 None,
             )
             .await
@@ -663,6 +673,14 @@ impl Broker {
         t.resource = resource.to_string();
         Ok((plain, t))
     }
+}
+
+/// A header value hyper marks sensitive (never logged, never HPACK-indexed). The cookie and
+/// the token were checked to be safe characters when they arrived.
+fn sensitive(v: &str) -> Option<HeaderValue> {
+    let mut h = HeaderValue::from_str(v).ok()?;
+    h.set_sensitive(true);
+    Some(h)
 }
 
 /// Whether a CDH's 500 text is a refusal passed on from the KBS (policy denied, attestation
