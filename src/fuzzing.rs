@@ -92,8 +92,7 @@ pub fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 // ---- mount options --------------------------------------------------------------------
 
 fn cli() -> &'static clap::Command {
-    static CMD: OnceLock<clap::Command> = OnceLock::new();
-    CMD.get_or_init(<crate::cli::Cli as clap::CommandFactory>::command)
+    crate::cli::command()
 }
 
 /// A command line through [`crate::cli::mount_opts::rewrite`] (fstab `-o` lists, the

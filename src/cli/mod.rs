@@ -349,6 +349,13 @@ runs. rw, ro, dev, nodev, suid, nosuid, exec, atime, noatime, relatime, defaults
 noauto, user, users, nouser, _netdev and nofail are accepted and ignored: the mount is
 always read-only, nodev, nosuid and noatime.";
 
+/// The clap definition, built once (the CSI node checks every publish's child command line
+/// with it; the fuzz harnesses parse with it).
+pub fn command() -> &'static clap::Command {
+    static CMD: std::sync::OnceLock<clap::Command> = std::sync::OnceLock::new();
+    CMD.get_or_init(<Cli as clap::CommandFactory>::command)
+}
+
 /// Parses the process arguments, after mapping `-o` options and the helper form
 /// ([`mount_opts`]); exits 2 with one line on a bad option, like clap does.
 pub fn parse() -> Cli {

@@ -122,40 +122,36 @@ pub fn plan(p: &Publish) -> Result<Plan, Invalid> {
     let uri = get("uri").ok_or_else(|| invalid("volume attribute uri is required"))?;
     let secrets = secrets(p.secrets)?;
 
-    let mut args = Vec::new();
-    let mut key_file_used = false;
+    // The attributes and the PV's mountOptions as long options, then one pass holding every
+    // key and signer, from either, to the volume rules.
+    let mut raw = Vec::new();
     for k in get("keys").unwrap_or("").split_whitespace() {
-        let spec = volume_key(k)?;
-        key_file_used |= spec == "secret:keyFile";
-        args.push(format!("--key={spec}"));
+        raw.push(format!("--key={k}"));
     }
     for s in get("trustSigner").unwrap_or("").split_whitespace() {
-        s.parse::<crate::sign::SignerSpec>()
-            .map_err(|e| invalid(format!("trustSigner: {e}")))?;
-        args.push(format!("--trust-signer={s}"));
+        raw.push(format!("--trust-signer={s}"));
     }
     if let Some(d) = get("modelDigest") {
-        args.push(format!("--model-digest={d}"));
+        raw.push(format!("--model-digest={d}"));
     }
     if let Some(c) = get("cacheSize") {
-        crate::cli::parse_size(c).map_err(|e| invalid(format!("cacheSize: {e}")))?;
-        args.push(format!("--cache-size={c}"));
+        raw.push(format!("--cache-size={c}"));
     }
-    // A key or signer in the PV's mountOptions is held to the same rules as in `keys`.
-    for a in mount_flags(p.mount_flags)? {
+    raw.extend(mount_flags(p.mount_flags)?);
+    let mut args = Vec::with_capacity(raw.len() + 3);
+    for a in raw {
         if let Some(k) = a.strip_prefix("--key=") {
-            let spec = volume_key(k)?;
-            key_file_used |= spec == "secret:keyFile";
-            args.push(format!("--key={spec}"));
+            args.push(format!("--key={}", volume_key(k)?));
         } else if let Some(s) = a.strip_prefix("--trust-signer=") {
-            s.parse::<crate::sign::SignerSpec>()
-                .map_err(|e| invalid(format!("mountOptions trust-signer: {e}")))?;
+            volume_signer(s)?;
             args.push(a);
         } else {
             args.push(a);
         }
     }
-    if key_file_used && secrets.as_ref().is_none_or(|s| s.key_file.is_none()) {
+    if args.iter().any(|a| a == "--key=secret:keyFile")
+        && secrets.as_ref().is_none_or(|s| s.key_file.is_none())
+    {
         return Err(invalid(
             "keys names file:secret but the volume's secret has no keyFile",
         ));
@@ -207,6 +203,7 @@ pub fn plan(p: &Publish) -> Result<Plan, Invalid> {
     }
     let pod = pod(attrs);
     super::wire::check_publish(uri, p.target, &args, &env).map_err(Invalid)?;
+    child_argv_parses(uri, p.target, &args)?;
     Ok(Plan {
         uri: uri.to_string(),
         args,
@@ -216,9 +213,10 @@ pub fn plan(p: &Publish) -> Result<Plan, Invalid> {
     })
 }
 
-/// A key URI of a volume, as the child's `--key`: `file:secret` is the `keyFile` secret; a
-/// key file or share files at a path of the node are refused (an inline volume's author
-/// would choose which node file is read as a key).
+/// A key URI of a volume, as the child's `--key`: only keys whose URI names no file of the
+/// node (an inline volume's author would choose which node file is read as a key, and a
+/// `pkcs11:` URI's `module-path` which library the child loads): `kms:`, `transit:`,
+/// `kbs:`, and `file:secret` for the `keyFile` secret.
 fn volume_key(k: &str) -> Result<String, Invalid> {
     let spec: KeySpec = k
         .parse()
@@ -226,11 +224,52 @@ fn volume_key(k: &str) -> Result<String, Invalid> {
     match spec {
         KeySpec::File(p) if p.as_os_str() == "secret" => Ok("secret:keyFile".into()),
         KeySpec::SecretKeyFile => Ok("secret:keyFile".into()),
+        KeySpec::Kms(_) | KeySpec::Transit { .. } | KeySpec::Kbs(_) => Ok(k.to_string()),
         KeySpec::File(_) | KeySpec::Shares(_) => Err(invalid(
             "keys: a key file on the node is not a volume key: use file:secret with a keyFile secret",
         )),
-        _ => Ok(k.to_string()),
+        KeySpec::Pkcs11(_) | KeySpec::Tpm2(_) => Err(invalid(
+            "keys: pkcs11: and tpm2: keys name files of the node (a module, a PIN, a sealed key) and are not volume keys: use kms:, transit:, kbs: or file:secret",
+        )),
     }
+}
+
+/// A signer of a volume: `kms:`, or `file:` (a public key: nothing secret is read); never
+/// `pkcs11:`, whose `module-path` would choose a library for the child to load.
+fn volume_signer(s: &str) -> Result<(), Invalid> {
+    match s.parse::<crate::sign::SignerSpec>() {
+        Ok(crate::sign::SignerSpec::Pkcs11(_)) => Err(invalid(
+            "trustSigner: pkcs11: signers are not volume signers: use kms: or file:",
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(invalid(format!("trustSigner: {e}"))),
+    }
+}
+
+/// The child's exact command line through clap and every value parser (sizes, digests,
+/// durations, a flag given twice): a bad value is INVALID_ARGUMENT here, before anything is
+/// mounted, not a child that exits 2 after the mount.
+fn child_argv_parses(uri: &str, target: &str, args: &[String]) -> Result<(), Invalid> {
+    let argv = ["sealfs", "mount", "--foreground", "--fuse-fd", "3"]
+        .into_iter()
+        .map(String::from)
+        .chain(args.iter().cloned())
+        .chain(["--".to_string(), uri.to_string(), target.to_string()]);
+    crate::cli::command()
+        .clone()
+        .try_get_matches_from(argv)
+        .map(drop)
+        .map_err(|e| {
+            // clap's message without its usage and help lines, on one line.
+            let text = e.to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            let msg = msg.join(" ");
+            invalid(msg.strip_prefix("error: ").unwrap_or(&msg).to_string())
+        })
 }
 
 /// The PV's `mountOptions`, through the fstab helper's `-o` parser, as long options.
@@ -243,8 +282,7 @@ fn mount_flags(flags: &[String]) -> Result<Vec<String>, Invalid> {
         argv.push("-o".into());
         argv.push(f.into());
     }
-    let cli = <crate::cli::Cli as clap::CommandFactory>::command();
-    let out = crate::cli::mount_opts::rewrite(argv, &cli)
+    let out = crate::cli::mount_opts::rewrite(argv, crate::cli::command())
         .map_err(|e| invalid(format!("mountOptions: {e}")))?;
     out.into_iter()
         .skip(2)
@@ -340,6 +378,7 @@ mod tests {
         })
     }
 
+    const DIGEST: &str = "sha256:abababababababababababababababababababababababababababababababab";
     const KEY: &str =
         "sealfs-kek-v1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
 
@@ -350,7 +389,7 @@ mod tests {
                 ("uri", "s3://models/llama"),
                 ("keys", " file:secret\tkms:alias/models "),
                 ("trustSigner", "file:/etc/sealfs/publisher.pub"),
-                ("modelDigest", "sha256:00"),
+                ("modelDigest", DIGEST),
                 ("cacheSize", "1GiB"),
                 ("region", "eu-west-1"),
                 ("endpointUrl", "http://127.0.0.1:9000"),
@@ -371,7 +410,7 @@ mod tests {
                 "--key=secret:keyFile",
                 "--key=kms:alias/models",
                 "--trust-signer=file:/etc/sealfs/publisher.pub",
-                "--model-digest=sha256:00",
+                &format!("--model-digest={DIGEST}"),
                 "--cache-size=1GiB",
                 "--direct-io",
                 "--max-prefetch=4",
@@ -405,6 +444,12 @@ mod tests {
         let cases: &[Case] = &[
             (&[], &[], &[], "uri is required"),
             (
+                &[uri],
+                &[],
+                &[],
+                "required arguments were not provided: --key",
+            ),
+            (
                 &[uri, ("bucket", "x")],
                 &[],
                 &[],
@@ -425,7 +470,53 @@ mod tests {
             ),
             (&[uri, ("keys", "file:secret")], &[], &[], "has no keyFile"),
             (&[uri, ("trustSigner", "nope")], &[], &[], "trustSigner"),
-            (&[uri, ("cacheSize", "lots")], &[], &[], "cacheSize"),
+            (&[uri, ("cacheSize", "lots")], &[], &[], "--cache-size"),
+            (
+                &[uri, ("modelDigest", "sha256:00")],
+                &[],
+                &[],
+                "--model-digest",
+            ),
+            (
+                &[uri, ("cacheSize", "1GiB")],
+                &[],
+                &["cache_size=2GiB"],
+                "--cache-size",
+            ),
+            (&[uri], &[], &["max_prefetch=lots"], "--max-prefetch"),
+            (
+                &[
+                    uri,
+                    ("keys", "pkcs11:token=t;object=k?module-path=/tmp/evil.so"),
+                ],
+                &[],
+                &[],
+                "not volume keys",
+            ),
+            (
+                &[uri, ("keys", "tpm2:/etc/sealfs/k.tpm")],
+                &[],
+                &[],
+                "not volume keys",
+            ),
+            (
+                &[uri],
+                &[],
+                &["key=pkcs11:token=t;object=k?module-path=/tmp/evil.so"],
+                "not volume keys",
+            ),
+            (
+                &[
+                    uri,
+                    (
+                        "trustSigner",
+                        "pkcs11:token=t;object=s?module-path=/tmp/evil.so",
+                    ),
+                ],
+                &[],
+                &[],
+                "not volume signers",
+            ),
             (
                 &[uri, ("endpointUrl", "file:///x")],
                 &[],
@@ -484,12 +575,7 @@ mod tests {
             (&[uri], &[], &["no-such-option"], "mountOptions"),
             (&[uri], &[], &["key=file:/x;rm -rf /"], "not a volume key"),
             (&[uri], &[], &["key=file:secret"], "has no keyFile"),
-            (
-                &[uri],
-                &[],
-                &["trust-signer=bogus"],
-                "mountOptions trust-signer",
-            ),
+            (&[uri], &[], &["trust-signer=bogus"], "trustSigner"),
             (&[uri], &[], &["metrics-addr=0.0.0.0:1"], "not allowed"),
             (&[uri], &[], &["foreground"], "not allowed"),
         ];
@@ -514,7 +600,10 @@ mod tests {
 
     #[test]
     fn block_access_another_fs_type_and_a_bad_group_are_refused() {
-        let (a, s) = (map(&[("uri", "s3://b/m")]), HashMap::new());
+        let (a, s) = (
+            map(&[("uri", "s3://b/m"), ("keys", "kms:alias/m")]),
+            HashMap::new(),
+        );
         let base = Publish {
             volume_id: "v",
             target: "/var/lib/kubelet/x/mount",
