@@ -923,3 +923,51 @@ fn check_start_fails_the_start_on_a_refused_key_or_another_digest() {
         sha256(&pattern(3 << 20, 21))
     );
 }
+
+/// A pinned `--check-start` over a store of two models: the pinned one is checked and
+/// served (the other is refused, as the mount refuses it); a pin that is neither fails.
+#[test]
+fn check_start_under_a_pin_checks_the_pinned_model_among_others() {
+    let site = Site::new();
+    // A local store of several models is marked at its root, as a bucket is.
+    site.write("store/.sealfs-store", b"");
+    let mut digests = Vec::new();
+    for (m, seed) in [("m1", 31), ("m2", 32)] {
+        site.write(&format!("src/{m}/w.bin"), &pattern(1 << 20, seed));
+        let o = sealfs(
+            &[
+                "seal",
+                &site.p(&format!("src/{m}")),
+                &site.p(&format!("store/{m}")),
+                "--key",
+                &site.key(),
+            ],
+            &[],
+        );
+        let out = expect_code(&o, 0);
+        let d = out
+            .split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .unwrap_or_else(|| panic!("no digest in {out}"))
+            .to_string();
+        digests.push(d);
+    }
+    let store = site.p("store");
+    for d in &digests {
+        let pin = format!("--model-digest={d}");
+        let m = Mount::start(&store, &["--key", &site.key(), &pin, "--check-start"], &[]);
+        let served = ["m1", "m2"]
+            .iter()
+            .filter(|n| std::fs::read(m.path(&format!("{n}/w.bin"))).is_ok())
+            .count();
+        assert_eq!(served, 1, "the pinned model only");
+    }
+    let pin = format!("--model-digest=sha256:{}", "0".repeat(64));
+    let e = Mount::try_start(&store, &["--key", &site.key(), &pin, "--check-start"], &[])
+        .err()
+        .expect("a pin of neither model must fail the start");
+    assert!(
+        e.contains("exit status: 3") && e.contains("not the pinned"),
+        "{e}"
+    );
+}

@@ -344,16 +344,23 @@ impl Tree {
         }
     }
 
-    /// Nodes held, retired ones included.
-    /// The listed file with the lowest inode (the start check's sample).
-    pub fn first_file(&self) -> Option<u64> {
+    /// The file with the lowest inode inside the model at `root` (a file of that model, by
+    /// the rule of `manifest::model_of`), or of the whole tree: the start check's sample.
+    pub fn first_file_in(&self, root: Option<&str>) -> Option<u64> {
+        let inside = |logical: &str| match root {
+            None | Some("") => true,
+            Some(r) => logical
+                .strip_prefix(r)
+                .is_some_and(|rest| rest.starts_with('/')),
+        };
         self.nodes
             .iter()
-            .filter(|(_, n)| matches!(n, Node::File { .. }))
+            .filter(|(_, n)| matches!(n, Node::File { entry, .. } if inside(&entry.logical)))
             .map(|(i, _)| *i)
             .min()
     }
 
+    /// Nodes held, retired ones included.
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -519,22 +519,38 @@ impl SealFs {
     /// failed), so that a CSI publish fails with the reason instead of serving EACCES.
     pub async fn check_start(self: &Arc<Self>) -> Result<(), (i32, String)> {
         use crate::manifest::{ModelError, Unreadable};
+        let model_failure = |e: ModelError| {
+            let code = match &e {
+                ModelError::Unreadable { class, .. } => match class {
+                    Unreadable::Denied => crate::exit::KEY_DENIED,
+                    Unreadable::Tampered => crate::exit::INTEGRITY,
+                    Unreadable::Unavailable | Unreadable::Store => crate::exit::STORE,
+                },
+                _ => crate::exit::INTEGRITY,
+            };
+            (code, crate::error_chain(&e))
+        };
+        // Pinned (`--model-digest`), the store may hold other models: the one of that digest
+        // must load, the others are refused as the mount refuses them. Unpinned, every one.
+        let pinned = self.config.model_digest.is_some();
         // The tree's guard ends here, not after the loop's awaits.
         let roots = self.tree().model_roots();
-        for root in roots.into_iter().take(PRELOAD_MODELS) {
-            if let Err(e) = self.model(&root, false).await {
-                let code = match &e {
-                    ModelError::Unreadable { class, .. } => match class {
-                        Unreadable::Denied => crate::exit::KEY_DENIED,
-                        Unreadable::Tampered => crate::exit::INTEGRITY,
-                        Unreadable::Unavailable | Unreadable::Store => crate::exit::STORE,
-                    },
-                    _ => crate::exit::INTEGRITY,
-                };
-                return Err((code, crate::error_chain(&e)));
+        let (mut sample, mut refused) = (None, None);
+        for root in roots.iter().take(PRELOAD_MODELS) {
+            match self.model(root, false).await {
+                Ok(_) => {
+                    sample.get_or_insert(root.as_str());
+                }
+                Err(e) if pinned => {
+                    refused.get_or_insert(e);
+                }
+                Err(e) => return Err(model_failure(e)),
             }
         }
-        let first = self.tree().first_file();
+        if let (None, Some(e)) = (sample, refused) {
+            return Err(model_failure(e));
+        }
+        let first = self.tree().first_file_in(sample);
         if let Some(ino) = first {
             let fh = self.open(ino, (0, 0)).await.map_err(|e| {
                 let code = match &e {
