@@ -104,7 +104,13 @@ impl NodeService for Plugin {
         req: Request<proto::NodePublishVolumeRequest>,
     ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
         use proto::volume_capability::AccessType;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        // The secrets' strings moved, not copied, into memory wiped on drop.
+        let secrets: std::collections::HashMap<String, zeroize::Zeroizing<String>> =
+            std::mem::take(&mut r.secrets)
+                .into_iter()
+                .map(|(k, v)| (k, zeroize::Zeroizing::new(v)))
+                .collect();
         let cap = r
             .volume_capability
             .ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
@@ -123,7 +129,7 @@ impl NodeService for Plugin {
                 volume_id: &r.volume_id,
                 target: &r.target_path,
                 attributes: &r.volume_context,
-                secrets: &r.secrets,
+                secrets: &secrets,
                 mount_flags: &mount.mount_flags,
                 fs_type: &mount.fs_type,
                 block,

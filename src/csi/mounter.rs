@@ -19,10 +19,7 @@ use super::seqpacket;
 use super::wire::{check_publish, Reply, Request, INHERITED_ENV, PUBLISH_ENV};
 use crate::exit;
 
-/// How long a child may take to serve (keys resolved, models listed) before it is killed.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an unpublished child has to exit after SIGTERM before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+use super::wire::{READY_TIMEOUT, STOP_TIMEOUT};
 
 struct Served {
     child: Child,

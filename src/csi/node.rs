@@ -15,14 +15,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::volume::{self, Plan, Publish};
-use super::wire::{Reply, Request};
+use super::wire::{Reply, Request, PUBLISH_TIMEOUT};
 use super::{mountinfo, secrets, seqpacket};
 use crate::exit;
 use crate::fuse::kernel_mount::{self, FuseMount};
 
-/// How long the mounter may take to answer a publish (its own limit for a child to serve is
-/// 60 s: key release, listing, verification).
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long a ping or an unpublish may take.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -157,12 +154,10 @@ impl Node {
         })?;
         let _busy = self.claim(&target)?;
         match mountinfo::at(&target).map_err(|e| internal("reading mountinfo for", &target, e))? {
-            // statfs, not stat: the kernel answers a stat of the root from its attribute
-            // cache even after the server is gone; statfs always asks the server.
-            Some(m) if m.fs_type == mountinfo::FS_TYPE => match nix::sys::statfs::statfs(&target) {
-                // The child died (or the mounter restarted): take the dead mount away and
-                // mount again.
-                Err(nix::errno::Errno::ENOTCONN) => {
+            Some(m) if m.fs_type == mountinfo::FS_TYPE => match server_state(&target) {
+                // The child died (or the mounter restarted), or hangs: take the mount away
+                // and mount again (the mounter ends a hung child when it is republished).
+                Server::Gone | Server::Hung => {
                     tracing::warn!(target = %target.display(), "target's server is gone; mounting it again");
                     kernel_mount::unmount(&target)
                         .map_err(|e| internal("unmounting the dead mount at", &target, e))?;
@@ -347,6 +342,32 @@ impl Node {
     /// Probe: whether the mounter answers.
     pub fn ready(&self) -> bool {
         matches!(self.ask(&Request::Ping {}, Vec::new(), SHORT_TIMEOUT), Ok(r) if r.ok)
+    }
+}
+
+/// How long a published target's server may take to answer a statfs.
+const ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+enum Server {
+    Serving,
+    Gone,
+    Hung,
+}
+
+/// Whether a sealfs mount's server still answers. statfs, not stat: the kernel answers a
+/// stat of the root from its attribute cache after the server is gone; statfs always asks
+/// it. On a thread, bounded: a stopped or stuck server would block the caller (and the
+/// target's claim) in the kernel; the thread ends once the mount is taken away.
+fn server_state(target: &Path) -> Server {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = target.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(nix::sys::statfs::statfs(&t).map(drop));
+    });
+    match rx.recv_timeout(ALIVE_TIMEOUT) {
+        Ok(Err(nix::errno::Errno::ENOTCONN)) => Server::Gone,
+        Ok(_) => Server::Serving,
+        Err(_) => Server::Hung,
     }
 }
 

@@ -28,7 +28,8 @@ pub struct Publish<'a> {
     pub volume_id: &'a str,
     pub target: &'a str,
     pub attributes: &'a HashMap<String, String>,
-    pub secrets: &'a HashMap<String, String>,
+    /// Each value moved into zeroizing memory as it came off the request.
+    pub secrets: &'a HashMap<String, Zeroizing<String>>,
     /// The PV's `mountOptions` (CSI `mount_flags`).
     pub mount_flags: &'a [String],
     pub fs_type: &'a str,
@@ -296,7 +297,7 @@ fn mount_flags(flags: &[String]) -> Result<Vec<String>, Invalid> {
 /// The secrets a volume may carry; anything else, a value too long or with a control
 /// character (but the trailing newline a `--from-file` secret keeps) is refused, naming the
 /// key only.
-fn secrets(s: &HashMap<String, String>) -> Result<Option<Secrets>, Invalid> {
+fn secrets(s: &HashMap<String, Zeroizing<String>>) -> Result<Option<Secrets>, Invalid> {
     if s.is_empty() {
         return Ok(None);
     }
@@ -315,7 +316,7 @@ fn secrets(s: &HashMap<String, String>) -> Result<Option<Secrets>, Invalid> {
                 crate::format::naming::printable(k, 64)
             )));
         }
-        let value = Some(Zeroizing::new(v.clone()));
+        let value = Some(v.clone());
         match k.as_str() {
             "keyFile" => out.key_file = value,
             "transitToken" => out.transit_token = value,
@@ -359,12 +360,18 @@ mod tests {
             .collect()
     }
 
+    fn secret_map(kv: &[(&str, &str)]) -> HashMap<String, Zeroizing<String>> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), Zeroizing::new(v.to_string())))
+            .collect()
+    }
+
     fn try_plan(
         attrs: &[(&str, &str)],
         secrets: &[(&str, &str)],
         flags: &[&str],
     ) -> Result<Plan, Invalid> {
-        let (a, s) = (map(attrs), map(secrets));
+        let (a, s) = (map(attrs), secret_map(secrets));
         let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
         plan(&Publish {
             volume_id: "vol-1",

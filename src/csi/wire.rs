@@ -7,6 +7,17 @@
 //! child of a target; `ping` answers whether the mounter is up (the node's `Probe`).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How long a child may take to serve (keys resolved, models listed and checked) before the
+/// mounter kills it.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a child has to exit after SIGTERM before SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the node waits for a publish's answer: the mounter's worst case (the target's
+/// old child stopped, the new one waited for, then killed) and a margin.
+pub const PUBLISH_TIMEOUT: Duration =
+    Duration::from_secs(READY_TIMEOUT.as_secs() + 2 * STOP_TIMEOUT.as_secs() + 5);
 
 /// The most one message may hold.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -84,7 +95,7 @@ pub enum Request {
         uri: String,
         /// `sealfs mount` options after the URI and target (long options only).
         args: Vec<String>,
-        /// Variables for the child, from [`CHILD_ENV`] only.
+        /// Variables for the child, from [`PUBLISH_ENV`] only.
         #[serde(default)]
         env: BTreeMap<String, String>,
         /// Whether fd 1 of the message is the secrets memfd.
