@@ -19,6 +19,7 @@ pub mod keys;
 pub mod localfile;
 pub mod manifest;
 pub mod metrics_http;
+pub mod mountinfo;
 pub mod object;
 pub mod process;
 pub mod seal;

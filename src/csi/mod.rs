@@ -5,7 +5,6 @@
 
 pub mod grpc;
 pub mod mounter;
-pub mod mountinfo;
 pub mod node;
 pub mod secrets;
 pub mod seqpacket;

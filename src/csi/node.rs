@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use super::volume::{self, Plan, Publish};
 use super::wire::{Reply, Request, PUBLISH_TIMEOUT};
-use super::{mountinfo, secrets, seqpacket};
+use super::{secrets, seqpacket};
 use crate::exit;
 use crate::fuse::kernel_mount::{self, FuseMount};
+use crate::mountinfo;
 
 /// How long a ping or an unpublish may take.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -89,7 +89,7 @@ pub fn plan(p: &Publish) -> Result<Plan, Invalid> {
             "a sealfs volume is a filesystem: block access is not supported",
         ));
     }
-    if !(p.fs_type.is_empty() || p.fs_type == "fuse.sealfs" || p.fs_type == "sealfs") {
+    if !(p.fs_type.is_empty() || p.fs_type == crate::mountinfo::FS_TYPE || p.fs_type == "sealfs") {
         return Err(invalid(format!(
             "fsType {:?}: a sealfs volume is fuse.sealfs",
             crate::format::naming::printable(p.fs_type, 64)

@@ -50,7 +50,7 @@ pub fn mount(target: &Path, m: &FuseMount) -> io::Result<OwnedFd> {
     nix::mount::mount(
         Some(m.source.as_str()),
         target,
-        Some("fuse.sealfs"),
+        Some(crate::mountinfo::FS_TYPE),
         MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
         Some(data.as_str()),
     )

@@ -509,14 +509,10 @@ fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
         _ => return Ok(()),
     };
     let shown = target.to_string_lossy().into_owned();
-    let escaped = mountinfo_escaped(&shown);
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let fstype = mounts
-        .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(escaped.as_str()))
-        .filter_map(|l| l.split_once(" - ").and_then(|(_, t)| t.split(' ').next()))
-        .next_back();
-    let Some(fstype) = fstype else {
+    let Ok(Some(crate::mountinfo::Mount {
+        fs_type: fstype, ..
+    })) = crate::mountinfo::at(&target)
+    else {
         return Ok(());
     };
     // Dead? An opendir goes to the daemon (a stat may be answered from the kernel's cache).
@@ -549,17 +545,6 @@ fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
     }
 }
 
-/// A path as /proc/self/mountinfo writes it: space, tab, newline and backslash as octal
-/// escapes.
-fn mountinfo_escaped(path: &str) -> String {
-    path.chars()
-        .map(|c| match c {
-            ' ' | '\t' | '\n' | '\\' => format!("\\{:03o}", c as u32),
-            c => c.to_string(),
-        })
-        .collect()
-}
-
 /// The canonical mount point, or a clear reason it cannot be used.
 fn check_mountpoint(p: &Path) -> Result<PathBuf, Fatal> {
     recover_dead_mount(p)?;
@@ -572,12 +557,7 @@ fn check_mountpoint(p: &Path) -> Result<PathBuf, Fatal> {
             format!("mount point {} is not a directory", p.display()),
         ));
     }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let target = mountinfo_escaped(&canon.to_string_lossy());
-    if mounts
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
-    {
+    if matches!(crate::mountinfo::at(&canon), Ok(Some(_))) {
         return Err(Fatal(
             exit::USAGE,
             format!(
@@ -703,17 +683,5 @@ fn bound_heap() {
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mount_points_are_matched_as_mountinfo_writes_them() {
-        assert_eq!(
-            super::mountinfo_escaped("/m/a b\tc\\d"),
-            "/m/a\\040b\\011c\\134d"
-        );
-        assert_eq!(super::mountinfo_escaped("/models/x"), "/models/x");
     }
 }

@@ -1,5 +1,6 @@
-//! `/proc/self/mountinfo`: which targets are sealfs mounts, so that a restarted node plugin
-//! knows its live mounts without a state file (the kernel's table is the state).
+//! `/proc/self/mountinfo`: what is mounted where. The CSI node plugin's only state (a
+//! restarted plugin knows its live mounts from it), and `sealfs mount`'s checks of its
+//! mount point (busy, or a dead mount to detach).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ pub struct Mount {
     pub source: String,
 }
 
-/// The fstype of a sealfs mount (kernel_mount and the fstab helper).
+/// The fstype of a sealfs mount made by the CSI node plugin (kernel_mount) or mount.fuse3.
 pub const FS_TYPE: &str = "fuse.sealfs";
 
 /// Every mount of this process's namespace.
