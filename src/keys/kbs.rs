@@ -196,6 +196,11 @@ pub fn shared() -> Result<Arc<Broker>, KeyError> {
 
 /// `https://`, or plain `http://` to loopback only (a local KBS, the pod's CDH).
 fn check_url(var: &str, url: &str) -> Result<String, KeyError> {
+    if super::tls::has_userinfo(url) {
+        return Err(config_err(format!(
+            "{var}: credentials in the URL are refused (they would reach every log line)"
+        )));
+    }
     let url = url.trim_end_matches('/');
     let uri: hyper::Uri = url
         .parse()
@@ -964,11 +969,16 @@ mod tests {
             "ftp://x",
             "https://kbs/x",
             "https://kbs/?a=b",
+            "https://user:secret-pass@kbs.example",
+            "http://user:secret-pass@127.0.0.1:8080",
+            "https://user:secret pass@kbs",
         ] {
             assert!(
                 matches!(check_url("V", bad), Err(KeyError::KbsConfig(_))),
                 "{bad}"
             );
+            let e = check_url("V", bad).unwrap_err().to_string();
+            assert!(!e.contains("secret"), "credentials echoed: {e}");
         }
     }
 

@@ -57,6 +57,20 @@ pub fn client(
     .with_root_certificates(roots))
 }
 
+/// Whether a server URL carries `user:password@` in its authority: refused by the key
+/// clients before the URL is echoed anywhere (it names the server in every error and log
+/// line). Checked on the text, so that even a URL that does not parse is never shown.
+pub fn has_userinfo(url: &str) -> bool {
+    url.split_once("://")
+        .map(|(_, rest)| {
+            rest.split(['/', '?', '#'])
+                .next()
+                .unwrap_or("")
+                .contains('@')
+        })
+        .unwrap_or(false)
+}
+
 /// The HTTP/1 client both key-manager clients use: `https://` (or plain `http://`, which
 /// the callers allow only to loopback), a connect timeout, no Nagle, pooled connections
 /// dropped after `idle`. Redirects are never followed (hyper's client does not).

@@ -280,6 +280,11 @@ fn tls_config() -> Result<rustls::ClientConfig, KeyError> {
 /// `http://` is allowed only to a loopback host (a local agent or a test server): the
 /// token and, in `encrypt`/`decrypt`, DEKs travel in these requests.
 fn check_addr(addr: &str) -> Result<String, KeyError> {
+    if super::tls::has_userinfo(addr) {
+        return Err(config_err(
+            "BAO_ADDR/VAULT_ADDR: credentials in the URL are refused (they would reach every log line)",
+        ));
+    }
     let addr = addr.trim_end_matches('/');
     let uri: hyper::Uri = addr
         .parse()
@@ -911,8 +916,11 @@ mod tests {
             "ftp://x",
             "bao.example:8200",
             "https://",
+            "https://user:secret-pass@bao.example:8200",
+            "http://user:secret-pass@127.0.0.1:8200",
         ] {
-            assert!(check_addr(bad).is_err(), "{bad}");
+            let e = check_addr(bad).unwrap_err().to_string();
+            assert!(!e.contains("secret"), "credentials echoed: {e}");
         }
         assert_eq!(check_addr("https://b:1/").unwrap(), "https://b:1");
     }
