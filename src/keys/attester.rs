@@ -540,12 +540,7 @@ async fn aa_evidence(
     let primary: serde_json::Value =
         serde_json::from_slice(evidence).map_err(|e| AttestError::AaEvidence {
             socket: at(),
-            reason: format!(
-                "{} at line {} column {}",
-                category(&e),
-                e.line(),
-                e.column()
-            ),
+            reason: super::json_error(&e),
         })?;
     if !primary.is_object() {
         return Err(AttestError::AaEvidence {
@@ -554,15 +549,6 @@ async fn aa_evidence(
         });
     }
     Ok(Evidence { tee, primary })
-}
-
-fn category(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Io => "I/O error",
-        serde_json::error::Category::Syntax => "syntax error",
-        serde_json::error::Category::Data => "data error",
-        serde_json::error::Category::Eof => "truncated JSON",
-    }
 }
 
 /// One unary ttrpc call on a fresh connection; the answer's payload.
