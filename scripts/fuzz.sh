@@ -6,6 +6,7 @@
 # commit, after `cargo fuzz cmin`). A crash, panic, sanitizer report, hang (FUZZ_TIMEOUT seconds
 # for one input, default 15) or OOM stops that target with its input in fuzz/artifacts/<target>/;
 # the other targets still run, then the script exits 1 naming the failed ones.
+# FUZZ_BUILD_ONLY=1 builds every target and runs none.
 # The toolchain is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z sanitizer flags.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
@@ -23,6 +24,8 @@ profile=()
 start=$SECONDS
 cargo fuzz build "${profile[@]}"
 echo "fuzz: built ${#targets[@]} targets in $((SECONDS - start)) s"
+# FUZZ_BUILD_ONLY=1: build and stop (.ci/run builds beside the test suite, runs after it).
+[ "${FUZZ_BUILD_ONLY:-0}" = 1 ] && exit 0
 failed=()
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "target/corpus/$t"

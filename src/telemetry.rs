@@ -43,11 +43,62 @@ enum Sink {
 
 static SINK: Mutex<Sink> = Mutex::new(Sink::Stderr);
 
+/// The target of audit events.
+pub const AUDIT: &str = "sealfs::audit";
+
 /// The `MakeWriter` of every log line: one buffer per event, written to the current sink in
 /// one call when the event is done (a syslog datagram per event).
 struct SinkWriter {
     buf: Vec<u8>,
     severity: u8,
+    /// An audit event: it gets the pod's fields ([`set_pod`]).
+    audit: bool,
+}
+
+/// Whether lines are JSON objects (`--log-format json`), for [`with_pod`].
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The pod this mount serves a volume of (CSI `podInfoOnMount`), as `key=value` pairs.
+static POD: OnceLock<[(&'static str, String); 4]> = OnceLock::new();
+
+/// Names the pod on every audit line of this process from now on: `pod_namespace`,
+/// `pod_name`, `pod_uid`, `pod_service_account` (the CSI node plugin's volumes). Once.
+pub fn set_pod(p: crate::csi::volume::Pod) {
+    let _ = POD.set([
+        ("pod_namespace", p.namespace),
+        ("pod_name", p.name),
+        ("pod_uid", p.uid),
+        ("pod_service_account", p.service_account),
+    ]);
+}
+
+/// `line` (one formatted event) with the pod's fields: first members of a JSON object, or
+/// trailing `key=value` pairs of a human line. Added here, where every event passes, so
+/// that no audit event can leave them out.
+fn with_pod(line: &[u8], json: bool) -> Vec<u8> {
+    let Some(pod) = POD.get() else {
+        return line.to_vec();
+    };
+    let body = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut out = Vec::with_capacity(line.len() + 128);
+    if json {
+        let Some(rest) = body.strip_prefix(b"{") else {
+            return line.to_vec();
+        };
+        out.push(b'{');
+        for (k, v) in pod {
+            let v = serde_json::to_string(v).unwrap_or_default();
+            out.extend_from_slice(format!("\"{k}\":{v},").as_bytes());
+        }
+        out.extend_from_slice(rest);
+    } else {
+        out.extend_from_slice(body);
+        for (k, v) in pod {
+            out.extend_from_slice(format!(" {k}={v}").as_bytes());
+        }
+    }
+    out.push(b'\n');
+    out
 }
 
 impl Write for SinkWriter {
@@ -64,6 +115,9 @@ impl Drop for SinkWriter {
     fn drop(&mut self) {
         if self.buf.is_empty() {
             return;
+        }
+        if self.audit {
+            self.buf = with_pod(&self.buf, JSON.load(std::sync::atomic::Ordering::Relaxed));
         }
         let mut sink = SINK.lock().unwrap_or_else(|p| p.into_inner());
         let _ = match &mut *sink {
@@ -92,6 +146,7 @@ impl<'a> fmt::MakeWriter<'a> for MakeSink {
         SinkWriter {
             buf: Vec::new(),
             severity: 6,
+            audit: false,
         }
     }
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SinkWriter {
@@ -104,6 +159,7 @@ impl<'a> fmt::MakeWriter<'a> for MakeSink {
         SinkWriter {
             buf: Vec::new(),
             severity,
+            audit: meta.target() == AUDIT,
         }
     }
 }
@@ -144,6 +200,7 @@ pub fn init(
             .map_err(|e| format!("--log-file {}: {e}", p.display()))?;
         *SINK.lock().unwrap_or_else(|p| p.into_inner()) = Sink::File(f);
     }
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
     let configured = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| EnvFilter::try_new(s).is_ok())
@@ -263,6 +320,33 @@ pub fn sd_notify(msg: &str) {
 mod tests {
     use super::*;
     use tracing::Level;
+
+    #[test]
+    fn audit_lines_name_the_pod_in_both_formats() {
+        set_pod(crate::csi::volume::Pod {
+            namespace: "ml".into(),
+            name: "vllm-0".into(),
+            uid: "6f1c-aa".into(),
+            service_account: "vllm".into(),
+        });
+        let json = with_pod(
+            b"{\"level\":\"INFO\",\"message\":\"dek unwrapped\"}\n",
+            true,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["pod_namespace"], "ml");
+        assert_eq!(v["pod_name"], "vllm-0");
+        assert_eq!(v["pod_uid"], "6f1c-aa");
+        assert_eq!(v["pod_service_account"], "vllm");
+        assert_eq!(v["message"], "dek unwrapped");
+        assert!(json.ends_with(b"}\n"));
+        let human = with_pod(b"INFO sealfs::audit: dek unwrapped file=x\n", false);
+        assert_eq!(
+            String::from_utf8(human).unwrap(),
+            "INFO sealfs::audit: dek unwrapped file=x pod_namespace=ml pod_name=vllm-0 \
+             pod_uid=6f1c-aa pod_service_account=vllm\n"
+        );
+    }
 
     #[test]
     fn only_trace_events_of_the_body_carrying_crates_are_dropped() {

@@ -50,7 +50,14 @@ impl Fx {
 
     /// `tests/python/frameworks.py ARGS` under the venv, offline, with a clean environment.
     fn py(&self, args: &[&str]) -> Output {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/frameworks.py");
+        self.py_script("frameworks.py", args)
+    }
+
+    /// `tests/python/SCRIPT ARGS`, as [`Fx::py`].
+    fn py_script(&self, script: &str, args: &[&str]) -> Output {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script);
         let home = self.dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
         Command::new(pyenv_python())
@@ -228,4 +235,45 @@ fn real_minilm_embeddings_from_the_mount_equal_the_originals() {
     );
     let out = f.py_ok(&["minilm", &m.dir.display().to_string(), &f.p("minilm")]);
     assert!(out.contains("embeddings equal"), "{out}");
+}
+
+/// Issue 22: the loaders inference servers use (safetensors mmap and eager, Run:ai Model
+/// Streamer, fastsafetensors' CPU path, tensorizer from a file path) each load every
+/// tensor bit-identical from the mount; a flipped bit in a sealed chunk fails them.
+#[test]
+fn inference_loaders_read_the_same_tensors_from_the_mount() {
+    let f = Fx::new();
+    let o = f.py_script("loaders.py", &["gen", &f.p("src"), "7"]);
+    assert!(o.status.success(), "gen: {}", stderr(&o));
+    f.seal("src", "sealed");
+    {
+        let m = f.mount("sealed");
+        assert_eq!(names(&m.dir), ["model.safetensors", "model.tensors"]);
+        let o = f.py_script(
+            "loaders.py",
+            &["check", &m.dir.display().to_string(), &f.p("src")],
+        );
+        let out = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(o.status.success(), "loaders.py check failed:\n{out}");
+        for l in [
+            "safetensors-mmap",
+            "safetensors-eager",
+            "runai-model-streamer",
+            "fastsafetensors",
+            "tensorizer",
+        ] {
+            assert!(out.contains(&format!("ok {l} 7 tensors")), "{l}: {out}");
+        }
+    }
+    // A flipped bit in the middle of the tensorizer file: the loader gets an error, not
+    // a tensor.
+    f.flip("sealed/model.tensors", 3);
+    let m = f.mount("sealed");
+    let o = f.py_script(
+        "loaders.py",
+        &["check", &m.dir.display().to_string(), &f.p("src")],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success(), "a tampered file loaded");
+    assert!(err.contains("FAIL tensorizer"), "{err}");
 }

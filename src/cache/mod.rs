@@ -9,6 +9,9 @@
 //!
 //! All state changes happen under the one mutex.
 
+pub mod disk;
+pub mod warm;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

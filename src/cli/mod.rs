@@ -151,6 +151,14 @@ pub enum Command {
         /// Locked memory for decrypted chunks.
         #[arg(long, default_value = "256MiB", value_parser = parse_size)]
         cache_size: u64,
+        /// Keep sealed chunks (ciphertext, never plaintext) in this local directory too, so
+        /// a restart or another mount reads them from disk; shared safely by many mounts.
+        /// Created 0700; refused if others may write it or it is a symlink.
+        #[arg(long, requires = "cache_dir_size")]
+        cache_dir: Option<PathBuf>,
+        /// Most bytes the cache directory may hold (least recently used entries go first).
+        #[arg(long, value_parser = parse_size, requires = "cache_dir")]
+        cache_dir_size: Option<u64>,
         /// Keep an unwrapped DEK this long after its file's last close (e.g. 30s, 5m).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         dek_grace: std::time::Duration,
@@ -305,6 +313,43 @@ pub enum Command {
     /// TPM 2.0: bind a key file to this host's TPM and measured boot (`--key tpm2:PATH`).
     #[command(subcommand)]
     Tpm2(Tpm2Command),
+    /// The sealed chunk cache of `mount --cache-dir` (ciphertext only).
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Entries and bytes in a cache directory.
+    Stat {
+        /// The directory given to `mount --cache-dir`.
+        dir: PathBuf,
+    },
+    /// Deletes every entry of a cache directory (mounts using it read from the store again).
+    Clear {
+        /// The directory given to `mount --cache-dir`.
+        dir: PathBuf,
+    },
+    /// Pre-pulls the sealed chunks under URI into a cache directory, with no key: a node
+    /// can be warmed before it may decrypt anything. Entries count once a mount's manifest
+    /// lists them.
+    Warm {
+        /// s3://BUCKET/PREFIX, file://PATH or a local path.
+        uri: String,
+        #[arg(long)]
+        cache_dir: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        cache_dir_size: u64,
+        /// Files fetched at once.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Files sealed with larger chunks are skipped (as a mount with this setting hides them).
+        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
+        max_chunk_size: u8,
+        /// Most objects the listing may hold.
+        #[arg(long, default_value_t = crate::store::ListLimits::default().max_objects)]
+        max_objects: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -496,6 +541,11 @@ pub enum CsiCommand {
         /// The unix socket the node plugin connects to.
         #[arg(long)]
         socket: PathBuf,
+        /// A variable of the mounter's environment that its children inherit too, besides
+        /// the AWS and Transit ones (repeat for several): a PKCS#11 module's configuration
+        /// (SOFTHSM2_CONF, ChrystokiConfigurationPath, …).
+        #[arg(long = "pass-env", value_name = "NAME")]
+        pass_env: Vec<String>,
     },
     /// The CSI node plugin (one per node, privileged): the Identity and Node gRPC services
     /// on ENDPOINT. A publish mounts /dev/fuse at the pod's target and hands the connection
@@ -513,6 +563,10 @@ pub enum CsiCommand {
         /// Targets outside this directory are refused.
         #[arg(long, default_value = "/var/lib/kubelet")]
         kubelet_dir: PathBuf,
+        /// A PKCS#11 module (absolute path in the mounter's image) that volumes' `pkcs11:`
+        /// keys may name in module-path= (repeat for several); none: no `pkcs11:` volume key.
+        #[arg(long = "pkcs11-module", value_name = "PATH")]
+        pkcs11_modules: Vec<PathBuf>,
     },
 }
 
@@ -536,9 +590,9 @@ pub fn main_with(cli: Cli) -> i32 {
             return exit::USAGE;
         }
     }
-    if let Command::Csi(CsiCommand::Mounter { socket }) = &cli.command {
+    if let Command::Csi(CsiCommand::Mounter { socket, pass_env }) = &cli.command {
         // Threads and children of its own; no runtime.
-        return match crate::csi::mounter::run(socket) {
+        return match crate::csi::mounter::run(socket, pass_env.clone()) {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("sealfs: error: {e}");
@@ -565,9 +619,16 @@ pub fn main_with(cli: Cli) -> i32 {
         node_id,
         mounter_socket,
         kubelet_dir,
+        pkcs11_modules,
     }) = cli.command
     {
-        return match csi_node(&rt, endpoint, node_id, mounter_socket, kubelet_dir) {
+        let config = crate::csi::node::NodeConfig {
+            node_id,
+            kubelet_dir,
+            mounter_socket,
+            pkcs11_modules,
+        };
+        return match csi_node(&rt, endpoint, config) {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("sealfs: error: {e}");
@@ -596,21 +657,19 @@ pub fn main_with(cli: Cli) -> i32 {
 fn csi_node(
     rt: &tokio::runtime::Runtime,
     endpoint: String,
-    node_id: String,
-    mounter_socket: PathBuf,
-    kubelet_dir: PathBuf,
+    config: crate::csi::node::NodeConfig,
 ) -> std::result::Result<(), String> {
-    use crate::csi::node::{Node, NodeConfig};
     let path = crate::csi::grpc::endpoint_path(&endpoint)?;
-    if node_id.is_empty() {
+    if config.node_id.is_empty() {
         return Err("--node-id must not be empty".into());
     }
-    let node = Node::new(NodeConfig {
-        node_id,
-        kubelet_dir,
-        mounter_socket,
-    })
-    .map_err(|e| e.to_string())?;
+    if let Some(m) = config.pkcs11_modules.iter().find(|m| !m.is_absolute()) {
+        return Err(format!(
+            "--pkcs11-module {}: must be an absolute path",
+            m.display()
+        ));
+    }
+    let node = crate::csi::node::Node::new(config).map_err(|e| e.to_string())?;
     rt.block_on(crate::csi::grpc::serve(node, &path))
 }
 
@@ -878,6 +937,73 @@ async fn run(cmd: Command, cancel: &Cancel) -> Result<i32> {
                 println!("kept {} (replaced less than --grace ago)", loc.describe(k));
             }
         }
+        Command::Cache(CacheCommand::Stat { dir }) => {
+            let (n, bytes) =
+                crate::cache::disk::stat(&dir).map_err(|e| Error::Usage(e.to_string()))?;
+            println!("{}: {n} entries, {bytes} bytes", dir.display());
+        }
+        Command::Cache(CacheCommand::Warm {
+            uri,
+            cache_dir,
+            cache_dir_size,
+            jobs,
+            max_chunk_size,
+            max_objects,
+        }) => {
+            let loc = Location::parse(&uri).await?;
+            let disk = crate::cache::disk::DiskCache::open(&cache_dir, cache_dir_size)
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            let limits = crate::store::ListLimits {
+                max_objects,
+                ..Default::default()
+            };
+            let w = crate::cache::warm::warm(
+                &loc.store,
+                &loc.prefix,
+                &disk,
+                jobs,
+                max_chunk_size,
+                &limits,
+            )
+            .await?;
+            // Everything queued reaches the disk (or fails) before the summary.
+            let done =
+                tokio::task::block_in_place(|| disk.flush(std::time::Duration::from_secs(600)));
+            let st = &disk.stats;
+            use std::sync::atomic::Ordering::Relaxed;
+            println!(
+                "warmed {} files: {} chunks, {} bytes ({} written, {} already there, {} skipped) into {}",
+                w.files,
+                w.chunks,
+                w.bytes,
+                st.written.load(Relaxed),
+                st.present.load(Relaxed),
+                st.write_skips.load(Relaxed),
+                cache_dir.display()
+            );
+            for (file, why) in &w.failed {
+                eprintln!("sealfs: {}: {why}", crate::format::naming::escaped(file));
+            }
+            if !w.failed.is_empty() {
+                return Err(Error::Store(crate::store::StoreError::Failed {
+                    op: "warm",
+                    key: uri,
+                    message: format!("{} files could not be fetched (above)", w.failed.len()),
+                }));
+            }
+            let errors = st.write_errors.load(Relaxed);
+            if !done || errors > 0 {
+                eprintln!(
+                    "sealfs: error: the cache directory {}: {errors} writes failed (see the log)",
+                    cache_dir.display()
+                );
+                return Ok(exit::FAILURE);
+            }
+        }
+        Command::Cache(CacheCommand::Clear { dir }) => {
+            let n = crate::cache::disk::clear(&dir).map_err(|e| Error::Usage(e.to_string()))?;
+            println!("{}: {n} entries deleted", dir.display());
+        }
         Command::Tpm2(Tpm2Command::Seal {
             key_file,
             pcrs,
@@ -913,6 +1039,8 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
         trust_signers,
         model_digest,
         cache_size,
+        cache_dir,
+        cache_dir_size,
         dek_grace,
         revalidate,
         revalidate_max_outage,
@@ -941,6 +1069,7 @@ fn mount_args(cmd: Command) -> crate::fuse::session::MountArgs {
     let d = crate::fs::MountConfig::default();
     let config = crate::fs::MountConfig {
         cache_size: cache_size as usize,
+        cache_dir: cache_dir.zip(cache_dir_size),
         dek_grace,
         revalidate,
         revalidate_max_outage,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::seqpacket;
-use super::wire::{check_publish, Reply, Request, INHERITED_ENV, PUBLISH_ENV};
+use super::wire::{check_publish, Reply, Request, DRIVER_IDENTITY_ENV, INHERITED_ENV, PUBLISH_ENV};
 use crate::exit;
 
 use super::wire::{READY_TIMEOUT, STOP_TIMEOUT};
@@ -30,6 +30,8 @@ struct Served {
 struct State {
     children: Mutex<HashMap<String, Served>>,
     next: std::sync::atomic::AtomicU64,
+    /// `--pass-env`: more of the mounter's variables its children inherit.
+    pass_env: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -38,7 +40,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the mounter until SIGTERM/SIGINT; an error is why it could not start (one line,
 /// for the CLI to print).
-pub fn run(socket: &Path) -> Result<(), String> {
+pub fn run(socket: &Path, pass_env: Vec<String>) -> Result<(), String> {
+    if let Some(bad) = pass_env.iter().find(|n| !env_name(n)) {
+        return Err(format!(
+            "--pass-env {:?}: not a variable name",
+            crate::format::naming::printable(bad, 64)
+        ));
+    }
+    // AWS settings reach children only through the lists of wire.rs, which keep the
+    // driver's identity from pod-identity children.
+    if let Some(bad) = pass_env.iter().find(|n| n.starts_with("AWS_")) {
+        return Err(format!(
+            "--pass-env {bad}: AWS variables are passed by the mounter's own rules, not --pass-env"
+        ));
+    }
     let notify_dir = socket.with_extension("notify.d");
     let setup = || -> std::io::Result<OwnedFd> {
         use std::os::unix::fs::DirBuilderExt;
@@ -52,7 +67,10 @@ pub fn run(socket: &Path) -> Result<(), String> {
         seqpacket::listen(socket)
     };
     let listener = setup().map_err(|e| format!("mounter socket {}: {e}", socket.display()))?;
-    let state = Arc::new(State::default());
+    let state = Arc::new(State {
+        pass_env,
+        ..State::default()
+    });
     {
         let state = state.clone();
         std::thread::spawn(move || reap(&state));
@@ -65,6 +83,11 @@ pub fn run(socket: &Path) -> Result<(), String> {
     }
     let euid = crate::localfile::euid();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // A SIGTERM that lands between the flag's check and accept(2) would be lost in a
+        // blocking accept: wait for a connection at most a second, then look again.
+        if !readable(&listener, 1000) {
+            continue;
+        }
         let conn = match seqpacket::accept(&listener) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -98,6 +121,22 @@ pub fn run(socket: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_dir_all(&notify_dir);
     Ok(())
+}
+
+/// Whether `fd` has a connection waiting within `ms` milliseconds (a signal: no).
+fn readable(fd: &OwnedFd, ms: u16) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`.
+fn env_name(n: &str) -> bool {
+    n.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Sets `flag` when `sig` arrives (a plain handler: the accept loop checks it after EINTR).
@@ -149,7 +188,21 @@ fn serve_conn(conn: &OwnedFd, state: &State, notify_dir: &Path) {
                 args,
                 env,
                 secrets,
-            }) => publish(state, notify_dir, &target, &uri, &args, &env, secrets, fds),
+                pod_identity,
+            }) => publish(
+                state,
+                notify_dir,
+                &target,
+                &uri,
+                &args,
+                &env,
+                Descriptors {
+                    secrets,
+                    pod_identity,
+                    fds,
+                },
+            ),
+            Ok(Request::Refresh { target }) => refresh(state, &target, fds),
         };
         if reply(conn, &r).is_err() {
             return;
@@ -162,7 +215,49 @@ fn reply(conn: &OwnedFd, r: &Reply) -> std::io::Result<()> {
     seqpacket::send(conn, &b, &[])
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a publish carries besides its options: the descriptors and who the child is.
+struct Descriptors {
+    secrets: bool,
+    pod_identity: bool,
+    fds: Vec<OwnedFd>,
+}
+
+/// Hands a pod-identity child its fresh token, over the child's control socket (the child
+/// swaps it in: aws_identity.rs). The token is never logged here.
+fn refresh(state: &State, target: &str, mut fds: Vec<OwnedFd>) -> Reply {
+    if fds.len() != 1 {
+        return Reply::failed(
+            exit::USAGE,
+            format!("refresh needs 1 descriptor, got {}", fds.len()),
+        );
+    }
+    if !lock(&state.children).contains_key(target) {
+        return Reply::failed(
+            exit::USAGE,
+            format!(
+                "no mount of this mounter serves {}",
+                crate::format::naming::escaped(target)
+            ),
+        );
+    }
+    let fresh: super::secrets::Refresh = match super::secrets::open(fds.remove(0)) {
+        Ok(r) => r,
+        Err(e) => return Reply::failed(exit::USAGE, e.to_string()),
+    };
+    let line = zeroize::Zeroizing::new(format!("web-identity-token {}", fresh.token.as_str()));
+    match crate::fuse::control::request_label(Path::new(target), &line) {
+        Ok(a) if a == "ok" => {
+            tracing::info!(target, "the pod's token was refreshed");
+            Reply::ok(None)
+        }
+        Ok(a) => Reply::failed(
+            exit::FAILURE,
+            crate::format::naming::printable(a.strip_prefix("error: ").unwrap_or(&a), 512),
+        ),
+        Err(e) => Reply::failed(exit::FAILURE, format!("the mount's control socket: {e}")),
+    }
+}
+
 fn publish(
     state: &State,
     notify_dir: &Path,
@@ -170,9 +265,13 @@ fn publish(
     uri: &str,
     args: &[String],
     env: &std::collections::BTreeMap<String, String>,
-    secrets: bool,
-    mut fds: Vec<OwnedFd>,
+    d: Descriptors,
 ) -> Reply {
+    let Descriptors {
+        secrets,
+        pod_identity,
+        mut fds,
+    } = d;
     if let Err(e) = check_publish(uri, target, args, env) {
         return Reply::failed(exit::USAGE, e);
     }
@@ -214,15 +313,24 @@ fn publish(
     }
     // Options, then `--`: the URI and target are positionals whatever they start with.
     c.args(args).arg("--").arg(uri).arg(target);
-    // The child's environment: the operator's (the mounter's own: the driver's identity and
-    // endpoints), then the publish's allow-listed ones.
+    // The child's environment: the operator's (the mounter's own: endpoints, and the
+    // driver's identity unless the volume reads as the pod), then the publish's
+    // allow-listed ones.
     c.env_clear();
     for (k, v) in std::env::vars() {
-        if INHERITED_ENV.contains(&k.as_str()) || PUBLISH_ENV.contains(&k.as_str()) {
+        let name = k.as_str();
+        if INHERITED_ENV.contains(&name)
+            || PUBLISH_ENV.contains(&name)
+            || state.pass_env.contains(&k)
+            || (!pod_identity && DRIVER_IDENTITY_ENV.contains(&name))
+        {
             c.env(k, v);
         }
     }
     c.envs(env);
+    if pod_identity {
+        c.env("AWS_EC2_METADATA_DISABLED", "true");
+    }
     c.env("NOTIFY_SOCKET", &sock_path);
     c.stdin(Stdio::null())
         .stdout(Stdio::null())

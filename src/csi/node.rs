@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub node_id: String,
     pub kubelet_dir: PathBuf,
     pub mounter_socket: PathBuf,
+    /// The PKCS#11 modules volumes' `pkcs11:` keys may load (`--pkcs11-module`).
+    pub pkcs11_modules: Vec<PathBuf>,
 }
 
 pub struct Node {
@@ -146,7 +148,8 @@ impl Node {
     /// NodePublishVolume: returns once the mounter's child serves the target, or has failed
     /// (then nothing is left mounted and the target is removed).
     pub fn publish(&self, p: &Publish) -> Result<(), NodeError> {
-        let plan = volume::plan(p).map_err(|e| NodeError::InvalidArgument(e.0))?;
+        let plan = volume::plan(p, &self.config.pkcs11_modules)
+            .map_err(|e| NodeError::InvalidArgument(e.0))?;
         let target = self.confine(p.target)?.ok_or_else(|| {
             NodeError::NotFound(format!(
                 "the parent of target {} does not exist (kubelet creates it)",
@@ -164,6 +167,11 @@ impl Node {
                         .map_err(|e| internal("unmounting the dead mount at", &target, e))?;
                 }
                 _ if m.source == plan.uri => {
+                    // kubelet republishes (requiresRepublish) to hand a pod's mount its
+                    // fresh token.
+                    if plan.pod_identity {
+                        self.refresh(&target, p.volume_id, &plan)?;
+                    }
                     tracing::info!(target = %target.display(), volume = p.volume_id, "already published");
                     return Ok(());
                 }
@@ -246,6 +254,7 @@ impl Node {
             args: plan.args.clone(),
             env: plan.env.clone(),
             secrets: sealed.is_some(),
+            pod_identity: plan.pod_identity,
         };
         let mut fds = vec![fuse];
         fds.extend(sealed);
@@ -264,6 +273,34 @@ impl Node {
             Some(exit::STORE) => NodeError::Unavailable(why),
             _ => NodeError::Internal(why),
         })
+    }
+
+    /// Sends the pod's fresh token to the child serving `target`.
+    fn refresh(&self, target: &Path, volume_id: &str, plan: &Plan) -> Result<(), NodeError> {
+        let token = plan
+            .secrets
+            .as_ref()
+            .and_then(|s| s.aws_web_identity.as_ref())
+            .map(|w| w.token.clone())
+            .ok_or_else(|| NodeError::Internal("a pod-identity plan without a token".into()))?;
+        let sealed = secrets::seal(&secrets::Refresh { token })
+            .map_err(|e| NodeError::Internal(format!("sealing the pod's token: {e}")))?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| NodeError::InvalidArgument("target path must be UTF-8".into()))?;
+        let req = Request::Refresh {
+            target: target.to_string(),
+        };
+        let reply = self.ask(&req, vec![sealed], SHORT_TIMEOUT)?;
+        if reply.ok {
+            return Ok(());
+        }
+        // The mount serves on with its old token until that expires: say why kubelet
+        // should retry, rather than fail the pod.
+        Err(NodeError::Unavailable(format!(
+            "volume {volume_id}: refreshing the pod's token: {}",
+            reply.error.as_deref().unwrap_or("failed")
+        )))
     }
 
     /// One request to the mounter and its reply; `fds` are closed once sent.
@@ -402,6 +439,7 @@ mod tests {
             node_id: "n".into(),
             kubelet_dir: dir.to_path_buf(),
             mounter_socket: dir.join("no-mounter.sock"),
+            pkcs11_modules: Vec::new(),
         })
         .unwrap()
     }

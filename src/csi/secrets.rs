@@ -1,11 +1,14 @@
 //! A volume's secrets on their way from the node plugin to the one mount that needs them: a
 //! sealed memfd (never argv, never an environment, never a file on disk, never a log line).
 //!
-//! The memfd holds one JSON object, at most [`MAX_SECRETS`] bytes: `keyFile` (a key file's
-//! exact text, as `kubectl create secret --from-file` stores it), `pkcs11Pin`,
-//! `transitToken`. The mount (`--secrets-fd N`) reads it once at start, checks the seals
-//! (no writer can change it after the check), and keeps each value in this process only:
-//! `--key secret:keyFile` opens under the key file; `transitToken` is the Transit token.
+//! The memfd holds one JSON object, at most [`MAX_SECRETS`] bytes: from the volume's Secret,
+//! `keyFile` (a key file's exact text, as `kubectl create secret --from-file` stores it),
+//! `pkcs11Pin`, `transitToken`; from the node plugin itself, `awsWebIdentity` (the pod's
+//! token and role, `authenticationSource: pod`) and `pod` (who the volume is published for,
+//! for the audit lines). The mount (`--secrets-fd N`) reads it once at start, checks the
+//! seals (no writer can change it after the check), and keeps each value in this process
+//! only: `--key secret:keyFile` opens under the key file; `transitToken` is the Transit
+//! token; the web identity becomes the process's only AWS identity (aws_identity.rs).
 
 use std::io::{Read, Seek, Write};
 use std::os::fd::OwnedFd;
@@ -44,6 +47,28 @@ pub struct Secrets {
     pub pkcs11_pin: Option<Zeroizing<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transit_token: Option<Zeroizing<String>>,
+    /// Set by the node plugin, never taken from the volume's Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_web_identity: Option<WebIdentity>,
+    /// Set by the node plugin from `csi.storage.k8s.io/pod.*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<super::volume::Pod>,
+}
+
+/// The pod's AWS identity as it travels (aws_identity.rs checks each part again).
+#[derive(serde::Deserialize, serde::Serialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebIdentity {
+    pub role_arn: String,
+    pub session_name: String,
+    pub token: Zeroizing<String>,
+}
+
+/// A refreshed token (a republish of a served target): the whole of a refresh's memfd.
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Refresh {
+    pub token: Zeroizing<String>,
 }
 
 /// Never the values: which ones are there.
@@ -53,12 +78,14 @@ impl std::fmt::Debug for Secrets {
             .field("key_file", &self.key_file.is_some())
             .field("pkcs11_pin", &self.pkcs11_pin.is_some())
             .field("transit_token", &self.transit_token.is_some())
+            .field("aws_web_identity", &self.aws_web_identity.is_some())
+            .field("pod", &self.pod)
             .finish()
     }
 }
 
 /// A sealed memfd holding `s` (the node plugin's side).
-pub fn seal(s: &Secrets) -> std::io::Result<OwnedFd> {
+pub fn seal<T: serde::Serialize>(s: &T) -> std::io::Result<OwnedFd> {
     let json = Zeroizing::new(serde_json::to_vec(s).map_err(std::io::Error::other)?);
     if json.len() > MAX_SECRETS {
         return Err(std::io::Error::new(
@@ -77,8 +104,9 @@ pub fn seal(s: &Secrets) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
-/// Reads and checks a secrets memfd (the mount's side); the descriptor is closed after.
-pub fn open(fd: OwnedFd) -> Result<Secrets, SecretsError> {
+/// Reads and checks a secrets memfd (the mount's side; the mounter's for a refresh); the
+/// descriptor is closed after.
+pub fn open<T: serde::de::DeserializeOwned>(fd: OwnedFd) -> Result<T, SecretsError> {
     let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)
         .map_err(|e| SecretsError::Fd(format!("not a memfd ({e})")))?;
     if !SealFlag::from_bits_truncate(seals).contains(required()) {
@@ -98,19 +126,43 @@ pub fn open(fd: OwnedFd) -> Result<Secrets, SecretsError> {
 }
 
 /// Keeps the secrets in this process: the key file where `--key secret:keyFile` finds it,
-/// the Transit token where `transit:` reads its token. A PIN is refused until `pkcs11:`
-/// can take one from here (give `pin-source=file:` on a node-local path meanwhile).
+/// the PIN where `pin-source=secret:pkcs11Pin` finds it, the Transit token where
+/// `transit:` reads its token, the pod's web identity and name.
 pub fn keep(s: Secrets) -> Result<(), SecretsError> {
-    if s.pkcs11_pin.is_some() {
-        return Err(SecretsError::Malformed(
-            "pkcs11Pin is not supported yet: use pin-source=file: on the node".into(),
-        ));
+    if let Some(p) = s.pkcs11_pin {
+        crate::keys::pkcs11::keep_secret_pin(p);
     }
     if let Some(t) = s.transit_token {
         crate::process::set_token_var("BAO_TOKEN", t);
     }
     if let Some(k) = s.key_file {
         crate::keys::file::keep_secret_key_file(k);
+    }
+    if let Some(p) = &s.pod {
+        p.check().map_err(SecretsError::Malformed)?;
+    }
+    if let Some(w) = s.aws_web_identity {
+        // The token must be the pod's own service account's (kubelet asked for it).
+        let subject = s
+            .pod
+            .as_ref()
+            .filter(|p| !p.service_account.is_empty())
+            .map(|p| {
+                format!(
+                    "system:serviceaccount:{}:{}",
+                    p.namespace, p.service_account
+                )
+            });
+        crate::aws_identity::install(crate::aws_identity::WebIdentity {
+            role_arn: w.role_arn,
+            session_name: w.session_name,
+            token: w.token,
+            subject,
+        })
+        .map_err(SecretsError::Malformed)?;
+    }
+    if let Some(p) = s.pod {
+        crate::telemetry::set_pod(p);
     }
     Ok(())
 }
@@ -125,7 +177,7 @@ mod tests {
             key_file: Some(Zeroizing::new("sealfs-kek-v1:00\n".into())),
             ..Default::default()
         };
-        let back = open(seal(&s).unwrap()).unwrap();
+        let back: Secrets = open(seal(&s).unwrap()).unwrap();
         assert_eq!(
             back.key_file.as_deref().map(|s| s.as_str()),
             Some("sealfs-kek-v1:00\n")
@@ -136,17 +188,17 @@ mod tests {
         std::fs::File::from(fd.try_clone().unwrap())
             .write_all(b"{}")
             .unwrap();
-        assert!(matches!(open(fd), Err(SecretsError::NotSealed)));
+        assert!(matches!(open::<Secrets>(fd), Err(SecretsError::NotSealed)));
         // Not a memfd.
         let f: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        assert!(matches!(open(f), Err(SecretsError::Fd(_))));
+        assert!(matches!(open::<Secrets>(f), Err(SecretsError::Fd(_))));
         // An unknown member.
         let fd = memfd_create("x", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
         let mut w = std::fs::File::from(fd);
         w.write_all(br#"{"awsSecretKey":"x"}"#).unwrap();
         fcntl(&w, FcntlArg::F_ADD_SEALS(required())).unwrap();
         assert!(matches!(
-            open(OwnedFd::from(w)),
+            open::<Secrets>(OwnedFd::from(w)),
             Err(SecretsError::Malformed(_))
         ));
     }

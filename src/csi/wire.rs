@@ -40,8 +40,8 @@ pub const PUBLISH_ENV: &[&str] = &[
     "SEALFS_ATTESTER",
 ];
 
-/// What a child inherits from the mounter's own environment (the operator's settings: the
-/// driver's identity and endpoints), besides [`PUBLISH_ENV`].
+/// What every child inherits from the mounter's own environment (the operator's settings:
+/// endpoints, logs), besides [`PUBLISH_ENV`].
 pub const INHERITED_ENV: &[&str] = &[
     "PATH",
     "HOME",
@@ -49,6 +49,14 @@ pub const INHERITED_ENV: &[&str] = &[
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_KMS",
     "AWS_ENDPOINT_URL_STS",
+    "AWS_EC2_METADATA_DISABLED",
+];
+
+/// The driver's identity (keys, a token file and role, a profile): inherited from the
+/// mounter by the children of `authenticationSource: driver` volumes only. A pod-identity
+/// child gets none of it, and `AWS_EC2_METADATA_DISABLED=true`: never the node's instance
+/// role. Container-credential variables (EKS Pod Identity, ECS) are passed to no child.
+pub const DRIVER_IDENTITY_ENV: &[&str] = &[
     "AWS_ROLE_ARN",
     "AWS_ROLE_SESSION_NAME",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
@@ -58,7 +66,6 @@ pub const INHERITED_ENV: &[&str] = &[
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_PROFILE",
-    "AWS_EC2_METADATA_DISABLED",
 ];
 
 /// The `mount` options a publish may give, each as ONE token `--name=value` (valued) or
@@ -101,6 +108,15 @@ pub enum Request {
         /// Whether fd 1 of the message is the secrets memfd.
         #[serde(default)]
         secrets: bool,
+        /// `authenticationSource: pod`: the child gets none of the driver's identity
+        /// ([`DRIVER_IDENTITY_ENV`]); its only one is the pod's, in the secrets.
+        #[serde(default)]
+        pod_identity: bool,
+    },
+    /// A fresh token for the pod-identity child serving `target` (fd 0 of the message: a
+    /// sealed memfd holding a `secrets::Refresh`).
+    Refresh {
+        target: String,
     },
     Unpublish {
         target: String,

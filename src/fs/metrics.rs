@@ -177,6 +177,24 @@ impl Collector for Mount {
         for (name, kind, help, v) in single {
             family(&mut enc, name, help, kind, &[(NO_LABELS, v)])?;
         }
+        // `--cache-dir` (only when it is on).
+        if let Some(d) = &fs.disk {
+            let d = &d.stats;
+            let disk: [(&str, MetricType, &str, u64); 9] = [
+                ("sealfs_disk_cache_hits", Counter, "Chunks read from the cache directory.", d.hits.load(Relaxed)),
+                ("sealfs_disk_cache_misses", Counter, "Cache directory lookups that found no entry.", d.misses.load(Relaxed)),
+                ("sealfs_disk_cache_read_bytes", Counter, "Sealed bytes read from the cache directory.", d.read_bytes.load(Relaxed)),
+                ("sealfs_disk_cache_writes", Counter, "Entries written to the cache directory.", d.written.load(Relaxed)),
+                ("sealfs_disk_cache_written_bytes", Counter, "Sealed bytes written to the cache directory.", d.written_bytes.load(Relaxed)),
+                ("sealfs_disk_cache_evictions", Counter, "Entries this daemon deleted to keep the directory under its size.", d.evictions.load(Relaxed)),
+                ("sealfs_disk_cache_corrupt", Counter, "Entries that were not the chunk their name says (deleted, read from the store).", d.corrupt.load(Relaxed)),
+                ("sealfs_disk_cache_write_skips", Counter, "Chunks not written: queue full or writing paused.", d.write_skips.load(Relaxed)),
+                ("sealfs_disk_cache_write_errors", Counter, "Writes that failed (each pauses writing).", d.write_errors.load(Relaxed)),
+            ];
+            for (name, kind, help, v) in disk {
+                family(&mut enc, name, help, kind, &[(NO_LABELS, v)])?;
+            }
+        }
         histograms(
             &mut enc,
             "sealfs_chunk_fetch_seconds",

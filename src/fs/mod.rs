@@ -68,6 +68,9 @@ pub struct MountConfig {
     /// At the first open of a file of a model, unwrap the DEKs of up to this many other
     /// files of the model in the background (held like closed files: `dek_grace`); 0: off.
     pub unwrap_ahead: usize,
+    /// `--cache-dir DIR` and `--cache-dir-size BYTES`: sealed chunks on local disk
+    /// (cache/disk.rs).
+    pub cache_dir: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Default for MountConfig {
@@ -90,6 +93,7 @@ impl Default for MountConfig {
             revalidate: Duration::from_secs(300),
             revalidate_max_outage: Duration::from_secs(3600),
             unwrap_ahead: 0,
+            cache_dir: None,
         }
     }
 }
@@ -177,6 +181,9 @@ pub(crate) struct Opened {
     /// Under `--trust-signer`: the signed manifest's SHA-256 of every sealed chunk, checked
     /// before a chunk is decrypted (a DEK holder can forge a chunk, not its digest).
     pub digests: Option<Arc<Vec<[u8; 32]>>>,
+    /// With `--cache-dir`, for a file of a model: the manifest's BLAKE3 of every sealed
+    /// chunk, its address in the cache directory.
+    pub addresses: Option<Arc<Vec<[u8; 32]>>>,
     /// The key object this version was opened with.
     pub key_object_name: String,
     cache: Arc<ChunkCache>,
@@ -232,6 +239,8 @@ pub struct SealFs {
     keyring: Arc<Keyring>,
     tree: RwLock<Tree>,
     pub(crate) cache: Arc<ChunkCache>,
+    /// `--cache-dir`: sealed chunks on local disk.
+    pub disk: Option<Arc<crate::cache::disk::DiskCache>>,
     files: Mutex<HashMap<String, Arc<FileSlot>>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -316,7 +325,15 @@ impl SealFs {
         // From the configuration, never from a listing: a store must not size locked memory.
         let slot = (1usize << config.max_chunk_log2) + crate::format::TAG_LEN as usize;
         let cache = ChunkCache::new(config.cache_size, slot)?;
+        let disk = match &config.cache_dir {
+            Some((dir, size)) => Some(Arc::new(
+                crate::cache::disk::DiskCache::open(dir, *size)
+                    .map_err(|e| crate::Error::Usage(e.to_string()))?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(Self {
+            disk,
             store: Arc::new(store),
             keyring: Arc::new(keyring),
             tree: RwLock::new(tree),

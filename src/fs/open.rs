@@ -350,10 +350,15 @@ impl SealFs {
                     "dek unwrapped"
                 );
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                // Checked only under a proof of origin; cache addresses either way (an entry
+                // must hash to its address, then authenticate under this file's DEK).
+                let addresses = self.disk.as_ref().and(digests.clone());
+                let digests = digests.filter(|_| self.origin_proven());
                 Ok::<_, FsError>(Arc::new(Opened {
                     seq,
                     file,
                     digests,
+                    addresses,
                     key_object_name: entry.key_object.key.clone(),
                     cache: self.cache.clone(),
                     revoked: Default::default(),
@@ -381,8 +386,9 @@ impl SealFs {
     /// the version its model's manifest lists (and, with trusted signers, the model must be
     /// signed by one of them; with a pin, the manifest must be the pinned one); a loose file
     /// (sealed before models) is served only without a proof of origin. With `digests`,
-    /// returns the manifest's chunk digests to check (only under a proof of origin:
-    /// otherwise whoever can unwrap could forge the manifest too).
+    /// returns the manifest's chunk digests (checked against each chunk only under a proof
+    /// of origin: otherwise whoever can unwrap could forge the manifest too; the addresses
+    /// of `--cache-dir` entries either way, whose bytes are checked against them).
     pub(super) async fn admit(
         &self,
         key: &str,
@@ -416,7 +422,7 @@ impl SealFs {
                     ko.header.chunk_log2,
                     ko.header.layout().object_size(),
                 )
-                .map(|e| (digests && self.origin_proven()).then(|| Arc::new(e.chunk_digests())))
+                .map(|e| digests.then(|| Arc::new(e.chunk_digests())))
         };
         // The listing may be older than the file (a reseal writes its files first and its
         // manifest last, and a re-list may fall in between): before refusing, ask the store

@@ -333,7 +333,7 @@ impl SealFs {
                 chunks: (a, b),
             };
             let res = match body {
-                Some((body, started)) => fs.fill_run(&o, a, b, body, started).await,
+                Some((body, started)) => fs.fill_run(&o, a, b, body, started).await.map(Arc::new),
                 None => fs.fetch_run(&o, a, b).await,
             };
             drop(guard);
@@ -351,9 +351,91 @@ impl SealFs {
         b: u64,
     ) -> Result<Arc<Vec<(u64, Pinned)>>, FsError> {
         let started = Instant::now();
-        match o.file.fetch_stream(&self.store, a, b).await {
-            Ok(body) => self.fill_run(o, a, b, body, started).await,
-            Err(e) => Err(run_failed(o, a, b, e)),
+        let mut out = Vec::with_capacity((b - a + 1) as usize);
+        // Each chunk from the cache directory when it has it; each gap in one ranged GET
+        // of the store. Never chunk 0 from the directory: it comes with the prelude, which
+        // is checked against the store. Without --cache-dir: one GET of `a..=b`.
+        let mut i = a;
+        while i <= b {
+            if i > 0 {
+                if let Some(p) = self.chunk_from_disk(o, i).await? {
+                    out.push((i, p));
+                    i += 1;
+                    continue;
+                }
+            }
+            // The gap runs until the next chunk the directory has (kept for after it).
+            let (mut j, mut after) = (i, None);
+            while j < b {
+                if let Some(p) = self.chunk_from_disk(o, j + 1).await? {
+                    after = Some((j + 1, p));
+                    break;
+                }
+                j += 1;
+            }
+            match o.file.fetch_stream(&self.store, i, j).await {
+                Ok(body) => out.extend(self.fill_run(o, i, j, body, started).await?),
+                Err(e) => return Err(run_failed(o, i, j, e)),
+            }
+            i = j + 1;
+            if let Some((k, p)) = after {
+                out.push((k, p));
+                i = k + 1;
+            }
+        }
+        Ok(Arc::new(out))
+    }
+
+    /// Chunk `index` from the cache directory, authenticated and pinned; `None` when it is
+    /// not there or not right (then the store has the last word).
+    async fn chunk_from_disk(&self, o: &Opened, index: u64) -> Result<Option<Pinned>, FsError> {
+        use crate::cache::disk::Lookup;
+        let (Some(disk), Some(addr)) = (
+            self.disk.clone(),
+            o.addresses
+                .as_ref()
+                .and_then(|a| a.get(index as usize))
+                .copied(),
+        ) else {
+            return Ok(None);
+        };
+        let f = &o.file;
+        let need = f.layout.chunk_cipher_len(index) as usize;
+        if need > self.cache.slot_size() {
+            return Ok(None);
+        }
+        // A miss costs no cache slot (nor the eviction of a cached chunk to make one).
+        {
+            let disk = disk.clone();
+            let found = tokio::task::spawn_blocking(move || disk.probe(&addr))
+                .await
+                .unwrap_or(false);
+            if !found {
+                return Ok(None);
+            }
+        }
+        let slot = self.reserve_slot().await?;
+        // A disk read of one chunk, off the async workers (the slot moves there and back).
+        let (mut slot, found) = tokio::task::spawn_blocking(move || {
+            let mut slot = slot;
+            let found = disk.read_into(&addr, &mut slot.buf()[..need]);
+            (slot, found)
+        })
+        .await
+        .map_err(|e| FsError::Io(format!("cache directory read: {e}")))?;
+        if found != Lookup::Hit {
+            return Ok(None);
+        }
+        // The entry hashes to the manifest's digest of this chunk (under a proof of origin,
+        // the checked one); the AEAD decides as for any chunk.
+        match f.open_chunk(index, &mut slot.buf()[..need]) {
+            Ok(_) if o.is_revoked() => Err(o.revoked_error()),
+            Ok(len) => Ok(Some(slot.commit(chunk_key(o, index), len))),
+            Err(e @ crate::Error::Revoked { .. }) => Err(FsError::from(e)),
+            Err(e) => {
+                tracing::warn!(file = %f.key, chunk = index, reason = %e, "a cache directory entry with the manifest's digest failed authentication; reading the store");
+                Ok(None)
+            }
         }
     }
 
@@ -366,7 +448,7 @@ impl SealFs {
         b: u64,
         mut body: RangeBody,
         started: Instant,
-    ) -> Result<Arc<Vec<(u64, Pinned)>>, FsError> {
+    ) -> Result<Vec<(u64, Pinned)>, FsError> {
         let f = &o.file;
         let fail = |e: crate::Error| run_failed(o, a, b, e);
         let mut prelude_left = if a == 0 { PRELUDE } else { 0 };
@@ -430,11 +512,25 @@ impl SealFs {
                         )),
                         None => Ok(()),
                     };
+                    // For the cache directory: the sealed bytes, copied before they are
+                    // decrypted in place, written only once they have authenticated.
+                    let to_disk = match (&self.disk, &o.addresses) {
+                        // Never chunk 0: it is always read from the store.
+                        (Some(d), Some(addrs)) if listed.is_ok() && index > 0 => {
+                            addrs.get(index as usize).and_then(|addr| {
+                                Some((d, addr, d.copy_for_write(&full.buf()[..need])?))
+                            })
+                        }
+                        _ => None,
+                    };
                     match listed.and_then(|()| f.open_chunk(index, &mut full.buf()[..need])) {
                         // Revoked while this chunk was being decrypted: never published
                         // (the reservation is wiped as it drops).
                         Ok(_) if o.is_revoked() => return Err(o.revoked_error()),
                         Ok(len) => {
+                            if let Some((d, addr, copy)) = to_disk {
+                                d.submit(addr, copy);
+                            }
                             if index == b {
                                 // Before the commit: a reader can see the chunk from then on,
                                 // and the metrics should already count the run.
@@ -460,7 +556,7 @@ impl SealFs {
                 "ranged GET ended early",
             )));
         }
-        Ok(Arc::new(out))
+        Ok(out)
     }
 
     /// A cache slot, waiting (bounded) while readers hold every slot pinned.

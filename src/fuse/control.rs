@@ -16,8 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use crate::fs::revoke::Scope;
 use crate::fs::SealFs;
 
-/// Longest request line read.
-const MAX_REQUEST: u64 = 4096;
+/// Longest request line read (a service-account token fits).
+const MAX_REQUEST: u64 = 16 * 1024;
 /// A client that sends nothing is dropped after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -130,7 +130,8 @@ pub async fn serve(listener: tokio::net::UnixListener, fs: Arc<SealFs>) {
                 return;
             }
             let (r, mut w) = stream.into_split();
-            let mut line = String::new();
+            // It may hold a pod's token (`web-identity-token`): wiped when dropped.
+            let mut line = zeroize::Zeroizing::new(String::new());
             let mut r = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
             let read = tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)).await;
             let answer = match read {
@@ -142,8 +143,18 @@ pub async fn serve(listener: tokio::net::UnixListener, fs: Arc<SealFs>) {
     }
 }
 
-/// `revoke all` or `revoke key <--key URI or slot id>`.
+/// `revoke all`, `revoke key <--key URI or slot id>`, or `web-identity-token TOKEN` (the
+/// CSI mounter's refresh of a pod's token: aws_identity.rs; the token is never echoed).
 async fn handle(fs: &SealFs, request: &str) -> String {
+    if let Some(token) = request.strip_prefix("web-identity-token ") {
+        return match crate::aws_identity::refresh(token) {
+            Ok(()) => {
+                tracing::info!("the pod's web-identity token was refreshed");
+                "ok".into()
+            }
+            Err(e) => format!("error: {e}"),
+        };
+    }
     let scope = match request.split_once(' ') {
         Some(("revoke", "all")) => Scope::All,
         Some(("revoke", rest)) => match rest.strip_prefix("key ") {
@@ -193,6 +204,12 @@ fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
 pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
     let mp =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    request_label(&mp, line)
+}
+
+/// [`request`] to the daemon that serves a passed connection (`--fuse-fd`) under the label
+/// `mp`, exactly as it was given (the mount point may not exist in this namespace).
+pub fn request_label(mp: &Path, line: &str) -> Result<String, String> {
     // Only a private directory of ours, and only a daemon of ours (or root) answering: a
     // socket another user planted must neither get the request nor fake the answer. A
     // directory that exists but is not ours is refused by name, never skipped silently.
@@ -204,7 +221,7 @@ pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
             continue;
         }
         check_private_dir(&dir).map_err(|e| format!("{e}: not talking to what answers there"))?;
-        let path = dir.join(socket_name(&mp));
+        let path = dir.join(socket_name(mp));
         match std::os::unix::net::UnixStream::connect(&path) {
             Ok(s) => {
                 found = Some((s, path));
@@ -232,7 +249,8 @@ pub fn request(mountpoint: &Path, line: &str) -> Result<String, String> {
     }
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io)?;
-    s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    let msg = zeroize::Zeroizing::new(format!("{line}\n"));
+    s.write_all(msg.as_bytes()).map_err(io)?;
     let mut answer = String::new();
     std::io::BufReader::new(std::io::Read::take(s, MAX_REQUEST))
         .read_line(&mut answer)

@@ -33,7 +33,7 @@ pub fn region_of(spec: &str) -> Option<String> {
 
 /// A KMS client from the standard AWS configuration, in `region` if given.
 pub async fn client(region: Option<String>) -> Result<aws_sdk_kms::Client, KeyError> {
-    let mut loader = crate::aws_defaults();
+    let mut loader = crate::aws_identity::apply(crate::aws_defaults()).await;
     if let Some(r) = region {
         loader = loader.region(aws_config::Region::new(r));
     }

@@ -56,7 +56,36 @@ const TAG_OAEP: u8 = 2;
 const TAG_OAEP_SHA1: u8 = 3;
 const GCM_WRAPPED: usize = 1 + 12 + DEK_LEN + 16;
 /// Longest PIN file read; PKCS#11 PINs are short.
-const MAX_PIN: usize = 256;
+pub const MAX_PIN: usize = 256;
+
+/// Where the user PIN comes from: `pin-source=file:/ABS/PATH` (a 0600 file of this host), or
+/// `pin-source=secret:pkcs11Pin` (a CSI volume's Secret, handed to this process in its
+/// sealed secrets memfd: csi/secrets.rs).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PinSource {
+    File(PathBuf),
+    Secret,
+}
+
+/// The `pin-source=` value of a volume's PIN.
+pub const SECRET_PIN: &str = "secret:pkcs11Pin";
+
+/// The PIN a CSI volume's Secret gave (`pkcs11Pin`); this process only.
+static SECRET_PIN_VALUE: Mutex<Option<Zeroizing<String>>> = Mutex::new(None);
+
+/// Keeps the volume's PIN for `pin-source=secret:pkcs11Pin` (csi/secrets.rs).
+pub fn keep_secret_pin(pin: Zeroizing<String>) {
+    *SECRET_PIN_VALUE.lock().unwrap_or_else(|p| p.into_inner()) = Some(pin);
+}
+
+impl std::fmt::Display for PinSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinSource::File(p) => write!(f, "the PIN file {}", p.display()),
+            PinSource::Secret => f.write_str("the volume's pkcs11Pin secret"),
+        }
+    }
+}
 
 /// A parsed RFC 7512 URI. Path attributes name the token and the object; query attributes
 /// say where the module and the PIN are (host-local, so not part of the key's identity).
@@ -68,7 +97,7 @@ pub struct Pkcs11Uri {
     pub object: Option<String>,
     pub id: Option<Vec<u8>>,
     pub module_path: PathBuf,
-    pub pin_source: Option<PathBuf>,
+    pub pin_source: Option<PinSource>,
     /// `type=`: which kind of object the URI names (`None`: whichever the token holds,
     /// refused when the label names both a secret key and a key pair).
     pub object_type: Option<ObjectType>,
@@ -194,8 +223,11 @@ impl std::str::FromStr for Pkcs11Uri {
                 "module-path" => u.module_path = PathBuf::from(text(k, v)?),
                 "pin-source" => {
                     let v = text(k, v)?;
-                    let p = v.strip_prefix("file:").unwrap_or(&v);
-                    u.pin_source = Some(PathBuf::from(p));
+                    u.pin_source = Some(if v == SECRET_PIN {
+                        PinSource::Secret
+                    } else {
+                        PinSource::File(PathBuf::from(v.strip_prefix("file:").unwrap_or(&v)))
+                    });
                 }
                 _ => {
                     return Err(bad(
@@ -220,9 +252,12 @@ impl std::str::FromStr for Pkcs11Uri {
         if u.object.is_none() && u.id.is_none() {
             return Err(bad(s, "name the key: object= or id="));
         }
-        if let Some(p) = &u.pin_source {
+        if let Some(PinSource::File(p)) = &u.pin_source {
             if !p.is_absolute() {
-                return Err(bad(s, "pin-source must be an absolute path"));
+                return Err(bad(
+                    s,
+                    format!("pin-source must be an absolute path (or {SECRET_PIN})"),
+                ));
             }
         }
         Ok(u)
@@ -417,11 +452,24 @@ fn read_pin(path: &Path) -> Result<(AuthPin, [u8; 32]), Fail> {
     let err = |r: String| Fail::Denied(format!("PIN file {}: {r}", path.display()));
     let buf = crate::localfile::read_private(path, MAX_PIN, "a PIN file").map_err(err)?;
     let text = std::str::from_utf8(&buf).map_err(|_| err("not UTF-8".into()))?;
+    pin_of(text).ok_or_else(|| err("empty".into()))
+}
+
+/// A PIN from its text (trailing newlines dropped, as `echo` and `--from-file` leave them)
+/// and its SHA-256 (to remember a refused one); `None` when empty.
+fn pin_of(text: &str) -> Option<(AuthPin, [u8; 32])> {
     let pin = text.trim_end_matches(['\n', '\r']);
-    if pin.is_empty() {
-        return Err(err("empty".into()));
-    }
-    Ok((AuthPin::from(pin), crate::crypto::sha256(pin.as_bytes())))
+    (!pin.is_empty()).then(|| (AuthPin::from(pin), crate::crypto::sha256(pin.as_bytes())))
+}
+
+/// The volume's PIN ([`keep_secret_pin`]); kept (not taken): a lost session logs in again.
+fn secret_pin() -> Result<(AuthPin, [u8; 32]), Fail> {
+    let kept = SECRET_PIN_VALUE.lock().unwrap_or_else(|p| p.into_inner());
+    kept.as_deref().and_then(|p| pin_of(p)).ok_or_else(|| {
+        Fail::Denied(format!(
+            "pin-source={SECRET_PIN}, but this mount was given no pkcs11Pin secret"
+        ))
+    })
 }
 
 /// One token: the module, how to find the token, where the PIN is, and the one session.
@@ -457,7 +505,7 @@ impl Token {
             Option<String>,
             Option<String>,
             Option<u64>,
-            Option<PathBuf>,
+            Option<PinSource>,
         );
         static TOKENS: OnceLock<Mutex<BTreeMap<Key, Arc<Token>>>> = OnceLock::new();
         let module_path = std::fs::canonicalize(&uri.module_path)
@@ -521,12 +569,14 @@ impl Token {
         })?;
         let session = self.ctx.open_ro_session(slot).map_err(ck)?;
         if let Some(src) = &self.uri.pin_source {
-            let (pin, digest) = read_pin(src)?;
+            let (pin, digest) = match src {
+                PinSource::File(path) => read_pin(path)?,
+                PinSource::Secret => secret_pin()?,
+            };
             let mut refused = self.refused_pin.lock().unwrap_or_else(|p| p.into_inner());
             if *refused == Some(digest) {
                 return Err(Fail::Denied(format!(
-                    "the token refused the PIN in {} before: not trying it again until that file changes",
-                    src.display()
+                    "the token refused {src} before: not trying it again until it changes"
                 )));
             }
             match session.login(UserType::User, Some(&pin)) {
@@ -1247,7 +1297,10 @@ mod tests {
         assert_eq!(u.object.as_deref(), Some("kek-1"));
         assert_eq!(u.id.as_deref(), Some(&[0x01, 0xff][..]));
         assert_eq!(u.module_path, PathBuf::from("/usr/lib/m.so"));
-        assert_eq!(u.pin_source, Some(PathBuf::from("/run/pin")));
+        assert_eq!(
+            u.pin_source,
+            Some(PinSource::File(PathBuf::from("/run/pin")))
+        );
         // Host-local parts (module, PIN, slot number) are not the key's identity.
         assert_eq!(u.key_id(), "pkcs11:token=My%20HSM;object=kek-1;id=%01%FF");
         let v: Pkcs11Uri =

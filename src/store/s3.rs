@@ -80,9 +80,11 @@ where
 
 impl S3Store {
     pub async fn new(bucket: &str) -> Result<Self, StoreError> {
-        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .load()
-            .await;
+        let conf =
+            crate::aws_identity::apply(aws_config::defaults(aws_config::BehaviorVersion::latest()))
+                .await
+                .load()
+                .await;
         let custom_endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
             .iter()
             .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));

@@ -29,6 +29,7 @@ import grpc  # noqa: E402
 from grpc_tools import protoc  # noqa: E402
 
 FAILS = []
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 
 
 def check(cond, what):
@@ -141,7 +142,7 @@ class Suite:
         self.mounter = subprocess.Popen(
             ["strace", "-f", "-e", "trace=open,openat,mount,umount2", "-o", self.strace,
              "setpriv", "--bounding-set", "-all,+ipc_lock", "--inh-caps", "-all", "--",
-             SEALFS, "csi", "mounter", "--socket", self.mounter_sock],
+             SEALFS, "csi", "mounter", "--socket", self.mounter_sock, "--pass-env", "SOFTHSM2_CONF"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=self.mounter_log)
         self.procs.append(self.mounter)
         wait_for(lambda: os.path.exists(self.mounter_sock) or self.mounter.poll() is not None, "the mounter")
@@ -169,7 +170,8 @@ class Suite:
         self.node_log = open(os.path.join(self.work, "node.log"), "ab")
         self.node = subprocess.Popen(
             [SEALFS, "csi", "node", "--endpoint", f"unix://{self.endpoint}", "--node-id", "node-a",
-             "--mounter-socket", os.path.join(self.work, "mounter.sock"), "--kubelet-dir", self.kubelet],
+             "--mounter-socket", os.path.join(self.work, "mounter.sock"), "--kubelet-dir", self.kubelet,
+             "--pkcs11-module", SOFTHSM],
             env=self.env, stdout=subprocess.DEVNULL, stderr=self.node_log)
         self.procs.append(self.node)
         wait_for(lambda: os.path.exists(self.endpoint) or self.node.poll() is not None, "the node plugin")
@@ -245,6 +247,31 @@ class Suite:
         return r.stdout + r.stderr
 
 
+def softhsm(s, keys, work):
+    """A SoftHSM2 token (its files outside `work`) with a private AES key; the model sealed
+    under it with a PIN file; returns the store, the volume's key URI and the PIN."""
+    conf = os.path.join(keys, "softhsm2.conf")
+    os.makedirs(os.path.join(keys, "tokens"))
+    with open(conf, "w") as f:
+        f.write(f"directories.tokendir = {keys}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = dict(s.env, SOFTHSM2_CONF=conf)
+    pin = "pin" + os.urandom(8).hex()  # a string nothing else here contains
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "csi", "--so-pin", "0000", "--pin", pin],
+                   env=env, check=True, capture_output=True)
+    subprocess.run(["pkcs11-tool", "--module", SOFTHSM, "--token-label", "csi", "--login", "--pin", pin,
+                    "--keygen", "--key-type", "AES:32", "--private", "--label", "kek", "--id", "01"],
+                   env=env, check=True, capture_output=True)
+    pin_file = os.path.join(keys, "pin")
+    with open(os.open(pin_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(pin)
+    store = os.path.join(work, "hsm-store")
+    base = f"pkcs11:token=csi;object=kek?module-path={SOFTHSM}"
+    s.sealfs("seal", os.path.join(keys, "model"), store, "--key", f"{base}&pin-source=file:{pin_file}", env=env)
+    s.env["SOFTHSM2_CONF"] = conf  # the mounter's environment; --pass-env hands it to children
+    s.secret_values.append(pin)
+    return store, f"{base}&pin-source=secret:pkcs11Pin", pin
+
+
 def model(dir_):
     import numpy as np
     from safetensors.numpy import save_file
@@ -313,6 +340,7 @@ def run(s, work, keys):
     s.secret_values = [key_text.strip(), other_text.strip()]
     local = {"uri": store, "keys": "file:secret"}
     secret = {"keyFile": key_text}
+    hsm_store, hsm_key, pin = softhsm(s, keys, work)
 
     s.start_mounter()
     s.start_node()
@@ -340,6 +368,18 @@ def run(s, work, keys):
     check(len([x for x in mounts_under(s.kubelet) if x[0] == t1]) == 1, "a second publish of the same target is OK, still one mount")
     code, msg = s.code_of(lambda: s.publish(t1, {"uri": os.path.join(work, "elsewhere"), "keys": "file:secret"}, secret))
     check(code == grpc.StatusCode.ALREADY_EXISTS, f"the target with another volume is ALREADY_EXISTS: {code} {msg}")
+
+    # ---- an HSM key, its PIN from the volume's Secret ------------------------------------
+    th = s.target("hsm")
+    s.publish(th, {"uri": hsm_store, "keys": hsm_key}, {"pkcs11Pin": pin + "\n"}, pod="hsm")
+    check(read_back(th, want), "a pkcs11: volume key logs in with the pkcs11Pin secret and reads")
+    s.unpublish(th)
+    code, msg = s.code_of(lambda: s.publish(th, {"uri": hsm_store, "keys": hsm_key}, {"pkcs11Pin": "999999"}, pod="hsm"))
+    check(code == grpc.StatusCode.PERMISSION_DENIED and "999999" not in msg, f"a wrong PIN: PERMISSION_DENIED ({code}: {msg})")
+    check(not [x for x in mounts_under(s.kubelet) if x[0] == th] and not os.path.exists(th), "nothing left after the wrong PIN")
+    evil = hsm_key.replace(SOFTHSM, "/tmp/evil.so")
+    code, msg = s.code_of(lambda: s.publish(th, {"uri": hsm_store, "keys": evil}, {"pkcs11Pin": pin}, pod="hsm"))
+    check(code == grpc.StatusCode.INVALID_ARGUMENT and "--pkcs11-module" in msg, f"a module the driver does not list: INVALID_ARGUMENT ({code}: {msg})")
 
     # Two pods, one volume: two children.
     mounter = s.mounter_pid()
@@ -477,7 +517,9 @@ def s3_latency(s, keys, want):
     import boto3
 
     port = free_port()
+    # The recording (tests/python: pod identity) holds the pods' tokens: outside `work`.
     s.moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=dict(os.environ, MOTO_RECORDER_FILEPATH=os.path.join(keys, "moto-recording")),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
@@ -499,6 +541,121 @@ def s3_latency(s, keys, want):
     print(f"publish latency (NodePublishVolume -> first byte), S3 + KMS (moto): {ms:.0f} ms", flush=True)
     check(read_back(t, want), "an S3 + KMS volume publishes and reads")
     s.unpublish(t)
+    pod_identity(s, url, key_id, want)
+
+
+def recorded(url):
+    """moto's recording since the last reset: (action or S3, form, headers) per request."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{url}/moto-api/recorder/download-recording").read().decode()
+    out = []
+    for line in text.splitlines():
+        e = json.loads(line)
+        body = e.get("body") or ""
+        if e.get("body_encoded"):
+            body = base64.b64decode(body).decode(errors="replace")
+        form = urllib.parse.parse_qs(body) if "Action=" in body else {}
+        out.append((form.get("Action", [""])[0], form, {k.lower(): v for k, v in e["headers"].items()}))
+    return out
+
+
+def pod_identity(s, url, key_id, want):
+    """authenticationSource: pod: the child trades the pod's token (audience sts.amazonaws.com)
+    for credentials of its own (AssumeRoleWithWebIdentity, session name naming the pod), gets
+    none of the driver's (the mounter holds static keys), takes a fresh token on republish,
+    and names the pod on its audit lines."""
+    import urllib.request
+
+    import base64
+
+    role = "arn:aws:iam::123456789012:role/models-reader"
+
+    def jwt(sub, sig):
+        b = lambda x: base64.urlsafe_b64encode(json.dumps(x).encode()).rstrip(b"=").decode()
+        return f"{b({'alg': 'RS256'})}.{b({'sub': sub, 'aud': ['sts.amazonaws.com']})}.{sig}"
+
+    sa = "system:serviceaccount:ml:vllm"  # what publish() names: namespace ml, account vllm
+    tok1, tok2, driver_tok = jwt(sa, "c2lnLW9uZQ"), jwt(sa, "c2lnLXR3bw"), jwt("system:serviceaccount:kube-system:sealfs-csi-mounter", "ZHJpdmVy")
+    s.secret_values += [tok1, tok2, driver_tok]
+    # The mounter as deployed: IRSA (role + token file) and more of the driver's identity,
+    # without AWS_EC2_METADATA_DISABLED of its own; the pod's child must get none of it.
+    driver_token_file = os.path.join(os.path.dirname(s.work.rstrip("/")), "driver-token-" + os.path.basename(s.work))
+    with open(driver_token_file, "w") as f:
+        f.write(driver_tok)
+    driver = {"AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/driver", "AWS_WEB_IDENTITY_TOKEN_FILE": driver_token_file,
+              "AWS_SESSION_TOKEN": "driver-session", "AWS_PROFILE": "driver"}
+    s.stop_mounter()
+    s.env.update(driver)
+    s.env.pop("AWS_EC2_METADATA_DISABLED", None)
+    s.start_mounter()
+
+    def attrs(tok):
+        return {"uri": "s3://models/llama", "keys": f"kms:{key_id}", "region": "us-east-1",
+                "authenticationSource": "pod", "awsRoleArn": role,
+                "csi.storage.k8s.io/serviceAccount.tokens": json.dumps(
+                    {"sts.amazonaws.com": {"token": tok, "expirationTimestamp": "2026-12-07T10:00:00Z"}})}
+
+    post = lambda path: urllib.request.urlopen(urllib.request.Request(f"{url}{path}", method="POST"))
+    post("/moto-api/recorder/reset-recording")
+    post("/moto-api/recorder/start-recording")
+    t = s.target("podid")
+    s.publish(t, attrs(tok1), pod="podid")
+    check(read_back(t, want), "a pod-identity volume publishes and reads")
+    reqs = recorded(url)
+    sts = [f for a, f, _ in reqs if a == "AssumeRoleWithWebIdentity"]
+    check(sts and all(f.get("RoleArn") == [role] and f.get("RoleSessionName") == ["sealfs.ml.podid"]
+                      and f.get("WebIdentityToken") == [tok1] for f in sts),
+          f"the child assumed the role with the pod's token, session sealfs.ml.podid ({len(sts)} calls)")
+    signed = [h.get("authorization", "") for a, _, h in reqs if a != "AssumeRoleWithWebIdentity"]
+    check(signed and all("Credential=" in x and "Credential=testing/" not in x for x in signed),
+          f"every S3 and KMS call is signed with the pod's credentials, none with the driver's ({len(signed)} calls)")
+    check(not [f for a, f, _ in reqs if driver_tok in f.get("WebIdentityToken", [])],
+          "the driver's token was never sent")
+    child = [p for p in children_of(s.mounter_pid()) if t.encode() in cmdline(p)]
+    check(len(child) == 1, f"one child serves the pod's volume ({child})")
+    env = open(f"/proc/{child[0]}/environ", "rb").read().split(b"\0") if child else []
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", *driver)
+    check(env and not [v for v in env if v.split(b"=")[0].decode() in names]
+          and b"AWS_EC2_METADATA_DISABLED=true" in env,
+          "the pod's child inherits none of the driver's identity (keys, role, token file, session, profile) and never asks the instance role")
+    blob = b" ".join(cmdline(child[0])) + b" ".join(env) if child else b""
+    check(child and tok1.encode() not in blob, "the pod's token is in neither the child's argv nor its environment")
+
+    def child_token():
+        for fd in os.listdir(f"/proc/{child[0]}/fd"):
+            path = f"/proc/{child[0]}/fd/{fd}"
+            try:
+                if "sealfs-web-identity" in os.readlink(path):
+                    return open(path).read()
+            except OSError:
+                pass
+        return None
+
+    check(child and child_token() == tok1, "the child's token is in a memfd, not a file")
+    # kubelet republishes (requiresRepublish) with a fresh token: same child, new token.
+    s.publish(t, attrs(tok2), pod="podid")
+    after = [p for p in children_of(s.mounter_pid()) if t.encode() in cmdline(p)]
+    check(after == child and child_token() == tok2, "a republish hands the same child the fresh token")
+    code, msg = s.code_of(lambda: s.publish(t, attrs("not-a-token"), pod="podid"))
+    check(code == grpc.StatusCode.INVALID_ARGUMENT and "not a JWT" in msg, f"a bad token is refused ({code}: {msg})")
+    # A well-formed token of another service account reaches the child, which refuses it.
+    other = jwt("system:serviceaccount:ml:intruder", "b3RoZXI")
+    code, msg = s.code_of(lambda: s.publish(t, attrs(other), pod="podid"))
+    check(code == grpc.StatusCode.UNAVAILABLE and "not a token of the pod's service account" in msg,
+          f"the child refuses a token of another service account ({code}: {msg})")
+    check(child_token() == tok2, "and the child keeps its good token")
+    check(read_back(t, want), "the pod's volume still reads after the refresh")
+    log = open(os.path.join(s.work, "mounter.log"), "rb").read().decode(errors="replace")
+    audit = [l for l in log.splitlines() if "sealfs::audit" in l and "podid" in l]
+    check(audit and all("pod_namespace=ml" in l and "pod_name=podid" in l and "pod_uid=uid-podid" in l
+                        and "pod_service_account=vllm" in l for l in audit),
+          f"the child's audit lines name the pod ({len(audit)} lines)")
+    post("/moto-api/recorder/stop-recording")
+    s.unpublish(t)
+    os.unlink(driver_token_file)
 
 
 if __name__ == "__main__":
