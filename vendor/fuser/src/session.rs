@@ -221,6 +221,33 @@ impl<FS: Filesystem> Session<FS> {
         Ok(session)
     }
 
+    /// Wrap a /dev/fuse file descriptor whose INIT handshake another process already
+    /// answered (a connection handed over from a predecessor that exited or re-executed).
+    /// The kernel sends INIT once per connection, so no handshake is read here and the
+    /// filesystem's `init` is not called: the connection keeps the parameters negotiated
+    /// at its INIT. Like `from_fd`, this mounts nothing.
+    /// (sealfs patch: upstream cberner/fuser#753 asks for the same.)
+    pub fn from_initialized_fd(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+    ) -> Self {
+        Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch: Channel::new(Arc::new(DevFuse(File::from(fd)))),
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: None,
+            config,
+        }
+    }
+
     /// Run the session loop in a background thread. If the returned handle is dropped,
     /// the filesystem is unmounted and the given session ends.
     pub fn spawn(self) -> io::Result<BackgroundSession> {
