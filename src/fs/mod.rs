@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use error::FsError;
-pub use inode::{Node, Tree, ROOT};
+pub use inode::{Node, Tree, TreeState, ROOT};
 pub use read::ReadData;
 
 use crate::cache::{ChunkCache, ChunkKey};
@@ -267,6 +267,13 @@ pub struct SealFs {
     served: Mutex<HashMap<String, (u64, u32)>>,
     /// Tells the kernel to drop its pages of an inode (set by the FUSE session).
     invalidate: std::sync::OnceLock<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// Hands the tree to a successor's store (fuse/handover.rs; set by the FUSE session).
+    persister: std::sync::OnceLock<Arc<dyn Fn(TreeState) + Send + Sync>>,
+    /// [`Tree::changes`] at the last write through `persister`.
+    persisted: AtomicU64,
+    /// Serving a connection taken over from a predecessor: a file handle the kernel holds
+    /// from it is opened again at its first request.
+    resumed: bool,
 }
 
 /// A model's manifest, loaded once per manifest version (single flight).
@@ -320,8 +327,60 @@ impl SealFs {
         trusted: crate::sign::TrustedSigners,
         config: MountConfig,
     ) -> crate::Result<Arc<Self>> {
+        Self::build(store, prefix, keyring, trusted, config, None).await
+    }
+
+    /// [`SealFs::with_signers`] taking over a predecessor's tree (its inode numbers stay
+    /// what the kernel knows), then applying a fresh listing as any refresh does. File
+    /// handles are numbered from `generation << 40`.
+    pub async fn resumed(
+        store: Store,
+        prefix: &str,
+        keyring: Keyring,
+        trusted: crate::sign::TrustedSigners,
+        config: MountConfig,
+        tree: TreeState,
+        generation: u32,
+    ) -> crate::Result<Arc<Self>> {
+        Self::build(
+            store,
+            prefix,
+            keyring,
+            trusted,
+            config,
+            Some((tree, generation)),
+        )
+        .await
+    }
+
+    async fn build(
+        store: Store,
+        prefix: &str,
+        keyring: Keyring,
+        trusted: crate::sign::TrustedSigners,
+        config: MountConfig,
+        resume: Option<(TreeState, u32)>,
+    ) -> crate::Result<Arc<Self>> {
         let listing = object::find_bounded(&store, prefix, &config.list_limits).await?;
-        let tree = Tree::build(listing, prefix, config.max_chunk_log2);
+        let resumed = resume.is_some();
+        let (tree, first_fh) = match resume {
+            None => (Tree::build(listing, prefix, config.max_chunk_log2), 1),
+            Some((state, generation)) => {
+                let mut t = Tree::restore(state, config.max_chunk_log2).map_err(|e| {
+                    crate::Error::Usage(format!("the predecessor's state is unusable: {e}"))
+                })?;
+                let c = t.refresh(listing, prefix);
+                tracing::info!(
+                    nodes = t.len(),
+                    added = c.added,
+                    changed = c.changed,
+                    removed = c.removed,
+                    generation,
+                    "tree taken over from the predecessor"
+                );
+                (t, (u64::from(generation) << 40) | 1)
+            }
+        };
         // From the configuration, never from a listing: a store must not size locked memory.
         let slot = (1usize << config.max_chunk_log2) + crate::format::TAG_LEN as usize;
         let cache = ChunkCache::new(config.cache_size, slot)?;
@@ -340,7 +399,7 @@ impl SealFs {
             cache,
             files: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new(first_fh),
             next_seq: AtomicU64::new(1),
             inflight: Default::default(),
             config,
@@ -355,6 +414,9 @@ impl SealFs {
             revokes: Default::default(),
             active_readers: AtomicUsize::new(0),
             invalidate: std::sync::OnceLock::new(),
+            persister: std::sync::OnceLock::new(),
+            persisted: AtomicU64::new(u64::MAX),
+            resumed,
         }))
     }
 
@@ -484,11 +546,11 @@ impl SealFs {
         *lock(&self.listed_at) = Instant::now();
         match object::find_bounded(&self.store, &self.prefix, &self.config.list_limits).await {
             Ok(listing) => {
-                let c = self
-                    .tree
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .refresh(listing, &self.prefix);
+                let mut t = self.tree.write().unwrap_or_else(|p| p.into_inner());
+                let c = t.refresh(listing, &self.prefix);
+                // Before the guard goes: no lookup sees a new number the state lacks.
+                self.persist(&t);
+                drop(t);
                 if c != Default::default() {
                     tracing::info!(
                         added = c.added,
@@ -580,6 +642,40 @@ impl SealFs {
             self.release(fh);
         }
         Ok(())
+    }
+
+    /// Sets where the tree goes for a successor (the FUSE session's descriptor store), and
+    /// writes it there now.
+    pub fn set_persister(&self, f: Arc<dyn Fn(TreeState) + Send + Sync>) {
+        if self.persister.set(f).is_ok() {
+            let t = self.tree.write().unwrap_or_else(|p| p.into_inner());
+            self.persist(&t);
+        }
+    }
+
+    /// Writes the tree through the persister if it changed since the last write. Callers
+    /// that give out inode numbers call it under the tree's write guard.
+    fn persist(&self, t: &Tree) {
+        let Some(f) = self.persister.get() else {
+            return;
+        };
+        if self.persisted.swap(t.changes(), Ordering::SeqCst) != t.changes() {
+            f(t.snapshot());
+        }
+    }
+
+    /// [`SealFs::persist`] for changes that need not stop lookups (identities recorded,
+    /// retired inodes freed): called by the mount's once-a-second sweeper.
+    pub fn persist_if_changed(&self) {
+        if self.persister.get().is_some() {
+            let t = self.tree.write().unwrap_or_else(|p| p.into_inner());
+            self.persist(&t);
+        }
+    }
+
+    /// True if this mount serves a connection taken over from a predecessor.
+    pub fn is_resumed(&self) -> bool {
+        self.resumed
     }
 
     /// The kernel forgot inode `ino`: a retired one is freed.

@@ -40,9 +40,34 @@ impl SealFs {
     /// the kernel looks the name up again and opens the new inode. So the kernel's cached
     /// pages of the old version can never be served to a reader of the new one.
     pub async fn open(self: &Arc<Self>, ino: u64, who: (u32, u32)) -> Result<u64, FsError> {
+        self.open_as(ino, who, None).await
+    }
+
+    /// A file handle the kernel holds from a predecessor daemon (fuse/handover.rs), met at
+    /// its first request: opened again under the same number, with every check and audit
+    /// line of an open. The inode may be retired by now; only the version it stands for is
+    /// served (another is ESTALE).
+    pub async fn reopen(
+        self: &Arc<Self>,
+        fh: u64,
+        ino: u64,
+        who: (u32, u32),
+    ) -> Result<(), FsError> {
+        if !self.resumed {
+            return Err(FsError::BadHandle);
+        }
+        self.open_as(ino, who, Some(fh)).await.map(|_| ())
+    }
+
+    async fn open_as(
+        self: &Arc<Self>,
+        ino: u64,
+        who: (u32, u32),
+        adopt: Option<u64>,
+    ) -> Result<u64, FsError> {
         let entry = {
             let t = self.tree();
-            if t.is_retired(ino) {
+            if t.is_retired(ino) && adopt.is_none() {
                 return Err(FsError::Stale);
             }
             match t.get(ino) {
@@ -85,6 +110,8 @@ impl SealFs {
             if !t.is_retired(ino) {
                 let new = t.replace(ino, fresh, size);
                 t.same_version(new, &opened.file.key_object.mac);
+                // Before the guard goes: the new number is in the successor's state.
+                self.persist(&t);
             }
             tracing::info!(file = %entry.data.key, "object replaced since listed; the new version gets a new inode");
             return Err(FsError::Stale);
@@ -127,7 +154,22 @@ impl SealFs {
             }
         }
         *lock(&slot.idle_since) = None;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let fh = match adopt {
+            Some(fh) => {
+                tracing::info!(
+                    target: "sealfs::audit",
+                    file = %self.store.describe(&opened.file.key),
+                    file_id = %hex::encode(opened.file.key_object.header.file_id),
+                    fh,
+                    uid = who.0,
+                    pid = who.1,
+                    host = crate::telemetry::hostname(),
+                    "handle taken over from the predecessor"
+                );
+                fh
+            }
+            None => self.next_fh.fetch_add(1, Ordering::Relaxed),
+        };
         let h = Handle {
             opened,
             ino,
@@ -135,7 +177,16 @@ impl SealFs {
             prefetch: Mutex::new(read::Prefetch::default()),
         };
         let h = Arc::new(h);
-        lock(&self.handles).insert(fh, h.clone());
+        {
+            let mut handles = lock(&self.handles);
+            if adopt.is_some() && handles.contains_key(&fh) {
+                // Another request on the same handle took it over first.
+                drop(handles);
+                self.close_slot(&h.slot);
+                return Ok(fh);
+            }
+            handles.insert(fh, h.clone());
+        }
         if let Some(why) = self.missed_revoke(epoch, &h.opened) {
             Box::pin(self.revoke_one(&h.opened, &why)).await;
             self.release(fh);

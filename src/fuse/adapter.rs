@@ -113,8 +113,8 @@ impl Filesystem for Adapter {
 
     fn read(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -131,13 +131,22 @@ impl Filesystem for Adapter {
         if let Some(r) = &cached {
             self.fs.stats.record(Op::Read, t, r.is_ok());
         }
+        // A handle from a predecessor daemon (fuse/handover.rs): opened again in the task.
+        let adopt = matches!(cached, Some(Err(FsError::BadHandle))) && self.fs.is_resumed();
         match cached {
             Some(Ok(data)) => return reply.data(data.bytes()),
-            Some(Err(e)) => return reply.error(errno(&e)),
-            None => {}
+            Some(Err(e)) if !adopt => return reply.error(errno(&e)),
+            _ => {}
         }
         let fs = self.fs.clone();
+        let who = (req.uid(), req.pid());
         self.rt.spawn(async move {
+            if adopt {
+                if let Err(e) = fs.reopen(fh.0, ino.0, who).await {
+                    fs.stats.record(Op::Read, t, false);
+                    return reply.error(errno(&e));
+                }
+            }
             let r = fs.read_fetching(fh.0, offset, size).await;
             fs.stats.record(Op::Read, t, r.is_ok());
             match r {

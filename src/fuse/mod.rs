@@ -2,5 +2,6 @@
 
 pub mod adapter;
 pub mod control;
+pub mod handover;
 pub mod kernel_mount;
 pub mod session;

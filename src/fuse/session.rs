@@ -6,7 +6,7 @@
 //! the mount point is answered through FUSE by this daemon.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use std::time::Duration;
 use fuser::{Config, MountOption, SessionACL};
 
 use super::adapter::Adapter;
+use super::handover;
 use crate::error::Error;
 use crate::exit;
 use crate::fs::{MountConfig, SealFs};
@@ -76,12 +77,27 @@ pub fn run(args: MountArgs) -> i32 {
             return code;
         }
     };
-    // A passed connection: the mount point is the mounter's, maybe not even visible here.
-    let checked = match args.fuse_fd {
-        Some(_) => Ok(args.mountpoint.clone()),
-        None => check_mountpoint(&args.mountpoint),
+    // A connection a predecessor left in systemd's descriptor store (fuse/handover.rs).
+    let fd_store = match args.fuse_fd {
+        None => handover::FdStore::from_env().map(Arc::new),
+        Some(_) => None, // the CSI mounter's child: its mounter holds the connection
     };
-    let mountpoint = match checked {
+    let mut resume = match handover::take_passed() {
+        Ok(p) => takeover(p, &args, fd_store.as_deref()),
+        Err(msg) => {
+            eprintln!("sealfs: error: {msg}");
+            return exit::USAGE;
+        }
+    };
+    // A passed connection: the mount point is the mounter's, maybe not even visible here.
+    // A resumed one is ours and live, but nobody serves it yet: never touched (a stat
+    // would wait on this very process).
+    let checked = match (&args.fuse_fd, &resume) {
+        (Some(_), _) => Ok(args.mountpoint.clone()),
+        (None, Some(r)) => Ok(r.mountpoint.clone()),
+        (None, None) => check_mountpoint(&args.mountpoint),
+    };
+    let mut mountpoint = match checked {
         Ok(p) => p,
         Err(Fatal(code, msg)) => {
             eprintln!("sealfs: error: {msg}");
@@ -131,8 +147,30 @@ pub fn run(args: MountArgs) -> i32 {
             return exit::FAILURE;
         }
     };
-    let fs = match rt.block_on(setup(&args)) {
+    let fs = match rt.block_on(setup(&args, resume.as_mut().and_then(|r| r.state.take()))) {
         Ok(fs) => fs,
+        Err(Fatal(_, why)) if resume.is_some() => {
+            // Not resumable after all: let the old connection go and mount afresh.
+            tracing::warn!(error = %why, "cannot take the connection over; mounting afresh");
+            let old = resume.take().expect("checked");
+            drop(old.fuse);
+            if let Some(s) = &fd_store {
+                s.clear();
+            }
+            detach(&old.mountpoint);
+            let fresh = check_mountpoint(&args.mountpoint).and_then(|p| {
+                mountpoint = p;
+                rt.block_on(setup(&args, None))
+            });
+            match fresh {
+                Ok(fs) => fs,
+                Err(f) => {
+                    let code = f.0;
+                    report(&mut pipe, Err(f));
+                    return code;
+                }
+            }
+        }
         Err(f) => {
             let code = f.0;
             report(&mut pipe, Err(f));
@@ -145,7 +183,12 @@ pub fn run(args: MountArgs) -> i32 {
             return code;
         }
     }
-    let code = match serve(&rt, fs, &args, passed, &mountpoint, &mut pipe, report) {
+    let conn = Connection {
+        passed,
+        resumed: resume.map(|r| (r.fuse, r.generation)),
+        store: fd_store,
+    };
+    let code = match serve(&rt, fs, &args, conn, &mountpoint, &mut pipe, report) {
         Ok(()) => exit::OK,
         Err(f) => {
             let code = f.0;
@@ -157,7 +200,85 @@ pub fn run(args: MountArgs) -> i32 {
     code
 }
 
-async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
+/// A connection taken over from a predecessor, checked as far as can be before setup.
+struct Resume {
+    fuse: OwnedFd,
+    /// Taken by setup.
+    state: Option<handover::State>,
+    generation: u32,
+    mountpoint: PathBuf,
+}
+
+/// How the FUSE connection comes about, and who keeps it for a successor.
+struct Connection {
+    /// `--fuse-fd`: opened and mounted by the CSI mounter's caller.
+    passed: Option<OwnedFd>,
+    /// From the descriptor store: already initialised; this daemon's generation.
+    resumed: Option<(OwnedFd, u32)>,
+    /// systemd's descriptor store, when the unit has one.
+    store: Option<Arc<handover::FdStore>>,
+}
+
+/// The resumable connection among `p`, or why not (logged; the store is then emptied and
+/// the descriptors closed, so a dead mount is detached and mounted afresh).
+fn takeover(
+    mut p: handover::Passed,
+    args: &MountArgs,
+    store: Option<&handover::FdStore>,
+) -> Option<Resume> {
+    if p.is_empty() {
+        return None;
+    }
+    let state = p.newest_state();
+    let fuse = p.fuse.take();
+    // The mount point's parent is not on this mount: resolving it cannot wait on us.
+    let mountpoint = match (args.mountpoint.parent(), args.mountpoint.file_name()) {
+        (Some(d), Some(n)) => {
+            let d = if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            };
+            d.canonicalize().ok().map(|d| d.join(n))
+        }
+        _ => None,
+    };
+    let why = match (&fuse, &state, &mountpoint) {
+        (None, _, _) => Some("no connection was stored".to_string()),
+        (_, None, _) => Some("no state was stored".to_string()),
+        (_, _, None) => Some("the mount point's parent does not resolve".to_string()),
+        (Some(fd), Some(st), Some(mp)) => {
+            if st.uri != args.uri {
+                Some(format!("the stored mount is of {:?}", st.uri))
+            } else if !handover::connection_alive(fd.as_fd()) {
+                Some("the stored connection is gone (unmounted)".to_string())
+            } else if !matches!(crate::mountinfo::at(mp), Ok(Some(_))) {
+                Some("nothing is mounted at the mount point".to_string())
+            } else {
+                None
+            }
+        }
+    };
+    if let Some(why) = why {
+        tracing::warn!(reason = %why, "not resuming the stored connection; mounting afresh");
+        if let Some(s) = store {
+            s.clear();
+        }
+        return None;
+    }
+    let (fuse, state, mountpoint) = (fuse?, state?, mountpoint?);
+    if let Some(s) = store {
+        s.continue_after(state.seq);
+    }
+    Some(Resume {
+        fuse,
+        generation: state.generation.saturating_add(1),
+        state: Some(state),
+        mountpoint,
+    })
+}
+
+async fn setup(args: &MountArgs, resume: Option<handover::State>) -> Result<Arc<SealFs>, Fatal> {
     let loc = Location::parse(&args.uri).await.map_err(Error::from)?;
     let specs = args
         .keys
@@ -188,14 +309,30 @@ async fn setup(args: &MountArgs) -> Result<Arc<SealFs>, Fatal> {
     {
         return Err(Error::Usage(why).into());
     }
-    let fs = SealFs::with_signers(
-        loc.store,
-        &loc.prefix,
-        keyring,
-        trusted,
-        args.config.clone(),
-    )
-    .await?;
+    let fs = match resume {
+        None => {
+            SealFs::with_signers(
+                loc.store,
+                &loc.prefix,
+                keyring,
+                trusted,
+                args.config.clone(),
+            )
+            .await?
+        }
+        Some(st) => {
+            SealFs::resumed(
+                loc.store,
+                &loc.prefix,
+                keyring,
+                trusted,
+                args.config.clone(),
+                st.tree,
+                st.generation.saturating_add(1),
+            )
+            .await?
+        }
+    };
     tracing::info!(uri = %args.uri, files = fs.file_count(), "listed");
     Ok(fs)
 }
@@ -204,7 +341,7 @@ fn serve(
     rt: &tokio::runtime::Runtime,
     fs: Arc<SealFs>,
     args: &MountArgs,
-    passed: Option<OwnedFd>,
+    conn: Connection,
     mountpoint: &Path,
     pipe: &mut Option<std::fs::File>,
     report: impl Fn(&mut Option<std::fs::File>, Result<(), Fatal>),
@@ -229,7 +366,10 @@ fn serve(
     };
     config.n_threads = Some(2);
     // A cloned fd per thread needs /dev/fuse; a passed connection's threads share its fd.
-    config.clone_fd = args.fuse_fd.is_none();
+    // So do a resumable connection's: a cloned fd is a file of its own, and the requests
+    // it had read fail (ECONNABORTED) when it closes with a crashed daemon, where those of
+    // the stored one stay queued for the successor.
+    config.clone_fd = args.fuse_fd.is_none() && conn.store.is_none();
 
     // Bind the metrics port before the mount, so a busy port fails the start.
     let metrics = match args.metrics_addr {
@@ -268,15 +408,50 @@ fn serve(
         fs: fs.clone(),
         rt: rt.handle().clone(),
     };
-    let mut session = match passed {
+    let resumed = conn.resumed.is_some();
+    let generation = conn.resumed.as_ref().map_or(0, |r| r.1);
+    let mut session = match (conn.passed, conn.resumed) {
         // The kernel's INIT is read here: the mounter mounted before passing the fd.
-        Some(fd) => fuser::Session::from_fd(adapter, fd, config.acl, config.clone()).map_err(|e| {
+        (Some(fd), _) => fuser::Session::from_fd(adapter, fd, config.acl, config.clone()).map_err(|e| {
             Fatal(exit::FAILURE, format!("--fuse-fd: the FUSE handshake failed: {e}"))
         })?,
-        None => fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
+        // The predecessor answered INIT; the kernel sends it once per connection.
+        (None, Some((fd, generation))) => {
+            let s = fuser::Session::from_initialized_fd(adapter, fd, config.acl, config.clone());
+            // What the predecessor read and never answered, queued again for us.
+            match handover::notify_resend(s.as_fd()) {
+                Ok(()) => tracing::info!(generation, "connection taken over; interrupted requests sent again"),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => tracing::warn!(
+                    generation,
+                    "connection taken over; this kernel cannot resend interrupted requests (FUSE_NOTIFY_RESEND needs Linux 6.9): their readers wait until the kernel's own timeout, if any"
+                ),
+                Err(e) => tracing::warn!(generation, error = %e, "connection taken over; resending interrupted requests failed"),
+            }
+            s
+        }
+        (None, None) => fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
             Fatal(exit::FAILURE, format!("cannot mount {}: {e} (is /dev/fuse there and fusermount3 installed? allow_other needs user_allow_other in /etc/fuse.conf)", mountpoint.display()))
         })?,
     };
+    // A successor's way back in: the connection, and the tree (written now, then at every
+    // change), before the first request is served.
+    if let Some(store) = &conn.store {
+        if let Err(e) = store.store_connection(session.as_fd()) {
+            tracing::warn!(error = %e, "the descriptor store refused the connection; a restart will remount");
+        }
+        let (store, uri) = (store.clone(), args.uri.clone());
+        fs.set_persister(Arc::new(move |tree| {
+            let st = handover::State {
+                seq: store.next_seq(),
+                uri: uri.clone(),
+                generation,
+                tree,
+            };
+            if let Err(e) = store.store_state(&st) {
+                tracing::warn!(error = %e, "could not store the mount's state for a successor");
+            }
+        }));
+    }
     let notifier = session.notifier();
     // Offset 0, length 0: every cached page of the inode, mapped ones included.
     fs.set_invalidator(Arc::new(move |ino| {
@@ -300,7 +475,7 @@ fn serve(
     // Ready only once the kernel routes a stat of the mount point to us (a passed
     // connection is live once its handshake is done: the mount point may not be visible).
     let mp = mountpoint.to_path_buf();
-    let live = args.fuse_fd.is_some() || {
+    let live = args.fuse_fd.is_some() || resumed || {
         let stat = rt.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(20),
@@ -346,6 +521,7 @@ fn serve(
         loop {
             tick.tick().await;
             sweeper_fs.sweep();
+            sweeper_fs.persist_if_changed();
         }
     });
     // Revocation that reaches open files (fs/revoke.rs).
@@ -435,6 +611,10 @@ fn serve(
     }
     if ended_by_signal {
         crate::telemetry::sd_notify("STOPPING=1");
+        // A stop is not a restart: nothing is left for a successor to take over.
+        if let Some(store) = &conn.store {
+            store.clear();
+        }
         tracing::info!("signal received; unmounting");
         if let Err(e) = unmounter.unmount() {
             // Busy: a file is still open (an mmap'd model, a reader mid-file). Detach, as

@@ -10,7 +10,7 @@ pub mod s3;
 use bytes::Bytes;
 
 /// One object from a listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,

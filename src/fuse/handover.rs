@@ -1,0 +1,349 @@
+//! Handing a live FUSE connection to a successor, so that a crash, a restart or an upgrade
+//! of the daemon pauses readers instead of failing them (issue 23).
+//!
+//! The standard holder is systemd's file descriptor store: after the mount the daemon sends
+//! `FDSTORE=1` with `FDNAME=fuse` (the `/dev/fuse` descriptor) and its state in a sealed
+//! memfd (`FDNAME=state-a` or `state-b`, alternately, the older one removed after the newer
+//! is stored: a kill between the two leaves both, and the successor takes the newer).
+//! While the store holds the descriptor the kernel keeps the connection, queueing requests;
+//! the successor gets both back as `LISTEN_FDS`/`LISTEN_FDNAMES` (with `LISTEN_PID` its
+//! own), serves the connection without a new INIT, and asks the kernel to send again the
+//! requests its predecessor had read but not answered (`FUSE_NOTIFY_RESEND`, Linux 6.9+).
+//!
+//! The store is used only when systemd says it has one: `$FDSTORE` (systemd 254+, the
+//! unit's `FileDescriptorStoreMax=`) of at least [`NEEDED`], beside `$NOTIFY_SOCKET`.
+//!
+//! The state is the tree (fs/inode.rs [`TreeState`]: names, sizes, ETags, header MACs) and
+//! the successor count that keeps file handles apart: never a key, a DEK or plaintext.
+
+use std::io::{IoSlice, Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::socket::{self, ControlMessage, MsgFlags, UnixAddr};
+
+use crate::fs::inode::TreeState;
+
+/// The name of the stored `/dev/fuse` descriptor.
+pub const FUSE_NAME: &str = "fuse";
+/// The two names the state alternates between.
+const STATE_NAMES: [&str; 2] = ["state-a", "state-b"];
+/// Descriptors the store must take: the connection and two states.
+pub const NEEDED: usize = 3;
+/// The largest state read back (a tree of millions of files fits).
+pub const MAX_STATE: usize = 512 << 20;
+/// Descriptors taken from `LISTEN_FDS` at most; more is not a handover of ours.
+const MAX_PASSED: usize = 16;
+/// The first passed descriptor (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+const MAGIC: &[u8] = b"sealfs-state v1\n";
+/// `FUSE_NOTIFY_RESEND` (include/uapi/linux/fuse.h, protocol 7.40).
+const FUSE_NOTIFY_RESEND: i32 = 7;
+
+/// What a daemon hands its successor besides the connection.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(Debug))]
+pub struct State {
+    /// Raised at every write: of two stored states the successor takes the higher.
+    pub seq: u64,
+    /// The mount's URI: a successor configured for another refuses the handover.
+    pub uri: String,
+    /// How many daemons served this connection before: file handles are
+    /// `generation << 40 | n`, so a successor never gives out a number the kernel holds.
+    pub generation: u32,
+    pub tree: TreeState,
+}
+
+/// What the predecessor (through systemd) passed: the connection and its states.
+#[derive(Default)]
+pub struct Passed {
+    pub fuse: Option<OwnedFd>,
+    pub states: Vec<OwnedFd>,
+}
+
+impl Passed {
+    pub fn is_empty(&self) -> bool {
+        self.fuse.is_none() && self.states.is_empty()
+    }
+
+    /// The newest readable state, if any; an unreadable one is logged and skipped.
+    pub fn newest_state(&mut self) -> Option<State> {
+        let mut best: Option<State> = None;
+        for fd in self.states.drain(..) {
+            match read_state(fd) {
+                Ok(s) if best.as_ref().is_none_or(|b| s.seq > b.seq) => best = Some(s),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "a stored state is unreadable; skipped"),
+            }
+        }
+        best
+    }
+}
+
+/// Takes the descriptors passed by `LISTEN_FDS`/`LISTEN_FDNAMES` when `LISTEN_PID` is this
+/// process, and clears the three variables (children must not take them). Descriptors of
+/// other names are closed. Call before any thread exists.
+#[allow(unsafe_code)]
+pub fn take_passed() -> Result<Passed, String> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return Ok(Passed::default());
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(Passed::default()); // meant for another process
+    }
+    let n: usize = count
+        .parse()
+        .map_err(|_| format!("LISTEN_FDS={count:?} is not a count"))?;
+    if n > MAX_PASSED {
+        return Err(format!(
+            "LISTEN_FDS={n}: more than {MAX_PASSED} descriptors"
+        ));
+    }
+    let names: Vec<&str> = names.as_deref().unwrap_or("").split(':').collect();
+    let mut passed = Passed::default();
+    for i in 0..n {
+        let raw = LISTEN_FDS_START + i as RawFd;
+        // SAFETY: F_GETFD only asks whether `raw` is open.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+            return Err(format!("LISTEN_FDS={n}: descriptor {raw} is not open"));
+        }
+        // SAFETY: `raw` is open and was passed to this process to own; nothing else in it
+        // refers to this number (this runs before any other descriptor is opened).
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+            .map_err(|e| format!("descriptor {raw}: {e}"))?;
+        match names.get(i).copied() {
+            Some(FUSE_NAME) if passed.fuse.is_none() => passed.fuse = Some(fd),
+            Some(n) if STATE_NAMES.contains(&n) => passed.states.push(fd),
+            other => tracing::warn!(name = ?other, "passed descriptor of an unknown name closed"),
+        }
+    }
+    Ok(passed)
+}
+
+/// True if the connection behind `fd` is still up: the kernel reports POLLERR on a
+/// `/dev/fuse` descriptor whose connection was aborted (unmounted, or every holder gone).
+pub fn connection_alive(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => !fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)),
+        Err(_) => false,
+    }
+}
+
+/// Asks the kernel to send again every request the predecessor read and never answered.
+/// `Err` with EINVAL: the kernel predates `FUSE_NOTIFY_RESEND` (Linux 6.9).
+pub fn notify_resend(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    // struct fuse_out_header { u32 len; i32 error (the notify code); u64 unique (0) }.
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    let n = nix::unistd::write(fd, &msg)?;
+    if n != msg.len() {
+        return Err(std::io::Error::other("short write of FUSE_NOTIFY_RESEND"));
+    }
+    Ok(())
+}
+
+/// The seals a state memfd carries: nobody can change it once stored.
+fn seals() -> SealFlag {
+    SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL
+}
+
+/// A sealed memfd holding `s`.
+pub fn write_state(s: &State) -> std::io::Result<OwnedFd> {
+    let json = serde_json::to_vec(s).map_err(std::io::Error::other)?;
+    if MAGIC.len() + json.len() > MAX_STATE {
+        return Err(std::io::Error::other(format!(
+            "state of {} bytes is over {MAX_STATE}",
+            json.len()
+        )));
+    }
+    let fd = memfd_create(
+        "sealfs-state",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(MAGIC)?;
+    f.write_all(&json)?;
+    fcntl(&f, FcntlArg::F_ADD_SEALS(seals()))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Reads a stored state: a sealed memfd, at most [`MAX_STATE`] bytes, the magic line, then
+/// strict JSON. The tree inside is checked when it is restored.
+pub fn read_state(fd: OwnedFd) -> Result<State, String> {
+    let got = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(|e| format!("not a memfd ({e})"))?;
+    if !SealFlag::from_bits_truncate(got).contains(seals()) {
+        return Err("not a sealed memfd".into());
+    }
+    let mut f = std::fs::File::from(fd);
+    f.rewind().map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    (&mut f)
+        .take(MAX_STATE as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| e.to_string())?;
+    if buf.len() > MAX_STATE {
+        return Err(format!("over {MAX_STATE} bytes"));
+    }
+    let json = buf
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| "not a sealfs state (magic line)".to_string())?;
+    serde_json::from_slice(json).map_err(|e| format!("malformed: {}", crate::keys::json_error(&e)))
+}
+
+/// systemd's descriptor store, when the unit has one.
+pub struct FdStore {
+    /// The state name written last (index into [`STATE_NAMES`]).
+    current: AtomicUsize,
+    seq: AtomicU64,
+}
+
+impl FdStore {
+    /// The store, if `$NOTIFY_SOCKET` is set and `$FDSTORE` allows [`NEEDED`] descriptors.
+    pub fn from_env() -> Option<Self> {
+        std::env::var_os("NOTIFY_SOCKET")?;
+        let max: usize = std::env::var("FDSTORE").ok()?.parse().ok()?;
+        (max >= NEEDED).then(|| Self {
+            current: AtomicUsize::new(1),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Continues after a predecessor whose newest state had `seq`.
+    pub fn continue_after(&self, seq: u64) {
+        self.seq.store(seq, Ordering::SeqCst);
+    }
+
+    /// Stores the connection (systemd keeps one copy of the same open file).
+    pub fn store_connection(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        send_notify(&format!("FDSTORE=1\nFDNAME={FUSE_NAME}"), &[fd.as_raw_fd()])
+    }
+
+    /// The next state's sequence number.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Stores `s` under the name not written last, then drops the other one.
+    pub fn store_state(&self, s: &State) -> std::io::Result<()> {
+        let fd = write_state(s)?;
+        let old = self.current.load(Ordering::SeqCst);
+        let new = 1 - old;
+        send_notify(
+            &format!("FDSTORE=1\nFDNAME={}", STATE_NAMES[new]),
+            &[fd.as_fd().as_raw_fd()],
+        )?;
+        self.current.store(new, Ordering::SeqCst);
+        send_notify(
+            &format!("FDSTOREREMOVE=1\nFDNAME={}", STATE_NAMES[old]),
+            &[],
+        )
+    }
+
+    /// Empties the store (a stop: nothing is to be resumed).
+    pub fn clear(&self) {
+        for name in [FUSE_NAME, STATE_NAMES[0], STATE_NAMES[1]] {
+            if let Err(e) = send_notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[]) {
+                tracing::warn!(error = %e, name, "could not empty the descriptor store");
+            }
+        }
+    }
+}
+
+/// One datagram to `$NOTIFY_SOCKET` (a path, or `@` for an abstract name) with `fds`.
+fn send_notify(msg: &str, fds: &[RawFd]) -> std::io::Result<()> {
+    let path = std::env::var_os("NOTIFY_SOCKET")
+        .ok_or_else(|| std::io::Error::other("NOTIFY_SOCKET is not set"))?;
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name)?,
+        None => UnixAddr::new(std::path::Path::new(&path))?,
+    };
+    let sock = socket::socket(
+        socket::AddressFamily::Unix,
+        socket::SockType::Datagram,
+        socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    let n = socket::sendmsg(
+        sock.as_raw_fd(),
+        &[IoSlice::new(msg.as_bytes())],
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        Some(&addr),
+    )?;
+    if n != msg.len() {
+        return Err(std::io::Error::other("short send to NOTIFY_SOCKET"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::inode::Tree;
+
+    fn state(seq: u64) -> State {
+        State {
+            seq,
+            uri: "file:///m".into(),
+            generation: 2,
+            tree: Tree::build(Default::default(), "", 20).snapshot(),
+        }
+    }
+
+    #[test]
+    fn a_state_round_trips_and_the_newest_of_two_is_taken() {
+        let mut p = Passed {
+            fuse: None,
+            states: vec![
+                write_state(&state(4)).unwrap(),
+                write_state(&state(9)).unwrap(),
+            ],
+        };
+        let s = p.newest_state().unwrap();
+        assert_eq!((s.seq, s.generation, s.uri.as_str()), (9, 2, "file:///m"));
+    }
+
+    #[test]
+    fn an_unsealed_or_foreign_memfd_is_refused() {
+        let fd = memfd_create("x", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        let mut f = std::fs::File::from(fd);
+        f.write_all(MAGIC).unwrap();
+        f.write_all(b"{}").unwrap();
+        let e = read_state(OwnedFd::from(f)).err().unwrap();
+        assert_eq!(e, "not a sealed memfd");
+        let fd = memfd_create("x", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        let mut f = std::fs::File::from(fd);
+        f.write_all(b"{\"seq\":1}").unwrap();
+        fcntl(&f, FcntlArg::F_ADD_SEALS(seals())).unwrap();
+        let e = read_state(OwnedFd::from(f)).err().unwrap();
+        assert_eq!(e, "not a sealfs state (magic line)");
+        let fd = memfd_create("x", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        let mut f = std::fs::File::from(fd);
+        f.write_all(MAGIC).unwrap();
+        f.write_all(b"{\"seq\":1,\"extra\":").unwrap();
+        fcntl(&f, FcntlArg::F_ADD_SEALS(seals())).unwrap();
+        assert!(read_state(OwnedFd::from(f))
+            .unwrap_err()
+            .starts_with("malformed"));
+    }
+}
