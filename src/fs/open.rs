@@ -40,7 +40,9 @@ impl SealFs {
     /// the kernel looks the name up again and opens the new inode. So the kernel's cached
     /// pages of the old version can never be served to a reader of the new one.
     pub async fn open(self: &Arc<Self>, ino: u64, who: (u32, u32)) -> Result<u64, FsError> {
-        self.open_as(ino, who, None).await
+        // Boxed: the open's state machine is large, and callers' stacks (a test thread,
+        // a runtime worker) need not hold it.
+        Box::pin(self.open_as(ino, who, None)).await
     }
 
     /// A file handle the kernel holds from a predecessor daemon (fuse/handover.rs), met at
@@ -56,7 +58,7 @@ impl SealFs {
         if !self.resumed {
             return Err(FsError::BadHandle);
         }
-        self.open_as(ino, who, Some(fh)).await.map(|_| ())
+        Box::pin(self.open_as(ino, who, Some(fh))).await.map(|_| ())
     }
 
     async fn open_as(
