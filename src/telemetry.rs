@@ -296,24 +296,47 @@ pub fn hostname() -> &'static str {
 /// Sends one sd_notify(3) message (`READY=1`, `STOPPING=1`) when run by systemd with
 /// `Type=notify`; does nothing otherwise.
 pub fn sd_notify(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(e) => return tracing::warn!(error = %e, "sd_notify socket"),
-    };
-    let bytes = path.as_encoded_bytes();
-    let res = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
-    } else {
-        sock.send_to(msg.as_bytes(), std::path::Path::new(&path))
-    };
-    if let Err(e) = res {
+    }
+    if let Err(e) = sd_notify_with_fds(msg, &[]) {
         tracing::warn!(error = %e, message = msg, "sd_notify failed");
     }
+}
+
+/// One datagram to `$NOTIFY_SOCKET` (a path, or `@` for an abstract name) with `fds`
+/// attached (systemd's `FDSTORE=1`; fuse/handover.rs).
+pub fn sd_notify_with_fds(msg: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{self, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let path = std::env::var_os("NOTIFY_SOCKET")
+        .ok_or_else(|| std::io::Error::other("NOTIFY_SOCKET is not set"))?;
+    let addr = match path.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name)?,
+        None => UnixAddr::new(std::path::Path::new(&path))?,
+    };
+    let sock = socket::socket(
+        socket::AddressFamily::Unix,
+        socket::SockType::Datagram,
+        socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    let n = socket::sendmsg(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(msg.as_bytes())],
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        Some(&addr),
+    )?;
+    if n != msg.len() {
+        return Err(std::io::Error::other("short send to NOTIFY_SOCKET"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

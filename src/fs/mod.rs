@@ -668,8 +668,9 @@ impl SealFs {
     /// retired inodes freed): called by the mount's once-a-second sweeper.
     pub fn persist_if_changed(&self) {
         if self.persister.get().is_some() {
-            let t = self.tree.write().unwrap_or_else(|p| p.into_inner());
-            self.persist(&t);
+            // A read guard: writers of new numbers persist under their own write guard, so
+            // this never needs to hold lookups back.
+            self.persist(&self.tree());
         }
     }
 

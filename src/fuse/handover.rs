@@ -16,13 +16,12 @@
 //! The state is the tree (fs/inode.rs [`TreeState`]: names, sizes, ETags, header MACs) and
 //! the successor count that keeps file handles apart: never a key, a DEK or plaintext.
 
-use std::io::{IoSlice, Read, Seek, Write};
+use std::io::{Read, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::socket::{self, ControlMessage, MsgFlags, UnixAddr};
 
 use crate::fs::inode::TreeState;
 
@@ -229,7 +228,10 @@ impl FdStore {
 
     /// Stores the connection (systemd keeps one copy of the same open file).
     pub fn store_connection(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-        send_notify(&format!("FDSTORE=1\nFDNAME={FUSE_NAME}"), &[fd.as_raw_fd()])
+        crate::telemetry::sd_notify_with_fds(
+            &format!("FDSTORE=1\nFDNAME={FUSE_NAME}"),
+            &[fd.as_raw_fd()],
+        )
     }
 
     /// The next state's sequence number.
@@ -242,12 +244,12 @@ impl FdStore {
         let fd = write_state(s)?;
         let old = self.current.load(Ordering::SeqCst);
         let new = 1 - old;
-        send_notify(
+        crate::telemetry::sd_notify_with_fds(
             &format!("FDSTORE=1\nFDNAME={}", STATE_NAMES[new]),
             &[fd.as_fd().as_raw_fd()],
         )?;
         self.current.store(new, Ordering::SeqCst);
-        send_notify(
+        crate::telemetry::sd_notify_with_fds(
             &format!("FDSTOREREMOVE=1\nFDNAME={}", STATE_NAMES[old]),
             &[],
         )
@@ -256,44 +258,14 @@ impl FdStore {
     /// Empties the store (a stop: nothing is to be resumed).
     pub fn clear(&self) {
         for name in [FUSE_NAME, STATE_NAMES[0], STATE_NAMES[1]] {
-            if let Err(e) = send_notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[]) {
+            if let Err(e) = crate::telemetry::sd_notify_with_fds(
+                &format!("FDSTOREREMOVE=1\nFDNAME={name}"),
+                &[],
+            ) {
                 tracing::warn!(error = %e, name, "could not empty the descriptor store");
             }
         }
     }
-}
-
-/// One datagram to `$NOTIFY_SOCKET` (a path, or `@` for an abstract name) with `fds`.
-fn send_notify(msg: &str, fds: &[RawFd]) -> std::io::Result<()> {
-    let path = std::env::var_os("NOTIFY_SOCKET")
-        .ok_or_else(|| std::io::Error::other("NOTIFY_SOCKET is not set"))?;
-    let bytes = path.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => UnixAddr::new_abstract(name)?,
-        None => UnixAddr::new(std::path::Path::new(&path))?,
-    };
-    let sock = socket::socket(
-        socket::AddressFamily::Unix,
-        socket::SockType::Datagram,
-        socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
-        vec![]
-    } else {
-        vec![ControlMessage::ScmRights(fds)]
-    };
-    let n = socket::sendmsg(
-        sock.as_raw_fd(),
-        &[IoSlice::new(msg.as_bytes())],
-        &cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        Some(&addr),
-    )?;
-    if n != msg.len() {
-        return Err(std::io::Error::other("short send to NOTIFY_SOCKET"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -231,18 +231,8 @@ fn takeover(
     }
     let state = p.newest_state();
     let fuse = p.fuse.take();
-    // The mount point's parent is not on this mount: resolving it cannot wait on us.
-    let mountpoint = match (args.mountpoint.parent(), args.mountpoint.file_name()) {
-        (Some(d), Some(n)) => {
-            let d = if d.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                d
-            };
-            d.canonicalize().ok().map(|d| d.join(n))
-        }
-        _ => None,
-    };
+    // Resolving it must not wait on the mount, which nobody serves yet.
+    let mountpoint = outside_path(&args.mountpoint);
     let why = match (&fuse, &state, &mountpoint) {
         (None, _, _) => Some("no connection was stored".to_string()),
         (_, None, _) => Some("no state was stored".to_string()),
@@ -680,13 +670,8 @@ fn take_fd(n: i32, flag: &str) -> Result<OwnedFd, Fatal> {
 /// cannot serve anything any more, and the caller asked for sealfs there.
 fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
     // A dead mount's path cannot be resolved (that is the failure): its parent can.
-    let parent = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let target = match (parent.canonicalize(), p.file_name()) {
-        (Ok(d), Some(name)) => d.join(name),
-        _ => return Ok(()),
+    let Some(target) = outside_path(p) else {
+        return Ok(());
     };
     let shown = target.to_string_lossy().into_owned();
     let Ok(Some(crate::mountinfo::Mount {
@@ -723,6 +708,16 @@ fn recover_dead_mount(p: &Path) -> Result<(), Fatal> {
             ),
         )),
     }
+}
+
+/// `p` with its parent resolved and its last component kept: names a mount point without
+/// a request to the filesystem mounted there (dead, or not yet served).
+fn outside_path(p: &Path) -> Option<PathBuf> {
+    let parent = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Some(parent.canonicalize().ok()?.join(p.file_name()?))
 }
 
 /// The canonical mount point, or a clear reason it cannot be used.
