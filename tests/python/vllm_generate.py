@@ -7,7 +7,7 @@
   vllm_generate.py run MODEL_DIR  load MODEL_DIR with vllm.LLM, generate greedily from a
                                   fixed prompt, print one line `tokens ID ID ...`
 
-Run with target/vllmenv's python (scripts/install-test-deps.sh), once on the sealfs mount
+Run with target/pyenv's python (scripts/install-test-deps.sh), once on the sealfs mount
 and once on the plaintext copy; tests/frameworks.rs compares the two lines. The engine
 starts a process of its own, hence the __main__ guard.
 """
