@@ -304,6 +304,20 @@ pub fn sd_notify(msg: &str) {
     }
 }
 
+/// `RELOADING=1` with the `MONOTONIC_USEC=` systemd needs to tell this reload's `READY=1`
+/// from an earlier one (sd_notify(3)).
+#[allow(unsafe_code)]
+pub fn sd_notify_reloading() {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
+    sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+}
+
 /// One datagram to `$NOTIFY_SOCKET` (a path, or `@` for an abstract name) with `fds`
 /// attached (systemd's `FDSTORE=1`; fuse/handover.rs).
 pub fn sd_notify_with_fds(msg: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {

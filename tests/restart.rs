@@ -2,7 +2,9 @@
 //! speaks systemd's protocol (a `NOTIFY_SOCKET` that keeps `FDSTORE=1` descriptors, and
 //! starts the next daemon with `LISTEN_FDS`/`LISTEN_FDNAMES`/`LISTEN_PID`) runs the real
 //! binary; readers (`pread` at random offsets, sequential, and `mmap`) check every byte
-//! against the plaintext while the daemon is killed under them.
+//! against the plaintext while the daemon is killed, re-executed (SIGHUP) or lost under
+//! them. The tests run one at a time ([`serial`]): a reader waits in the kernel while its
+//! daemon is down, and nothing of another test may share those seconds.
 
 mod common;
 
@@ -25,6 +27,7 @@ struct Received {
     /// The store: descriptors by name (systemd's `FDNAME`).
     store: BTreeMap<String, OwnedFd>,
     ready: usize,
+    reloading: usize,
     /// Every state descriptor ever stored, kept to be scanned for secrets.
     states_seen: Vec<Vec<u8>>,
 }
@@ -40,6 +43,8 @@ struct Holder {
     listener: Option<std::thread::JoinHandle<()>>,
     child: Option<Child>,
     extra: Vec<String>,
+    /// The binary started (a copy, where a test upgrades it).
+    exe: PathBuf,
 }
 
 impl Holder {
@@ -67,6 +72,7 @@ impl Holder {
             listener,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            exe: bin(),
         }
     }
 
@@ -90,7 +96,7 @@ impl Holder {
         // LISTEN_PID is the daemon's own: the shell's, which exec keeps.
         c.arg("-c")
             .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
-            .arg(bin())
+            .arg(&self.exe)
             .args(["mount", "--foreground", &self.site.p("store")])
             .arg(&self.mnt)
             .args(["--key", &self.site.key()])
@@ -127,7 +133,13 @@ impl Holder {
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
         self.child = Some(child);
-        while self.got.lock().unwrap().ready == ready_before {
+        self.wait_ready(ready_before, t);
+        t.elapsed()
+    }
+
+    /// Waits for a READY=1 after the `before`th.
+    fn wait_ready(&mut self, before: usize, t: Instant) {
+        while self.got.lock().unwrap().ready == before {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited ({st}) before READY=1:\n{}", self.logs());
             }
@@ -136,8 +148,26 @@ impl Holder {
                 "not ready in 60 s:\n{}",
                 self.logs()
             );
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// A planned upgrade: SIGHUP, then RELOADING=1 and READY=1 from the same process.
+    fn reload(&mut self) -> Duration {
+        let t = Instant::now();
+        let (ready, reloading) = {
+            let g = self.got.lock().unwrap();
+            (g.ready, g.reloading)
+        };
+        let pid = self.child.as_ref().expect("running").id();
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        self.wait_ready(ready, t);
+        assert_eq!(
+            self.got.lock().unwrap().reloading,
+            reloading + 1,
+            "{}",
+            self.logs()
+        );
         t.elapsed()
     }
 
@@ -237,6 +267,13 @@ fn listen(
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
         let mut g = got.lock().unwrap();
+        if vars.get("RELOADING") == Some(&"1") {
+            assert!(
+                vars.contains_key("MONOTONIC_USEC"),
+                "RELOADING=1 without MONOTONIC_USEC"
+            );
+            g.reloading += 1;
+        }
         if vars.get("READY") == Some(&"1") {
             g.ready += 1;
         }
@@ -274,12 +311,19 @@ struct ReadersReport {
     reads: u64,
     errors: u64,
     wrong: u64,
+    /// Reads that returned fewer bytes than asked (all of them right).
+    short: u64,
     longest_ms: f64,
     first_error: Option<String>,
 }
 
 impl Readers {
     fn start(h: &Holder, name: &str) -> Self {
+        Self::start_mode(h, name, "all")
+    }
+
+    /// `mode` "nommap": pread readers only (a read that fails in a map is a SIGBUS).
+    fn start_mode(h: &Holder, name: &str, mode: &str) -> Self {
         let stopfile = h.site.path("readers.stop");
         let _ = std::fs::remove_file(&stopfile);
         let script =
@@ -289,11 +333,26 @@ impl Readers {
             .arg(h.mnt.join(name))
             .arg(h.site.path(&format!("src/{name}")))
             .arg(&stopfile)
+            .arg(mode)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        Self { child, stopfile }
+        let started = h.site.path("readers.stop.started");
+        let t = Instant::now();
+        let mut me = Self { child, stopfile };
+        while !started.exists() {
+            if let Some(st) = me.child.try_wait().unwrap() {
+                panic!("readers exited ({st}) before they started");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "readers not started in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(started);
+        me
     }
 
     /// Stops the readers; their report, or a failure naming why they did not end.
@@ -324,6 +383,8 @@ impl Readers {
             .read_to_string(&mut err)
             .unwrap();
         assert!(status.success(), "readers: {err}\n{}", h.logs());
+        // A reader thread that died (its traceback) is a failure of the test, not a pass.
+        assert!(err.trim().is_empty(), "readers: {err}");
         serde_json::from_slice(&out).unwrap()
     }
 }
@@ -331,7 +392,21 @@ impl Readers {
 impl Drop for Readers {
     fn drop(&mut self) {
         let _ = std::fs::write(&self.stopfile, b"");
+        // A failed test: never wait unbounded on a reader that may be stuck in the kernel.
+        let _ = self.child.kill();
+        let t = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
+}
+
+/// One restart test at a time (see the module's comment); a failed one does not stop the
+/// others.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn model() -> Vec<(&'static str, Vec<u8>)> {
@@ -344,6 +419,7 @@ fn model() -> Vec<(&'static str, Vec<u8>)> {
 /// The stall a reader sees across each SIGKILL: every read completes with the right bytes.
 #[test]
 fn sigkill_under_load_pauses_readers_and_never_fails_them() {
+    let _one = serial();
     let mut h = Holder::new(&model(), &["--cache-size", "8MiB"]);
     h.start();
     assert_eq!(h.stored(), ["fuse", "state-a"], "{}", h.logs());
@@ -364,9 +440,9 @@ fn sigkill_under_load_pauses_readers_and_never_fails_them() {
     std::thread::sleep(Duration::from_millis(300));
     let r = readers.finish(&h);
     assert_eq!(
-        (r.errors, r.wrong),
-        (0, 0),
-        "reader errors / wrong reads (first: {:?}): {r:?}\n{}",
+        (r.errors, r.wrong, r.short),
+        (0, 0, 0),
+        "reader errors / wrong / short reads (first: {:?}): {r:?}\n{}",
         r.first_error,
         h.logs()
     );
@@ -394,6 +470,7 @@ fn sigkill_under_load_pauses_readers_and_never_fails_them() {
 /// SIGTERM is a stop: unmounted, the store emptied, and a start after it mounts afresh.
 #[test]
 fn sigterm_unmounts_and_leaves_nothing_to_resume() {
+    let _one = serial();
     let mut h = Holder::new(&model(), &[]);
     h.start();
     let c = h.child.take().unwrap();
@@ -415,6 +492,7 @@ fn sigterm_unmounts_and_leaves_nothing_to_resume() {
 /// hex) and slices of every file's plaintext are nowhere in any stored state.
 #[test]
 fn the_stored_state_holds_no_key_and_no_plaintext() {
+    let _one = serial();
     let files = model();
     let mut h = Holder::new(&files, &[]);
     h.start();
@@ -438,4 +516,149 @@ fn the_stored_state_holds_no_key_and_no_plaintext() {
             assert!(!contains(&data[at..at + n]), "plaintext in the state");
         }
     }
+}
+
+/// A planned upgrade: SIGHUP re-executes the binary at the path the daemon was started
+/// from, in place (same PID), 20 times under load; the binary is replaced on disk halfway,
+/// and the daemon runs the new file after the next reload.
+#[test]
+fn sighup_upgrade_in_place_pauses_readers_and_never_fails_them() {
+    let _one = serial();
+    let mut h = Holder::new(&model(), &["--cache-size", "8MiB"]);
+    let exe = h.site.path("bin/sealfs");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::copy(bin(), &exe).unwrap();
+    h.exe = exe.clone();
+    h.start();
+    let pid = h.child.as_ref().unwrap().id();
+    let exe_link = || std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let readers = Readers::start(&h, "model.safetensors");
+    std::thread::sleep(Duration::from_millis(500));
+    let reloads = std::env::var("SEALFS_RESTART_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut stalls = Vec::new();
+    for i in 0..reloads {
+        std::thread::sleep(Duration::from_millis(300));
+        if i == reloads / 2 {
+            // The package manager's way: a new file renamed over the old path.
+            let new = h.site.path("bin/sealfs.new");
+            std::fs::copy(bin(), &new).unwrap();
+            std::fs::rename(&new, &exe).unwrap();
+            let before = exe_link();
+            assert!(
+                before.to_string_lossy().ends_with(" (deleted)"),
+                "{before:?}"
+            );
+        }
+        stalls.push(h.reload());
+        assert!(
+            h.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "the daemon exited:\n{}",
+            h.logs()
+        );
+    }
+    assert_eq!(exe_link(), exe, "the daemon runs the file now at its path");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = readers.finish(&h);
+    assert_eq!(
+        (r.errors, r.wrong, r.short),
+        (0, 0, 0),
+        "reader errors / wrong / short reads (first: {:?}): {r:?}\n{}",
+        r.first_error,
+        h.logs()
+    );
+    assert!(r.reads > 100, "{r:?}");
+    stalls.sort();
+    eprintln!(
+        "upgrade: {reloads} SIGHUPs, {} reads, 0 errors, 0 wrong; SIGHUP to READY median {:?} worst {:?}; longest read {:.0} ms",
+        r.reads,
+        stalls[stalls.len() / 2],
+        stalls[stalls.len() - 1],
+        r.longest_ms
+    );
+    let logs = h.logs();
+    assert_eq!(
+        logs.matches("SIGHUP: re-executing").count(),
+        reloads,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("connection taken over").count(),
+        reloads,
+        "{logs}"
+    );
+    // Still the one mount, and a SIGTERM still unmounts it.
+    let mut c = h.child.take().unwrap();
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    assert!(c.wait().unwrap().success());
+    assert!(mountinfo(&h.mnt).is_none(), "still mounted:\n{}", h.logs());
+}
+
+/// A holder that keeps the connection while no successor ever comes: the readers wait,
+/// and fail (never hang) once the holder gives the descriptor up.
+#[test]
+fn readers_fail_once_the_holder_gives_up_and_none_hangs() {
+    let _one = serial();
+    let mut h = Holder::new(&model(), &[]);
+    h.start();
+    let readers = Readers::start_mode(&h, "model.safetensors", "nommap");
+    std::thread::sleep(Duration::from_millis(300));
+    h.kill(libc::SIGKILL);
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    h.give_up();
+    let r = readers.finish(&h);
+    let ended = t.elapsed();
+    assert!(r.errors > 0, "no reader saw the connection end: {r:?}");
+    assert_eq!(r.wrong, 0, "{r:?}");
+    let first = r.first_error.clone().unwrap_or_default();
+    // A short read is allowed here (the part read before the end); a wrong byte is not.
+    // ECONNABORTED for a request the dead daemon held, ENOTCONN for any after it.
+    assert!(
+        first.contains("(103,") || first.contains("(107,"),
+        "{first}"
+    );
+    assert!(
+        ended < Duration::from_secs(10),
+        "readers ended {ended:?} after the holder let go"
+    );
+}
+
+/// A key taken away while the daemon was down (the model rewrapped to another key, the
+/// configured key's slot gone): the successor refuses the handles it takes over, as any
+/// open, and serves no byte.
+#[test]
+fn a_key_removed_while_down_is_refused_after_the_resume() {
+    let _one = serial();
+    let mut h = Holder::new(&model(), &[]);
+    h.start();
+    let readers = Readers::start_mode(&h, "model.safetensors", "nommap");
+    std::thread::sleep(Duration::from_millis(300));
+    h.kill(libc::SIGKILL);
+    let k2 = h.site.p("k2");
+    let o = sealfs(&["keygen", &k2], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let key = h.site.key();
+    let store = h.site.p("store");
+    let to = format!("file:{k2}");
+    let o = sealfs(&["rewrap", "--key", &key, "--to-key", &to, &store], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    h.start();
+    std::thread::sleep(Duration::from_millis(500));
+    let r = readers.finish(&h);
+    assert!(r.errors > 0, "the readers were served: {r:?}\n{}", h.logs());
+    assert_eq!(r.wrong, 0, "{r:?}");
+    let first = r.first_error.clone().unwrap_or_default();
+    assert!(first.contains("(13,"), "{first}\n{}", h.logs());
+    let logs = h.logs();
+    assert!(logs.contains("connection taken over"), "{logs}");
+    assert!(
+        !logs.contains("handle taken over from the predecessor"),
+        "{logs}"
+    );
+    // A fresh open is refused too.
+    let e = std::fs::read(h.mnt.join("model.safetensors")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
 }

@@ -674,6 +674,15 @@ impl SealFs {
         }
     }
 
+    /// Runs `f` with the tree's state while every change to the tree waits: a daemon that
+    /// re-executes itself (fuse/handover.rs) hands over a state no request can outdate, as
+    /// `f` does not return when the exec succeeds. Requests held here are sent again to the
+    /// new image by the kernel (`FUSE_NOTIFY_RESEND`).
+    pub fn with_tree_frozen<R>(&self, f: impl FnOnce(TreeState) -> R) -> R {
+        let t = self.tree.write().unwrap_or_else(|p| p.into_inner());
+        f(t.snapshot())
+    }
+
     /// True if this mount serves a connection taken over from a predecessor.
     pub fn is_resumed(&self) -> bool {
         self.resumed

@@ -10,14 +10,20 @@
 //! own), serves the connection without a new INIT, and asks the kernel to send again the
 //! requests its predecessor had read but not answered (`FUSE_NOTIFY_RESEND`, Linux 6.9+).
 //!
+//! A planned upgrade needs no holder: on SIGHUP the daemon re-executes the binary at the
+//! path it was started from, in place (same PID), with the connection and a state memfd
+//! left open across the exec and named in [`REEXEC_VAR`]; the new image resumes as above.
+//!
 //! The store is used only when systemd says it has one: `$FDSTORE` (systemd 254+, the
 //! unit's `FileDescriptorStoreMax=`) of at least [`NEEDED`], beside `$NOTIFY_SOCKET`.
 //!
 //! The state is the tree (fs/inode.rs [`TreeState`]: names, sizes, ETags, header MACs) and
 //! the successor count that keeps file handles apart: never a key, a DEK or plaintext.
 
+use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, SealFlag};
@@ -37,6 +43,10 @@ pub const MAX_STATE: usize = 512 << 20;
 const MAX_PASSED: usize = 16;
 /// The first passed descriptor (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
+/// Where a re-executed daemon finds what its former image passed: `PID:NAME=FD,NAME=FD`.
+/// Not `LISTEN_FDS`, which wants them at 3..: moving a live descriptor onto a number that
+/// another thread of the running daemon may be using is not safe.
+pub const REEXEC_VAR: &str = "SEALFS_HANDOVER_FDS";
 const MAGIC: &[u8] = b"sealfs-state v1\n";
 /// `FUSE_NOTIFY_RESEND` (include/uapi/linux/fuse.h, protocol 7.40).
 const FUSE_NOTIFY_RESEND: i32 = 7;
@@ -60,6 +70,9 @@ pub struct State {
 pub struct Passed {
     pub fuse: Option<OwnedFd>,
     pub states: Vec<OwnedFd>,
+    /// Passed by this process's former image (a SIGHUP upgrade), not by systemd: the
+    /// process is already the daemon.
+    pub reexec: bool,
 }
 
 impl Passed {
@@ -82,21 +95,47 @@ impl Passed {
 }
 
 /// Takes the descriptors passed by `LISTEN_FDS`/`LISTEN_FDNAMES` when `LISTEN_PID` is this
-/// process, and clears the three variables (children must not take them). Descriptors of
-/// other names are closed. Call before any thread exists.
-#[allow(unsafe_code)]
+/// process, or by this process's former image in [`REEXEC_VAR`], and clears the variables
+/// (children must not take them). Descriptors of other names are closed. Call before any
+/// thread exists.
 pub fn take_passed() -> Result<Passed, String> {
-    let pid = std::env::var("LISTEN_PID").ok();
-    let count = std::env::var("LISTEN_FDS").ok();
-    let names = std::env::var("LISTEN_FDNAMES").ok();
-    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+    let get = |v: &str| std::env::var(v).ok();
+    let (reexec, pid, count, names) = (
+        get(REEXEC_VAR),
+        get("LISTEN_PID"),
+        get("LISTEN_FDS"),
+        get("LISTEN_FDNAMES"),
+    );
+    for v in [REEXEC_VAR, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(v);
     }
+    let me = std::process::id().to_string();
+    let mut passed = Passed::default();
+    let mut taken = Vec::new();
+    if let Some(v) = reexec {
+        let (pid, list) = v
+            .split_once(':')
+            .ok_or_else(|| format!("{REEXEC_VAR}={v:?}: not PID:NAME=FD,..."))?;
+        if pid != me {
+            return Ok(passed); // meant for another process
+        }
+        passed.reexec = true;
+        for item in list.split(',').take(MAX_PASSED + 1) {
+            let raw = item
+                .split_once('=')
+                .and_then(|(n, fd)| Some((n, fd.parse::<RawFd>().ok()?)));
+            let Some((name, raw)) = raw else {
+                return Err(format!("{REEXEC_VAR}: {item:?} is not NAME=FD"));
+            };
+            take_one(raw, Some(name), &mut taken, &mut passed)?;
+        }
+        return Ok(passed);
+    }
     let (Some(pid), Some(count)) = (pid, count) else {
-        return Ok(Passed::default());
+        return Ok(passed);
     };
-    if pid.parse::<u32>().ok() != Some(std::process::id()) {
-        return Ok(Passed::default()); // meant for another process
+    if pid != me {
+        return Ok(passed); // meant for another process
     }
     let n: usize = count
         .parse()
@@ -107,25 +146,82 @@ pub fn take_passed() -> Result<Passed, String> {
         ));
     }
     let names: Vec<&str> = names.as_deref().unwrap_or("").split(':').collect();
-    let mut passed = Passed::default();
     for i in 0..n {
         let raw = LISTEN_FDS_START + i as RawFd;
-        // SAFETY: F_GETFD only asks whether `raw` is open.
-        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-            return Err(format!("LISTEN_FDS={n}: descriptor {raw} is not open"));
-        }
-        // SAFETY: `raw` is open and was passed to this process to own; nothing else in it
-        // refers to this number (this runs before any other descriptor is opened).
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-            .map_err(|e| format!("descriptor {raw}: {e}"))?;
-        match names.get(i).copied() {
-            Some(FUSE_NAME) if passed.fuse.is_none() => passed.fuse = Some(fd),
-            Some(n) if STATE_NAMES.contains(&n) => passed.states.push(fd),
-            other => tracing::warn!(name = ?other, "passed descriptor of an unknown name closed"),
-        }
+        take_one(raw, names.get(i).copied(), &mut taken, &mut passed)?;
     }
     Ok(passed)
+}
+
+/// Owns the passed descriptor `raw` (open, above stdio, not taken before) as `name`.
+#[allow(unsafe_code)]
+fn take_one(
+    raw: RawFd,
+    name: Option<&str>,
+    taken: &mut Vec<RawFd>,
+    passed: &mut Passed,
+) -> Result<(), String> {
+    if taken.len() >= MAX_PASSED {
+        return Err(format!("more than {MAX_PASSED} descriptors passed"));
+    }
+    // SAFETY: F_GETFD only asks whether `raw` is open.
+    if raw < LISTEN_FDS_START
+        || taken.contains(&raw)
+        || unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0
+    {
+        return Err(format!(
+            "passed descriptor {raw} is not open, is stdio or is named twice"
+        ));
+    }
+    taken.push(raw);
+    // SAFETY: `raw` is open and was passed to this process to own; nothing else in it
+    // refers to this number (this runs before any other descriptor is opened).
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| format!("descriptor {raw}: {e}"))?;
+    match name {
+        Some(FUSE_NAME) if passed.fuse.is_none() => passed.fuse = Some(fd),
+        Some(n) if STATE_NAMES.contains(&n) => passed.states.push(fd),
+        other => tracing::warn!(name = ?other, "passed descriptor of an unknown name closed"),
+    }
+    Ok(())
+}
+
+/// Re-executes `exe` in this process (same PID: what systemd and every reader know
+/// stays), with `argv` and the environment, passing it the connection and `state`.
+/// Returns only on failure, and then the caller serves on.
+pub fn reexec(
+    exe: &Path,
+    argv: &[OsString],
+    fuse: BorrowedFd<'_>,
+    state: &State,
+) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let attempt = || -> std::io::Result<std::convert::Infallible> {
+        let st = write_state(state)?;
+        let conn = fuse.try_clone_to_owned()?;
+        // Inherited by the exec alone: cleared last, so that a child another thread spawns
+        // meanwhile (a fusermount3) takes them for microseconds at most.
+        for fd in [&st, &conn] {
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+        }
+        let var = format!(
+            "{}:{FUSE_NAME}={},{}={}",
+            std::process::id(),
+            conn.as_raw_fd(),
+            STATE_NAMES[0],
+            st.as_raw_fd()
+        );
+        let mut cmd = std::process::Command::new(exe);
+        if let Some((arg0, rest)) = argv.split_first() {
+            cmd.arg0(arg0).args(rest);
+        }
+        Err(cmd.env(REEXEC_VAR, var).exec())
+    };
+    match attempt() {
+        Err(e) => e,
+        Ok(never) => match never {},
+    }
 }
 
 /// True if the connection behind `fd` is still up: the kernel reports POLLERR on a
@@ -286,6 +382,7 @@ mod tests {
     fn a_state_round_trips_and_the_newest_of_two_is_taken() {
         let mut p = Passed {
             fuse: None,
+            reexec: false,
             states: vec![
                 write_state(&state(4)).unwrap(),
                 write_state(&state(9)).unwrap(),

@@ -82,8 +82,8 @@ pub fn run(args: MountArgs) -> i32 {
         None => handover::FdStore::from_env().map(Arc::new),
         Some(_) => None, // the CSI mounter's child: its mounter holds the connection
     };
-    let mut resume = match handover::take_passed() {
-        Ok(p) => takeover(p, &args, fd_store.as_deref()),
+    let (reexeced, mut resume) = match handover::take_passed() {
+        Ok(p) => (p.reexec, takeover(p, &args, fd_store.as_deref())),
         Err(msg) => {
             eprintln!("sealfs: error: {msg}");
             return exit::USAGE;
@@ -105,7 +105,11 @@ pub fn run(args: MountArgs) -> i32 {
         }
     };
     let mut ready_pipe = None;
-    if !args.foreground {
+    // A re-executed daemon (a SIGHUP upgrade) already is the daemon: same PID, no terminal.
+    if reexeced && !args.foreground {
+        detach_stderr();
+    }
+    if !args.foreground && !reexeced {
         match daemonize() {
             Ok(Some(fd)) => ready_pipe = Some(fd),
             Ok(None) => unreachable!("the parent returns from daemonize() through wait_ready"),
@@ -355,11 +359,14 @@ fn serve(
         _ => SessionACL::Owner,
     };
     config.n_threads = Some(2);
-    // A cloned fd per thread needs /dev/fuse; a passed connection's threads share its fd.
-    // So do a resumable connection's: a cloned fd is a file of its own, and the requests
-    // it had read fail (ECONNABORTED) when it closes with a crashed daemon, where those of
-    // the stored one stay queued for the successor.
-    config.clone_fd = args.fuse_fd.is_none() && conn.store.is_none();
+    // The threads share the one fd, never a cloned fd each: a cloned fd would need
+    // /dev/fuse (a passed connection has none), and it is a file of its own, whose read
+    // requests fail (ECONNABORTED) when it closes with a crashed or re-executed daemon,
+    // where those of the one connection stay queued for the successor.
+    config.clone_fd = false;
+    // A planned upgrade (SIGHUP) re-executes the binary it was started from, with this argv.
+    let exe = std::env::current_exe();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
 
     // Bind the metrics port before the mount, so a busy port fails the start.
     let metrics = match args.metrics_addr {
@@ -380,7 +387,7 @@ fn serve(
         )
     })?;
     // Handlers first: a SIGTERM that arrives right after READY=1 must unmount, not kill.
-    let (mut term, mut int) = {
+    let (mut term, mut int, mut hup) = {
         use tokio::signal::unix::{signal, SignalKind};
         let _in_rt = rt.enter();
         let io = |e: std::io::Error| {
@@ -392,6 +399,7 @@ fn serve(
         (
             signal(SignalKind::terminate()).map_err(io)?,
             signal(SignalKind::interrupt()).map_err(io)?,
+            signal(SignalKind::hangup()).map_err(io)?,
         )
     };
     let adapter = Adapter {
@@ -442,6 +450,15 @@ fn serve(
             }
         }));
     }
+    // What a SIGHUP upgrade hands across the exec (a `--fuse-fd` child is the mounter's).
+    let upgrade_fd = match args.fuse_fd {
+        Some(_) => None,
+        None => session
+            .as_fd()
+            .try_clone_to_owned()
+            .inspect_err(|e| tracing::warn!(error = %e, "no descriptor for an upgrade; SIGHUP will be refused"))
+            .ok(),
+    };
     let notifier = session.notifier();
     // Offset 0, length 0: every cached page of the inode, mapped ones included.
     fs.set_invalidator(Arc::new(move |ino| {
@@ -574,13 +591,30 @@ fn serve(
             lister_fs.refresh_if_due().await;
         }
     });
-    let ended_by_signal = rt.block_on(async {
-        tokio::select! {
-            _ = term.recv() => true,
-            _ = int.recv() => true,
-            _ = done_rx => false,
+    let mut done_rx = done_rx;
+    let ended_by_signal = loop {
+        let ended = rt.block_on(async {
+            tokio::select! {
+                _ = term.recv() => Some(true),
+                _ = int.recv() => Some(true),
+                _ = &mut done_rx => Some(false),
+                _ = hup.recv() => None,
+            }
+        });
+        if let Some(by_signal) = ended {
+            break by_signal;
         }
-    });
+        // Returns only when the upgrade did not happen; this image serves on.
+        upgrade(
+            &fs,
+            args,
+            upgrade_fd.as_ref(),
+            exe.as_deref().ok(),
+            &argv,
+            conn.store.as_deref(),
+            generation,
+        );
+    };
     lister.abort();
     if ended_by_signal && args.fuse_fd.is_some() {
         // The unmount is the mounter's: end here. The loop thread is blocked reading the
@@ -606,7 +640,14 @@ fn serve(
             store.clear();
         }
         tracing::info!("signal received; unmounting");
-        if let Err(e) = unmounter.unmount() {
+        // A session taken over owns no mount object (its first daemon made the mount):
+        // unmounted by path.
+        let unmounted = if resumed {
+            unmount(mountpoint)
+        } else {
+            unmounter.unmount()
+        };
+        if let Err(e) = unmounted {
             // Busy: a file is still open (an mmap'd model, a reader mid-file). Detach, as
             // libfuse does: the path is gone at once, open files keep being served, and the
             // loop below ends when the last one closes. Without this the daemon waited for
@@ -629,6 +670,40 @@ fn serve(
     }
     tracing::info!("unmounted; cache wiped");
     Ok(())
+}
+
+/// A planned upgrade (SIGHUP, `systemctl reload`): re-executes the binary at the path this
+/// daemon was started from, in this process, handing it the connection and the tree
+/// (fuse/handover.rs), while the tree is frozen so that no reply outdates the state. Does
+/// not return when the exec succeeds; the new image answers `READY=1` once it serves.
+fn upgrade(
+    fs: &SealFs,
+    args: &MountArgs,
+    fuse: Option<&OwnedFd>,
+    exe: Option<&Path>,
+    argv: &[std::ffi::OsString],
+    store: Option<&handover::FdStore>,
+    generation: u32,
+) {
+    let (Some(fuse), Some(exe)) = (fuse, exe) else {
+        tracing::warn!(
+            "SIGHUP ignored: a --fuse-fd mount is upgraded by its mounter restarting it"
+        );
+        return;
+    };
+    crate::telemetry::sd_notify_reloading();
+    tracing::info!(exe = %exe.display(), generation, "SIGHUP: re-executing the binary in place; the connection and the tree go across");
+    let err = fs.with_tree_frozen(|tree| {
+        let st = handover::State {
+            seq: store.map_or(1, |s| s.next_seq()),
+            uri: args.uri.clone(),
+            generation,
+            tree,
+        };
+        handover::reexec(exe, argv, fuse.as_fd(), &st)
+    });
+    tracing::error!(exe = %exe.display(), error = %err, "upgrade failed: the re-exec did not happen; serving on with this binary");
+    crate::telemetry::sd_notify("READY=1");
 }
 
 /// The `--fuse-fd` descriptor, owned from here on, if it is an open /dev/fuse (character
@@ -827,6 +902,32 @@ fn wait_ready(mut r: std::fs::File) -> i32 {
             eprintln!("sealfs: error: the mount daemon exited before the mount was ready");
             exit::FAILURE
         }
+    }
+}
+
+/// Unmounts `mountpoint` (not lazily: a busy mount is an error): `umount2` as root, else
+/// the setuid `fusermount3 -u`.
+#[allow(unsafe_code)]
+fn unmount(mountpoint: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path =
+        std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated path; umount2 has no other inputs.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return Err(e);
+    }
+    let st = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("fusermount3 -u: {st}")))
     }
 }
 
