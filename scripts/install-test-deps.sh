@@ -11,6 +11,8 @@ command -v strace >/dev/null || need+=(strace)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v setpriv >/dev/null && command -v prlimit >/dev/null || need+=(util-linux)
 command -v mount >/dev/null || need+=(mount)
+# procps: /usr/bin/kill, the unit's ExecReload= (tests/ops.rs verifies the unit with it).
+[ -x /usr/bin/kill ] || need+=(procps)
 # openssl: the signing tests check that keys openssl writes (SEC1 PEM) are accepted.
 command -v openssl >/dev/null || need+=(openssl)
 # softhsm2 + opensc: a real PKCS#11 token (SoftHSM2) and pkcs11-tool, for the pkcs11: keys.

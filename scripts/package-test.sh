@@ -112,6 +112,13 @@ for f in /usr/bin/sealfs /usr/lib/systemd/system/sealfs@.service /etc/sealfs/exa
   [ -e "$f" ] || fail "$f listed but not on disk (a dpkg path-exclude in /etc/dpkg/dpkg.cfg.d?)"
 done
 dpkg-query -W -f='${Depends}' sealfs | grep -q 'fuse3' || fail "Depends lacks fuse3"
+# The upgrade step reloads (SIGHUP re-exec) instead of restarting; a configure with no
+# systemd running (here) does nothing and succeeds.
+postinst=/var/lib/dpkg/info/sealfs.postinst
+grep -q 'systemctl reload "$unit"' "$postinst" || fail "the package's postinst does not reload running units"
+if [ ! -d /run/systemd/system ]; then
+  sh "$postinst" configure 0.0.1 || fail "postinst configure (an upgrade) failed without systemd"
+fi
 dpkg-query -W -f='${Conffiles}' sealfs | grep -q '/etc/sealfs/example.conf' \
   || fail "/etc/sealfs/example.conf is not a conffile"
 [ "$(stat -c %a /etc/sealfs/example.conf)" = 600 ] || fail "/etc/sealfs/example.conf is not mode 0600"

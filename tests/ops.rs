@@ -256,6 +256,9 @@ fn analyze_root(units: &[(&str, String)]) -> tempfile::TempDir {
         }
     }
     std::fs::copy(bin(), r.join("usr/local/bin/sealfs")).unwrap();
+    // ExecReload='s kill (merged /usr: /bin is usr/bin).
+    std::fs::copy("/usr/bin/kill", r.join("usr/bin/kill")).expect("kill (procps)");
+    std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
     std::fs::copy("/usr/bin/fusermount3", r.join("usr/bin/fusermount3"))
         .expect("fusermount3 (fuse3) is required");
     for (name, text) in units {
