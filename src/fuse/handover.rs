@@ -290,6 +290,11 @@ pub fn read_state(fd: OwnedFd) -> Result<State, String> {
         .take(MAX_STATE as u64 + 1)
         .read_to_end(&mut buf)
         .map_err(|e| e.to_string())?;
+    parse_state(&buf)
+}
+
+/// A state's bytes: at most [`MAX_STATE`], the magic line, then strict JSON.
+pub fn parse_state(buf: &[u8]) -> Result<State, String> {
     if buf.len() > MAX_STATE {
         return Err(format!("over {MAX_STATE} bytes"));
     }
@@ -376,6 +381,24 @@ mod tests {
             generation: 2,
             tree: Tree::build(Default::default(), "", 20).snapshot(),
         }
+    }
+
+    /// The fuzz target's seed (fuzz/corpus/handover_state/seed) is what a daemon writes:
+    /// `SEALFS_WRITE_FUZZ_SEED=1` rewrites it.
+    #[test]
+    fn the_fuzz_seed_is_a_state_a_successor_restores() {
+        let seed = crate::fuzzing::handover_state_seed();
+        assert_eq!(crate::fuzzing::handover_state(&seed), Ok(4), "root, m/ and two files");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/handover_state/seed");
+        if std::env::var_os("SEALFS_WRITE_FUZZ_SEED").is_some() {
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            std::fs::write(path, &seed).unwrap();
+        }
+        assert_eq!(std::fs::read(path).unwrap(), seed, "run with SEALFS_WRITE_FUZZ_SEED=1");
+        let mut cut = seed.clone();
+        cut.truncate(seed.len() / 2);
+        assert!(crate::fuzzing::handover_state(&cut).is_err());
+        assert!(crate::fuzzing::handover_state(&seed[1..]).is_err());
     }
 
     #[test]
