@@ -28,6 +28,8 @@ struct Received {
     store: BTreeMap<String, OwnedFd>,
     ready: usize,
     reloading: usize,
+    /// The holder's own markers seen ([`Holder::drain`]).
+    marks: usize,
     /// Every state descriptor ever stored, kept to be scanned for secrets.
     states_seen: Vec<Vec<u8>>,
 }
@@ -175,6 +177,23 @@ impl Holder {
         let mut c = self.child.take().expect("running");
         unsafe { libc::kill(c.id() as i32, sig) };
         let _ = c.wait();
+        self.drain();
+    }
+
+    /// Handles every message the dead daemon sent before a successor starts, as systemd
+    /// does (its notify socket goes before SIGCHLD): a marker sent now is seen after them.
+    fn drain(&self) {
+        let before = self.got.lock().unwrap().marks;
+        let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        s.send_to(b"SEALFS_TEST_MARK=1", &self.sock_path).unwrap();
+        let t = Instant::now();
+        while self.got.lock().unwrap().marks == before {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the holder's socket is stuck"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn logs(&self) -> String {
@@ -267,6 +286,9 @@ fn listen(
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
         let mut g = got.lock().unwrap();
+        if vars.get("SEALFS_TEST_MARK") == Some(&"1") {
+            g.marks += 1;
+        }
         if vars.get("RELOADING") == Some(&"1") {
             assert!(
                 vars.contains_key("MONOTONIC_USEC"),
@@ -661,4 +683,61 @@ fn a_key_removed_while_down_is_refused_after_the_resume() {
     // A fresh open is refused too.
     let e = std::fs::read(h.mnt.join("model.safetensors")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+}
+
+/// A refresh that lands just before a SIGKILL: the state stored under the refresh's guard
+/// already has the file the store lost, so the successor's own listing finds nothing to
+/// remove, the file stays gone, and the readers' file is served on.
+#[test]
+fn a_refresh_that_lands_just_before_the_kill_is_in_the_stored_state() {
+    let _one = serial();
+    let mut h = Holder::new(&model(), &["--list-ttl", "1s"]);
+    h.start();
+    let readers = Readers::start(&h, "model.safetensors");
+    std::thread::sleep(Duration::from_millis(300));
+    // config.json leaves the store (its data and key objects): the next listing drops it.
+    let store = h.site.path("store");
+    for e in std::fs::read_dir(&store).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("config.json") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let t = Instant::now();
+    // Killed as soon as the refresh is logged: its state was sent before, under its guard.
+    while !h
+        .logs()
+        .lines()
+        .any(|l| l.contains("listing refreshed") && l.contains("removed=1"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no refresh after the removal:\n{}",
+            h.logs()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.kill(libc::SIGKILL);
+    let before = h.logs().len();
+    h.start();
+    let after = h.logs()[before..].to_string();
+    let line = after
+        .lines()
+        .find(|l| l.contains("tree taken over from the predecessor"))
+        .unwrap_or_else(|| panic!("no take-over:\n{after}"));
+    assert!(
+        line.contains("added=0") && line.contains("removed=0") && line.contains("changed=0"),
+        "the successor's listing found changes the state lacked: {line}"
+    );
+    let gone = std::fs::metadata(h.mnt.join("config.json"));
+    assert_eq!(
+        gone.map_err(|e| e.raw_os_error()).err(),
+        Some(Some(libc::ENOENT))
+    );
+    let r = readers.finish(&h);
+    assert_eq!(
+        (r.errors, r.wrong, r.short),
+        (0, 0, 0),
+        "{r:?}\n{}",
+        h.logs()
+    );
 }

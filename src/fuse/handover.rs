@@ -388,13 +388,24 @@ mod tests {
     #[test]
     fn the_fuzz_seed_is_a_state_a_successor_restores() {
         let seed = crate::fuzzing::handover_state_seed();
-        assert_eq!(crate::fuzzing::handover_state(&seed), Ok(4), "root, m/ and two files");
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/handover_state/seed");
+        assert_eq!(
+            crate::fuzzing::handover_state(&seed),
+            Ok(4),
+            "root, m/ and two files"
+        );
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/corpus/handover_state/seed"
+        );
         if std::env::var_os("SEALFS_WRITE_FUZZ_SEED").is_some() {
             std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
             std::fs::write(path, &seed).unwrap();
         }
-        assert_eq!(std::fs::read(path).unwrap(), seed, "run with SEALFS_WRITE_FUZZ_SEED=1");
+        assert_eq!(
+            std::fs::read(path).unwrap(),
+            seed,
+            "run with SEALFS_WRITE_FUZZ_SEED=1"
+        );
         let mut cut = seed.clone();
         cut.truncate(seed.len() / 2);
         assert!(crate::fuzzing::handover_state(&cut).is_err());
