@@ -510,6 +510,46 @@ pub fn oms_model_statement() -> Vec<u8> {
     oms::statement("model", &files)
 }
 
+/// A state a predecessor daemon left (fuse/handover.rs): parsed, then restored as a tree
+/// (64 KiB chunks), as a successor does. `Ok` with the restored tree's node count.
+pub fn handover_state(bytes: &[u8]) -> Result<usize, String> {
+    let st = crate::fuse::handover::parse_state(bytes)?;
+    let tree = crate::fs::inode::Tree::restore(st.tree, 16)?;
+    Ok(tree.len())
+}
+
+/// A state as a daemon writes it, for the fuzzer's seed: a tree of two files in a model
+/// directory.
+pub fn handover_state_seed() -> Vec<u8> {
+    let info = |key: &str, size: u64| crate::store::ObjectInfo {
+        key: key.into(),
+        size,
+        etag: format!("\"{size:x}\""),
+        modified: None,
+    };
+    let entry = |name: &str| crate::object::SealedEntry {
+        data: info(name, 200_000),
+        key_object: info(&format!("{name}.sealfs-key"), 300),
+        chunk_log2: 16,
+        logical: name.into(),
+        generation: 0,
+    };
+    let listing = crate::object::Listing {
+        sealed: vec![entry("m/model.safetensors"), entry("m/config.json")],
+        ..Default::default()
+    };
+    let tree = crate::fs::inode::Tree::build(listing, "", 16).snapshot();
+    let st = crate::fuse::handover::State {
+        seq: 1,
+        uri: "file:///m".into(),
+        generation: 0,
+        tree,
+    };
+    let mut out = b"sealfs-state v1\n".to_vec();
+    out.extend(serde_json::to_vec(&st).expect("a state serializes"));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     extern "C" fn ignore(_: libc::c_int) {}
@@ -557,44 +597,4 @@ mod tests {
             );
         }
     }
-}
-
-/// A state a predecessor daemon left (fuse/handover.rs): parsed, then restored as a tree
-/// (64 KiB chunks), as a successor does. `Ok` with the restored tree's node count.
-pub fn handover_state(bytes: &[u8]) -> Result<usize, String> {
-    let st = crate::fuse::handover::parse_state(bytes)?;
-    let tree = crate::fs::inode::Tree::restore(st.tree, 16)?;
-    Ok(tree.len())
-}
-
-/// A state as a daemon writes it, for the fuzzer's seed: a tree of two files in a model
-/// directory.
-pub fn handover_state_seed() -> Vec<u8> {
-    let info = |key: &str, size: u64| crate::store::ObjectInfo {
-        key: key.into(),
-        size,
-        etag: format!("\"{size:x}\""),
-        modified: None,
-    };
-    let entry = |name: &str| crate::object::SealedEntry {
-        data: info(name, 200_000),
-        key_object: info(&format!("{name}.sealfs-key"), 300),
-        chunk_log2: 16,
-        logical: name.into(),
-        generation: 0,
-    };
-    let listing = crate::object::Listing {
-        sealed: vec![entry("m/model.safetensors"), entry("m/config.json")],
-        ..Default::default()
-    };
-    let tree = crate::fs::inode::Tree::build(listing, "", 16).snapshot();
-    let st = crate::fuse::handover::State {
-        seq: 1,
-        uri: "file:///m".into(),
-        generation: 0,
-        tree,
-    };
-    let mut out = b"sealfs-state v1\n".to_vec();
-    out.extend(serde_json::to_vec(&st).expect("a state serializes"));
-    out
 }
