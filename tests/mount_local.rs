@@ -971,3 +971,20 @@ fn check_start_under_a_pin_checks_the_pinned_model_among_others() {
         "{e}"
     );
 }
+
+/// The mount's backing device reads ahead one chunk (1 MiB), not the kernel's 128 KiB (root
+/// only: the test suite runs as root, as the daemon does under systemd).
+#[test]
+fn the_mounts_device_reads_ahead_one_chunk() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fx::new();
+    let m = f.mount(&[]);
+    let dev = std::fs::metadata(&m.dir).unwrap().dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let kb = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(kb.trim(), "1024", "{path}");
+}
