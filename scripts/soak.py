@@ -9,9 +9,9 @@ from the kernel's page cache first, so that it reads through the daemon):
   * random: 16 reads of 4 KiB..4 MiB at random offsets,
   * mmap: the whole file through a private mapping (in a forked child: a page the daemon
     cannot deliver is SIGBUS, counted, not a crash of the reader),
-while the proxy injects S3 503s, dropped connections and delays, and KMS throttling and
-delays, at random, and the files are republished (`seal --force`, a new version each time)
-and rewrapped (`rewrap`, KMS ReEncrypt) under the readers. Half-way, `sealfs revoke --key A`
+while the proxy injects S3 503s, dropped connections and delays, KMS 503s, dropped
+connections, throttling and delays, at random, and the files are republished (`seal
+--force`, a new version each time) and rewrapped (`rewrap`, KMS ReEncrypt) under the readers. Half-way, `sealfs revoke --key A`
 and key A disabled; at three quarters, key A enabled again.
 
 Every file version has known content (its first 64 bytes name the file and version), so
@@ -280,6 +280,8 @@ class Run:
             {"match": "s3:GET", "delay": 0.3, "rate": 0.05},
             {"match": "kms:Decrypt", "error": "ThrottlingException", "rate": 0.05},
             {"match": "kms:Decrypt", "delay": 0.5, "rate": 0.1},
+            {"match": "kms:Decrypt", "error": "503", "rate": 0.02},
+            {"match": "kms:Decrypt", "error": "drop", "rate": 0.01},
             {"match": "kms:GenerateDataKey", "error": "ThrottlingException", "rate": 0.05},
             {"match": "s3:UploadPart", "error": "503", "rate": 0.02},
         ]:

@@ -680,7 +680,7 @@ fn a_token_whose_exp_overflows_is_refused_in_one_line() {
 /// expires), and a revalidating mount attests once per key per round, not once per DEK.
 #[test]
 fn attestations_are_once_per_command_and_once_per_key_per_round() {
-    use std::sync::atomic::Ordering::SeqCst;
+    use Ordering::SeqCst;
     let m = Model::new();
     let key = std::fs::read(m.key_file()).unwrap();
     let state: Arc<FakeState> = Arc::default();
@@ -1298,4 +1298,43 @@ fn a_kbs_over_tls_is_trusted_only_through_its_ca() {
         assert!(!stdout(&o).contains("ok    "), "{all}");
     }
     stop.store(true, Ordering::Relaxed);
+}
+
+/// A KBS that accepts the connection and never answers: an outage (exit 1) named as a
+/// timeout, within the call timeout (15 s) and a margin, never a hang and never a refusal.
+#[test]
+fn a_kbs_that_never_answers_is_an_outage_within_the_call_timeout() {
+    let m = Model::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let held = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            let mut conns = Vec::new(); // read nothing, answer nothing, close nothing
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((c, _)) = listener.accept() {
+                    conns.push(c);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            conns.len()
+        })
+    };
+    let env = vec![
+        s2("SEALFS_KBS_URL", &format!("http://127.0.0.1:{port}")),
+        s2("SEALFS_ATTESTER", "sample"),
+    ];
+    let t = Instant::now();
+    let o = m.verify(&env);
+    let took = t.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let conns = held.join().unwrap();
+    refused_with(&o, 1, "no answer in 15s", &m.key_hex());
+    assert!(conns >= 1, "sealfs never connected");
+    assert!(
+        took >= Duration::from_secs(14) && took < Duration::from_secs(45),
+        "ended after {took:?}"
+    );
 }

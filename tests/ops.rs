@@ -275,6 +275,27 @@ fn analyze(root: &Path, args: &[&str]) -> std::process::Output {
         .expect("systemd-analyze is required (Debian package systemd; .ci/run installs it)")
 }
 
+/// The unit's crash, upgrade and stop behaviour (docs/OPERATIONS.md "Restarts"): a crash
+/// restarts within 100 ms with the descriptor store kept (room for the connection and two
+/// states), a reload is a SIGHUP to the daemon, readiness comes from the daemon, and nothing
+/// unmounts at a restart.
+#[test]
+fn the_unit_restarts_reloads_and_keeps_the_connection() {
+    assert_eq!(one("sealfs@.service", "Type"), "notify");
+    assert_eq!(one("sealfs@.service", "NotifyAccess"), "main");
+    assert_eq!(one("sealfs@.service", "Restart"), "on-failure");
+    assert_eq!(one("sealfs@.service", "RestartSec"), "100ms");
+    assert_eq!(one("sealfs@.service", "ExecReload"), "/bin/kill -HUP $MAINPID");
+    let store: usize = one("sealfs@.service", "FileDescriptorStoreMax")
+        .parse()
+        .unwrap();
+    assert!(store >= 3, "the connection and two states need 3, got {store}");
+    assert!(
+        directives("sealfs@.service", "ExecStopPost").is_empty(),
+        "an ExecStopPost= would run at every restart and detach the live mount"
+    );
+}
+
 #[test]
 fn units_pass_systemd_analyze_verify_and_security() {
     let units: Vec<(&str, String)> = ["sealfs@.service", "models-llama3.mount"]
