@@ -285,11 +285,17 @@ fn the_unit_restarts_reloads_and_keeps_the_connection() {
     assert_eq!(one("sealfs@.service", "NotifyAccess"), "main");
     assert_eq!(one("sealfs@.service", "Restart"), "on-failure");
     assert_eq!(one("sealfs@.service", "RestartSec"), "100ms");
-    assert_eq!(one("sealfs@.service", "ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(
+        one("sealfs@.service", "ExecReload"),
+        "/bin/kill -HUP $MAINPID"
+    );
     let store: usize = one("sealfs@.service", "FileDescriptorStoreMax")
         .parse()
         .unwrap();
-    assert!(store >= 3, "the connection and two states need 3, got {store}");
+    assert!(
+        store >= 3,
+        "the connection and two states need 3, got {store}"
+    );
     assert!(
         directives("sealfs@.service", "ExecStopPost").is_empty(),
         "an ExecStopPost= would run at every restart and detach the live mount"
