@@ -1338,3 +1338,41 @@ fn a_kbs_that_never_answers_is_an_outage_within_the_call_timeout() {
         "ended after {took:?}"
     );
 }
+
+/// The token is reused only while it is good for longer than the reuse margin (15 s): one
+/// that expires sooner is not reused, so the second `kbs:` key of a command attests again.
+#[test]
+fn a_token_near_its_expiry_is_not_reused() {
+    use Ordering::SeqCst;
+    let m = Model::new();
+    let key = std::fs::read(m.key_file()).unwrap();
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 10;
+    let state: Arc<FakeState> = Arc::default();
+    let f = fake_kbs_with(key, |_| {}, 200, Some(soon), state.clone());
+    let env = vec![
+        s2("SEALFS_KBS_URL", &f.url()),
+        s2("SEALFS_ATTESTER", "sample"),
+    ];
+    let o = sealfs(
+        &[
+            "verify",
+            &m.store(),
+            "--key",
+            KEY_URI,
+            "--key",
+            "kbs:///sealfs/kek/m2",
+        ],
+        &env,
+    );
+    expect_code(&o, 0);
+    assert_eq!(
+        state.auths.load(SeqCst),
+        2,
+        "a token 10 s from its exp was reused"
+    );
+    assert_eq!(state.resources.load(SeqCst), 2, "one release per key");
+}

@@ -296,6 +296,11 @@ fn the_unit_restarts_reloads_and_keeps_the_connection() {
         store >= 3,
         "the connection and two states need 3, got {store}"
     );
+    assert_eq!(
+        directives("sealfs@.service", "Environment"),
+        [format!("SEALFS_FDSTORE={store}")],
+        "the opt-in for systemd before 254 says the store's real size"
+    );
     assert!(
         directives("sealfs@.service", "ExecStopPost").is_empty(),
         "an ExecStopPost= would run at every restart and detach the live mount"

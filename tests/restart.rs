@@ -47,6 +47,9 @@ struct Holder {
     extra: Vec<String>,
     /// The binary started (a copy, where a test upgrades it).
     exe: PathBuf,
+    /// The variable that tells the daemon the store's size: systemd 254+ sets `FDSTORE`;
+    /// the unit sets `SEALFS_FDSTORE` for older systemd.
+    store_var: &'static str,
 }
 
 impl Holder {
@@ -75,6 +78,7 @@ impl Holder {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             exe: bin(),
+            store_var: "FDSTORE",
         }
     }
 
@@ -106,7 +110,7 @@ impl Holder {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("NOTIFY_SOCKET", &self.sock_path)
-            .env("FDSTORE", "8")
+            .env(self.store_var, "8")
             .env("RUST_LOG", "sealfs=info,fuser=error");
         if !fds.is_empty() {
             c.env("LISTEN_FDS", fds.len().to_string())
@@ -740,4 +744,22 @@ fn a_refresh_that_lands_just_before_the_kill_is_in_the_stored_state() {
         "{r:?}\n{}",
         h.logs()
     );
+}
+
+/// systemd before 254 keeps a store without setting `$FDSTORE`: the unit's
+/// `SEALFS_FDSTORE` turns the handover on there.
+#[test]
+fn the_units_opt_in_turns_the_store_on_without_fdstore() {
+    let _one = serial();
+    let mut h = Holder::new(&model(), &[]);
+    h.store_var = "SEALFS_FDSTORE";
+    h.start();
+    assert_eq!(h.stored(), ["fuse", "state-a"], "{}", h.logs());
+    h.kill(libc::SIGKILL);
+    h.start();
+    assert_eq!(
+        std::fs::read(h.mnt.join("config.json")).unwrap(),
+        b"{\"layers\": 2}"
+    );
+    assert!(h.logs().contains("connection taken over"), "{}", h.logs());
 }

@@ -16,6 +16,8 @@
 //!
 //! The store is used only when systemd says it has one: `$FDSTORE` (systemd 254+, the
 //! unit's `FileDescriptorStoreMax=`) of at least [`NEEDED`], beside `$NOTIFY_SOCKET`.
+//! Older systemd keeps a store too but does not say so: the unit says it for it in
+//! [`OPT_IN_VAR`] (`Environment=SEALFS_FDSTORE=8`, equal to `FileDescriptorStoreMax=`).
 //!
 //! The state is the tree (fs/inode.rs [`TreeState`]: names, sizes, ETags, header MACs) and
 //! the successor count that keeps file handles apart: never a key, a DEK or plaintext.
@@ -43,6 +45,9 @@ pub const MAX_STATE: usize = 512 << 20;
 const MAX_PASSED: usize = 16;
 /// The first passed descriptor (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
+/// `$FDSTORE` for systemd before 254, which keeps a descriptor store (since 219; names
+/// since 233, removal since 236) without setting `$FDSTORE`: the unit's own opt-in.
+pub const OPT_IN_VAR: &str = "SEALFS_FDSTORE";
 /// Where a re-executed daemon finds what its former image passed: `PID:NAME=FD,NAME=FD`.
 /// Not `LISTEN_FDS`, which wants them at 3..: moving a live descriptor onto a number that
 /// another thread of the running daemon may be using is not safe.
@@ -312,10 +317,15 @@ pub struct FdStore {
 }
 
 impl FdStore {
-    /// The store, if `$NOTIFY_SOCKET` is set and `$FDSTORE` allows [`NEEDED`] descriptors.
+    /// The store, if `$NOTIFY_SOCKET` is set and `$FDSTORE` (or, before systemd 254,
+    /// [`OPT_IN_VAR`]) allows [`NEEDED`] descriptors.
     pub fn from_env() -> Option<Self> {
         std::env::var_os("NOTIFY_SOCKET")?;
-        let max: usize = std::env::var("FDSTORE").ok()?.parse().ok()?;
+        let max: usize = std::env::var("FDSTORE")
+            .or_else(|_| std::env::var(OPT_IN_VAR))
+            .ok()?
+            .parse()
+            .ok()?;
         (max >= NEEDED).then(|| Self {
             current: AtomicUsize::new(1),
             seq: AtomicU64::new(0),
