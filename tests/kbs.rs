@@ -172,6 +172,21 @@ impl Model {
     fn verify(&self, env: &[(String, String)]) -> std::process::Output {
         sealfs(&["verify", &self.store(), "--key", KEY_URI], env)
     }
+
+    /// `verify` under two `kbs:` keys of one command (one KBS, two resources).
+    fn verify_two_keys(&self, env: &[(String, String)]) -> std::process::Output {
+        sealfs(
+            &[
+                "verify",
+                &self.store(),
+                "--key",
+                KEY_URI,
+                "--key",
+                "kbs:///sealfs/kek/m2",
+            ],
+            env,
+        )
+    }
 }
 
 #[track_caller]
@@ -689,17 +704,7 @@ fn attestations_are_once_per_command_and_once_per_key_per_round() {
         s2("SEALFS_KBS_URL", &f.url()),
         s2("SEALFS_ATTESTER", "sample"),
     ];
-    let o = sealfs(
-        &[
-            "verify",
-            &m.store(),
-            "--key",
-            KEY_URI,
-            "--key",
-            "kbs:///sealfs/kek/m2",
-        ],
-        &env,
-    );
+    let o = m.verify_two_keys(&env);
     expect_code(&o, 0);
     assert_eq!(state.auths.load(SeqCst), 1, "one attestation for both keys");
     assert_eq!(state.resources.load(SeqCst), 2, "one release per key");
@@ -1357,17 +1362,7 @@ fn a_token_near_its_expiry_is_not_reused() {
         s2("SEALFS_KBS_URL", &f.url()),
         s2("SEALFS_ATTESTER", "sample"),
     ];
-    let o = sealfs(
-        &[
-            "verify",
-            &m.store(),
-            "--key",
-            KEY_URI,
-            "--key",
-            "kbs:///sealfs/kek/m2",
-        ],
-        &env,
-    );
+    let o = m.verify_two_keys(&env);
     expect_code(&o, 0);
     assert_eq!(
         state.auths.load(SeqCst),

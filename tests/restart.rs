@@ -435,6 +435,28 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The readers came through unharmed (no error, wrong or short read, and enough reads to
+/// mean it); prints the stall figures of `what` (signal to READY=1, sorted here).
+fn assert_unharmed(r: &ReadersReport, h: &Holder, what: &str, stalls: &mut [Duration]) {
+    assert_eq!(
+        (r.errors, r.wrong, r.short),
+        (0, 0, 0),
+        "reader errors / wrong / short reads (first: {:?}): {r:?}\n{}",
+        r.first_error,
+        h.logs()
+    );
+    assert!(r.reads > 100, "{r:?}");
+    stalls.sort();
+    eprintln!(
+        "{what}: {} of them, {} reads, 0 errors, 0 wrong; signal to READY median {:?} worst {:?}; longest read {:.0} ms",
+        stalls.len(),
+        r.reads,
+        stalls[stalls.len() / 2],
+        stalls[stalls.len() - 1],
+        r.longest_ms
+    );
+}
+
 fn model() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("model.safetensors", pattern(FILE_LEN, 23)),
@@ -465,22 +487,7 @@ fn sigkill_under_load_pauses_readers_and_never_fails_them() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let r = readers.finish(&h);
-    assert_eq!(
-        (r.errors, r.wrong, r.short),
-        (0, 0, 0),
-        "reader errors / wrong / short reads (first: {:?}): {r:?}\n{}",
-        r.first_error,
-        h.logs()
-    );
-    assert!(r.reads > 100, "{r:?}");
-    gaps.sort();
-    eprintln!(
-        "restart: {kills} SIGKILLs, {} reads, 0 errors, 0 wrong; kill to READY median {:?} worst {:?}; longest read {:.0} ms",
-        r.reads,
-        gaps[gaps.len() / 2],
-        gaps[gaps.len() - 1],
-        r.longest_ms
-    );
+    assert_unharmed(&r, &h, "restart (SIGKILL)", &mut gaps);
     let logs = h.logs();
     assert_eq!(
         logs.matches("connection taken over").count(),
@@ -588,22 +595,7 @@ fn sighup_upgrade_in_place_pauses_readers_and_never_fails_them() {
     assert_eq!(exe_link(), exe, "the daemon runs the file now at its path");
     std::thread::sleep(Duration::from_millis(300));
     let r = readers.finish(&h);
-    assert_eq!(
-        (r.errors, r.wrong, r.short),
-        (0, 0, 0),
-        "reader errors / wrong / short reads (first: {:?}): {r:?}\n{}",
-        r.first_error,
-        h.logs()
-    );
-    assert!(r.reads > 100, "{r:?}");
-    stalls.sort();
-    eprintln!(
-        "upgrade: {reloads} SIGHUPs, {} reads, 0 errors, 0 wrong; SIGHUP to READY median {:?} worst {:?}; longest read {:.0} ms",
-        r.reads,
-        stalls[stalls.len() / 2],
-        stalls[stalls.len() - 1],
-        r.longest_ms
-    );
+    assert_unharmed(&r, &h, "upgrade (SIGHUP)", &mut stalls);
     let logs = h.logs();
     assert_eq!(
         logs.matches("SIGHUP: re-executing").count(),

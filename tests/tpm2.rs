@@ -265,6 +265,29 @@ mod with_tpm {
         }
     }
 
+    /// `inspect --key tpm2:OUT` names the slots the unsealed key opens (the key file's),
+    /// as for any key, and prints no key byte.
+    #[test]
+    fn inspect_names_the_slots_a_tpm_sealed_key_opens() {
+        let f = Fixture::new();
+        let key = f.tpm_key("out.json");
+        let o = f.run_on(
+            &f.tpm,
+            &["inspect", &f.p("sealed"), "--json", "--key", &key],
+            0,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let listed = v["files"].as_array().unwrap();
+        assert!(!listed.is_empty(), "{v}");
+        for file in listed {
+            assert_eq!(
+                file["wrapped_keys"][0]["opened_by"],
+                serde_json::json!([key]),
+                "{file}"
+            );
+        }
+    }
+
     fn files() -> [&'static str; 3] {
         ["a.bin", "config.json", "sub/b.bin"]
     }

@@ -689,7 +689,12 @@ fn raise_readahead(dev: u64) {
         libc::major(dev),
         libc::minor(dev)
     );
-    match std::fs::write(&path, READ_AHEAD_KB) {
+    // Never O_CREAT: on a system without that sysfs file nothing may be created.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(READ_AHEAD_KB.as_bytes()));
+    match written {
         Ok(()) => tracing::debug!(path, kb = READ_AHEAD_KB, "read-ahead raised"),
         Err(e) => tracing::debug!(path, error = %e, "read-ahead left at the kernel's 128 KiB"),
     }
