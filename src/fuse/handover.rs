@@ -121,20 +121,20 @@ pub fn take_passed() -> Result<Passed, String> {
         let (pid, list) = v
             .split_once(':')
             .ok_or_else(|| format!("{REEXEC_VAR}={v:?}: not PID:NAME=FD,..."))?;
-        if pid != me {
-            return Ok(passed); // meant for another process
+        // Ours when the PID is; otherwise systemd's LISTEN_FDS, if any, are still to take.
+        if pid == me {
+            passed.reexec = true;
+            for item in list.split(',').take(MAX_PASSED + 1) {
+                let raw = item
+                    .split_once('=')
+                    .and_then(|(n, fd)| Some((n, fd.parse::<RawFd>().ok()?)));
+                let Some((name, raw)) = raw else {
+                    return Err(format!("{REEXEC_VAR}: {item:?} is not NAME=FD"));
+                };
+                take_one(raw, Some(name), &mut taken, &mut passed)?;
+            }
+            return Ok(passed);
         }
-        passed.reexec = true;
-        for item in list.split(',').take(MAX_PASSED + 1) {
-            let raw = item
-                .split_once('=')
-                .and_then(|(n, fd)| Some((n, fd.parse::<RawFd>().ok()?)));
-            let Some((name, raw)) = raw else {
-                return Err(format!("{REEXEC_VAR}: {item:?} is not NAME=FD"));
-            };
-            take_one(raw, Some(name), &mut taken, &mut passed)?;
-        }
-        return Ok(passed);
     }
     let (Some(pid), Some(count)) = (pid, count) else {
         return Ok(passed);
@@ -221,6 +221,13 @@ pub fn reexec(
         if let Some((arg0, rest)) = argv.split_first() {
             cmd.arg0(arg0).args(rest);
         }
+        // Key-manager tokens were taken out of the environment at start (process.rs): the
+        // new image needs them again, and takes them out again.
+        for name in crate::process::TOKEN_VARS {
+            if let Some(t) = crate::process::token_var(name) {
+                cmd.env(name, t.as_str());
+            }
+        }
         Err(cmd.env(REEXEC_VAR, var).exec())
     };
     match attempt() {
@@ -240,6 +247,23 @@ pub fn connection_alive(fd: BorrowedFd<'_>) -> bool {
             .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)),
         Err(_) => false,
     }
+}
+
+/// True if this kernel resends interrupted requests (`FUSE_NOTIFY_RESEND`, Linux 6.9+). A
+/// planned upgrade needs it: without it, the requests the old image had read are never
+/// answered and their readers wait forever.
+pub fn kernel_resends() -> bool {
+    release_resends(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())
+}
+
+/// [`kernel_resends`] for a kernel release string (`6.1.0-18-amd64`).
+fn release_resends(release: &str) -> bool {
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 9)
 }
 
 /// Asks the kernel to send again every request the predecessor read and never answered.
@@ -390,6 +414,22 @@ mod tests {
             uri: "file:///m".into(),
             generation: 2,
             tree: Tree::build(Default::default(), "", 20).snapshot(),
+        }
+    }
+
+    #[test]
+    fn resend_needs_linux_6_9() {
+        for (release, resends) in [
+            ("6.1.0-18-amd64", false),
+            ("5.15.0", false),
+            ("6.8.12\n", false),
+            ("6.9.0", true),
+            ("6.18.44-fc-v1300", true),
+            ("7.0", true),
+            ("", false),
+            ("x.y", false),
+        ] {
+            assert_eq!(release_resends(release), resends, "{release:?}");
         }
     }
 

@@ -722,6 +722,15 @@ fn upgrade(
         );
         return;
     };
+    if args.secrets_fd.is_some() {
+        // Its secrets were read once from a descriptor that is gone.
+        tracing::warn!("SIGHUP ignored: a mount given --secrets-fd cannot start again");
+        return;
+    }
+    if !handover::kernel_resends() {
+        tracing::warn!("SIGHUP ignored: an upgrade in place needs Linux 6.9+ (FUSE_NOTIFY_RESEND); restart the service to run a new binary");
+        return;
+    }
     crate::telemetry::sd_notify_reloading();
     tracing::info!(exe = %exe.display(), generation, "SIGHUP: re-executing the binary in place; the connection and the tree go across");
     let err = fs.with_tree_frozen(|tree| {
@@ -733,6 +742,13 @@ fn upgrade(
         };
         handover::reexec(exe, argv, fuse.as_fd(), &st)
     });
+    // Rust's exec set SIGPIPE back to its default for the whole process before failing: a
+    // peer that hangs up on the control socket must not kill the daemon.
+    // SAFETY: restores the disposition std sets at start; no handler is involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     tracing::error!(exe = %exe.display(), error = %err, "upgrade failed: the re-exec did not happen; serving on with this binary");
     crate::telemetry::sd_notify("READY=1");
 }
