@@ -457,6 +457,12 @@ fn assert_unharmed(r: &ReadersReport, h: &Holder, what: &str, stalls: &mut [Dura
     );
 }
 
+/// `what` appears exactly `times` times in the daemon's log.
+#[track_caller]
+fn assert_logged(logs: &str, what: &str, times: usize) {
+    assert_eq!(logs.matches(what).count(), times, "{what:?}:\n{logs}");
+}
+
 fn model() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("model.safetensors", pattern(FILE_LEN, 23)),
@@ -489,11 +495,7 @@ fn sigkill_under_load_pauses_readers_and_never_fails_them() {
     let r = readers.finish(&h);
     assert_unharmed(&r, &h, "restart (SIGKILL)", &mut gaps);
     let logs = h.logs();
-    assert_eq!(
-        logs.matches("connection taken over").count(),
-        kills,
-        "{logs}"
-    );
+    assert_logged(&logs, "connection taken over", kills);
     assert!(
         logs.contains("handle taken over from the predecessor"),
         "{logs}"
@@ -597,16 +599,8 @@ fn sighup_upgrade_in_place_pauses_readers_and_never_fails_them() {
     let r = readers.finish(&h);
     assert_unharmed(&r, &h, "upgrade (SIGHUP)", &mut stalls);
     let logs = h.logs();
-    assert_eq!(
-        logs.matches("SIGHUP: re-executing").count(),
-        reloads,
-        "{logs}"
-    );
-    assert_eq!(
-        logs.matches("connection taken over").count(),
-        reloads,
-        "{logs}"
-    );
+    assert_logged(&logs, "SIGHUP: re-executing", reloads);
+    assert_logged(&logs, "connection taken over", reloads);
     // Still the one mount, and a SIGTERM still unmounts it.
     let mut c = h.child.take().unwrap();
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };

@@ -128,11 +128,12 @@ impl Filesystem for Adapter {
             let _rt = self.rt.enter();
             self.fs.read_cached(fh.0, offset, size)
         };
-        if let Some(r) = &cached {
+        // A handle from a predecessor daemon (fuse/handover.rs): opened again in the task,
+        // which records this read once.
+        let adopt = matches!(cached, Some(Err(FsError::BadHandle))) && self.fs.is_resumed();
+        if let Some(r) = cached.as_ref().filter(|_| !adopt) {
             self.fs.stats.record(Op::Read, t, r.is_ok());
         }
-        // A handle from a predecessor daemon (fuse/handover.rs): opened again in the task.
-        let adopt = matches!(cached, Some(Err(FsError::BadHandle))) && self.fs.is_resumed();
         match cached {
             Some(Ok(data)) => return reply.data(data.bytes()),
             Some(Err(e)) if !adopt => return reply.error(errno(&e)),

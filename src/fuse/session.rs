@@ -649,7 +649,7 @@ fn serve(
         // A session taken over owns no mount object (its first daemon made the mount):
         // unmounted by path.
         let unmounted = if resumed {
-            unmount(mountpoint)
+            umount(mountpoint, false)
         } else {
             unmounter.unmount()
         };
@@ -952,25 +952,29 @@ fn wait_ready(mut r: std::fs::File) -> i32 {
     }
 }
 
-/// Unmounts `mountpoint` (not lazily: a busy mount is an error): `umount2` as root, else
-/// the setuid `fusermount3 -u`.
+/// Unmounts `mountpoint` by path: `umount2` as root, else the setuid `fusermount3 -u`.
+/// Not lazily, a busy mount is an error (and only EPERM falls back to fusermount3); lazily
+/// (`MNT_DETACH`, `-z`), any failure of `umount2` falls back.
 #[allow(unsafe_code)]
-fn unmount(mountpoint: &Path) -> std::io::Result<()> {
+fn umount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let path =
         std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: a NUL-terminated path; umount2 has no other inputs.
-    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+    if unsafe { libc::umount2(path.as_ptr(), flags) } == 0 {
         return Ok(());
     }
     let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EPERM) {
+    if !lazy && e.raw_os_error() != Some(libc::EPERM) {
         return Err(e);
     }
-    let st = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(mountpoint)
-        .status()?;
+    let mut fallback = std::process::Command::new("fusermount3");
+    fallback.arg("-u");
+    if lazy {
+        fallback.arg("-z");
+    }
+    let st = fallback.arg(mountpoint).status()?;
     if st.success() {
         Ok(())
     } else {
@@ -978,22 +982,9 @@ fn unmount(mountpoint: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Lazy unmount (`MNT_DETACH`): `umount2` as root, else the setuid `fusermount3 -u -z`.
-#[allow(unsafe_code)]
+/// Lazy unmount: the path is gone at once, open files are served until closed.
 fn detach(mountpoint: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) else {
-        return;
-    };
-    // SAFETY: a NUL-terminated path; umount2 has no other inputs.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
-        return;
-    }
-    let fallback = std::process::Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(mountpoint)
-        .status();
-    if !fallback.is_ok_and(|s| s.success()) {
+    if umount(mountpoint, true).is_err() {
         tracing::warn!(mountpoint = %mountpoint.display(), "lazy unmount failed too");
     }
 }
