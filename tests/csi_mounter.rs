@@ -35,6 +35,10 @@ struct Mounter {
 
 impl Mounter {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let socket = dir.join("mounter.sock");
         let log = dir.join("mounter.log");
         let trace = dir.join("mounter.strace");
@@ -52,6 +56,7 @@ impl Mounter {
             .arg(bin())
             .args(["csi", "mounter", "--socket"])
             .arg(&socket)
+            .args(extra)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "sealfs=info")
@@ -138,6 +143,83 @@ fn mount_target(site: &Site, name: &str) -> (PathBuf, OwnedFd) {
 
 fn errno_of(p: &Path) -> Option<i32> {
     std::fs::read_dir(p).err().and_then(|e| e.raw_os_error())
+}
+
+/// How many /dev/fuse descriptors `pid` holds.
+fn fuse_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l == Path::new("/dev/fuse"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The mounter's child that serves `target` (its argv ends with it).
+fn child_serving(mounter: i32, target: &Path) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .is_ok_and(|s| s.contains(&format!("PPid:\t{mounter}\n")))
+                && std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                    c.split(|&b| b == 0)
+                        .rfind(|a| !a.is_empty())
+                        .is_some_and(|a| a == target.as_os_str().as_encoded_bytes())
+                })
+        })
+}
+
+fn wait_log(m: &Mounter, what: &str, secs: u64) {
+    let start = Instant::now();
+    while !m.logs().contains(what) {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "no {what:?} in {secs} s: {}",
+            m.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads a file whole again and again, its page cache dropped before each read so that
+/// every read reaches the daemon; counts the reads and keeps every error or wrong read.
+struct Reader {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Reader {
+    fn start(path: PathBuf, want: Vec<u8>) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut reads, mut errors) = (0, Vec::new());
+            while !s.load(Ordering::SeqCst) {
+                let read = std::fs::File::open(&path).and_then(|mut f| {
+                    // SAFETY: advice on a descriptor this closure owns.
+                    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                    let mut b = Vec::new();
+                    std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
+                });
+                match read {
+                    Ok(b) if b == want => reads += 1,
+                    Ok(b) => errors.push(format!("wrong bytes ({} read)", b.len())),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (reads, errors)
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
 }
 
 #[test]
@@ -265,23 +347,45 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     assert!(r.error.unwrap().contains("descriptor"));
     drop(fd4);
 
-    // One child killed: its target answers ENOTCONN, the other pod reads on.
+    // The mounter holds each published volume's connection: one /dev/fuse copy each.
+    let mounter = m.sealfs_pid().expect("the mounter process");
+    assert_eq!(fuse_fds(mounter as u32), 2, "pod1 and pod2 held");
+
+    // One child killed (SIGKILL) under a reader whose reads reach the daemon: a successor
+    // takes the connection over; the reader pauses, never fails, never reads a wrong
+    // byte. The other pod reads on.
+    let reader = Reader::start(t1.join("a.bin"), files[0].1.clone());
+    std::thread::sleep(Duration::from_millis(300));
     let pid1 = r1.pid.unwrap() as i32;
     // SAFETY: signalling a child of the mounter this test started.
     unsafe { libc::kill(pid1, libc::SIGKILL) };
-    let start = Instant::now();
-    while errno_of(&t1) != Some(libc::ENOTCONN) {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert_eq!(std::fs::read(t2.join("b.txt")).unwrap(), b"hi\n");
-    // Reaped and logged.
-    let start = Instant::now();
-    while !m.logs().contains("mount child exited") {
-        assert!(start.elapsed() < Duration::from_secs(5), "{}", m.logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The next publish (kubelet's, after the node plugin remounts) recovers it.
+    wait_log(&m, "successor serves the connection", 20);
+    std::thread::sleep(Duration::from_millis(300));
+    let (reads, errors) = reader.stop();
+    assert!(errors.is_empty(), "{errors:?}: {}", m.logs());
+    assert!(reads > 2, "{reads} reads");
+    // For the closing note: the crash-to-serving gap the mounter measured.
+    let logs = m.logs();
+    let stall = logs
+        .lines()
+        .find(|l| l.contains("successor serves the connection"))
+        .unwrap_or_default();
+    eprintln!("csi child SIGKILL to successor serving: {stall}");
+    let successor = child_serving(mounter, &t1).expect("a successor serves pod1");
+    assert_ne!(successor, pid1 as u32);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{successor}/fd/3")).unwrap(),
+        Path::new("/dev/fuse")
+    );
+    assert!(
+        m.logs()
+            .contains("connection taken over; interrupted requests sent again"),
+        "{}",
+        m.logs()
+    );
+    assert_eq!(std::fs::read(t1.join("b.txt")).unwrap(), b"hi\n");
+    // The next publish (kubelet's, after the node plugin remounts) replaces it.
     kernel_mount::unmount(&t1).unwrap();
     let fd1 = mount_at(&site, &t1);
     let r = m.ask(publish_req(&t1, &site.p("store"), &site.key()), &[&fd1]);
@@ -289,10 +393,11 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     assert!(r.ok, "{r:?}");
     assert_eq!(std::fs::read(t1.join("b.txt")).unwrap(), b"hi\n");
 
-    // Unpublish ends that child only.
+    // Unpublish ends that child only, and the mounter's copy of its connection.
     let r = m.ask(serde_json::json!({"op": "unpublish", "target": t2}), &[]);
     assert!(r.ok);
     assert_eq!(errno_of(&t2), Some(libc::ENOTCONN));
+    assert_eq!(fuse_fds(mounter as u32), 1, "only pod1 held");
     assert_eq!(std::fs::read(t1.join("b.txt")).unwrap(), b"hi\n");
 
     // The socket is the node plugin's alone (0600): another user cannot even connect.
@@ -370,6 +475,15 @@ fn a_key_file_secret_reaches_only_its_child_as_a_sealed_memfd() {
         assert!(!String::from_utf8_lossy(&b).contains(&key_hex), "{f}");
     }
     assert!(!m.logs().contains(&key_hex));
+    // A crashed child's successor opens under the secret the mounter held for it.
+    // SAFETY: signalling a child of the mounter this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_log(&m, "successor serves the connection", 20);
+    let mounter = m.sealfs_pid().expect("the mounter process");
+    let successor = child_serving(mounter, &t).expect("a successor");
+    assert_ne!(successor, pid);
+    assert_eq!(std::fs::read(t.join("m.bin")).unwrap(), pattern(50_000, 9));
+    assert!(!m.logs().contains(&key_hex));
     // Without its secret, `secret:keyFile` is one line, exit 1.
     let (t2, fd2) = mount_target(&site, "pod2");
     targets.0.push(t2.clone());
@@ -400,5 +514,49 @@ fn a_key_file_secret_reaches_only_its_child_as_a_sealed_memfd() {
     let r = m.ask(req, &[&fd3, &raw]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.error.unwrap().contains("not a sealed memfd"));
+    drop(targets);
+}
+
+/// A successor that cannot start (its key file is gone): the mounter retries until
+/// `--resume-timeout`, then lets the connection go. A reader that was waiting gets an
+/// error then, not a hang.
+#[test]
+fn a_crashed_childs_readers_get_errors_once_the_mounter_gives_up() {
+    let site = Site::new();
+    let data = pattern(300_000, 3);
+    site.seal_files(&[("a.bin", data.clone())]);
+    let m = Mounter::start_with(site.dir.path(), &["--resume-timeout", "3"]);
+    let mut targets = Targets(vec![]);
+    let (t, fd) = mount_target(&site, "pod");
+    targets.0.push(t.clone());
+    let r = m.ask(publish_req(&t, &site.p("store"), &site.key()), &[&fd]);
+    drop(fd);
+    assert!(r.ok, "{r:?}: {}", m.logs());
+    assert_eq!(std::fs::read(t.join("a.bin")).unwrap(), data);
+    std::fs::remove_file(site.path("k")).unwrap();
+    let reader = Reader::start(t.join("a.bin"), data);
+    std::thread::sleep(Duration::from_millis(200));
+    let killed = Instant::now();
+    // SAFETY: signalling a child of the mounter this test started.
+    unsafe { libc::kill(r.pid.unwrap() as i32, libc::SIGKILL) };
+    wait_log(&m, "the successor did not start", 20);
+    wait_log(&m, "no successor within --resume-timeout", 20);
+    let start = Instant::now();
+    while errno_of(&t) != Some(libc::ENOTCONN) {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", m.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (reads, errors) = reader.stop();
+    let waited = killed.elapsed();
+    assert!(reads >= 1, "{reads}");
+    assert!(!errors.is_empty(), "the reader saw the connection go");
+    assert!(errors.iter().all(|e| !e.starts_with("wrong")), "{errors:?}");
+    // Given up after about 3 s, not 30 and not at once.
+    assert!(
+        waited > Duration::from_secs(2) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    let mounter = m.sealfs_pid().expect("the mounter process");
+    assert_eq!(fuse_fds(mounter as u32), 0, "nothing held");
     drop(targets);
 }

@@ -546,6 +546,11 @@ pub enum CsiCommand {
         /// (SOFTHSM2_CONF, ChrystokiConfigurationPath, …).
         #[arg(long = "pass-env", value_name = "NAME")]
         pass_env: Vec<String>,
+        /// How long, in seconds, the readers of a volume whose child crashed wait for a
+        /// successor to take the connection over; then the mounter lets the connection go
+        /// and they get ENOTCONN.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+        resume_timeout: u64,
     },
     /// The CSI node plugin (one per node, privileged): the Identity and Node gRPC services
     /// on ENDPOINT. A publish mounts /dev/fuse at the pod's target and hands the connection
@@ -590,9 +595,15 @@ pub fn main_with(cli: Cli) -> i32 {
             return exit::USAGE;
         }
     }
-    if let Command::Csi(CsiCommand::Mounter { socket, pass_env }) = &cli.command {
+    if let Command::Csi(CsiCommand::Mounter {
+        socket,
+        pass_env,
+        resume_timeout,
+    }) = &cli.command
+    {
         // Threads and children of its own; no runtime.
-        return match crate::csi::mounter::run(socket, pass_env.clone()) {
+        let within = std::time::Duration::from_secs(*resume_timeout);
+        return match crate::csi::mounter::run(socket, pass_env.clone(), within) {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("sealfs: error: {e}");

@@ -2,36 +2,91 @@
 //! receives FUSE connections that the node plugin opened and mounted, and starts one
 //! `sealfs mount --fuse-fd 3` child per published volume (per pod: its own identity, audit
 //! and failure domain); it answers once the child serves or has failed, reaps children and
-//! keeps serving the others when one dies. It never opens /dev/fuse, never mounts, and keeps
-//! no copy of a connection once its child has it (so a dead child's target answers
-//! ENOTCONN). Children die with it (PR_SET_PDEATHSIG): that is why it is updated OnDelete.
+//! keeps serving the others when one dies. It never opens /dev/fuse and never mounts.
+//!
+//! It holds each volume's connection (a dup), secrets and newest state (holder.rs) while
+//! the volume is published: a child that crashes (SIGKILL, a panic, the OOM killer) is
+//! followed by a successor that takes the connection over, and its readers only wait. No
+//! successor within `--resume-timeout`, or a crash loop: the mounter lets the connection go
+//! and the target answers ENOTCONN until published again. Children die with the mounter
+//! (PR_SET_PDEATHSIG), its copies with it: that is why it is updated OnDelete.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::holder::Link;
 use super::seqpacket;
 use super::wire::{check_publish, Reply, Request, DRIVER_IDENTITY_ENV, INHERITED_ENV, PUBLISH_ENV};
 use crate::exit;
 
 use super::wire::{READY_TIMEOUT, STOP_TIMEOUT};
 
+/// How a volume's child is started, again after a crash.
+struct Spec {
+    target: String,
+    uri: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    pod_identity: bool,
+}
+
+/// What the mounter keeps for a published volume: its connection (a dup: a crashed child's
+/// readers wait in the kernel for a successor instead of failing), its secrets (the newest
+/// token in them), and the link its children store their state through.
+struct Held {
+    fuse: OwnedFd,
+    secrets: Option<OwnedFd>,
+    link: Arc<Link>,
+    /// When earlier successors started: a crash loop is given up.
+    restarts: VecDeque<Instant>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.link.close();
+    }
+}
+
 struct Served {
     child: Child,
-    volume: String,
+    spec: Spec,
+    held: Held,
 }
+
+/// A child that crashed this often within [`RESTART_WINDOW`] is not followed again.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 #[derive(Default)]
 struct State {
     children: Mutex<HashMap<String, Served>>,
+    /// Targets whose crashed child's successor is starting; set (under the `children`
+    /// lock) when an unpublish or a new publish of the target cancels it.
+    resuming: Mutex<HashMap<String, Arc<AtomicBool>>>,
     next: std::sync::atomic::AtomicU64,
     /// `--pass-env`: more of the mounter's variables its children inherit.
     pass_env: Vec<String>,
+    /// `--resume-timeout`: how long a crashed child's readers wait for a successor.
+    resume_timeout: Duration,
+}
+
+impl State {
+    /// Takes `target`'s volume out of service: its child (if any) is returned for the
+    /// caller to stop, a successor being started is cancelled.
+    fn withdraw(&self, target: &str) -> Option<Served> {
+        let mut m = lock(&self.children);
+        if let Some(c) = lock(&self.resuming).get(target) {
+            c.store(true, Ordering::SeqCst);
+        }
+        m.remove(target)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -40,7 +95,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the mounter until SIGTERM/SIGINT; an error is why it could not start (one line,
 /// for the CLI to print).
-pub fn run(socket: &Path, pass_env: Vec<String>) -> Result<(), String> {
+pub fn run(socket: &Path, pass_env: Vec<String>, resume_timeout: Duration) -> Result<(), String> {
     if let Some(bad) = pass_env.iter().find(|n| !env_name(n)) {
         return Err(format!(
             "--pass-env {:?}: not a variable name",
@@ -69,11 +124,12 @@ pub fn run(socket: &Path, pass_env: Vec<String>) -> Result<(), String> {
     let listener = setup().map_err(|e| format!("mounter socket {}: {e}", socket.display()))?;
     let state = Arc::new(State {
         pass_env,
+        resume_timeout,
         ..State::default()
     });
     {
         let state = state.clone();
-        std::thread::spawn(move || reap(&state));
+        std::thread::spawn(move || reap(state));
     }
     crate::telemetry::sd_notify("READY=1");
     tracing::info!(socket = %socket.display(), "mounter serving");
@@ -175,10 +231,9 @@ fn serve_conn(conn: &OwnedFd, state: &State, notify_dir: &Path) {
             ),
             Ok(Request::Ping {}) => Reply::ok(None),
             Ok(Request::Unpublish { target }) => {
-                let served = lock(&state.children).remove(&target);
-                if let Some(mut s) = served {
+                if let Some(mut s) = state.withdraw(&target) {
                     stop_child(&mut s.child);
-                    tracing::info!(target, volume = %s.volume, "unpublished");
+                    tracing::info!(target, volume = %s.spec.uri, "unpublished");
                 }
                 Reply::ok(None)
             }
@@ -223,7 +278,8 @@ struct Descriptors {
 }
 
 /// Hands a pod-identity child its fresh token, over the child's control socket (the child
-/// swaps it in: aws_identity.rs). The token is never logged here.
+/// swaps it in: aws_identity.rs), and keeps it in the volume's secrets for a successor.
+/// The token is never logged here.
 fn refresh(state: &State, target: &str, mut fds: Vec<OwnedFd>) -> Reply {
     if fds.len() != 1 {
         return Reply::failed(
@@ -245,7 +301,7 @@ fn refresh(state: &State, target: &str, mut fds: Vec<OwnedFd>) -> Reply {
         Err(e) => return Reply::failed(exit::USAGE, e.to_string()),
     };
     let line = zeroize::Zeroizing::new(format!("web-identity-token {}", fresh.token.as_str()));
-    match crate::fuse::control::request_label(Path::new(target), &line) {
+    let r = match crate::fuse::control::request_label(Path::new(target), &line) {
         Ok(a) if a == "ok" => {
             tracing::info!(target, "the pod's token was refreshed");
             Reply::ok(None)
@@ -255,7 +311,34 @@ fn refresh(state: &State, target: &str, mut fds: Vec<OwnedFd>) -> Reply {
             crate::format::naming::printable(a.strip_prefix("error: ").unwrap_or(&a), 512),
         ),
         Err(e) => Reply::failed(exit::FAILURE, format!("the mount's control socket: {e}")),
+    };
+    if r.ok {
+        if let Some(s) = lock(&state.children).get_mut(target) {
+            match s
+                .held
+                .secrets
+                .as_ref()
+                .map(|old| with_token(old, &fresh.token))
+            {
+                Some(Ok(new)) => s.held.secrets = Some(new),
+                Some(Err(e)) => {
+                    tracing::warn!(target, error = %e, "the refreshed token is not kept for a successor")
+                }
+                None => {}
+            }
+        }
     }
+    r
+}
+
+/// A new sealed secrets memfd: `old`'s, with the pod's token replaced by `token`.
+fn with_token(old: &OwnedFd, token: &str) -> std::io::Result<OwnedFd> {
+    let mut s: super::secrets::Secrets =
+        super::secrets::open(old.try_clone()?).map_err(std::io::Error::other)?;
+    if let Some(w) = s.aws_web_identity.as_mut() {
+        w.token = zeroize::Zeroizing::new(token.to_string());
+    }
+    super::secrets::seal(&s)
 }
 
 fn publish(
@@ -289,30 +372,59 @@ fn publish(
     let fuse_fd = fds.remove(0);
     // A target published again (its pod restarted, kubelet republished): the old child goes
     // (the map is not held while it stops).
-    let old = lock(&state.children).remove(target);
-    if let Some(mut old) = old {
+    if let Some(mut old) = state.withdraw(target) {
         stop_child(&mut old.child);
     }
     let n = state
         .next
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let sock_path = notify_dir.join(format!("{n}.sock"));
-    let sock = match std::os::unix::net::UnixDatagram::bind(&sock_path) {
-        Ok(s) => s,
+    let link = match Link::bind(notify_dir.join(format!("{n}.sock"))) {
+        Ok(l) => l,
         Err(e) => return Reply::failed(exit::FAILURE, format!("notify socket: {e}")),
     };
-    let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => return Reply::failed(exit::FAILURE, format!("own executable: {e}")),
+    let spec = Spec {
+        target: target.to_string(),
+        uri: uri.to_string(),
+        args: args.to_vec(),
+        env: env.clone(),
+        pod_identity,
     };
+    let held = Held {
+        fuse: fuse_fd,
+        secrets: secrets_fd,
+        link,
+        restarts: VecDeque::new(),
+    };
+    // On failure `held` goes: the connection is let go.
+    match start(state, &spec, &held, false) {
+        Ok(child) => {
+            let pid = child.id();
+            tracing::info!(target, pid, "published");
+            lock(&state.children).insert(target.to_string(), Served { child, spec, held });
+            Reply::ok(Some(pid))
+        }
+        Err((code, msg)) => Reply::failed(code, msg),
+    }
+}
+
+/// Starts `spec`'s child on `held`'s connection (with the stored states when `resume`) and
+/// waits until it serves; `Err` is its exit code and last error line.
+fn start(state: &State, spec: &Spec, held: &Held, resume: bool) -> Result<Child, (i32, String)> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| (exit::FAILURE, format!("{what}: {e}"));
+    let exe = std::env::current_exe().map_err(|e| failed("own executable", &e))?;
     let mut c = Command::new(exe);
     c.args(["mount", "--foreground", "--fuse-fd", "3"]);
-    if secrets_fd.is_some() {
+    // The descriptors the child gets, from 3 on: the connection, the secrets, the states.
+    let mut pass: Vec<OwnedFd> = vec![held.fuse.try_clone().map_err(|e| failed("dup", &e))?];
+    if let Some(s) = &held.secrets {
         c.args(["--secrets-fd", "4"]);
+        pass.push(s.try_clone().map_err(|e| failed("dup", &e))?);
     }
     // Options, then `--`: the URI and target are positionals whatever they start with.
-    c.args(args).arg("--").arg(uri).arg(target);
+    c.args(&spec.args)
+        .arg("--")
+        .arg(&spec.uri)
+        .arg(&spec.target);
     // The child's environment: the operator's (the mounter's own: endpoints, and the
     // driver's identity unless the volume reads as the pod), then the publish's
     // allow-listed ones.
@@ -322,54 +434,51 @@ fn publish(
         if INHERITED_ENV.contains(&name)
             || PUBLISH_ENV.contains(&name)
             || state.pass_env.contains(&k)
-            || (!pod_identity && DRIVER_IDENTITY_ENV.contains(&name))
+            || (!spec.pod_identity && DRIVER_IDENTITY_ENV.contains(&name))
         {
             c.env(k, v);
         }
     }
-    c.envs(env);
-    if pod_identity {
+    c.envs(&spec.env);
+    if spec.pod_identity {
         c.env("AWS_EC2_METADATA_DISABLED", "true");
     }
-    c.env("NOTIFY_SOCKET", &sock_path);
+    // The mounter is the child's descriptor store (holder.rs).
+    c.env("NOTIFY_SOCKET", held.link.path())
+        .env("FDSTORE", crate::fuse::handover::NEEDED.to_string());
+    if resume {
+        let states = held.link.states().map_err(|e| failed("dup", &e))?;
+        let mut list = Vec::new();
+        for (name, fd) in states {
+            list.push(format!("{name}={}", 3 + pass.len()));
+            pass.push(fd);
+        }
+        c.env(
+            crate::fuse::handover::HOLDER_VAR,
+            format!("{}:{}", std::process::id(), list.join(",")),
+        );
+    }
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // Out of the way of 3 and 4 first: a received descriptor may itself be 3 or 4, and
-    // dup2 onto itself would neither move it nor clear close-on-exec.
-    let high = |f: &OwnedFd| {
-        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64)).map(|fd| {
-            // SAFETY: fcntl returned a new descriptor that nothing else owns.
-            #[allow(unsafe_code)]
-            unsafe {
-                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-            }
-        })
-    };
-    let fuse_high = match high(&fuse_fd) {
-        Ok(fd) => fd,
-        Err(e) => return Reply::failed(exit::FAILURE, format!("dup: {e}")),
-    };
-    let secrets_high = match secrets_fd.as_ref().map(high).transpose() {
-        Ok(fd) => fd,
-        Err(e) => return Reply::failed(exit::FAILURE, format!("dup: {e}")),
-    };
+    // Out of the way of 3.. first: a descriptor may itself be 3 or 4, and dup2 onto itself
+    // would neither move it nor clear close-on-exec.
+    let high: Vec<OwnedFd> = pass
+        .iter()
+        .map(|f| f.as_fd().try_clone_to_owned().and_then(|f| above(&f, 64)))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| failed("dup", &e))?;
+    drop(pass);
     use std::os::fd::AsRawFd;
-    let (fuse_raw, secrets_raw) = (
-        fuse_high.as_raw_fd(),
-        secrets_high.as_ref().map(|f| f.as_raw_fd()),
-    );
-    let first_unused: libc::c_uint = if secrets_raw.is_some() { 5 } else { 4 };
+    let raw: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
+    let first_unused = 3 + raw.len() as libc::c_uint;
     // SAFETY: between fork and exec only async-signal-safe calls: dup2 (which clears
-    // close-on-exec on the copy) and prctl.
+    // close-on-exec on the copy), close_range and prctl; `raw` was built before the fork.
     #[allow(unsafe_code)]
     unsafe {
         c.pre_exec(move || {
-            if libc::dup2(fuse_raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(s) = secrets_raw {
-                if libc::dup2(s, 4) < 0 {
+            for (i, &fd) in raw.iter().enumerate() {
+                if libc::dup2(fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -382,19 +491,19 @@ fn publish(
             Ok(())
         });
     }
+    let seen = held.link.readies();
+    held.link.expect(None);
     let spawned = spawn(c);
-    // No copy stays here once the child has them.
-    drop((fuse_fd, secrets_fd, fuse_high, secrets_high));
-    let mut child = match spawned {
-        Ok(ch) => ch,
-        Err(e) => {
-            let _ = std::fs::remove_file(&sock_path);
-            return Reply::failed(exit::FAILURE, format!("cannot start the mount: {e}"));
-        }
-    };
+    // No copy stays here but the held ones.
+    drop(high);
+    let mut child = spawned.map_err(|e| failed("cannot start the mount", &e))?;
+    held.link.expect(Some(child.id() as i32));
     let last_error = Arc::new(Mutex::new(String::new()));
     let reader = child.stderr.take().map(|err| {
-        let (last, label) = (last_error.clone(), crate::format::naming::escaped(target));
+        let (last, label) = (
+            last_error.clone(),
+            crate::format::naming::escaped(&spec.target),
+        );
         std::thread::spawn(move || {
             // Always drained (a stalled pipe would block the child), each line bounded and
             // shown escaped, non-UTF-8 included.
@@ -418,59 +527,50 @@ fn publish(
             }
         })
     });
-    let start = Instant::now();
-    let mut buf = [0u8; 256];
+    let begun = Instant::now();
     let outcome = loop {
-        if let Ok(n) = sock.recv(&mut buf) {
-            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-                break Ok(());
-            }
+        if held.link.wait_ready(seen, Duration::from_millis(200)) {
+            break Ok(());
         }
         match child.try_wait() {
             Ok(Some(st)) => break Err(st.code().unwrap_or(exit::FAILURE)),
             Ok(None) => {}
             Err(_) => break Err(exit::FAILURE),
         }
-        if start.elapsed() > READY_TIMEOUT {
+        if begun.elapsed() > READY_TIMEOUT {
             stop_child(&mut child);
             break Err(exit::FAILURE);
         }
     };
-    let _ = std::fs::remove_file(&sock_path);
     match outcome {
-        Ok(()) => {
-            let pid = child.id();
-            tracing::info!(target, pid, "published");
-            lock(&state.children).insert(
-                target.to_string(),
-                Served {
-                    child,
-                    volume: uri.to_string(),
-                },
-            );
-            Reply::ok(Some(pid))
-        }
+        Ok(()) => Ok(child),
         Err(code) => {
             // The child is gone: its stderr reader ends at the pipe's end, last line read.
             if let Some(r) = reader {
                 let _ = r.join();
             }
             let msg = lock(&last_error).clone();
-            let msg = if msg.is_empty() {
-                if start.elapsed() > READY_TIMEOUT {
-                    format!(
-                        "the mount did not serve within {}s",
-                        READY_TIMEOUT.as_secs()
-                    )
-                } else {
-                    format!("the mount exited with code {code}")
-                }
-            } else {
+            let msg = if !msg.is_empty() {
                 msg
+            } else if begun.elapsed() > READY_TIMEOUT {
+                format!(
+                    "the mount did not serve within {}s",
+                    READY_TIMEOUT.as_secs()
+                )
+            } else {
+                format!("the mount exited with code {code}")
             };
-            Reply::failed(code, msg)
+            Err((code, msg))
         }
     }
+}
+
+/// A close-on-exec copy of `fd` numbered `min` or above.
+fn above(fd: &OwnedFd, min: i32) -> std::io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    #[allow(unsafe_code)]
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
 /// Spawns on one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked
@@ -512,23 +612,92 @@ fn stop_child(c: &mut Child) {
     let _ = c.wait();
 }
 
-/// Reaps children that died on their own; the others keep serving.
-fn reap(state: &State) {
+/// Reaps children that died on their own; the others keep serving. A dead child whose
+/// connection is up and whose state the mounter holds is followed by a successor.
+fn reap(state: Arc<State>) {
     loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let mut m = lock(&state.children);
-        let dead: Vec<String> = m
-            .iter_mut()
-            .filter_map(|(t, s)| match s.child.try_wait() {
-                Ok(Some(st)) => {
-                    tracing::warn!(target = %t, volume = %s.volume, status = %st, "mount child exited; its target answers ENOTCONN until published again");
-                    Some(t.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        for t in dead {
-            m.remove(&t);
+        std::thread::sleep(Duration::from_millis(100));
+        let dead: Vec<(Served, std::process::ExitStatus)> = {
+            let mut m = lock(&state.children);
+            let gone: Vec<(String, std::process::ExitStatus)> = m
+                .iter_mut()
+                .filter_map(|(t, s)| Some((t.clone(), s.child.try_wait().ok()??)))
+                .collect();
+            gone.into_iter()
+                .filter_map(|(t, st)| Some((m.remove(&t)?, st)))
+                .collect()
+        };
+        for (s, status) in dead {
+            s.held.link.expect(None);
+            let (t, volume) = (s.spec.target.clone(), s.spec.uri.clone());
+            if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
+                tracing::warn!(target = %t, volume = %volume, %status, "mount child exited and its connection is gone (unmounted)");
+            } else if !s.held.link.has_state() {
+                tracing::warn!(target = %t, volume = %volume, %status, "mount child exited before it stored a state; its target answers ENOTCONN until published again");
+            } else {
+                let cancel = Arc::new(AtomicBool::new(false));
+                lock(&state.resuming).insert(t, cancel.clone());
+                let state = state.clone();
+                std::thread::spawn(move || resume(&state, s, status, &cancel));
+            }
         }
+    }
+}
+
+/// Starts a successor for `s`'s crashed child, again with backoff, until it serves or
+/// `--resume-timeout` has passed since the crash; then the connection is let go.
+fn resume(state: &State, mut s: Served, status: std::process::ExitStatus, cancel: &AtomicBool) {
+    let crashed = Instant::now();
+    let t = s.spec.target.clone();
+    while s
+        .held
+        .restarts
+        .front()
+        .is_some_and(|at| at.elapsed() > RESTART_WINDOW)
+    {
+        s.held.restarts.pop_front();
+    }
+    let child = if s.held.restarts.len() >= MAX_RESTARTS {
+        tracing::error!(target = %t, %status, restarts = MAX_RESTARTS, "mount child crashed again; not followed (a crash loop): its target answers ENOTCONN until published again");
+        None
+    } else {
+        tracing::warn!(target = %t, %status, "mount child exited; a successor takes its connection over (readers wait)");
+        s.held.restarts.push_back(crashed);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                break None;
+            }
+            if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
+                tracing::warn!(target = %t, "the connection went while its successor started");
+                break None;
+            }
+            match start(state, &s.spec, &s.held, true) {
+                Ok(child) => break Some(child),
+                Err((code, msg)) => {
+                    tracing::warn!(target = %t, code, error = %msg, "the successor did not start")
+                }
+            }
+            if crashed.elapsed() + delay > state.resume_timeout {
+                tracing::error!(target = %t, seconds = state.resume_timeout.as_secs(), "no successor within --resume-timeout: the connection is let go, its readers get ENOTCONN");
+                break None;
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    };
+    let mut m = lock(&state.children);
+    lock(&state.resuming).remove(&t);
+    match child {
+        Some(mut c) if cancel.load(Ordering::SeqCst) => {
+            drop(m);
+            stop_child(&mut c);
+        }
+        Some(c) => {
+            tracing::info!(target = %t, pid = c.id(), stall_ms = crashed.elapsed().as_millis() as u64, "successor serves the connection");
+            s.child = c;
+            m.insert(t, s);
+        }
+        None => {}
     }
 }

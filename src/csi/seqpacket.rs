@@ -91,10 +91,22 @@ pub fn send(fd: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
 /// Receives one message: its bytes (empty at end of stream) and descriptors. A message
 /// longer than [`MAX_MESSAGE`] or with more than [`MAX_FDS`] descriptors is refused, and
 /// whatever descriptors came with it are closed.
-#[allow(unsafe_code)]
 pub fn recv(fd: &OwnedFd) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    recv_from(fd).map(|(b, fds, _)| (b, fds))
+}
+
+/// Has the kernel attach each sender's credentials to what `fd` receives (SO_PASSCRED),
+/// for [`recv_from`] to report whose message it is.
+pub fn pass_credentials(fd: &impl AsFd) -> std::io::Result<()> {
+    socket::setsockopt(fd, socket::sockopt::PassCred, &true).map_err(io)
+}
+
+/// [`recv`], with the sender's PID when the socket has [`pass_credentials`] (the kernel's
+/// word, not the sender's).
+#[allow(unsafe_code)]
+pub fn recv_from(fd: &OwnedFd) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>, Option<i32>)> {
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS], libc::ucred);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = socket::recvmsg::<UnixAddr>(
         fd.as_raw_fd(),
@@ -105,16 +117,20 @@ pub fn recv(fd: &OwnedFd) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     .map_err(io)?;
     let bytes = msg.bytes;
     let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC) || bytes > MAX_MESSAGE;
-    let mut fds = Vec::new();
+    let (mut fds, mut pid) = (Vec::new(), None);
     let cmsgs = msg.cmsgs();
     if let Ok(cmsgs) = cmsgs {
         for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(list) = c {
-                for raw in list {
-                    // SAFETY: SCM_RIGHTS installed these descriptors in this process for
-                    // this message; nothing else owns them.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            match c {
+                ControlMessageOwned::ScmRights(list) => {
+                    for raw in list {
+                        // SAFETY: SCM_RIGHTS installed these descriptors in this process
+                        // for this message; nothing else owns them.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                    }
                 }
+                ControlMessageOwned::ScmCredentials(c) => pid = Some(c.pid()),
+                _ => {}
             }
         }
     }
@@ -127,7 +143,7 @@ pub fn recv(fd: &OwnedFd) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
         ));
     }
     buf.truncate(bytes);
-    Ok((buf, fds))
+    Ok((buf, fds, pid))
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use crate::fs::inode::TreeState;
 /// The name of the stored `/dev/fuse` descriptor.
 pub const FUSE_NAME: &str = "fuse";
 /// The two names the state alternates between.
-const STATE_NAMES: [&str; 2] = ["state-a", "state-b"];
+pub const STATE_NAMES: [&str; 2] = ["state-a", "state-b"];
 /// Descriptors the store must take: the connection and two states.
 pub const NEEDED: usize = 3;
 /// The largest state read back (a tree of millions of files fits).
@@ -52,6 +52,10 @@ pub const OPT_IN_VAR: &str = "SEALFS_FDSTORE";
 /// Not `LISTEN_FDS`, which wants them at 3..: moving a live descriptor onto a number that
 /// another thread of the running daemon may be using is not safe.
 pub const REEXEC_VAR: &str = "SEALFS_HANDOVER_FDS";
+/// Where a child of the CSI mounter finds the states the mounter kept for it when its
+/// predecessor crashed: `PPID:NAME=FD,...`, taken only when PPID is this process's parent
+/// (the mounter, which passes the connection itself as `--fuse-fd`).
+pub const HOLDER_VAR: &str = "SEALFS_HELD_FDS";
 const MAGIC: &[u8] = b"sealfs-state v1\n";
 /// `FUSE_NOTIFY_RESEND` (include/uapi/linux/fuse.h, protocol 7.40).
 const FUSE_NOTIFY_RESEND: i32 = 7;
@@ -105,36 +109,47 @@ impl Passed {
 /// thread exists.
 pub fn take_passed() -> Result<Passed, String> {
     let get = |v: &str| std::env::var(v).ok();
-    let (reexec, pid, count, names) = (
+    let (reexec, held, pid, count, names) = (
         get(REEXEC_VAR),
+        get(HOLDER_VAR),
         get("LISTEN_PID"),
         get("LISTEN_FDS"),
         get("LISTEN_FDNAMES"),
     );
-    for v in [REEXEC_VAR, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+    for v in [
+        REEXEC_VAR,
+        HOLDER_VAR,
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+    ] {
         std::env::remove_var(v);
     }
     let me = std::process::id().to_string();
+    let parent = std::os::unix::process::parent_id().to_string();
     let mut passed = Passed::default();
     let mut taken = Vec::new();
-    if let Some(v) = reexec {
+    // Ours when the PID is (this process, or the parent for the mounter's list);
+    // otherwise systemd's LISTEN_FDS, if any, are still to take.
+    for (var, value, owner) in [(REEXEC_VAR, reexec, &me), (HOLDER_VAR, held, &parent)] {
+        let Some(v) = value else { continue };
         let (pid, list) = v
             .split_once(':')
-            .ok_or_else(|| format!("{REEXEC_VAR}={v:?}: not PID:NAME=FD,..."))?;
-        // Ours when the PID is; otherwise systemd's LISTEN_FDS, if any, are still to take.
-        if pid == me {
-            passed.reexec = true;
-            for item in list.split(',').take(MAX_PASSED + 1) {
-                let raw = item
-                    .split_once('=')
-                    .and_then(|(n, fd)| Some((n, fd.parse::<RawFd>().ok()?)));
-                let Some((name, raw)) = raw else {
-                    return Err(format!("{REEXEC_VAR}: {item:?} is not NAME=FD"));
-                };
-                take_one(raw, Some(name), &mut taken, &mut passed)?;
-            }
-            return Ok(passed);
+            .ok_or_else(|| format!("{var}={v:?}: not PID:NAME=FD,..."))?;
+        if pid != owner.as_str() {
+            continue;
         }
+        passed.reexec = var == REEXEC_VAR;
+        for item in list.split(',').take(MAX_PASSED + 1) {
+            let raw = item
+                .split_once('=')
+                .and_then(|(n, fd)| Some((n, fd.parse::<RawFd>().ok()?)));
+            let Some((name, raw)) = raw else {
+                return Err(format!("{var}: {item:?} is not NAME=FD"));
+            };
+            take_one(raw, Some(name), &mut taken, &mut passed)?;
+        }
+        return Ok(passed);
     }
     let (Some(pid), Some(count)) = (pid, count) else {
         return Ok(passed);
@@ -234,6 +249,19 @@ pub fn reexec(
         Err(e) => e,
         Ok(never) => match never {},
     }
+}
+
+/// True if `fd` is open on /dev/fuse (character device 10:229): a descriptor passed under
+/// the connection's name may be anything.
+pub fn is_fuse_device(fd: BorrowedFd<'_>) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(f) = fd.try_clone_to_owned().map(std::fs::File::from) else {
+        return false;
+    };
+    f.metadata().is_ok_and(|m| {
+        let dev = m.rdev();
+        m.file_type().is_char_device() && (libc::major(dev), libc::minor(dev)) == (10, 229)
+    })
 }
 
 /// True if the connection behind `fd` is still up: the kernel reports POLLERR on a

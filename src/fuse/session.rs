@@ -70,20 +70,31 @@ pub fn run(args: MountArgs) -> i32 {
             return code;
         }
     }
-    let passed = match args.fuse_fd.map(take_fuse_fd).transpose() {
+    let mut passed = match args.fuse_fd.map(take_fuse_fd).transpose() {
         Ok(p) => p,
         Err(Fatal(code, msg)) => {
             eprintln!("sealfs: error: {msg}");
             return code;
         }
     };
-    // A connection a predecessor left in systemd's descriptor store (fuse/handover.rs).
-    let fd_store = match args.fuse_fd {
-        None => handover::FdStore::from_env().map(Arc::new),
-        Some(_) => None, // the CSI mounter's child: its mounter holds the connection
-    };
+    // A connection a predecessor left in systemd's descriptor store, or the CSI mounter's
+    // store of its child's state (fuse/handover.rs, csi/holder.rs).
+    let fd_store = handover::FdStore::from_env().map(Arc::new);
     let (reexeced, mut resume) = match handover::take_passed() {
-        Ok(p) => (p.reexec, takeover(p, &args, fd_store.as_deref())),
+        Ok(mut p) => {
+            // The mounter restarting a crashed child: the connection is `--fuse-fd` (held
+            // by the mounter, already initialised), the state what the mounter kept.
+            let (reexec, held) = (p.reexec, args.fuse_fd.is_some() && !p.states.is_empty());
+            if held {
+                p.fuse = passed.take();
+            }
+            let r = takeover(p, &args, fd_store.as_deref());
+            if held && r.is_none() {
+                eprintln!("sealfs: error: the connection the mounter held cannot be taken over (the log says why)");
+                return exit::FAILURE;
+            }
+            (reexec, r)
+        }
         Err(msg) => {
             eprintln!("sealfs: error: {msg}");
             return exit::USAGE;
@@ -153,7 +164,8 @@ pub fn run(args: MountArgs) -> i32 {
     };
     let fs = match rt.block_on(setup(&args, resume.as_mut().and_then(|r| r.state.take()))) {
         Ok(fs) => fs,
-        Err(Fatal(_, why)) if resume.is_some() => {
+        // (A `--fuse-fd` child cannot mount afresh: the mounter retries or lets go.)
+        Err(Fatal(_, why)) if resume.is_some() && args.fuse_fd.is_none() => {
             // Not resumable after all: let the old connection go and mount afresh.
             tracing::warn!(error = %why, "cannot take the connection over; mounting afresh");
             let old = resume.take().expect("checked");
@@ -235,18 +247,24 @@ fn takeover(
     }
     let state = p.newest_state();
     let fuse = p.fuse.take();
-    // Resolving it must not wait on the mount, which nobody serves yet.
-    let mountpoint = outside_path(&args.mountpoint);
+    // Resolving it must not wait on the mount, which nobody serves yet. A `--fuse-fd`
+    // target is the mounter's, maybe not visible here: only a label.
+    let mountpoint = match args.fuse_fd {
+        Some(_) => Some(args.mountpoint.clone()),
+        None => outside_path(&args.mountpoint),
+    };
     let why = match (&fuse, &state, &mountpoint) {
         (None, _, _) => Some("no connection was stored".to_string()),
         (_, None, _) => Some("no state was stored".to_string()),
         (_, _, None) => Some("the mount point's parent does not resolve".to_string()),
         (Some(fd), Some(st), Some(mp)) => {
-            if st.uri != args.uri {
+            if !handover::is_fuse_device(fd.as_fd()) {
+                Some("the stored connection is not /dev/fuse".to_string())
+            } else if st.uri != args.uri {
                 Some(format!("the stored mount is of {:?}", st.uri))
             } else if !handover::connection_alive(fd.as_fd()) {
                 Some("the stored connection is gone (unmounted)".to_string())
-            } else if !matches!(crate::mountinfo::at(mp), Ok(Some(_))) {
+            } else if args.fuse_fd.is_none() && !matches!(crate::mountinfo::at(mp), Ok(Some(_))) {
                 Some("nothing is mounted at the mount point".to_string())
             } else {
                 None
@@ -434,8 +452,11 @@ fn serve(
     // A successor's way back in: the connection, and the tree (written now, then at every
     // change), before the first request is served.
     if let Some(store) = &conn.store {
-        if let Err(e) = store.store_connection(session.as_fd()) {
-            tracing::warn!(error = %e, "the descriptor store refused the connection; a restart will remount");
+        // (The CSI mounter keeps its own copy of a `--fuse-fd` connection.)
+        if args.fuse_fd.is_none() {
+            if let Err(e) = store.store_connection(session.as_fd()) {
+                tracing::warn!(error = %e, "the descriptor store refused the connection; a restart will remount");
+            }
         }
         let (store, uri) = (store.clone(), args.uri.clone());
         fs.set_persister(Arc::new(move |tree| {
@@ -756,19 +777,14 @@ fn upgrade(
 /// The `--fuse-fd` descriptor, owned from here on, if it is an open /dev/fuse (character
 /// device 10:229): anything else fails the start in one line.
 fn take_fuse_fd(n: i32) -> Result<OwnedFd, Fatal> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let bad = |why: String| Fatal(exit::USAGE, format!("--fuse-fd {n}: {why}"));
-    let file = std::fs::File::from(take_fd(n, "--fuse-fd")?);
-    let m = file.metadata().map_err(|e| bad(e.to_string()))?;
-    let dev = m.rdev();
-    let (major, minor) = (
-        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
-        (dev & 0xff) | ((dev >> 12) & !0xff),
-    );
-    if !m.file_type().is_char_device() || (major, minor) != (10, 229) {
-        return Err(bad("not a /dev/fuse connection".into()));
+    let fd = take_fd(n, "--fuse-fd")?;
+    if !handover::is_fuse_device(fd.as_fd()) {
+        return Err(Fatal(
+            exit::USAGE,
+            format!("--fuse-fd {n}: not a /dev/fuse connection"),
+        ));
     }
-    Ok(OwnedFd::from(file))
+    Ok(fd)
 }
 
 /// An inherited descriptor named by a flag, owned from here on (closed when dropped).
