@@ -749,3 +749,61 @@ fn the_units_opt_in_turns_the_store_on_without_fdstore() {
     );
     assert!(h.logs().contains("connection taken over"), "{}", h.logs());
 }
+
+/// Waits until `pid` has one thread: the instant after an exec, before the new image starts
+/// any (its handlers come later still).
+fn wait_exec(pid: i32) {
+    let t = Instant::now();
+    let dir = format!("/proc/{pid}/task");
+    while std::fs::read_dir(&dir).map_or(0, |d| d.count()) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no exec in 10 s");
+    }
+}
+
+/// A SIGHUP or SIGTERM that lands while the new image starts (after the exec, before its
+/// handlers exist) waits for its handlers: the default action of either would end it.
+#[test]
+fn a_signal_during_an_upgrade_waits_for_the_new_image() {
+    let _one = serial();
+    if !sealfs::fuse::handover::kernel_resends() {
+        panic!("an upgrade in place needs Linux 6.9+; this kernel refuses it");
+    }
+    let mut h = Holder::new(&model(), &[]);
+    h.start();
+    let pid = h.child.as_ref().unwrap().id() as i32;
+    let counts = |h: &Holder| {
+        let g = h.got.lock().unwrap();
+        (g.ready, g.reloading)
+    };
+    let (ready, reloading) = counts(&h);
+    // A second SIGHUP: a second upgrade follows the first.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_exec(pid);
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let t = Instant::now();
+    while counts(&h) != (ready + 2, reloading + 2) {
+        if let Some(st) = h.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("the daemon ended ({st}):\n{}", h.logs());
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{:?}:\n{}",
+            counts(&h),
+            h.logs()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_logged(&h.logs(), "SIGHUP: re-executing", 2);
+    assert_eq!(
+        std::fs::read(h.mnt.join("config.json")).unwrap(),
+        b"{\"layers\": 2}"
+    );
+    // A SIGTERM: the new image stops as any does (unmounts, exit 0).
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_exec(pid);
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut c = h.child.take().unwrap();
+    let st = c.wait().unwrap();
+    assert!(st.success(), "{st}:\n{}", h.logs());
+    assert!(mountinfo(&h.mnt).is_none(), "still mounted:\n{}", h.logs());
+}

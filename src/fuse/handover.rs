@@ -243,11 +243,40 @@ pub fn reexec(
                 cmd.env(name, t.as_str());
             }
         }
+        // Blocked across the exec, a SIGTERM or SIGHUP stays pending for the new image's
+        // handlers; otherwise its default action would end the new image before they
+        // exist. (std's exec empties the mask before this closure runs.)
+        // SAFETY: pthread_sigmask only; no allocation.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| stop_signals().thread_block().map_err(std::io::Error::from));
+        }
         Err(cmd.env(REEXEC_VAR, var).exec())
     };
-    match attempt() {
+    let _ = stop_signals().thread_block();
+    let failed = match attempt() {
         Err(e) => e,
         Ok(never) => match never {},
+    };
+    unblock_stop_signals();
+    failed
+}
+
+/// The signals that stop or upgrade a daemon.
+fn stop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut s = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        s.add(sig);
+    }
+    s
+}
+
+/// Unblocks [`stop_signals`] on the calling thread: a re-executed image starts with them
+/// blocked (below) and calls this once its handlers are installed.
+pub fn unblock_stop_signals() {
+    if let Err(e) = stop_signals().thread_unblock() {
+        tracing::warn!(error = %e, "could not unblock SIGTERM/SIGINT/SIGHUP");
     }
 }
 

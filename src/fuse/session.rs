@@ -420,6 +420,9 @@ fn serve(
             signal(SignalKind::hangup()).map_err(io)?,
         )
     };
+    // A re-executed image started with them blocked (handover::reexec): its handlers
+    // exist now, so what arrived meanwhile is delivered to them.
+    handover::unblock_stop_signals();
     let adapter = Adapter {
         fs: fs.clone(),
         rt: rt.handle().clone(),
