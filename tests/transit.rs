@@ -1100,3 +1100,49 @@ fn mutual_tls_with_the_vault_environment() {
     let out = f.unseal(&plain, "sealed", "out2", "transit:models");
     expect_refused(&out, 1, "plain http only to a loopback address");
 }
+
+/// A planned upgrade (SIGHUP) hands the Transit token to the new image, which takes it out
+/// of its environment at start as the old one did: a file first opened after the upgrade
+/// still unwraps (the token was once lost there, and the mount detached).
+#[test]
+fn the_token_goes_across_an_upgrade_in_place() {
+    assert!(
+        sealfs::fuse::handover::kernel_resends(),
+        "an upgrade in place needs Linux 6.9+; this kernel refuses it"
+    );
+    let bao = Bao::start();
+    bao.key("models", false);
+    let f = Fx::new();
+    let env = bao.env();
+    f.seal(&env, &["transit:models"]);
+    let mut m = Mount::start(&f.p("sealed"), &["--key", "transit:models"], &env);
+    let src = |rel: &str| std::fs::read(f.dir.path().join("src").join(rel)).unwrap();
+    assert_eq!(std::fs::read(m.path(FILES[1])).unwrap(), src(FILES[1]));
+    let pid = m.pid();
+    let before = bao
+        .calls()
+        .get("transit/decrypt/models")
+        .copied()
+        .unwrap_or(0);
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let t = Instant::now();
+    while !m.logs().contains("connection taken over") {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", m.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Opened for the first time by the new image: one Transit decrypt, with the token.
+    assert_eq!(std::fs::read(m.path(FILES[4])).unwrap(), src(FILES[4]));
+    let after = bao
+        .calls()
+        .get("transit/decrypt/models")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        after > before,
+        "the new image decrypted ({before} -> {after})"
+    );
+    assert_eq!(m.pid(), pid, "same process");
+    assert!(m.is_mounted());
+    m.stop_with_exit_0();
+    assert_no_token(&m.logs(), &[&bao.root]);
+}
