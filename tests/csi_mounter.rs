@@ -188,7 +188,7 @@ fn wait_log(m: &Mounter, what: &str, secs: u64) {
 /// every read reaches the daemon; counts the reads and keeps every error or wrong read.
 struct Reader {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+    thread: std::thread::JoinHandle<(usize, Duration, Vec<String>)>,
 }
 
 impl Reader {
@@ -197,26 +197,28 @@ impl Reader {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
-            let (mut reads, mut errors) = (0, Vec::new());
+            let (mut reads, mut longest, mut errors) = (0, Duration::ZERO, Vec::new());
             while !s.load(Ordering::SeqCst) {
+                let t = Instant::now();
                 let read = std::fs::File::open(&path).and_then(|mut f| {
                     // SAFETY: advice on a descriptor this closure owns.
                     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
                     let mut b = Vec::new();
                     std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
                 });
+                longest = longest.max(t.elapsed());
                 match read {
                     Ok(b) if b == want => reads += 1,
                     Ok(b) => errors.push(format!("wrong bytes ({} read)", b.len())),
                     Err(e) => errors.push(e.to_string()),
                 }
             }
-            (reads, errors)
+            (reads, longest, errors)
         });
         Self { stop, thread }
     }
 
-    fn stop(self) -> (usize, Vec<String>) {
+    fn stop(self) -> (usize, Duration, Vec<String>) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.thread.join().unwrap()
     }
@@ -351,32 +353,41 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     let mounter = m.sealfs_pid().expect("the mounter process");
     assert_eq!(fuse_fds(mounter as u32), 2, "pod1 and pod2 held");
 
-    // One child killed (SIGKILL) under a reader whose reads reach the daemon: a successor
-    // takes the connection over; the reader pauses, never fails, never reads a wrong
-    // byte. The other pod reads on.
+    // A child killed (SIGKILL) under a reader whose reads reach the daemon, five times: each
+    // time a successor takes the connection over; the reader pauses, never fails, never
+    // reads a wrong byte. The other pod reads on.
     let reader = Reader::start(t1.join("a.bin"), files[0].1.clone());
+    let mut victim = r1.pid.unwrap();
+    let mut stalls = Vec::new();
+    for i in 1..=5 {
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: signalling a child of the mounter this test started.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        let killed = Instant::now();
+        assert_eq!(std::fs::read(t2.join("b.txt")).unwrap(), b"hi\n");
+        let start = Instant::now();
+        while m.logs().matches("successor serves the connection").count() < i {
+            assert!(start.elapsed() < Duration::from_secs(20), "{}", m.logs());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stalls.push(killed.elapsed());
+        let successor = child_serving(mounter, &t1).expect("a successor serves pod1");
+        assert_ne!(successor, victim);
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{successor}/fd/3")).unwrap(),
+            Path::new("/dev/fuse")
+        );
+        victim = successor;
+    }
     std::thread::sleep(Duration::from_millis(300));
-    let pid1 = r1.pid.unwrap() as i32;
-    // SAFETY: signalling a child of the mounter this test started.
-    unsafe { libc::kill(pid1, libc::SIGKILL) };
-    assert_eq!(std::fs::read(t2.join("b.txt")).unwrap(), b"hi\n");
-    wait_log(&m, "successor serves the connection", 20);
-    std::thread::sleep(Duration::from_millis(300));
-    let (reads, errors) = reader.stop();
+    let (reads, longest, errors) = reader.stop();
     assert!(errors.is_empty(), "{errors:?}: {}", m.logs());
-    assert!(reads > 2, "{reads} reads");
-    // For the closing note: the crash-to-serving gap the mounter measured.
-    let logs = m.logs();
-    let stall = logs
-        .lines()
-        .find(|l| l.contains("successor serves the connection"))
-        .unwrap_or_default();
-    eprintln!("csi child SIGKILL to successor serving: {stall}");
-    let successor = child_serving(mounter, &t1).expect("a successor serves pod1");
-    assert_ne!(successor, pid1 as u32);
-    assert_eq!(
-        std::fs::read_link(format!("/proc/{successor}/fd/3")).unwrap(),
-        Path::new("/dev/fuse")
+    assert!(reads > 5, "{reads} reads");
+    stalls.sort();
+    // For docs/PERFORMANCE.md: kill to the mounter's log line (it polls every 100 ms).
+    eprintln!(
+        "csi child SIGKILL x5: {reads} reads, 0 errors; kill to successor serving median {:?} worst {:?}; longest read {longest:?}",
+        stalls[2], stalls[4]
     );
     assert!(
         m.logs()
@@ -384,7 +395,15 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
         "{}",
         m.logs()
     );
-    assert_eq!(std::fs::read(t1.join("b.txt")).unwrap(), b"hi\n");
+    // A sixth crash within 10 minutes is a crash loop: not followed, the connection let go.
+    // SAFETY: as above.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    wait_log(&m, "not followed (a crash loop)", 10);
+    let start = Instant::now();
+    while errno_of(&t1) != Some(libc::ENOTCONN) {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", m.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The next publish (kubelet's, after the node plugin remounts) replaces it.
     kernel_mount::unmount(&t1).unwrap();
     let fd1 = mount_at(&site, &t1);
@@ -546,7 +565,7 @@ fn a_crashed_childs_readers_get_errors_once_the_mounter_gives_up() {
         assert!(start.elapsed() < Duration::from_secs(5), "{}", m.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (reads, errors) = reader.stop();
+    let (reads, _, errors) = reader.stop();
     let waited = killed.elapsed();
     assert!(reads >= 1, "{reads}");
     assert!(!errors.is_empty(), "the reader saw the connection go");

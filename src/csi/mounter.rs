@@ -616,7 +616,13 @@ fn stop_child(c: &mut Child) {
 /// connection is up and whose state the mounter holds is followed by a successor.
 fn reap(state: Arc<State>) {
     loop {
-        std::thread::sleep(Duration::from_millis(100));
+        // Woken at once by a child's exit (its pidfd turns readable), or after 100 ms to
+        // take in children started meanwhile.
+        let pidfds: Vec<OwnedFd> = lock(&state.children)
+            .values()
+            .filter_map(|s| pidfd_open(s.child.id()).ok())
+            .collect();
+        wait_any(&pidfds, 100);
         let dead: Vec<(Served, std::process::ExitStatus)> = {
             let mut m = lock(&state.children);
             let gone: Vec<(String, std::process::ExitStatus)> = m
@@ -642,6 +648,32 @@ fn reap(state: Arc<State>) {
             }
         }
     }
+}
+
+/// A descriptor that turns readable when process `pid` exits (pidfd_open(2), Linux 5.3).
+#[allow(unsafe_code)]
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Waits at most `ms` milliseconds for any of `fds` to turn readable.
+fn wait_any(fds: &[OwnedFd], ms: u16) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    if fds.is_empty() {
+        std::thread::sleep(Duration::from_millis(ms.into()));
+        return;
+    }
+    let mut p: Vec<PollFd> = fds
+        .iter()
+        .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+        .collect();
+    let _ = poll(&mut p, PollTimeout::from(ms));
 }
 
 /// Starts a successor for `s`'s crashed child, again with backoff, until it serves or
