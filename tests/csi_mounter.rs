@@ -552,8 +552,9 @@ fn a_crashed_childs_readers_get_errors_once_the_mounter_gives_up() {
     drop(fd);
     assert!(r.ok, "{r:?}: {}", m.logs());
     assert_eq!(std::fs::read(t.join("a.bin")).unwrap(), data);
+    let key = std::fs::read(site.path("k")).unwrap();
     std::fs::remove_file(site.path("k")).unwrap();
-    let reader = Reader::start(t.join("a.bin"), data);
+    let reader = Reader::start(t.join("a.bin"), data.clone());
     std::thread::sleep(Duration::from_millis(200));
     let killed = Instant::now();
     // SAFETY: signalling a child of the mounter this test started.
@@ -577,5 +578,58 @@ fn a_crashed_childs_readers_get_errors_once_the_mounter_gives_up() {
     );
     let mounter = m.sealfs_pid().expect("the mounter process");
     assert_eq!(fuse_fds(mounter as u32), 0, "nothing held");
+
+    // An unpublish while successors are being tried cancels them at once: nothing stays
+    // held, and no successor serves a target that is gone.
+    let restore = || {
+        std::fs::write(site.path("k"), &key).unwrap();
+        std::fs::set_permissions(
+            site.path("k"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    };
+    restore();
+    kernel_mount::unmount(&t).unwrap();
+    let fd = mount_at(&site, &t);
+    let r = m.ask(publish_req(&t, &site.p("store"), &site.key()), &[&fd]);
+    drop(fd);
+    assert!(r.ok, "{r:?}: {}", m.logs());
+    assert_eq!(std::fs::read(t.join("a.bin")).unwrap(), data);
+    std::fs::remove_file(site.path("k")).unwrap();
+    let failed_before = m.logs().matches("the successor did not start").count();
+    // SAFETY: signalling a child of the mounter this test started.
+    unsafe { libc::kill(r.pid.unwrap() as i32, libc::SIGKILL) };
+    let start = Instant::now();
+    while m.logs().matches("the successor did not start").count() == failed_before {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", m.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let unpublished = Instant::now();
+    let r = m.ask(serde_json::json!({"op": "unpublish", "target": t}), &[]);
+    assert!(r.ok);
+    while fuse_fds(mounter as u32) != 0 {
+        assert!(
+            unpublished.elapsed() < Duration::from_secs(2),
+            "the cancelled resume still holds the connection: {}",
+            m.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    restore();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        child_serving(mounter, &t),
+        None,
+        "a successor for an unpublished target"
+    );
+    assert_eq!(
+        m.logs()
+            .matches("no successor within --resume-timeout")
+            .count(),
+        1,
+        "the second resume was cancelled, not timed out: {}",
+        m.logs()
+    );
     drop(targets);
 }

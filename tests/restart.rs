@@ -806,4 +806,31 @@ fn a_signal_during_an_upgrade_waits_for_the_new_image() {
     let st = c.wait().unwrap();
     assert!(st.success(), "{st}:\n{}", h.logs());
     assert!(mountinfo(&h.mnt).is_none(), "still mounted:\n{}", h.logs());
+    // A SIGTERM while the old image prepares the exec (after its RELOADING=1): no thread of
+    // it takes the signal (the exec would lose it), the new image stops.
+    h.start();
+    let pid = h.child.as_ref().unwrap().id() as i32;
+    let reloading = h.got.lock().unwrap().reloading;
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    // RELOADING=1 comes before the state is written and the exec: send it then.
+    let t = Instant::now();
+    while h.got.lock().unwrap().reloading == reloading {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", h.logs());
+    }
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut c = h.child.take().unwrap();
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the SIGTERM was lost:\n{}",
+            h.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(st.success(), "{st}:\n{}", h.logs());
+    assert!(mountinfo(&h.mnt).is_none(), "still mounted:\n{}", h.logs());
 }

@@ -223,7 +223,11 @@ impl DiskCache {
         };
         std::thread::Builder::new()
             .name("sealfs-cache-dir".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                // Only a mount's main thread takes its stop signals (fuse/handover.rs).
+                crate::fuse::handover::block_stop_signals();
+                writer.run(rx)
+            })
             .map_err(|e| err(format!("writer thread: {e}")))?;
         Ok(cache)
     }

@@ -120,8 +120,12 @@ impl Link {
                             | std::io::ErrorKind::TimedOut
                             | std::io::ErrorKind::Interrupted
                     ) => {}
+                // (No pause: a flood of bad datagrams must not delay the child's own.)
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!(error = %e, "a notify message was refused");
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "a child's notify message was refused");
+                    tracing::warn!(error = %e, "the notify socket failed");
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }

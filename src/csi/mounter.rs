@@ -396,7 +396,7 @@ fn publish(
         restarts: VecDeque::new(),
     };
     // On failure `held` goes: the connection is let go.
-    match start(state, &spec, &held, false) {
+    match start(state, &spec, &held, None) {
         Ok(child) => {
             let pid = child.id();
             tracing::info!(target, pid, "published");
@@ -407,9 +407,20 @@ fn publish(
     }
 }
 
-/// Starts `spec`'s child on `held`'s connection (with the stored states when `resume`) and
+/// A successor's start: it may take until `deadline`, and `cancel` ends it early.
+struct Resuming<'a> {
+    deadline: Instant,
+    cancel: &'a AtomicBool,
+}
+
+/// Starts `spec`'s child on `held`'s connection (with the stored states when resuming) and
 /// waits until it serves; `Err` is its exit code and last error line.
-fn start(state: &State, spec: &Spec, held: &Held, resume: bool) -> Result<Child, (i32, String)> {
+fn start(
+    state: &State,
+    spec: &Spec,
+    held: &Held,
+    resume: Option<&Resuming>,
+) -> Result<Child, (i32, String)> {
     let failed = |what: &str, e: &dyn std::fmt::Display| (exit::FAILURE, format!("{what}: {e}"));
     let exe = std::env::current_exe().map_err(|e| failed("own executable", &e))?;
     let mut c = Command::new(exe);
@@ -446,8 +457,11 @@ fn start(state: &State, spec: &Spec, held: &Held, resume: bool) -> Result<Child,
     // The mounter is the child's descriptor store (holder.rs).
     c.env("NOTIFY_SOCKET", held.link.path())
         .env("FDSTORE", crate::fuse::handover::NEEDED.to_string());
-    if resume {
+    if resume.is_some() {
         let states = held.link.states().map_err(|e| failed("dup", &e))?;
+        if states.is_empty() {
+            return Err((exit::FAILURE, "no state is held for a successor".into()));
+        }
         let mut list = Vec::new();
         for (name, fd) in states {
             list.push(format!("{name}={}", 3 + pass.len()));
@@ -491,8 +505,9 @@ fn start(state: &State, spec: &Spec, held: &Held, resume: bool) -> Result<Child,
             Ok(())
         });
     }
-    let seen = held.link.readies();
+    // No message counts between here and the new child's PID: a READY counted below is its.
     held.link.expect(None);
+    let seen = held.link.readies();
     let spawned = spawn(c);
     // No copy stays here but the held ones.
     drop(high);
@@ -528,6 +543,9 @@ fn start(state: &State, spec: &Spec, held: &Held, resume: bool) -> Result<Child,
         })
     });
     let begun = Instant::now();
+    let deadline = resume.map_or(begun + READY_TIMEOUT, |r| {
+        r.deadline.min(begun + READY_TIMEOUT)
+    });
     let outcome = loop {
         if held.link.wait_ready(seen, Duration::from_millis(200)) {
             break Ok(());
@@ -537,7 +555,7 @@ fn start(state: &State, spec: &Spec, held: &Held, resume: bool) -> Result<Child,
             Ok(None) => {}
             Err(_) => break Err(exit::FAILURE),
         }
-        if begun.elapsed() > READY_TIMEOUT {
+        if Instant::now() > deadline || resume.is_some_and(|r| r.cancel.load(Ordering::SeqCst)) {
             stop_child(&mut child);
             break Err(exit::FAILURE);
         }
@@ -546,16 +564,20 @@ fn start(state: &State, spec: &Spec, held: &Held, resume: bool) -> Result<Child,
         Ok(()) => Ok(child),
         Err(code) => {
             // The child is gone: its stderr reader ends at the pipe's end, last line read.
+            // (Bounded: a descendant that kept the pipe open must not hold us here.)
             if let Some(r) = reader {
-                let _ = r.join();
+                let t = Instant::now();
+                while !r.is_finished() && t.elapsed() < Duration::from_secs(2) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             let msg = lock(&last_error).clone();
             let msg = if !msg.is_empty() {
                 msg
-            } else if begun.elapsed() > READY_TIMEOUT {
+            } else if Instant::now() > deadline {
                 format!(
                     "the mount did not serve within {}s",
-                    READY_TIMEOUT.as_secs()
+                    deadline.duration_since(begun).as_secs()
                 )
             } else {
                 format!("the mount exited with code {code}")
@@ -623,29 +645,42 @@ fn reap(state: Arc<State>) {
             .filter_map(|s| pidfd_open(s.child.id()).ok())
             .collect();
         wait_any(&pidfds, 100);
-        let dead: Vec<(Served, std::process::ExitStatus)> = {
+        // Taken out of the map and, for a successor, marked as resuming under one lock: an
+        // unpublish or a publish of the target in between finds one or the other.
+        let mut dead: Vec<(Served, std::process::ExitStatus, Arc<AtomicBool>)> = Vec::new();
+        {
             let mut m = lock(&state.children);
             let gone: Vec<(String, std::process::ExitStatus)> = m
                 .iter_mut()
                 .filter_map(|(t, s)| Some((t.clone(), s.child.try_wait().ok()??)))
                 .collect();
-            gone.into_iter()
-                .filter_map(|(t, st)| Some((m.remove(&t)?, st)))
-                .collect()
-        };
-        for (s, status) in dead {
-            s.held.link.expect(None);
-            let (t, volume) = (s.spec.target.clone(), s.spec.uri.clone());
-            if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
-                tracing::warn!(target = %t, volume = %volume, %status, "mount child exited and its connection is gone (unmounted)");
-            } else if !s.held.link.has_state() {
-                tracing::warn!(target = %t, volume = %volume, %status, "mount child exited before it stored a state; its target answers ENOTCONN until published again");
-            } else {
+            for (t, status) in gone {
+                let Some(s) = m.remove(&t) else { continue };
+                s.held.link.expect(None);
+                let why_not = if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
+                    Some("its connection is gone (unmounted)")
+                } else if !s.held.link.has_state() {
+                    Some("it stored no state; its target answers ENOTCONN until published again")
+                } else if !crate::fuse::handover::kernel_resends() {
+                    // Without FUSE_NOTIFY_RESEND (Linux 6.9) the requests it had read would
+                    // never be answered: their readers would wait for good on a held
+                    // connection. Letting it go fails them instead, as before.
+                    Some("this kernel cannot resend interrupted requests (Linux 6.9+); its target answers ENOTCONN until published again")
+                } else {
+                    None
+                };
+                if let Some(why) = why_not {
+                    tracing::warn!(target = %t, volume = %s.spec.uri, %status, "mount child exited; not followed: {why}");
+                    continue; // `s` goes: the connection is let go
+                }
                 let cancel = Arc::new(AtomicBool::new(false));
                 lock(&state.resuming).insert(t, cancel.clone());
-                let state = state.clone();
-                std::thread::spawn(move || resume(&state, s, status, &cancel));
+                dead.push((s, status, cancel));
             }
+        }
+        for (s, status, cancel) in dead {
+            let state = state.clone();
+            std::thread::spawn(move || resume(&state, s, status, &cancel));
         }
     }
 }
@@ -678,7 +713,12 @@ fn wait_any(fds: &[OwnedFd], ms: u16) {
 
 /// Starts a successor for `s`'s crashed child, again with backoff, until it serves or
 /// `--resume-timeout` has passed since the crash; then the connection is let go.
-fn resume(state: &State, mut s: Served, status: std::process::ExitStatus, cancel: &AtomicBool) {
+fn resume(
+    state: &State,
+    mut s: Served,
+    status: std::process::ExitStatus,
+    cancel: &Arc<AtomicBool>,
+) {
     let crashed = Instant::now();
     let t = s.spec.target.clone();
     while s
@@ -695,6 +735,10 @@ fn resume(state: &State, mut s: Served, status: std::process::ExitStatus, cancel
     } else {
         tracing::warn!(target = %t, %status, "mount child exited; a successor takes its connection over (readers wait)");
         s.held.restarts.push_back(crashed);
+        let within = Resuming {
+            deadline: crashed + state.resume_timeout,
+            cancel,
+        };
         let mut delay = Duration::from_millis(100);
         loop {
             if cancel.load(Ordering::SeqCst) {
@@ -704,7 +748,7 @@ fn resume(state: &State, mut s: Served, status: std::process::ExitStatus, cancel
                 tracing::warn!(target = %t, "the connection went while its successor started");
                 break None;
             }
-            match start(state, &s.spec, &s.held, true) {
+            match start(state, &s.spec, &s.held, Some(&within)) {
                 Ok(child) => break Some(child),
                 Err((code, msg)) => {
                     tracing::warn!(target = %t, code, error = %msg, "the successor did not start")
@@ -719,16 +763,23 @@ fn resume(state: &State, mut s: Served, status: std::process::ExitStatus, cancel
         }
     };
     let mut m = lock(&state.children);
-    lock(&state.resuming).remove(&t);
-    match child {
-        Some(mut c) if cancel.load(Ordering::SeqCst) => {
-            drop(m);
-            stop_child(&mut c);
+    {
+        // Only this resume's mark: a later crash of the same target may have put its own.
+        let mut r = lock(&state.resuming);
+        if r.get(&t).is_some_and(|c| Arc::ptr_eq(c, cancel)) {
+            r.remove(&t);
         }
-        Some(c) => {
+    }
+    match child {
+        Some(c) if !cancel.load(Ordering::SeqCst) && !m.contains_key(&t) => {
             tracing::info!(target = %t, pid = c.id(), stall_ms = crashed.elapsed().as_millis() as u64, "successor serves the connection");
             s.child = c;
             m.insert(t, s);
+        }
+        Some(mut c) => {
+            // Unpublished or published again meanwhile: this successor is not wanted.
+            drop(m);
+            stop_child(&mut c);
         }
         None => {}
     }

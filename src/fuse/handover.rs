@@ -253,7 +253,7 @@ pub fn reexec(
         }
         Err(cmd.env(REEXEC_VAR, var).exec())
     };
-    let _ = stop_signals().thread_block();
+    block_stop_signals();
     let failed = match attempt() {
         Err(e) => e,
         Ok(never) => match never {},
@@ -270,6 +270,14 @@ fn stop_signals() -> nix::sys::signal::SigSet {
         s.add(sig);
     }
     s
+}
+
+/// Blocks [`stop_signals`] on the calling thread. Every thread of a mount but the main one
+/// calls it first thing, so that only the main thread takes them; an upgrade blocks them
+/// there too, and then no handler of the old image can take one that the exec would lose:
+/// it stays pending for the new image.
+pub fn block_stop_signals() {
+    let _ = stop_signals().thread_block();
 }
 
 /// Unblocks [`stop_signals`] on the calling thread: a re-executed image starts with them

@@ -146,6 +146,8 @@ pub fn run(args: MountArgs) -> i32 {
     bound_heap();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // SIGTERM, SIGINT and SIGHUP go to the main thread alone (handover.rs).
+        .on_thread_start(handover::block_stop_signals)
         // Local-store reads run here; each thread would keep its own malloc arena.
         .max_blocking_threads(8)
         .build()
@@ -273,7 +275,8 @@ fn takeover(
     };
     if let Some(why) = why {
         tracing::warn!(reason = %why, "not resuming the stored connection; mounting afresh");
-        if let Some(s) = store {
+        // (The CSI mounter's store is left as it is: the next successor may manage.)
+        if let (Some(s), None) = (store, args.fuse_fd) {
             s.clear();
         }
         return None;
@@ -498,6 +501,7 @@ fn serve(
     let looper = std::thread::Builder::new()
         .name("fuse-loop".into())
         .spawn(move || {
+            handover::block_stop_signals(); // (and the FUSE threads it starts)
             let r = session.run();
             let _ = done_tx.send(r);
         })
@@ -755,6 +759,9 @@ fn upgrade(
         tracing::warn!("SIGHUP ignored: an upgrade in place needs Linux 6.9+ (FUSE_NOTIFY_RESEND); restart the service to run a new binary");
         return;
     }
+    // From here a stop or a second SIGHUP waits for the new image (or for this one again,
+    // if the exec fails): no thread of this image takes it.
+    handover::block_stop_signals();
     crate::telemetry::sd_notify_reloading();
     tracing::info!(exe = %exe.display(), generation, "SIGHUP: re-executing the binary in place; the connection and the tree go across");
     let err = fs.with_tree_frozen(|tree| {
