@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use nix::fcntl::{openat, renameat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, futimens, mkdirat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
@@ -71,7 +72,7 @@ pub struct DiskCache {
     dir: PathBuf,
     /// `DIR/v1`, opened once (O_NOFOLLOW): every entry is opened relative to it.
     root: Arc<OwnedFd>,
-    queue: Mutex<mpsc::SyncSender<([u8; 32], Vec<u8>)>>,
+    queue: Mutex<mpsc::SyncSender<([u8; 32], Vec<Bytes>)>>,
     queued: Arc<AtomicU64>,
     paused_until: Arc<Mutex<Option<Instant>>>,
     pub stats: Arc<DiskStats>,
@@ -317,7 +318,14 @@ impl DiskCache {
     /// place, so the copy is taken before); `None` (a skip) when writing is paused or the
     /// queue holds [`MAX_QUEUED`] bytes. Dropping it unsubmitted gives its room back.
     pub fn copy_for_write(&self, sealed: &[u8]) -> Option<Pending> {
-        let p = (!self.paused()).then(|| self.reserve(sealed)).flatten();
+        self.hold_for_write(vec![Bytes::copy_from_slice(sealed)])
+    }
+
+    /// [`DiskCache::copy_for_write`] without the copy: the sealed chunk as the pieces of the
+    /// store's body it came in (shared, not copied: the read path decrypts its own copy in
+    /// the cache slot).
+    pub fn hold_for_write(&self, parts: Vec<Bytes>) -> Option<Pending> {
+        let p = (!self.paused()).then(|| self.reserve(parts)).flatten();
         if p.is_none() {
             self.stats.write_skips.fetch_add(1, Ordering::Relaxed);
         }
@@ -332,30 +340,31 @@ impl DiskCache {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    /// Room for `sealed` in the queue, and its copy; `None` when the queue is full.
-    fn reserve(&self, sealed: &[u8]) -> Option<Pending> {
-        let n = sealed.len() as u64;
+    /// Room for `parts` in the queue; `None` when the queue is full.
+    fn reserve(&self, parts: Vec<Bytes>) -> Option<Pending> {
+        let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
         if !room(self.queued.fetch_add(n, Ordering::AcqRel), n) {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             return None;
         }
         Some(Pending {
-            bytes: Some(sealed.to_vec()),
+            parts: Some(parts),
+            len: n,
             queued: self.queued.clone(),
         })
     }
 
     /// Queues `p` for writing under `addr` (every read checks an entry against its name).
     pub fn submit(&self, addr: &[u8; 32], mut p: Pending) {
-        let Some(bytes) = p.bytes.take() else {
+        let Some(parts) = p.parts.take() else {
             return;
         };
-        let n = bytes.len() as u64;
+        let n = p.len;
         let sent = self
             .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .try_send((*addr, bytes));
+            .try_send((*addr, parts));
         if sent.is_err() {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             self.stats.write_skips.fetch_add(1, Ordering::Relaxed);
@@ -372,7 +381,7 @@ impl DiskCache {
                     self.stats.write_errors.load(Ordering::Relaxed)
                 ));
             }
-            if let Some(p) = self.reserve(sealed) {
+            if let Some(p) = self.reserve(vec![Bytes::copy_from_slice(sealed)]) {
                 self.submit(addr, p);
                 return Ok(());
             }
@@ -422,6 +431,22 @@ pub fn clear(dir: &Path) -> Result<usize, DiskCacheError> {
     Ok(e.iter().filter(|x| dirs.unlink(&root, x)).count())
 }
 
+/// Writes `parts` whole, as few writev(2) calls as the kernel allows.
+fn write_parts(f: &mut std::fs::File, parts: &[Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice> =
+        parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match f.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Whether `n` more bytes fit a queue holding `before`: up to [`MAX_QUEUED`], and always
 /// one chunk into an empty queue (a 64 MiB chunk is larger than the bound).
 fn room(before: u64, n: u64) -> bool {
@@ -430,14 +455,15 @@ fn room(before: u64, n: u64) -> bool {
 
 /// A sealed chunk's copy waiting for its chunk to authenticate ([`DiskCache::submit`]).
 pub struct Pending {
-    bytes: Option<Vec<u8>>,
+    parts: Option<Vec<Bytes>>,
+    len: u64,
     queued: Arc<AtomicU64>,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(b) = self.bytes.take() {
-            self.queued.fetch_sub(b.len() as u64, Ordering::AcqRel);
+        if self.parts.take().is_some() {
+            self.queued.fetch_sub(self.len, Ordering::AcqRel);
         }
     }
 }
@@ -554,15 +580,15 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<([u8; 32], Vec<u8>)>) {
+    fn run(mut self, rx: mpsc::Receiver<([u8; 32], Vec<Bytes>)>) {
         background_priority();
-        while let Ok((addr, bytes)) = rx.recv() {
-            let n = bytes.len() as u64;
+        while let Ok((addr, parts)) = rx.recv() {
+            let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
             // Not hashed again here (0.15 CPU s/GiB, on the read path's second core): the
             // read path offers a chunk that authenticated as the one the manifest lists
             // under `addr`, and `cache warm` names each chunk by the BLAKE3 it computed. A
             // wrong one would only cost its entry: every read checks the name.
-            match self.write(&addr, &bytes) {
+            match self.write(&addr, &parts) {
                 Ok(true) => {
                     self.used += n;
                     self.since_scan += n;
@@ -582,7 +608,7 @@ impl Writer {
     }
 
     /// Writes the entry unless it is there; `Ok(false)` when it was.
-    fn write(&self, addr: &[u8; 32], bytes: &[u8]) -> std::io::Result<bool> {
+    fn write(&self, addr: &[u8; 32], parts: &[Bytes]) -> std::io::Result<bool> {
         let (sub, name) = entry_parts(addr);
         let dir = sub_dir(&self.root, &sub, true)?;
         if nix::sys::stat::fstatat(&dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
@@ -599,7 +625,7 @@ impl Writer {
             Mode::from_bits_truncate(0o600),
         )?;
         let mut f = std::fs::File::from(fd);
-        let written = f.write_all(bytes);
+        let written = write_parts(&mut f, parts);
         drop(f);
         if let Err(e) = written.and_then(|()| {
             renameat(&dir, tmp.as_str(), &dir, name.as_str()).map_err(std::io::Error::from)

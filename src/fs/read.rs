@@ -456,6 +456,10 @@ impl SealFs {
         let mut prelude = [0u8; PRELUDE];
         let mut out = Vec::with_capacity((b - a + 1) as usize);
         let (mut index, mut slot, mut filled) = (a, None, 0usize);
+        // For the cache directory: the current chunk's sealed bytes as slices of the body's
+        // pieces (shared, not copied; never chunk 0, which is always read from the store).
+        let keep = self.disk.is_some() && o.addresses.is_some();
+        let mut sealed: Vec<bytes::Bytes> = Vec::new();
         while let Some(piece) = body.next().await {
             let piece = piece.map_err(|e| fail(e.into()))?;
             self.stats
@@ -495,6 +499,10 @@ impl SealFs {
                 };
                 let take = (need - filled).min(data.len());
                 s.buf()[filled..filled + take].copy_from_slice(&data[..take]);
+                if keep && index > 0 {
+                    let at = piece.len() - data.len();
+                    sealed.push(piece.slice(at..at + take));
+                }
                 filled += take;
                 data = &data[take..];
                 if filled == need {
@@ -512,15 +520,13 @@ impl SealFs {
                         )),
                         None => Ok(()),
                     };
-                    // For the cache directory: the sealed bytes, copied before they are
-                    // decrypted in place, written only once they have authenticated.
+                    // For the cache directory: the sealed bytes, written only once the
+                    // slot's copy of them has authenticated.
+                    let parts = std::mem::take(&mut sealed);
                     let to_disk = match (&self.disk, &o.addresses) {
-                        // Never chunk 0: it is always read from the store.
-                        (Some(d), Some(addrs)) if listed.is_ok() && index > 0 => {
-                            addrs.get(index as usize).and_then(|addr| {
-                                Some((d, addr, d.copy_for_write(&full.buf()[..need])?))
-                            })
-                        }
+                        (Some(d), Some(addrs)) if listed.is_ok() && index > 0 => addrs
+                            .get(index as usize)
+                            .and_then(|addr| Some((d, addr, d.hold_for_write(parts)?))),
                         _ => None,
                     };
                     match listed.and_then(|()| f.open_chunk(index, &mut full.buf()[..need])) {
