@@ -633,3 +633,96 @@ fn a_crashed_childs_readers_get_errors_once_the_mounter_gives_up() {
     );
     drop(targets);
 }
+
+/// `--cache-dir` on the mounter: every volume's child keeps its sealed chunks in the one
+/// node-wide directory (ciphertext only); a second pod of the same model reads them from
+/// there. A directory others may write stops the mounter at start, in one line.
+#[test]
+fn a_node_wide_cache_directory_serves_every_volume() {
+    let site = Site::new();
+    let data = pattern(3 << 20, 11);
+    site.seal_files(&[("w.bin", data.clone())]);
+    let cache = site.path("node-cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = Command::new(bin())
+        .args(["csi", "mounter", "--socket"])
+        .arg(site.path("bad.sock"))
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(["--cache-dir-size", "64MiB"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("sealfs: error: ") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(err.contains("node-cache"), "{err}");
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+
+    let cache_arg = cache.display().to_string();
+    let m = Mounter::start_with(
+        site.dir.path(),
+        &["--cache-dir", &cache_arg, "--cache-dir-size", "64MiB"],
+    );
+    let mut targets = Targets(vec![]);
+    let (t1, fd1) = mount_target(&site, "pod1");
+    targets.0.push(t1.clone());
+    let r1 = m.ask(publish_req(&t1, &site.p("store"), &site.key()), &[&fd1]);
+    drop(fd1);
+    assert!(r1.ok, "{r1:?}: {}", m.logs());
+    let argv = std::fs::read(format!("/proc/{}/cmdline", r1.pid.unwrap())).unwrap();
+    assert!(
+        String::from_utf8_lossy(&argv).contains(&format!("--cache-dir\0{cache_arg}\0")),
+        "the child runs with the node's cache dir"
+    );
+    assert_eq!(std::fs::read(t1.join("w.bin")).unwrap(), data);
+    // Written behind the reads: every chunk but chunk 0 (always from the store).
+    let entries = || {
+        walk(&cache.join("v1"))
+            .into_iter()
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect::<Vec<_>>()
+    };
+    let start = Instant::now();
+    while entries().len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", entries());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Ciphertext only.
+    for e in entries() {
+        let bytes = std::fs::read(&e).unwrap();
+        for at in (0..data.len() - 32).step_by(data.len() / 8) {
+            let needle = &data[at..at + 32];
+            assert!(
+                !bytes.windows(32).any(|w| w == needle),
+                "plaintext in {e:?}"
+            );
+        }
+    }
+    // A second pod of the same model, its own child: served, with the cache's entries.
+    let before = entries().len();
+    let (t2, fd2) = mount_target(&site, "pod2");
+    targets.0.push(t2.clone());
+    let r2 = m.ask(publish_req(&t2, &site.p("store"), &site.key()), &[&fd2]);
+    drop(fd2);
+    assert!(r2.ok, "{r2:?}");
+    assert_eq!(std::fs::read(t2.join("w.bin")).unwrap(), data);
+    assert_eq!(entries().len(), before, "the same chunks, stored once");
+    drop(targets);
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

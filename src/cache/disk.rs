@@ -187,6 +187,22 @@ fn open_dir_at(parent: &impl AsFd, name: &str, create: bool) -> nix::Result<Owne
     )
 }
 
+/// Checks `dir` as a mount would (this user's, 0700, no symlink) and creates its layout,
+/// without starting a writer: the CSI mounter's check of its node-wide directory.
+pub fn check(dir: &Path, limit: u64) -> Result<(), DiskCacheError> {
+    let err = |reason: String| DiskCacheError {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    if limit < MIN_SIZE {
+        return Err(err(format!(
+            "--cache-dir-size must be at least {} MiB",
+            MIN_SIZE >> 20
+        )));
+    }
+    open_root(dir, true).map(drop).map_err(err)
+}
+
 impl DiskCache {
     /// Checks `dir`, creates its layout, counts what is there and starts the writer.
     pub fn open(dir: &Path, limit: u64) -> Result<Self, DiskCacheError> {

@@ -551,6 +551,14 @@ pub enum CsiCommand {
         /// and they get ENOTCONN.
         #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
         resume_timeout: u64,
+        /// A node-wide cache of sealed chunks (ciphertext only) that every volume's child
+        /// uses as `mount --cache-dir`: shared by all the node's pods, it survives restarts
+        /// of pods, children and the mounter. Checked at start (0700, this user's).
+        #[arg(long, requires = "cache_dir_size")]
+        cache_dir: Option<PathBuf>,
+        /// Most bytes the node-wide cache directory may hold.
+        #[arg(long, value_parser = parse_size, requires = "cache_dir")]
+        cache_dir_size: Option<u64>,
     },
     /// The CSI node plugin (one per node, privileged): the Identity and Node gRPC services
     /// on ENDPOINT. A publish mounts /dev/fuse at the pod's target and hands the connection
@@ -599,11 +607,17 @@ pub fn main_with(cli: Cli) -> i32 {
         socket,
         pass_env,
         resume_timeout,
+        cache_dir,
+        cache_dir_size,
     }) = &cli.command
     {
         // Threads and children of its own; no runtime.
-        let within = std::time::Duration::from_secs(*resume_timeout);
-        return match crate::csi::mounter::run(socket, pass_env.clone(), within) {
+        let opts = crate::csi::mounter::Options {
+            pass_env: pass_env.clone(),
+            resume_timeout: std::time::Duration::from_secs(*resume_timeout),
+            cache_dir: cache_dir.clone().zip(*cache_dir_size),
+        };
+        return match crate::csi::mounter::run(socket, opts) {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("sealfs: error: {e}");

@@ -75,6 +75,18 @@ struct State {
     pass_env: Vec<String>,
     /// `--resume-timeout`: how long a crashed child's readers wait for a successor.
     resume_timeout: Duration,
+    /// `--cache-dir DIR --cache-dir-size N` for every child (the node-wide disk cache).
+    child_args: Vec<String>,
+}
+
+/// `sealfs csi mounter`'s settings besides its socket.
+pub struct Options {
+    /// `--pass-env`: more of the mounter's variables its children inherit.
+    pub pass_env: Vec<String>,
+    /// `--resume-timeout`.
+    pub resume_timeout: Duration,
+    /// `--cache-dir` and `--cache-dir-size`: the node-wide disk cache of sealed chunks.
+    pub cache_dir: Option<(std::path::PathBuf, u64)>,
 }
 
 impl State {
@@ -95,7 +107,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the mounter until SIGTERM/SIGINT; an error is why it could not start (one line,
 /// for the CLI to print).
-pub fn run(socket: &Path, pass_env: Vec<String>, resume_timeout: Duration) -> Result<(), String> {
+pub fn run(socket: &Path, opts: Options) -> Result<(), String> {
+    let Options {
+        pass_env,
+        resume_timeout,
+        cache_dir,
+    } = opts;
+    let mut child_args = Vec::new();
+    if let Some((dir, size)) = cache_dir {
+        // Checked (and its layout made) here: a bad directory stops the mounter in one
+        // line, not every publish.
+        crate::cache::disk::check(&dir, size).map_err(|e| e.to_string())?;
+        let dir = dir
+            .to_str()
+            .ok_or("--cache-dir: not a UTF-8 path")?
+            .to_string();
+        child_args = vec![
+            "--cache-dir".into(),
+            dir,
+            "--cache-dir-size".into(),
+            size.to_string(),
+        ];
+    }
     if let Some(bad) = pass_env.iter().find(|n| !env_name(n)) {
         return Err(format!(
             "--pass-env {:?}: not a variable name",
@@ -125,6 +158,7 @@ pub fn run(socket: &Path, pass_env: Vec<String>, resume_timeout: Duration) -> Re
     let state = Arc::new(State {
         pass_env,
         resume_timeout,
+        child_args,
         ..State::default()
     });
     {
@@ -431,8 +465,10 @@ fn start(
         c.args(["--secrets-fd", "4"]);
         pass.push(s.try_clone().map_err(|e| failed("dup", &e))?);
     }
-    // Options, then `--`: the URI and target are positionals whatever they start with.
+    // Options (the volume's, then the node's), then `--`: the URI and target are
+    // positionals whatever they start with.
     c.args(&spec.args)
+        .args(&state.child_args)
         .arg("--")
         .arg(&spec.uri)
         .arg(&spec.target);
