@@ -87,16 +87,13 @@ impl Mounter {
 
     /// The sealfs mounter itself (strace's child): killing strace alone would leave it.
     fn sealfs_pid(&self) -> Option<i32> {
-        let strace = self.proc.0.id();
-        std::fs::read_dir("/proc")
-            .ok()?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        children_of(self.proc.0.id())
+            .into_iter()
             .find(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/status"))
-                    .is_ok_and(|s| s.contains(&format!("PPid:\t{strace}\n")))
-                    && std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .is_ok_and(|c| c.trim() == "sealfs")
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sealfs")
             })
+            .map(|p| p as i32)
     }
 
     fn ask(&self, req: serde_json::Value, fds: &[&OwnedFd]) -> Reply {
@@ -158,18 +155,26 @@ fn fuse_fds(pid: u32) -> usize {
 
 /// The mounter's child that serves `target` (its argv ends with it).
 fn child_serving(mounter: i32, target: &Path) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/status"))
-                .is_ok_and(|s| s.contains(&format!("PPid:\t{mounter}\n")))
-                && std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
-                    c.split(|&b| b == 0)
-                        .rfind(|a| !a.is_empty())
-                        .is_some_and(|a| a == target.as_os_str().as_encoded_bytes())
-                })
+    children_of(mounter as u32).into_iter().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+            c.split(|&b| b == 0)
+                .rfind(|a| !a.is_empty())
+                .is_some_and(|a| a == target.as_os_str().as_encoded_bytes())
         })
+    })
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .is_ok_and(|s| s.contains(&format!("PPid:\t{pid}\n")))
+        })
+        .collect()
 }
 
 fn wait_log(m: &Mounter, what: &str, secs: u64) {
@@ -430,16 +435,8 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     assert!(String::from_utf8_lossy(&other.stderr).contains("Permission denied"));
 
     // The mounter ends (SIGTERM) and its children with it.
-    let mounter_pid = m.proc.0.id();
-    let sealfs_pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/status"))
-                .is_ok_and(|s| s.contains(&format!("PPid:\t{mounter_pid}\n")))
-                && std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| c.trim() == "sealfs")
-        })
+    let sealfs_pid = m
+        .sealfs_pid()
         .expect("the mounter process (strace's child)");
     // SAFETY: signalling the mounter this test started.
     unsafe { libc::kill(sealfs_pid, libc::SIGTERM) };

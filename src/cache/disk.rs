@@ -190,6 +190,11 @@ fn open_dir_at(parent: &impl AsFd, name: &str, create: bool) -> nix::Result<Owne
 /// Checks `dir` as a mount would (this user's, 0700, no symlink) and creates its layout,
 /// without starting a writer: the CSI mounter's check of its node-wide directory.
 pub fn check(dir: &Path, limit: u64) -> Result<(), DiskCacheError> {
+    checked_root(dir, limit).map(drop)
+}
+
+/// `DIR/v1` of a cache of `limit` bytes, checked and its layout made.
+fn checked_root(dir: &Path, limit: u64) -> Result<OwnedFd, DiskCacheError> {
     let err = |reason: String| DiskCacheError {
         dir: dir.display().to_string(),
         reason,
@@ -200,7 +205,7 @@ pub fn check(dir: &Path, limit: u64) -> Result<(), DiskCacheError> {
             MIN_SIZE >> 20
         )));
     }
-    open_root(dir, true).map(drop).map_err(err)
+    open_root(dir, true).map_err(err)
 }
 
 impl DiskCache {
@@ -210,13 +215,7 @@ impl DiskCache {
             dir: dir.display().to_string(),
             reason,
         };
-        if limit < MIN_SIZE {
-            return Err(err(format!(
-                "--cache-dir-size must be at least {} MiB",
-                MIN_SIZE >> 20
-            )));
-        }
-        let root = Arc::new(open_root(dir, true).map_err(err)?);
+        let root = Arc::new(checked_root(dir, limit)?);
         let (tx, rx) = mpsc::sync_channel(8192);
         let cache = Self {
             dir: dir.to_path_buf(),
