@@ -10,7 +10,7 @@
 //! only: `--key secret:keyFile` opens under the key file; `transitToken` is the Transit
 //! token; the web identity becomes the process's only AWS identity (aws_identity.rs).
 
-use std::io::{Read, Seek, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
@@ -112,13 +112,20 @@ pub fn open<T: serde::de::DeserializeOwned>(fd: OwnedFd) -> Result<T, SecretsErr
     if !SealFlag::from_bits_truncate(seals).contains(required()) {
         return Err(SecretsError::NotSealed);
     }
-    let mut f = std::fs::File::from(fd);
-    f.rewind().map_err(|e| SecretsError::Fd(e.to_string()))?;
-    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
-    (&mut f)
-        .take(MAX_SECRETS as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| SecretsError::Fd(e.to_string()))?;
+    // pread, never the shared offset: the CSI mounter keeps a dup of this memfd for a
+    // crashed child's successor, and reads its own copy for a token refresh.
+    let f = std::fs::File::from(fd);
+    let mut buf = Zeroizing::new(vec![0u8; MAX_SECRETS + 1]);
+    let mut n = 0;
+    while n < buf.len() {
+        match std::os::unix::fs::FileExt::read_at(&f, &mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SecretsError::Fd(e.to_string())),
+        }
+    }
+    buf.truncate(n);
     if buf.len() > MAX_SECRETS {
         return Err(SecretsError::TooLong);
     }
