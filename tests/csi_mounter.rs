@@ -403,7 +403,7 @@ fn the_mounter_serves_each_volume_with_its_own_child_and_survives_one_dying() {
     // A sixth crash within 10 minutes is a crash loop: not followed, the connection let go.
     // SAFETY: as above.
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
-    wait_log(&m, "not followed (a crash loop)", 10);
+    wait_log(&m, "not followed: a crash loop", 10);
     let start = Instant::now();
     while errno_of(&t1) != Some(libc::ENOTCONN) {
         assert!(start.elapsed() < Duration::from_secs(5), "{}", m.logs());

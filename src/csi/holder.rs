@@ -32,9 +32,14 @@ struct Inner {
     pid: Option<i32>,
     /// `READY=1` messages so far.
     readies: u64,
+    /// This process's own markers handled so far ([`Link::settle`]).
+    marks: u64,
     /// The stored states by name (at most the two of [`STATE_NAMES`]).
     states: BTreeMap<&'static str, OwnedFd>,
 }
+
+/// [`Link::settle`]'s marker, counted only from this process.
+const MARK: &str = "SEALFS_SETTLE=1";
 
 /// How long a message waits for its sender's PID to be known (a child that speaks before
 /// `spawn` returned to the mounter).
@@ -102,6 +107,25 @@ impl Link {
         !self.lock().states.is_empty()
     }
 
+    /// Waits at most `timeout` until every message queued before this call is handled: a
+    /// marker sent now comes after them through the same queue. So a state a crashed child
+    /// sent just before it died is taken before its successor starts (systemd, too, reads
+    /// a unit's notify socket before it handles the unit's exit).
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let before = self.lock().marks;
+        let sent = std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| s.send_to(MARK.as_bytes(), &self.path));
+        if sent.is_err() {
+            return false;
+        }
+        let g = self.lock();
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |i| i.marks == before)
+            .unwrap_or_else(|p| p.into_inner());
+        g.marks > before
+    }
+
     /// Stops listening, drops the states and removes the socket.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -136,6 +160,12 @@ impl Link {
     /// `FDNAME=`; everything else is ignored. Descriptors not kept are closed.
     fn take(&self, bytes: &[u8], mut fds: Vec<OwnedFd>, sender: Option<i32>) {
         let mut g = self.lock();
+        if sender == Some(std::process::id() as i32) && bytes == MARK.as_bytes() {
+            g.marks += 1;
+            drop(g);
+            self.changed.notify_all();
+            return;
+        }
         let start = Instant::now();
         while g.pid.is_none() && start.elapsed() < PID_WAIT && !self.closed.load(Ordering::SeqCst) {
             g = self
@@ -226,6 +256,12 @@ mod tests {
         assert!(link.wait_ready(0, Duration::from_secs(5)));
         let names: Vec<_> = link.states().unwrap().into_iter().map(|s| s.0).collect();
         assert_eq!(names, ["state-b"]);
+        // A state sent just before a settle is taken by the time it returns.
+        send(link.path(), "FDSTORE=1\nFDNAME=state-a", &[&memfd()]);
+        assert!(link.settle(Duration::from_secs(5)));
+        let names: Vec<_> = link.states().unwrap().into_iter().map(|s| s.0).collect();
+        assert_eq!(names, ["state-a", "state-b"]);
+        send(link.path(), "FDSTOREREMOVE=1\nFDNAME=state-a", &[]);
         send(link.path(), "FDSTOREREMOVE=1\nFDNAME=state-b", &[]);
         send(link.path(), "READY=1", &[]);
         assert!(link.wait_ready(1, Duration::from_secs(5)));

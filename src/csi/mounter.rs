@@ -515,7 +515,7 @@ fn start(
     // would neither move it nor clear close-on-exec.
     let high: Vec<OwnedFd> = pass
         .iter()
-        .map(|f| f.as_fd().try_clone_to_owned().and_then(|f| above(&f, 64)))
+        .map(|f| above(f, 64))
         .collect::<std::io::Result<_>>()
         .map_err(|e| failed("dup", &e))?;
     drop(pass);
@@ -681,8 +681,8 @@ fn reap(state: Arc<State>) {
             .filter_map(|s| pidfd_open(s.child.id()).ok())
             .collect();
         wait_any(&pidfds, 100);
-        // Taken out of the map and, for a successor, marked as resuming under one lock: an
-        // unpublish or a publish of the target in between finds one or the other.
+        // Taken out of the map and marked as resuming under one lock: an unpublish or a
+        // publish of the target in between finds one or the other.
         let mut dead: Vec<(Served, std::process::ExitStatus, Arc<AtomicBool>)> = Vec::new();
         {
             let mut m = lock(&state.children);
@@ -692,32 +692,62 @@ fn reap(state: Arc<State>) {
                 .collect();
             for (t, status) in gone {
                 let Some(s) = m.remove(&t) else { continue };
-                s.held.link.expect(None);
-                let why_not = if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
-                    Some("its connection is gone (unmounted)")
-                } else if !s.held.link.has_state() {
-                    Some("it stored no state; its target answers ENOTCONN until published again")
-                } else if !crate::fuse::handover::kernel_resends() {
-                    // Without FUSE_NOTIFY_RESEND (Linux 6.9) the requests it had read would
-                    // never be answered: their readers would wait for good on a held
-                    // connection. Letting it go fails them instead, as before.
-                    Some("this kernel cannot resend interrupted requests (Linux 6.9+); its target answers ENOTCONN until published again")
-                } else {
-                    None
-                };
-                if let Some(why) = why_not {
-                    tracing::warn!(target = %t, volume = %s.spec.uri, %status, "mount child exited; not followed: {why}");
-                    continue; // `s` goes: the connection is let go
-                }
                 let cancel = Arc::new(AtomicBool::new(false));
                 lock(&state.resuming).insert(t, cancel.clone());
                 dead.push((s, status, cancel));
             }
         }
-        for (s, status, cancel) in dead {
+        for (mut s, status, cancel) in dead {
+            // What the child sent before it died still counts (its last state above all);
+            // nothing after.
+            s.held.link.settle(Duration::from_secs(1));
+            s.held.link.expect(None);
+            let t = s.spec.target.clone();
+            if let Some(why) = not_followed(&mut s) {
+                tracing::warn!(target = %t, volume = %s.spec.uri, %status, "mount child exited; not followed: {why}; its target answers ENOTCONN until published again");
+                unmark(&state, &t, &cancel);
+                continue; // `s` goes: the connection is let go
+            }
             let state = state.clone();
             std::thread::spawn(move || resume(&state, s, status, &cancel));
         }
+    }
+}
+
+/// Why a dead child gets no successor, if it does not.
+fn not_followed(s: &mut Served) -> Option<String> {
+    let recent = &mut s.held.restarts;
+    while recent
+        .front()
+        .is_some_and(|at| at.elapsed() > RESTART_WINDOW)
+    {
+        recent.pop_front();
+    }
+    if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
+        Some("its connection is gone (unmounted)".into())
+    } else if !s.held.link.has_state() {
+        Some("it stored no state".into())
+    } else if recent.len() >= MAX_RESTARTS {
+        Some(format!(
+            "a crash loop ({MAX_RESTARTS} successors in {} min)",
+            RESTART_WINDOW.as_secs() / 60
+        ))
+    } else if !crate::fuse::handover::kernel_resends() {
+        // Without FUSE_NOTIFY_RESEND (Linux 6.9) the requests it had read would never be
+        // answered: their readers would wait for good on a held connection. Letting it go
+        // fails them instead, as before.
+        Some("this kernel cannot resend interrupted requests (Linux 6.9+)".into())
+    } else {
+        None
+    }
+}
+
+/// Removes `target`'s resuming mark if it is still `cancel` (a later crash of the same
+/// target may have put its own).
+fn unmark(state: &State, target: &str, cancel: &Arc<AtomicBool>) {
+    let mut r = lock(&state.resuming);
+    if r.get(target).is_some_and(|c| Arc::ptr_eq(c, cancel)) {
+        r.remove(target);
     }
 }
 
@@ -757,55 +787,36 @@ fn resume(
 ) {
     let crashed = Instant::now();
     let t = s.spec.target.clone();
-    while s
-        .held
-        .restarts
-        .front()
-        .is_some_and(|at| at.elapsed() > RESTART_WINDOW)
-    {
-        s.held.restarts.pop_front();
-    }
-    let child = if s.held.restarts.len() >= MAX_RESTARTS {
-        tracing::error!(target = %t, %status, restarts = MAX_RESTARTS, "mount child crashed again; not followed (a crash loop): its target answers ENOTCONN until published again");
-        None
-    } else {
-        tracing::warn!(target = %t, %status, "mount child exited; a successor takes its connection over (readers wait)");
-        s.held.restarts.push_back(crashed);
-        let within = Resuming {
-            deadline: crashed + state.resume_timeout,
-            cancel,
-        };
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if cancel.load(Ordering::SeqCst) {
-                break None;
-            }
-            if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
-                tracing::warn!(target = %t, "the connection went while its successor started");
-                break None;
-            }
-            match start(state, &s.spec, &s.held, Some(&within)) {
-                Ok(child) => break Some(child),
-                Err((code, msg)) => {
-                    tracing::warn!(target = %t, code, error = %msg, "the successor did not start")
-                }
-            }
-            if crashed.elapsed() + delay > state.resume_timeout {
-                tracing::error!(target = %t, seconds = state.resume_timeout.as_secs(), "no successor within --resume-timeout: the connection is let go, its readers get ENOTCONN");
-                break None;
-            }
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(2));
+    tracing::warn!(target = %t, %status, "mount child exited; a successor takes its connection over (readers wait)");
+    s.held.restarts.push_back(crashed);
+    let within = Resuming {
+        deadline: crashed + state.resume_timeout,
+        cancel,
+    };
+    let mut delay = Duration::from_millis(100);
+    let child = loop {
+        if cancel.load(Ordering::SeqCst) {
+            break None;
         }
+        if !crate::fuse::handover::connection_alive(s.held.fuse.as_fd()) {
+            tracing::warn!(target = %t, "the connection went while its successor started");
+            break None;
+        }
+        match start(state, &s.spec, &s.held, Some(&within)) {
+            Ok(child) => break Some(child),
+            Err((code, msg)) => {
+                tracing::warn!(target = %t, code, error = %msg, "the successor did not start")
+            }
+        }
+        if crashed.elapsed() + delay > state.resume_timeout {
+            tracing::error!(target = %t, seconds = state.resume_timeout.as_secs(), "no successor within --resume-timeout: the connection is let go, its readers get ENOTCONN");
+            break None;
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(2));
     };
     let mut m = lock(&state.children);
-    {
-        // Only this resume's mark: a later crash of the same target may have put its own.
-        let mut r = lock(&state.resuming);
-        if r.get(&t).is_some_and(|c| Arc::ptr_eq(c, cancel)) {
-            r.remove(&t);
-        }
-    }
+    unmark(state, &t, cancel);
     match child {
         Some(c) if !cancel.load(Ordering::SeqCst) && !m.contains_key(&t) => {
             tracing::info!(target = %t, pid = c.id(), stall_ms = crashed.elapsed().as_millis() as u64, "successor serves the connection");
