@@ -239,7 +239,7 @@ def main():
     bad = {k: v for k, v in fps.items() if len(v) != 1}
     if bad:
         sys.exit(f"fingerprints differ between sources: {bad}")
-    size = sum(os.path.getsize(os.path.join(src, f)) for f in ("model.safetensors",)) / 1e9
+    size = os.path.getsize(os.path.join(src, "model.safetensors")) / 1e9
     med = {k: statistics.median(v) for k, v in res.items()}
     json.dump({"reps": a.reps, "times": res, "medians": med, "model_gb": size,
                "date": time.strftime("%Y-%m-%d %H:%M"), "nproc": os.cpu_count()},

@@ -322,23 +322,17 @@ impl DiskCache {
     }
 
     /// Offers a sealed chunk (ciphertext, as the store gave it) for writing under `addr`:
-    /// [`DiskCache::copy_for_write`] then [`DiskCache::submit`].
+    /// [`DiskCache::hold_for_write`] of a copy, then [`DiskCache::submit`].
     pub fn offer(&self, addr: &[u8; 32], sealed: &[u8]) {
-        if let Some(p) = self.copy_for_write(sealed) {
+        if let Some(p) = self.hold_for_write(vec![Bytes::copy_from_slice(sealed)]) {
             self.submit(addr, p);
         }
     }
 
-    /// A copy of a sealed chunk to write once it has authenticated (it is decrypted in
-    /// place, so the copy is taken before); `None` (a skip) when writing is paused or the
-    /// queue holds [`MAX_QUEUED`] bytes. Dropping it unsubmitted gives its room back.
-    pub fn copy_for_write(&self, sealed: &[u8]) -> Option<Pending> {
-        self.hold_for_write(vec![Bytes::copy_from_slice(sealed)])
-    }
-
-    /// [`DiskCache::copy_for_write`] without the copy: the sealed chunk as the pieces of the
-    /// store's body it came in (shared, not copied: the read path decrypts its own copy in
-    /// the cache slot).
+    /// A sealed chunk to write once it has authenticated, as the pieces of the store's body
+    /// it came in (shared, not copied: the read path decrypts its own copy in the cache
+    /// slot); `None` (a skip) when writing is paused or the queue holds [`MAX_QUEUED`]
+    /// bytes. Dropping it unsubmitted gives its room back.
     pub fn hold_for_write(&self, parts: Vec<Bytes>) -> Option<Pending> {
         let p = (!self.paused()).then(|| self.reserve(parts)).flatten();
         if p.is_none() {
@@ -357,14 +351,13 @@ impl DiskCache {
 
     /// Room for `parts` in the queue; `None` when the queue is full.
     fn reserve(&self, parts: Vec<Bytes>) -> Option<Pending> {
-        let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let n = total(&parts);
         if !room(self.queued.fetch_add(n, Ordering::AcqRel), n) {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             return None;
         }
         Some(Pending {
             parts: Some(parts),
-            len: n,
             queued: self.queued.clone(),
         })
     }
@@ -374,7 +367,7 @@ impl DiskCache {
         let Some(parts) = p.parts.take() else {
             return;
         };
-        let n = p.len;
+        let n = total(&parts);
         let sent = self
             .queue
             .lock()
@@ -468,19 +461,23 @@ fn room(before: u64, n: u64) -> bool {
     before == 0 || before + n <= MAX_QUEUED
 }
 
-/// A sealed chunk's copy waiting for its chunk to authenticate ([`DiskCache::submit`]).
+/// A sealed chunk waiting for its slot's copy to authenticate ([`DiskCache::submit`]).
 pub struct Pending {
     parts: Option<Vec<Bytes>>,
-    len: u64,
     queued: Arc<AtomicU64>,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if self.parts.take().is_some() {
-            self.queued.fetch_sub(self.len, Ordering::AcqRel);
+        if let Some(p) = self.parts.take() {
+            self.queued.fetch_sub(total(&p), Ordering::AcqRel);
         }
     }
+}
+
+/// The bytes of an entry's pieces.
+fn total(parts: &[Bytes]) -> u64 {
+    parts.iter().map(|p| p.len() as u64).sum()
 }
 
 /// One entry found by a scan.
@@ -598,7 +595,7 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<([u8; 32], Vec<Bytes>)>) {
         background_priority();
         while let Ok((addr, parts)) = rx.recv() {
-            let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
+            let n = total(&parts);
             // Not hashed again here (0.15 CPU s/GiB, on the read path's second core): the
             // read path offers a chunk that authenticated as the one the manifest lists
             // under `addr`, and `cache warm` names each chunk by the BLAKE3 it computed. A

@@ -209,7 +209,8 @@ fn take_one(
 
 /// Re-executes `exe` in this process (same PID: what systemd and every reader know
 /// stays), with `argv` and the environment, passing it the connection and `state`.
-/// Returns only on failure, and then the caller serves on.
+/// Returns only on failure, and then the caller serves on. The caller blocks the stop
+/// signals first ([`block_stop_signals`]; unblocked on failure): the exec keeps them so.
 pub fn reexec(
     exe: &Path,
     argv: &[OsString],
@@ -253,13 +254,10 @@ pub fn reexec(
         }
         Err(cmd.env(REEXEC_VAR, var).exec())
     };
-    block_stop_signals();
-    let failed = match attempt() {
+    match attempt() {
         Err(e) => e,
         Ok(never) => match never {},
-    };
-    unblock_stop_signals();
-    failed
+    }
 }
 
 /// The signals that stop or upgrade a daemon.

@@ -274,10 +274,14 @@ fn takeover(
         }
     };
     if let Some(why) = why {
-        tracing::warn!(reason = %why, "not resuming the stored connection; mounting afresh");
-        // (The CSI mounter's store is left as it is: the next successor may manage.)
-        if let (Some(s), None) = (store, args.fuse_fd) {
-            s.clear();
+        // (The CSI mounter's store is left as it is: its next successor may manage.)
+        if args.fuse_fd.is_some() {
+            tracing::warn!(reason = %why, "not resuming the connection the mounter held");
+        } else {
+            tracing::warn!(reason = %why, "not resuming the stored connection; mounting afresh");
+            if let Some(s) = store {
+                s.clear();
+            }
         }
         return None;
     }
@@ -780,6 +784,7 @@ fn upgrade(
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+    handover::unblock_stop_signals();
     tracing::error!(exe = %exe.display(), error = %err, "upgrade failed: the re-exec did not happen; serving on with this binary");
     crate::telemetry::sd_notify("READY=1");
 }
