@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use crate::crypto::{header_digest, open_chunk, Dek, FileKeys};
+use crate::crypto::{header_digest, open_chunk, open_chunk_pieces, Dek, FileKeys};
 use crate::error::{Error, Result};
 use crate::format::header::MAX_KEY_OBJECT_LEN;
 use crate::format::layout::PRELUDE_LEN;
@@ -398,23 +398,43 @@ impl OpenFile {
     /// Authenticates and decrypts chunk `index` from `ct` (its ciphertext and tag) in place;
     /// returns the plaintext length. On failure `ct` is wiped.
     pub fn open_chunk(&self, index: u64, ct: &mut [u8]) -> Result<usize> {
+        self.opening(index, ct, |keys, digest, last, want, ct| {
+            open_chunk(keys, digest, index, last, want, ct)
+        })
+    }
+
+    /// [`OpenFile::open_chunk`] of the sealed chunk handed over in `pieces` (a GET body as
+    /// it arrived), decrypted into `out` without gathering the pieces first. On failure
+    /// `out` is wiped.
+    pub fn open_chunk_from(&self, index: u64, pieces: &[&[u8]], out: &mut [u8]) -> Result<usize> {
+        self.opening(index, out, |keys, digest, last, want, out| {
+            open_chunk_pieces(keys, digest, index, last, want, pieces, out)
+        })
+    }
+
+    /// Runs `open` with the file's keys, or wipes `buf` and fails if they were revoked.
+    fn opening(
+        &self,
+        index: u64,
+        buf: &mut [u8],
+        open: impl FnOnce(
+            &FileKeys,
+            &[u8; 32],
+            bool,
+            usize,
+            &mut [u8],
+        ) -> std::result::Result<usize, crate::crypto::ChunkError>,
+    ) -> Result<usize> {
         let want = self.layout.chunk_plain_len(index);
         let secrets = self.secrets.read().unwrap_or_else(|p| p.into_inner());
         let Some((keys, _)) = secrets.as_ref() else {
-            ct.fill(0);
+            buf.fill(0);
             return Err(Error::Revoked {
                 file: self.key.clone(),
             });
         };
-        open_chunk(
-            keys,
-            &self.digest,
-            index,
-            self.layout.is_last(index),
-            want,
-            ct,
-        )
-        .map_err(|e| Error::integrity(&self.key, e.to_string()))
+        open(keys, &self.digest, self.layout.is_last(index), want, buf)
+            .map_err(|e| Error::integrity(&self.key, e.to_string()))
     }
 }
 

@@ -78,8 +78,9 @@ enum Key {
     AwsLc(Locked<AwsLcGcm>),
 }
 
-/// An aws-lc AES-256-GCM context, initialized in place (it must not move once keyed).
-struct AwsLcGcm(aws_lc_sys::EVP_AEAD_CTX);
+/// An aws-lc AES-256-GCM context, initialized in place (it must not move once keyed), and
+/// the key itself for [`ChunkCipher::open_pieces`]' streaming decrypt.
+struct AwsLcGcm(aws_lc_sys::EVP_AEAD_CTX, [u8; 32]);
 
 // SAFETY: after init the context is only read; aws-lc's seal/open take it by const pointer
 // and may run concurrently on one context (aws-lc-rs's own AEAD keys are Send + Sync too).
@@ -92,7 +93,7 @@ impl AwsLcGcm {
     fn zeroed() -> Self {
         // SAFETY: EVP_AEAD_CTX is a C struct of a raw pointer, bytes and a byte union; all
         // zero is its documented "zero" state, safe to clean up.
-        Self(unsafe { std::mem::zeroed() })
+        Self(unsafe { std::mem::zeroed() }, [0; 32])
     }
 
     /// Keys the context where it lies.
@@ -111,6 +112,72 @@ impl AwsLcGcm {
             )
         };
         assert_eq!(ok, 1, "BUG: AES-256-GCM init with a 32-byte key failed");
+        self.1 = *key;
+    }
+
+    /// Decrypts `ciphertext` piece by piece into `out` with aws-lc's streaming AES-GCM and
+    /// checks `tag`; true when it verifies. The context is keyed here and cleaned up before
+    /// returning: its key schedule lives on aws-lc's heap only for this call (aws-lc's free
+    /// zeroizes it), since that context cannot be placed in locked memory.
+    fn open_stream(
+        &self,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        ciphertext: &[&[u8]],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> bool {
+        // SAFETY: `ctx` is initialized before use and cleaned up on every path; each pointer
+        // and length names a live buffer (lengths checked to fit an int); `out` has room for
+        // every ciphertext byte (checked by the caller), and GCM writes exactly one output
+        // byte per input byte. aws-lc takes the tag by a mutable pointer but only reads it.
+        unsafe {
+            let mut ctx: aws_lc_sys::EVP_CIPHER_CTX = std::mem::zeroed();
+            aws_lc_sys::EVP_CIPHER_CTX_init(&mut ctx);
+            let mut ok = aws_lc_sys::EVP_DecryptInit_ex(
+                &mut ctx,
+                aws_lc_sys::EVP_aes_256_gcm(),
+                std::ptr::null_mut(),
+                self.1.as_ptr(),
+                nonce.as_ptr(),
+            ) == 1;
+            let mut n: std::os::raw::c_int = 0;
+            ok = ok
+                && i32::try_from(aad.len()).is_ok()
+                && aws_lc_sys::EVP_DecryptUpdate(
+                    &mut ctx,
+                    std::ptr::null_mut(),
+                    &mut n,
+                    aad.as_ptr(),
+                    aad.len() as i32,
+                ) == 1;
+            let mut at = 0usize;
+            for p in ciphertext {
+                if !ok {
+                    break;
+                }
+                ok = i32::try_from(p.len()).is_ok()
+                    && aws_lc_sys::EVP_DecryptUpdate(
+                        &mut ctx,
+                        out.as_mut_ptr().add(at),
+                        &mut n,
+                        p.as_ptr(),
+                        p.len() as i32,
+                    ) == 1
+                    && n as usize == p.len();
+                at += p.len();
+            }
+            ok = ok
+                && aws_lc_sys::EVP_CIPHER_CTX_ctrl(
+                    &mut ctx,
+                    aws_lc_sys::EVP_CTRL_GCM_SET_TAG,
+                    TAG_LEN as i32,
+                    tag.as_ptr() as *mut std::ffi::c_void,
+                ) == 1
+                && aws_lc_sys::EVP_DecryptFinal_ex(&mut ctx, out.as_mut_ptr().add(at), &mut n) == 1;
+            aws_lc_sys::EVP_CIPHER_CTX_cleanup(&mut ctx);
+            ok
+        }
     }
 }
 
@@ -234,6 +301,60 @@ impl ChunkCipher {
     }
 }
 
+impl ChunkCipher {
+    /// [`ChunkCipher::open`] of `ciphertext || tag` handed over in pieces (a GET body as it
+    /// arrived), decrypted into `out`, which must hold the whole sealed chunk; returns the
+    /// plaintext length, `out[..len]`. With aws-lc the pieces are decrypted straight into
+    /// `out` (no copy: a cold read's fill costs half, benches/fill.rs); with ring they are
+    /// copied in and opened in place. On failure `out` may hold unauthenticated bytes: the
+    /// caller wipes it.
+    pub fn open_pieces(
+        &self,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        pieces: &[&[u8]],
+        out: &mut [u8],
+    ) -> Result<usize, Unauthentic> {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let len = total.checked_sub(TAG_LEN).ok_or(Unauthentic)?;
+        if out.len() < total {
+            return Err(Unauthentic);
+        }
+        match &self.0 {
+            Key::AwsLc(k) => {
+                // The ciphertext is the pieces less their last 16 bytes, the tag those bytes
+                // (which may span pieces).
+                let mut ct: Vec<&[u8]> = Vec::with_capacity(pieces.len());
+                let mut tag = [0u8; TAG_LEN];
+                let mut at = 0usize;
+                for p in pieces {
+                    let cut = len.saturating_sub(at).min(p.len());
+                    if cut > 0 {
+                        ct.push(&p[..cut]);
+                    }
+                    let rest = &p[cut..];
+                    let t = (at + cut).saturating_sub(len);
+                    tag[t..t + rest.len()].copy_from_slice(rest);
+                    at += p.len();
+                }
+                if k.open_stream(nonce, aad, &ct, &tag, &mut out[..len]) {
+                    Ok(len)
+                } else {
+                    Err(Unauthentic)
+                }
+            }
+            Key::Ring(_) => {
+                let mut at = 0;
+                for p in pieces {
+                    out[at..at + p.len()].copy_from_slice(p);
+                    at += p.len();
+                }
+                self.open(nonce, aad, &mut out[..total])
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +415,64 @@ mod tests {
                 c.open(&nonce(0), &aad, &mut [0u8; 15]).is_err(),
                 "shorter than a tag"
             );
+        }
+    }
+
+    /// A sealed chunk handed over in pieces, split anywhere (the tag too), opens exactly as
+    /// in place on both backends; a flipped bit anywhere, or an `out` too short, is refused.
+    #[test]
+    fn pieces_open_like_the_whole() {
+        let aad = [5u8; 41];
+        for b in [Backend::Ring, Backend::AwsLc] {
+            let c = ChunkCipher::with_backend(b, &[6; 32]).unwrap();
+            let plain: Vec<u8> = (0..5000).map(|i| (i * 13 + 1) as u8).collect();
+            let mut sealed = plain.clone();
+            let tag = c.seal(&nonce(9), &aad, &mut sealed);
+            sealed.extend_from_slice(&tag);
+            let n = sealed.len();
+            for cuts in [
+                vec![],
+                vec![1],
+                vec![n - 16],
+                vec![n - 15, n - 1],
+                vec![7, 4096, n - 8],
+            ] {
+                let mut pieces = Vec::new();
+                let mut at = 0;
+                for &c in cuts.iter().chain([n].iter()) {
+                    pieces.push(&sealed[at..c]);
+                    at = c;
+                }
+                let mut out = vec![0u8; n];
+                assert_eq!(
+                    c.open_pieces(&nonce(9), &aad, &pieces, &mut out).unwrap(),
+                    5000
+                );
+                assert_eq!(out[..5000], plain[..], "{b:?} {cuts:?}");
+                for flip in [0, 4999, n - 16, n - 1] {
+                    let mut bad = sealed.clone();
+                    bad[flip] ^= 1;
+                    let mut at = 0;
+                    let mut bad_pieces = Vec::new();
+                    for &c in cuts.iter().chain([n].iter()) {
+                        bad_pieces.push(&bad[at..c]);
+                        at = c;
+                    }
+                    assert!(c
+                        .open_pieces(&nonce(9), &aad, &bad_pieces, &mut out)
+                        .is_err());
+                }
+                assert!(
+                    c.open_pieces(&nonce(8), &aad, &pieces, &mut out).is_err(),
+                    "nonce"
+                );
+                assert!(c
+                    .open_pieces(&nonce(9), &aad, &pieces, &mut out[..n - 1])
+                    .is_err());
+            }
+            assert!(c
+                .open_pieces(&nonce(0), &aad, &[&[0u8; 15][..]], &mut [0u8; 16])
+                .is_err());
         }
     }
 

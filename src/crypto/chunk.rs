@@ -77,6 +77,36 @@ pub fn open_chunk(
     }
 }
 
+/// [`open_chunk`] of a sealed chunk handed over in pieces (as a GET body arrives), decrypted
+/// into `out` (which holds at least the whole sealed chunk); the plaintext is
+/// `out[..len]`. On failure `out` is zeroized.
+pub fn open_chunk_pieces(
+    keys: &FileKeys,
+    header_digest: &[u8; 32],
+    index: u64,
+    last: bool,
+    expected_plain_len: usize,
+    pieces: &[&[u8]],
+    out: &mut [u8],
+) -> Result<usize, ChunkError> {
+    let want = expected_plain_len + TAG_LEN as usize;
+    let got: usize = pieces.iter().map(|p| p.len()).sum();
+    if got != want || out.len() < want {
+        return Err(ChunkError::Length { index, got, want });
+    }
+    let a = aad(header_digest, index, last);
+    match keys
+        .payload
+        .open_pieces(&nonce(index, last), &a, pieces, &mut out[..want])
+    {
+        Ok(n) => Ok(n),
+        Err(_) => {
+            zeroize::Zeroize::zeroize(&mut out[..want]);
+            Err(ChunkError::Auth(index))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,7 +141,26 @@ mod tests {
                 "{why}"
             );
             assert!(b.iter().all(|&x| x == 0), "{why}: buffer must be wiped");
+            let mut out = [0xAAu8; 27];
+            let pieces = [&sealed[..4], &sealed[4..20], &sealed[20..]];
+            assert_eq!(
+                open_chunk_pieces(&key, &h, idx, last, 11, &pieces, &mut out),
+                Err(ChunkError::Auth(idx)),
+                "{why}, in pieces"
+            );
+            assert!(out.iter().all(|&x| x == 0), "{why}: out must be wiped");
         }
+        let mut out = [0u8; 27];
+        let pieces = [&sealed[..4], &sealed[4..20], &sealed[20..]];
+        assert_eq!(
+            open_chunk_pieces(&k, &hd, 5, false, 11, &pieces, &mut out),
+            Ok(11)
+        );
+        assert_eq!(&out[..11], b"hello chunk");
+        assert!(matches!(
+            open_chunk_pieces(&k, &hd, 5, false, 11, &pieces[..2], &mut out),
+            Err(ChunkError::Length { .. })
+        ));
         let mut b = sealed.clone();
         b[0] ^= 1;
         assert_eq!(

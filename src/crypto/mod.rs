@@ -9,7 +9,7 @@ pub mod kdf;
 pub mod locked;
 pub mod secret;
 
-pub use chunk::{open_chunk, seal_chunk, ChunkError};
+pub use chunk::{open_chunk, open_chunk_pieces, seal_chunk, ChunkError};
 pub use kdf::FileKeys;
 pub use locked::LockError;
 pub use secret::Dek;
@@ -31,6 +31,15 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// path, which every byte read under `--trust-signer` takes; benches/aead.rs).
 pub fn chunk_digest(sealed_chunk: &[u8]) -> [u8; 32] {
     *blake3::hash(sealed_chunk).as_bytes()
+}
+
+/// [`chunk_digest`] of a sealed chunk handed over in pieces.
+pub fn chunk_digest_of(pieces: &[&[u8]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for p in pieces {
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
 }
 
 /// Fills `buf` from the system CSPRNG.

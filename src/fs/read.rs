@@ -121,6 +121,9 @@ impl Drop for RunGuard {
     }
 }
 
+/// Most body pieces one chunk is kept as (a 1 MiB chunk arrives in 3 to 5 from S3).
+const MAX_PIECES: usize = 64;
+
 /// Bounded attempts when a fetched chunk is evicted before its reader pins it.
 const MAX_ROUNDS: usize = 4;
 
@@ -414,7 +417,7 @@ impl SealFs {
                 return Ok(None);
             }
         }
-        let slot = self.reserve_slot().await?;
+        let slot = self.reserve_slot(need).await?;
         // A disk read of one chunk, off the async workers (the slot moves there and back).
         let (mut slot, found) = tokio::task::spawn_blocking(move || {
             let mut slot = slot;
@@ -455,11 +458,11 @@ impl SealFs {
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let mut prelude = [0u8; PRELUDE];
         let mut out = Vec::with_capacity((b - a + 1) as usize);
-        let (mut index, mut slot, mut filled) = (a, None, 0usize);
-        // For the cache directory: the current chunk's sealed bytes as slices of the body's
-        // pieces (shared, not copied; never chunk 0, which is always read from the store).
-        let keep = self.disk.is_some() && o.addresses.is_some();
+        let (mut index, mut filled) = (a, 0usize);
+        // The current chunk's sealed bytes as slices of the body's pieces (shared, not
+        // copied): decrypted straight from them into a slot once the chunk is whole.
         let mut sealed: Vec<bytes::Bytes> = Vec::new();
+        let mut gathered: Option<bytes::BytesMut> = None;
         while let Some(piece) = body.next().await {
             let piece = piece.map_err(|e| fail(e.into()))?;
             self.stats
@@ -493,64 +496,38 @@ impl SealFs {
                         ),
                     )));
                 }
-                let s = match slot.as_mut() {
-                    Some(s) => s,
-                    None => slot.insert(self.reserve_slot().await?),
-                };
                 let take = (need - filled).min(data.len());
-                s.buf()[filled..filled + take].copy_from_slice(&data[..take]);
-                if keep && index > 0 {
-                    let at = piece.len() - data.len();
-                    sealed.push(piece.slice(at..at + take));
+                let at = piece.len() - data.len();
+                match gathered.as_mut() {
+                    Some(g) => g.extend_from_slice(&data[..take]),
+                    None => {
+                        sealed.push(piece.slice(at..at + take));
+                        // A store that dribbles the body in tiny pieces must not make us keep
+                        // a handle per piece: past MAX_PIECES, the rest of the chunk is copied
+                        // into one buffer (of the chunk's size, which the manifest bounds).
+                        if sealed.len() > MAX_PIECES {
+                            let mut g = bytes::BytesMut::with_capacity(need);
+                            for p in sealed.drain(..) {
+                                g.extend_from_slice(&p);
+                            }
+                            gathered = Some(g);
+                        }
+                    }
                 }
                 filled += take;
                 data = &data[take..];
                 if filled == need {
-                    let mut full: crate::cache::Reservation = slot.take().expect("slot in use");
-                    // Under --trust-signer or --model-digest the manifest's digest of this
-                    // sealed chunk first: a DEK holder can make a chunk that authenticates,
-                    // not one with the digest the publisher signed or the operator pinned.
-                    let listed = match o.digests.as_ref().map(|d| d.get(index as usize)) {
-                        Some(Some(d)) if crate::crypto::chunk_digest(&full.buf()[..need]) == *d => {
-                            Ok(())
-                        }
-                        Some(_) => Err(crate::Error::integrity(
-                            &f.key,
-                            format!("chunk {index} differs from the model manifest"),
-                        )),
-                        None => Ok(()),
+                    let parts = match gathered.take() {
+                        Some(g) => vec![g.freeze()],
+                        None => std::mem::take(&mut sealed),
                     };
-                    // For the cache directory: the sealed bytes, written only once the
-                    // slot's copy of them has authenticated.
-                    let parts = std::mem::take(&mut sealed);
-                    let to_disk = match (&self.disk, &o.addresses) {
-                        (Some(d), Some(addrs)) if listed.is_ok() && index > 0 => addrs
-                            .get(index as usize)
-                            .and_then(|addr| Some((d, addr, d.hold_for_write(parts)?))),
-                        _ => None,
-                    };
-                    match listed.and_then(|()| f.open_chunk(index, &mut full.buf()[..need])) {
-                        // Revoked while this chunk was being decrypted: never published
-                        // (the reservation is wiped as it drops).
-                        Ok(_) if o.is_revoked() => return Err(o.revoked_error()),
-                        Ok(len) => {
-                            if let Some((d, addr, copy)) = to_disk {
-                                d.submit(addr, copy);
-                            }
-                            if index == b {
-                                // Before the commit: a reader can see the chunk from then on,
-                                // and the metrics should already count the run.
-                                self.stats.fetch_latency.observe(started.elapsed());
-                            }
-                            out.push((index, full.commit(chunk_key(o, index), len)))
-                        }
-                        Err(e @ crate::Error::Revoked { .. }) => return Err(FsError::from(e)),
-                        Err(e) => {
-                            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(file = %f.key, chunk = index, reason = %e, "chunk failed authentication");
-                            return Err(FsError::Io(e.to_string()));
-                        }
+                    let (slot, len) = self.open_fetched(o, index, need, parts).await?;
+                    if index == b {
+                        // Before the commit: a reader can see the chunk from then on, and
+                        // the metrics should already count the run.
+                        self.stats.fetch_latency.observe(started.elapsed());
                     }
+                    out.push((index, slot.commit(chunk_key(o, index), len)));
                     index += 1;
                     filled = 0;
                 }
@@ -565,11 +542,66 @@ impl SealFs {
         Ok(out)
     }
 
-    /// A cache slot, waiting (bounded) while readers hold every slot pinned.
-    async fn reserve_slot(&self) -> Result<crate::cache::Reservation, FsError> {
+    /// Chunk `index` of a fetch, whole in `parts` (its `need` sealed bytes as they arrived):
+    /// checked against the model manifest's digest when there is one, decrypted from the
+    /// parts into a slot, and its sealed bytes handed to the cache directory once they have
+    /// authenticated. Returns the filled slot and the plaintext length, for the caller to
+    /// commit. A chunk that fails is logged and its slot wiped.
+    async fn open_fetched(
+        &self,
+        o: &Opened,
+        index: u64,
+        need: usize,
+        parts: Vec<bytes::Bytes>,
+    ) -> Result<(crate::cache::Reservation, usize), FsError> {
+        let f = &o.file;
+        let mut slot = self.reserve_slot(need).await?;
+        let views: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        // Under --trust-signer or --model-digest the manifest's digest of this sealed chunk
+        // first: a DEK holder can make a chunk that authenticates, not one with the digest
+        // the publisher signed or the operator pinned.
+        let listed = match o.digests.as_ref().map(|d| d.get(index as usize)) {
+            Some(Some(d)) if crate::crypto::chunk_digest_of(&views) == *d => Ok(()),
+            Some(_) => Err(crate::Error::integrity(
+                &f.key,
+                format!("chunk {index} differs from the model manifest"),
+            )),
+            None => Ok(()),
+        };
+        match listed.and_then(|()| f.open_chunk_from(index, &views, &mut slot.buf()[..need])) {
+            // Revoked while this chunk was being decrypted: never published (the
+            // reservation is wiped as it drops).
+            Ok(_) if o.is_revoked() => Err(o.revoked_error()),
+            Ok(len) => {
+                drop(views);
+                // Never chunk 0 to the cache directory: it is always read from the store.
+                if let (Some(d), Some(addr), true) = (
+                    &self.disk,
+                    o.addresses.as_ref().and_then(|a| a.get(index as usize)),
+                    index > 0,
+                ) {
+                    if let Some(p) = d.hold_for_write(parts) {
+                        d.submit(addr, p);
+                    }
+                }
+                Ok((slot, len))
+            }
+            Err(e @ crate::Error::Revoked { .. }) => Err(FsError::from(e)),
+            Err(e) => {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(file = %f.key, chunk = index, reason = %e, "chunk failed authentication");
+                Err(FsError::Io(e.to_string()))
+            }
+        }
+    }
+
+    /// A cache slot for a sealed chunk of `need` bytes, which the caller writes over its
+    /// start ([`crate::cache::ChunkCache::reserve`]), waiting (bounded) while readers hold
+    /// every slot pinned.
+    async fn reserve_slot(&self, need: usize) -> Result<crate::cache::Reservation, FsError> {
         let deadline = tokio::time::Instant::now() + SLOT_WAIT;
         loop {
-            if let Some(r) = self.cache.reserve() {
+            if let Some(r) = self.cache.reserve(need) {
                 return Ok(r);
             }
             if tokio::time::Instant::now() > deadline {

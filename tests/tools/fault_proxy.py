@@ -67,6 +67,7 @@ CLEAN = {
     "list_mode": None,
     "huge_get": None,
     "ignore_range": False,
+    "dribble": 0,
     "inject_list": [],
     "huge_bytes_sent": 0,
 }
@@ -133,6 +134,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if not spec.get("suffix") or int(spec.get("bytes", 0)) <= 0:
                     return self._reply(400, b"suffix and bytes > 0 needed")
                 STATE["huge_get"] = spec
+                return self._reply(200, b"{}")
+            if path == "/__proxy/dribble":
+                n = int(json.loads(body or b"{}").get("bytes", 0))
+                if n <= 0:
+                    return self._reply(400, b"bytes > 0 needed")
+                STATE["dribble"] = n
                 return self._reply(200, b"{}")
             if path == "/__proxy/ignore-range":
                 STATE["ignore_range"] = True
@@ -316,7 +323,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         skip = ("transfer-encoding", "content-length", "connection")
-        self._reply(resp.status, data, [(k, v) for k, v in resp.getheaders() if k.lower() not in skip])
+        headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in skip]
+        with LOCK:
+            dribble = STATE["dribble"]
+        if dribble and self.command == "GET" and self.headers.get("Range") and resp.status == 206:
+            return self._dribble(resp.status, data, headers, dribble)
+        self._reply(resp.status, data, headers)
+
+    def _dribble(self, status, body, headers, n):
+        """The body in sends of n bytes, each on the wire at once (TCP_NODELAY) and a little
+        apart, so the client reads it in many small pieces."""
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        sends = 0
+        for at in range(0, len(body), n):
+            self.wfile.write(body[at:at + n])
+            sends += 1
+            if sends % 8 == 0:
+                time.sleep(0.0005)
+        with LOCK:
+            bump("s3:GET-dribbled")
+            bump("s3:dribble-sends", sends)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
