@@ -325,6 +325,28 @@ impl Drop for Pinned {
 }
 
 #[cfg(test)]
+impl ChunkCache {
+    /// Non-zero bytes outside what each slot publishes: a ready chunk's bytes past its
+    /// length, or any byte of a free slot (left over from an evicted or dropped chunk).
+    pub(crate) fn leftover_bytes(&self) -> usize {
+        let g = self.lock();
+        g.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state != State::Filling)
+            .map(|(i, s)| {
+                let from = if s.state == State::Ready { s.len } else { 0 };
+                // SAFETY: test only; under the mutex nothing writes a ready or free slot.
+                let b = unsafe {
+                    std::slice::from_raw_parts(self.region.at(i * self.slot_size), self.slot_size)
+                };
+                b[from..].iter().filter(|&&x| x != 0).count()
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -555,7 +555,10 @@ impl SealFs {
         parts: Vec<bytes::Bytes>,
     ) -> Result<(crate::cache::Reservation, usize), FsError> {
         let f = &o.file;
-        let mut slot = self.reserve_slot(need).await?;
+        // The decrypt writes the plaintext only (aws-lc's streaming path does not copy the
+        // tag in), so that is all the slot's evicted chunk gets overwritten with.
+        let plain = need - crate::format::TAG_LEN as usize;
+        let mut slot = self.reserve_slot(plain).await?;
         let views: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
         // Under --trust-signer or --model-digest the manifest's digest of this sealed chunk
         // first: a DEK holder can make a chunk that authenticates, not one with the digest
@@ -595,13 +598,13 @@ impl SealFs {
         }
     }
 
-    /// A cache slot for a sealed chunk of `need` bytes, which the caller writes over its
-    /// start ([`crate::cache::ChunkCache::reserve`]), waiting (bounded) while readers hold
-    /// every slot pinned.
-    async fn reserve_slot(&self, need: usize) -> Result<crate::cache::Reservation, FsError> {
+    /// A cache slot whose first `fills` bytes the caller overwrites
+    /// ([`crate::cache::ChunkCache::reserve`]), waiting (bounded) while readers hold every
+    /// slot pinned.
+    async fn reserve_slot(&self, fills: usize) -> Result<crate::cache::Reservation, FsError> {
         let deadline = tokio::time::Instant::now() + SLOT_WAIT;
         loop {
-            if let Some(r) = self.cache.reserve(need) {
+            if let Some(r) = self.cache.reserve(fills) {
                 return Ok(r);
             }
             if tokio::time::Instant::now() > deadline {
@@ -657,5 +660,71 @@ impl SealFs {
             (from, to)
         };
         self.start_fetch(&h.opened, from, to);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::{MountConfig, ROOT};
+
+    /// A slot keeps nothing of the chunk it held before: reading a file of 20 full chunks
+    /// and a short tail through 8 slots, twice, evicts chunks into slots that get shorter
+    /// ones, and no byte past any published chunk (nor in a free slot) is left non-zero.
+    /// The plaintext has no zero byte, so a leftover shows. (Before the fix, aws-lc's
+    /// streaming decrypt left 16 bytes of the evicted chunk past the tail chunk: the slot
+    /// had been reserved for the sealed length, tag included, which it does not write.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_evicted_chunk_leaves_nothing_in_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let len = 20 * 16384 + 123;
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
+        std::fs::write(src.join("f"), &data).unwrap();
+        let kp = dir.path().join("k");
+        crate::keys::file::keygen(&kp).unwrap();
+        let ring = crate::keys::Keyring::resolve(&[crate::keys::KeySpec::File(kp)])
+            .await
+            .unwrap();
+        let dest = crate::store::Location::parse(&dir.path().join("sealed").display().to_string())
+            .await
+            .unwrap();
+        let opts = crate::seal::SealOptions {
+            chunk_log2: 14,
+            ..Default::default()
+        };
+        crate::seal::seal(&src, &dest, &ring, &opts, &crate::seal::Cancel::never())
+            .await
+            .unwrap();
+        let config = MountConfig {
+            cache_size: 8 * 16400,
+            max_chunk_log2: 14,
+            max_prefetch: 2 * 16384,
+            max_fetch: 2 * 16384,
+            ..Default::default()
+        };
+        let fs = SealFs::new(dest.store, &dest.prefix, ring, config)
+            .await
+            .unwrap();
+        let ino = fs.lookup(ROOT, "f").unwrap().ino;
+        let fh = fs.open(ino, (0, 0)).await.unwrap();
+        for pass in 0..2 {
+            let mut off = 0u64;
+            while off < len as u64 {
+                let r = fs.read(fh, off, 16384).await.unwrap();
+                let n = r.bytes().len();
+                assert!(
+                    r.bytes() == &data[off as usize..off as usize + n],
+                    "{pass} at {off}"
+                );
+                off += n as u64;
+            }
+        }
+        // Fetches started by read-ahead may still be filling: let them land.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(fs.cache.stats().evictions > 20, "{:?}", fs.cache.stats());
+        assert_eq!(fs.cache.leftover_bytes(), 0);
+        fs.release(fh);
     }
 }
