@@ -344,8 +344,8 @@ fn a_store_ignoring_range_is_refused() {
 }
 
 /// A store that sends ranged GET bodies a few bytes at a time (each chunk in far more
-/// pieces than the 64 a chunk is kept as, the tag split across sends) is still read right:
-/// every file, whole and from odd offsets, equals its plaintext. The pieces past the 64th
+/// pieces than the 8 a chunk is kept as, the tag split across sends) is still read right:
+/// every file, whole and from odd offsets, equals its plaintext. The pieces past the 8th
 /// are gathered into one buffer of the chunk's size instead of one handle each.
 #[test]
 fn a_body_dribbled_in_tiny_pieces_reads_right() {

@@ -127,9 +127,12 @@ impl AwsLcGcm {
         tag: &[u8; TAG_LEN],
         out: &mut [u8],
     ) -> bool {
+        if ciphertext.iter().map(|p| p.len()).sum::<usize>() != out.len() {
+            return false;
+        }
         // SAFETY: `ctx` is initialized before use and cleaned up on every path; each pointer
         // and length names a live buffer (lengths checked to fit an int); `out` has room for
-        // every ciphertext byte (checked by the caller), and GCM writes exactly one output
+        // exactly every ciphertext byte (checked above), and GCM writes exactly one output
         // byte per input byte. aws-lc takes the tag by a mutable pointer but only reads it.
         unsafe {
             let mut ctx: aws_lc_sys::EVP_CIPHER_CTX = std::mem::zeroed();

@@ -50,7 +50,8 @@ pub fn seal_chunk(
 }
 
 /// Verifies and decrypts `ciphertext || tag` in place. On success the plaintext is
-/// `buf[..len - 16]`; on failure `buf` is zeroized, so no unauthenticated byte survives.
+/// `buf[..len - 16]` and the tag's bytes after it are zeroed; on failure `buf` is
+/// zeroized, so no unauthenticated byte survives.
 pub fn open_chunk(
     keys: &FileKeys,
     header_digest: &[u8; 32],
@@ -69,7 +70,12 @@ pub fn open_chunk(
     }
     let a = aad(header_digest, index, last);
     match keys.payload.open(&nonce(index, last), &a, buf) {
-        Ok(n) => Ok(n),
+        Ok(n) => {
+            // The tag is not secret, but a buffer (a cache slot) then holds nothing past
+            // the plaintext: every backend and path leaves the same bytes.
+            buf[n..].fill(0);
+            Ok(n)
+        }
         Err(_) => {
             zeroize::Zeroize::zeroize(buf);
             Err(ChunkError::Auth(index))
@@ -79,7 +85,7 @@ pub fn open_chunk(
 
 /// [`open_chunk`] of a sealed chunk handed over in pieces (as a GET body arrives), decrypted
 /// into `out` (which holds at least the whole sealed chunk); the plaintext is
-/// `out[..len]`. On failure `out` is zeroized.
+/// `out[..len]`, and the 16 bytes after it are zeroed. On failure `out` is zeroized.
 pub fn open_chunk_pieces(
     keys: &FileKeys,
     header_digest: &[u8; 32],
@@ -99,7 +105,10 @@ pub fn open_chunk_pieces(
         .payload
         .open_pieces(&nonce(index, last), &a, pieces, &mut out[..want])
     {
-        Ok(n) => Ok(n),
+        Ok(n) => {
+            out[n..want].fill(0);
+            Ok(n)
+        }
         Err(_) => {
             zeroize::Zeroize::zeroize(&mut out[..want]);
             Err(ChunkError::Auth(index))

@@ -121,8 +121,11 @@ impl Drop for RunGuard {
     }
 }
 
-/// Most body pieces one chunk is kept as (a 1 MiB chunk arrives in 3 to 5 from S3).
-const MAX_PIECES: usize = 64;
+/// Most body pieces one chunk is kept as. A 1 MiB chunk arrives in 3 to 5 from S3; each
+/// kept piece pins the whole read buffer it was cut from (hyper's grow to about 400 KiB),
+/// so a store that sends many small pieces could otherwise make a queued chunk pin many
+/// times its size.
+const MAX_PIECES: usize = 8;
 
 /// Bounded attempts when a fetched chunk is evicted before its reader pins it.
 const MAX_ROUNDS: usize = 4;
@@ -417,7 +420,9 @@ impl SealFs {
                 return Ok(None);
             }
         }
-        let slot = self.reserve_slot(need).await?;
+        // Wiped whole at once: the disk read that overwrites it may wait on the disk, and
+        // the evicted chunk must not stay there meanwhile.
+        let slot = self.reserve_slot(0).await?;
         // A disk read of one chunk, off the async workers (the slot moves there and back).
         let (mut slot, found) = tokio::task::spawn_blocking(move || {
             let mut slot = slot;
@@ -502,7 +507,7 @@ impl SealFs {
                     Some(g) => g.extend_from_slice(&data[..take]),
                     None => {
                         sealed.push(piece.slice(at..at + take));
-                        // A store that dribbles the body in tiny pieces must not make us keep
+                        // A store that dribbles the body in small pieces must not make us keep
                         // a handle per piece: past MAX_PIECES, the rest of the chunk is copied
                         // into one buffer (of the chunk's size, which the manifest bounds).
                         if sealed.len() > MAX_PIECES {
@@ -556,8 +561,9 @@ impl SealFs {
     ) -> Result<(crate::cache::Reservation, usize), FsError> {
         let f = &o.file;
         // The decrypt writes the plaintext only (aws-lc's streaming path does not copy the
-        // tag in), so that is all the slot's evicted chunk gets overwritten with.
-        let plain = need - crate::format::TAG_LEN as usize;
+        // tag in), so that is all the slot's evicted chunk gets overwritten with; it runs
+        // at once, with no await between this reservation and it.
+        let plain = f.layout.chunk_plain_len(index);
         let mut slot = self.reserve_slot(plain).await?;
         let views: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
         // Under --trust-signer or --model-digest the manifest's digest of this sealed chunk
@@ -674,6 +680,7 @@ mod tests {
     /// The plaintext has no zero byte, so a leftover shows. (Before the fix, aws-lc's
     /// streaming decrypt left 16 bytes of the evicted chunk past the tail chunk: the slot
     /// had been reserved for the sealed length, tag included, which it does not write.)
+    /// Whichever backend the process picks; `SEALFS_AEAD=ring` or `aws-lc` forces one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_evicted_chunk_leaves_nothing_in_its_slot() {
         let dir = tempfile::tempdir().unwrap();

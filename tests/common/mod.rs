@@ -231,14 +231,14 @@ impl Stack {
         );
     }
 
-    /// From now until `reset`, GETs reach the store without their `Range` header: it
-    /// answers 200 with the whole object, as a store ignoring Range does.
     /// From now until `reset`, every ranged GET's body is sent `bytes` at a time, each
     /// send on the wire at once, so the client reads it in many small pieces.
     pub fn dribble(&self, bytes: usize) {
         self.control("/__proxy/dribble", &format!("{{\"bytes\": {bytes}}}"));
     }
 
+    /// From now until `reset`, GETs reach the store without their `Range` header: it
+    /// answers 200 with the whole object, as a store ignoring Range does.
     pub fn ignore_range(&self) {
         self.control("/__proxy/ignore-range", "");
     }
