@@ -145,10 +145,10 @@ impl ChunkCache {
 
     /// A slot to fill: a free one, or the least recently used unpinned chunk, whose bytes
     /// past `fills` are zeroized at once. The caller overwrites the first `fills` bytes
-    /// (the sealed chunk it is about to decrypt there) before it commits; a reservation
-    /// dropped uncommitted wipes the whole slot. Zeroing bytes about to be overwritten cost
-    /// 4 % of a cold read's CPU (docs/PERFORMANCE.md). `None` when every slot is pinned or
-    /// filling.
+    /// (the chunk it decrypts there at once) before it commits; a reservation dropped
+    /// uncommitted wipes the whole slot. Zeroing bytes about to be overwritten was a memset
+    /// of every evicted chunk, 3–8 % of a cold read's daemon CPU in the profiles of
+    /// docs/PERFORMANCE.md. `None` when every slot is pinned or filling.
     pub fn reserve(self: &Arc<Self>, fills: usize) -> Option<Reservation> {
         let (i, stale) = {
             let mut g = self.lock();

@@ -69,18 +69,8 @@ pub fn open_chunk(
         });
     }
     let a = aad(header_digest, index, last);
-    match keys.payload.open(&nonce(index, last), &a, buf) {
-        Ok(n) => {
-            // The tag is not secret, but a buffer (a cache slot) then holds nothing past
-            // the plaintext: every backend and path leaves the same bytes.
-            buf[n..].fill(0);
-            Ok(n)
-        }
-        Err(_) => {
-            zeroize::Zeroize::zeroize(buf);
-            Err(ChunkError::Auth(index))
-        }
-    }
+    let opened = keys.payload.open(&nonce(index, last), &a, buf);
+    settle(opened, index, buf)
 }
 
 /// [`open_chunk`] of a sealed chunk handed over in pieces (as a GET body arrives), decrypted
@@ -101,16 +91,28 @@ pub fn open_chunk_pieces(
         return Err(ChunkError::Length { index, got, want });
     }
     let a = aad(header_digest, index, last);
-    match keys
+    let out = &mut out[..want];
+    let opened = keys
         .payload
-        .open_pieces(&nonce(index, last), &a, pieces, &mut out[..want])
-    {
+        .open_pieces(&nonce(index, last), &a, pieces, out);
+    settle(opened, index, out)
+}
+
+/// What an open leaves in the sealed chunk's `buf`: on success the plaintext and zeroes
+/// after it (the tag is not secret, but a buffer such as a cache slot then holds nothing
+/// past the plaintext, whatever the backend); on failure zeroes only.
+fn settle(
+    opened: Result<usize, super::aead::Unauthentic>,
+    index: u64,
+    buf: &mut [u8],
+) -> Result<usize, ChunkError> {
+    match opened {
         Ok(n) => {
-            out[n..want].fill(0);
+            buf[n..].fill(0);
             Ok(n)
         }
         Err(_) => {
-            zeroize::Zeroize::zeroize(&mut out[..want]);
+            zeroize::Zeroize::zeroize(buf);
             Err(ChunkError::Auth(index))
         }
     }

@@ -30,7 +30,7 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// The digest of one sealed chunk in a model manifest: BLAKE3-256 (3.6x SHA-256 on this
 /// path, which every byte read under `--trust-signer` takes; benches/aead.rs).
 pub fn chunk_digest(sealed_chunk: &[u8]) -> [u8; 32] {
-    *blake3::hash(sealed_chunk).as_bytes()
+    chunk_digest_of(&[sealed_chunk])
 }
 
 /// [`chunk_digest`] of a sealed chunk handed over in pieces.

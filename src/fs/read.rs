@@ -526,7 +526,7 @@ impl SealFs {
                         Some(g) => vec![g.freeze()],
                         None => std::mem::take(&mut sealed),
                     };
-                    let (slot, len) = self.open_fetched(o, index, need, parts).await?;
+                    let (slot, len) = self.open_fetched(o, index, parts).await?;
                     if index == b {
                         // Before the commit: a reader can see the chunk from then on, and
                         // the metrics should already count the run.
@@ -547,7 +547,7 @@ impl SealFs {
         Ok(out)
     }
 
-    /// Chunk `index` of a fetch, whole in `parts` (its `need` sealed bytes as they arrived):
+    /// Chunk `index` of a fetch, whole in `parts` (its sealed bytes as they arrived):
     /// checked against the model manifest's digest when there is one, decrypted from the
     /// parts into a slot, and its sealed bytes handed to the cache directory once they have
     /// authenticated. Returns the filled slot and the plaintext length, for the caller to
@@ -556,10 +556,10 @@ impl SealFs {
         &self,
         o: &Opened,
         index: u64,
-        need: usize,
         parts: Vec<bytes::Bytes>,
     ) -> Result<(crate::cache::Reservation, usize), FsError> {
         let f = &o.file;
+        let need = f.layout.chunk_cipher_len(index) as usize;
         // The decrypt writes the plaintext only (aws-lc's streaming path does not copy the
         // tag in), so that is all the slot's evicted chunk gets overwritten with; it runs
         // at once, with no await between this reservation and it.
