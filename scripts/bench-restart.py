@@ -6,6 +6,8 @@ of --reps. Each read is `dd bs=1M` of a 1 GiB random file after drop_caches:
   disk plaintext       the plaintext file on this disk (`data/rand-1G.bin`): the disk's speed
   sealfs cold          a new `sealfs mount` of the sealed file on s3s-fs-1m, no cache dir
   sealfs cold + DIR    the same with an empty `--cache-dir` being filled behind the reads
+                       (O_DIRECT writes; "buffered writes": SEALFS_CACHE_DIR_BUFFERED=1,
+                       every entry through the page cache, as before)
   sealfs restart DIR   a new daemon, every chunk in DIR (the cold read's, completed by
                        `sealfs cache warm`), page cache dropped
   cat of DIR           the same sealed bytes read straight from DIR's entries: the physical
@@ -79,9 +81,18 @@ def main():
     # Mountpoint empties its cache at every mount unless told not to.
     mp.ENV["UNSTABLE_MOUNTPOINT_DISABLE_CACHE_CLEANUP"] = "1"
 
-    def through(name, cmd, before=None):
+    def through(name, cmd, before=None, env=None):
         if before:
             before()
+        saved = dict(mp.ENV)
+        mp.ENV.update(env or {})
+        try:
+            return measure(name, cmd)
+        finally:
+            mp.ENV.clear()
+            mp.ENV.update(saved)
+
+    def measure(name, cmd):
         with mp.Mount(name, cmd, sf_mnt if cmd[0] == binary else mp_mnt) as m:
             mp.drop_caches()
             c0, s0 = mp.cpu_s(m.proc.pid), mp.cpu_s(server)
@@ -126,6 +137,10 @@ def main():
                    "sealfs cold": through("sealfs", sf),
                    "sealfs cold + DIR": through("sealfs", sf_dir, fresh(sdir))}
             rep["entries after the cold read"] = len(glob.glob(os.path.join(sdir, "v1", "*", "*")))
+            # A/B: the writer as before O_DIRECT (every entry through the page cache).
+            rep["sealfs cold + DIR, buffered writes"] = through(
+                "sealfs", sf_dir, fresh(sdir), {"SEALFS_CACHE_DIR_BUFFERED": "1"})
+            rep["entries after the buffered cold read"] = len(glob.glob(os.path.join(sdir, "v1", "*", "*")))
             mp.sh([binary, "cache", "warm", f"s3://{mp.BUCKET}/restart-sealed", "--cache-dir", sdir,
                    "--cache-dir-size", "4GiB"])
             rep["sealfs restart DIR"] = through("sealfs", sf_dir)
@@ -161,7 +176,10 @@ def main():
     print(f"- sealfs restart DIR / cat of DIR: **{ratio('sealfs restart DIR', 'cat of DIR'):.2f}** (target ≥ 0.8)")
     print(f"- sealfs restart DIR / Mountpoint restart cache: **{ratio('sealfs restart DIR', 'Mountpoint restart cache'):.2f}**")
     print(f"- sealfs cold + DIR / sealfs cold: **{ratio('sealfs cold + DIR', 'sealfs cold'):.2f}** (target ≥ 0.95)")
-    print(f"- entries after the cold read (of 1023): {[r['entries after the cold read'] for r in reps]}")
+    print(f"- sealfs cold + DIR, buffered writes / sealfs cold: "
+          f"**{ratio('sealfs cold + DIR, buffered writes', 'sealfs cold'):.2f}**")
+    print(f"- entries after the cold read (of 1023): {[r['entries after the cold read'] for r in reps]}; "
+          f"buffered: {[r['entries after the buffered cold read'] for r in reps]}")
 
 
 if __name__ == "__main__":
