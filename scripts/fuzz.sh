@@ -26,7 +26,25 @@ cargo fuzz build "${profile[@]}"
 echo "fuzz: built ${#targets[@]} targets in $((SECONDS - start)) s"
 # FUZZ_BUILD_ONLY=1: build and stop (.ci/run builds beside the test suite, runs after it).
 [ "${FUZZ_BUILD_ONLY:-0}" = 1 ] && exit 0
+# FUZZ_JOBS targets at once (default: one per core; each libFuzzer run uses one), each
+# with its own log, printed when it fails or ends.
+jobs_max=${FUZZ_JOBS:-$(nproc)}
+mkdir -p target/logs
+declare -A running=() # pid -> target
 failed=()
+reap() { # waits for one run; prints its log's tail and records a failure
+  local pid rc=0
+  wait -n -p pid || rc=$?
+  local t=${running[$pid]}
+  unset "running[$pid]"
+  if [ "$rc" != 0 ]; then
+    cat "target/logs/$t.log"
+    failed+=("$t")
+  else
+    tail -n 4 "target/logs/$t.log"
+  fi
+  echo "fuzz: $t done (exit $rc)"
+}
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "target/corpus/$t"
   if [ "${FUZZ_KEEP_CORPUS:-0}" = 1 ]; then
@@ -35,12 +53,13 @@ for t in "${targets[@]}"; do
     # libFuzzer writes new inputs to the first directory and only reads the others.
     dirs=("target/corpus/$t" "corpus/$t")
   fi
+  while [ "${#running[@]}" -ge "$jobs_max" ]; do reap; done
   echo "fuzz: $t for $seconds s"
-  if ! cargo fuzz run "${profile[@]}" "$t" "${dirs[@]}" -- -max_total_time="$seconds" \
-    -timeout="${FUZZ_TIMEOUT:-15}" -rss_limit_mb=2048 -print_final_stats=1; then
-    failed+=("$t")
-  fi
+  cargo fuzz run "${profile[@]}" "$t" "${dirs[@]}" -- -max_total_time="$seconds" \
+    -timeout="${FUZZ_TIMEOUT:-15}" -rss_limit_mb=2048 -print_final_stats=1 >"target/logs/$t.log" 2>&1 &
+  running[$!]=$t
 done
+while [ "${#running[@]}" -gt 0 ]; do reap; done
 echo "fuzz: ${#targets[@]} targets, $seconds s each, $((SECONDS - start)) s in all"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz: FAILED: ${failed[*]} (inputs in fuzz/artifacts/<target>/)" >&2
