@@ -6,7 +6,9 @@
 //!   read `provider` and
 //!   `generation`, write the 64-byte `inblob`, read `outblob` (the quote), read
 //!   `generation` again (it must have moved by exactly our one write, the ABI's conflict
-//!   check), `rmdir` the instance (always, also on error). Intel TDX only, see below.
+//!   check), `rmdir` the instance (always, also on error). Intel TDX (`tdx_guest`: the
+//!   quote) and AMD SEV-SNP (`sev_guest`: the report, and `auxblob`'s certificate table,
+//!   turned into the attestation agent's evidence by `keys/snp.rs`).
 //! - `aa`: the Confidential Containers Attestation Agent over its ttrpc socket
 //!   (`SEALFS_AA_SOCKET`, default
 //!   `/run/confidential-containers/attestation-agent/attestation-agent.sock`), which holds
@@ -47,13 +49,6 @@
 //!   ids are odd, from 1; an absent status or code 0 is OK).
 //!
 //! Not done here (use `SEALFS_ATTESTER=aa` for these):
-//! - SEV-SNP through configfs-tsm. The verifier's `SnpEvidence` is the serde form of the
-//!   `sev` crate's *parsed* `AttestationReport` (about 35 fields, nested `TcbVersion`,
-//!   `GuestPolicy`, `PlatformInfo`, `Signature`, version-dependent optional fields; the
-//!   attester builds it with sev 6.3, the verifier reads it with sev 7) plus a
-//!   `Vec<CertTableEntry>` parsed from the GUID table in `auxblob`. Re-implementing that
-//!   serialization by hand, untested against real reports, would fail at the verifier
-//!   with no clear reason, so `provider = sev_guest` is refused with a line saying so.
 //! - The TDX event log (`cc_eventlog`: the trimmed ACPI CCEL table plus the AA's own event
 //!   log). sealfs sends `null`, which the verifier accepts (it then replays nothing); a
 //!   policy that needs event-log claims needs the AA.
@@ -100,14 +95,14 @@ pub struct Evidence {
 /// message is bounded and made printable).
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
-    #[error("set SEALFS_ATTESTER to tsm (configfs-tsm, an Intel TDX guest), aa (the Confidential Containers attestation agent) or sample (no hardware evidence: tests and demos only)")]
+    #[error("set SEALFS_ATTESTER to tsm (configfs-tsm, an Intel TDX or AMD SEV-SNP guest), aa (the Confidential Containers attestation agent) or sample (no hardware evidence: tests and demos only)")]
     Unset,
     #[error("SEALFS_ATTESTER={0:?}: expected tsm, aa or sample")]
     Unknown(String),
     #[error("report data is {0} bytes; a TEE report holds at most 64")]
     ReportDataTooLong(usize),
     /// The configfs-tsm root is absent: no TSM driver, configfs not mounted, or not a guest.
-    #[error("configfs-tsm {0}: not found (not a TDX guest with Linux 6.7+, or configfs not mounted at /sys/kernel/config)")]
+    #[error("configfs-tsm {0}: not found (not a TDX or SEV-SNP guest with Linux 6.7+, or configfs not mounted at /sys/kernel/config)")]
     TsmMissing(String),
     #[error("configfs-tsm {path}: {op}: {source}")]
     TsmIo {
@@ -128,11 +123,9 @@ pub enum AttestError {
         reason: String,
     },
     #[error(
-        "configfs-tsm provider {0:?}: sealfs reads tdx_guest quotes only; use SEALFS_ATTESTER=aa"
+        "configfs-tsm provider {0:?}: sealfs reads tdx_guest and sev_guest reports only; use SEALFS_ATTESTER=aa"
     )]
     TsmUnknownProvider(String),
-    #[error("configfs-tsm provider sev_guest: SEV-SNP evidence (the sev crate's parsed report and cert table) is not built by sealfs; use SEALFS_ATTESTER=aa")]
-    TsmSnpUnsupported,
     /// Someone else wrote to our report instance between our write and our read.
     #[error("configfs-tsm {path}: generation {before} before the inblob write, {after} after the outblob read (expected {}): another writer raced on the report; refused", before + 1)]
     TsmGeneration {
@@ -387,11 +380,11 @@ impl<'a> ReportDir<'a> {
         })
     }
 
-    /// `provider` as a KBS tee name; only TDX quotes are turned into evidence here.
+    /// `provider` as a KBS tee name.
     fn tee(&self) -> Result<&'static str, AttestError> {
         match self.read_line("provider")?.as_str() {
             "tdx_guest" => Ok("tdx"),
-            "sev_guest" => Err(AttestError::TsmSnpUnsupported),
+            "sev_guest" => Ok("snp"),
             other => Err(AttestError::TsmUnknownProvider(printable(other, 32))),
         }
     }
@@ -414,28 +407,35 @@ async fn tsm_evidence(
     // the quote's REPORT_DATA with the 48-byte hash padded the same way.
     let mut inblob = [0u8; REPORT_DATA_SIZE];
     inblob[..report_data.len()].copy_from_slice(report_data);
-    let (tee, quote) = blocking(move || tsm_quote(&root, &inblob, fs.as_ref())).await?;
-    Ok(Evidence {
-        tee: tee.into(),
-        primary: serde_json::json!({
-            "cc_eventlog": null,
-            "quote": base64::engine::general_purpose::STANDARD.encode(quote),
-        }),
-    })
+    blocking(move || tsm_quote(&root, &inblob, fs.as_ref())).await
 }
 
+/// The evidence of one report instance: TDX `{cc_eventlog, quote}`, SEV-SNP
+/// `{attestation_report, cert_chain}` (keys/snp.rs).
 fn tsm_quote(
     root: &Path,
     inblob: &[u8; REPORT_DATA_SIZE],
     fs: &dyn Configfs,
-) -> Result<(&'static str, Vec<u8>), AttestError> {
+) -> Result<Evidence, AttestError> {
     let dir = ReportDir::create(root, fs)?;
-    // Before writing anything: an SNP or unknown provider stops here.
+    // Before writing anything: an unknown provider stops here.
     let tee = dir.tee()?;
     let before = dir.generation()?;
     std::fs::write(dir.path.join("inblob"), inblob).map_err(|e| dir.io("inblob", e))?;
     fs.wrote(&dir.path).map_err(|e| dir.io("inblob", e))?;
     let quote = dir.read("outblob", OUTBLOB_MAX)?;
+    // SEV-SNP: the certificate table, of the same generation (reads do not move it). The
+    // kernel leaves it empty, or gives no file, when the host supplies no certificates.
+    let aux = match tee {
+        "snp" => match dir.read("auxblob", super::snp::AUXBLOB_MAX) {
+            Ok(a) => Some(a),
+            Err(AttestError::TsmIo { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        _ => None,
+    };
     // The ABI: "checking generation before writing to any attribute and making sure the
     // number of writes matches expectations after reading @outblob". One write: +1.
     let after = dir.generation()?;
@@ -446,18 +446,32 @@ fn tsm_quote(
             after,
         });
     }
-    let quoted = tdx_quote_report_data(&quote).map_err(|reason| AttestError::TsmBadQuote {
+    let bad = |reason: String| AttestError::TsmBadQuote {
         path: dir.path.display().to_string(),
-        reason: reason.into(),
-    })?;
+        reason,
+    };
+    let quoted = match tee {
+        "snp" => super::snp::report_data(&quote).map_err(bad)?,
+        _ => tdx_quote_report_data(&quote).map_err(|r| bad(r.into()))?,
+    };
     // Belt and braces beside the generation check: the quote must carry what we wrote.
     if quoted != inblob {
-        return Err(AttestError::TsmBadQuote {
-            path: dir.path.display().to_string(),
-            reason: "the quote's REPORT_DATA is not the report data written".into(),
-        });
+        return Err(bad(format!(
+            "the {}'s REPORT_DATA is not the report data written",
+            if tee == "snp" { "report" } else { "quote" }
+        )));
     }
-    Ok((tee, quote))
+    let primary = match tee {
+        "snp" => super::snp::evidence(&quote, aux.as_deref()).map_err(bad)?,
+        _ => serde_json::json!({
+            "cc_eventlog": null,
+            "quote": base64::engine::general_purpose::STANDARD.encode(quote),
+        }),
+    };
+    Ok(Evidence {
+        tee: tee.into(),
+        primary,
+    })
 }
 
 /// REPORT_DATA of a TDX quote v4 or v5 (trustee `deps/verifier/src/intel_dcap/quote.rs`).
@@ -507,12 +521,14 @@ async fn aa_tee(socket: &Path, timeout: Duration) -> Result<String, AttestError>
         reason,
     })?;
     let tee = String::from_utf8_lossy(tee);
-    // kbs-types `Tee` serde names are lowercase words ("tdx", "snp", "azsnpvtpm", ...).
+    // kbs-types 0.18 `Tee` serde names are lowercase words, some hyphenated ("tdx", "snp",
+    // "az-snp-vtpm", "nvidia-dpu", ...).
     if tee.is_empty()
         || tee.len() > 32
+        || tee.starts_with('-')
         || !tee
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
         return Err(AttestError::AaTee {
             socket: at(),
@@ -961,8 +977,10 @@ mod tests {
         provider: &'static str,
         /// generation after the inblob write (the kernel's would be 1)
         generation_after: u64,
-        /// outblob override (else a v4 quote of the inblob)
+        /// outblob override (else a v4 TDX quote or an SEV-SNP report of the inblob)
         outblob: Option<Vec<u8>>,
+        /// auxblob (SEV-SNP's certificate table), when the host gives one
+        auxblob: Option<Vec<u8>>,
         inblob: Mutex<Option<Vec<u8>>>,
         made: Mutex<Vec<PathBuf>>,
     }
@@ -975,12 +993,17 @@ mod tests {
         }
         fn wrote(&self, dir: &Path) -> io::Result<()> {
             let inblob = std::fs::read(dir.join("inblob"))?;
+            let rd = inblob.as_slice().try_into().unwrap();
             let q = match &self.outblob {
                 Some(o) => o.clone(),
-                None => tdx_quote(4, inblob.as_slice().try_into().unwrap()),
+                None if self.provider == "sev_guest" => crate::keys::snp::tests::report(rd, 0),
+                None => tdx_quote(4, rd),
             };
             *self.inblob.lock().unwrap() = Some(inblob);
             std::fs::write(dir.join("outblob"), q)?;
+            if let Some(a) = &self.auxblob {
+                std::fs::write(dir.join("auxblob"), a)?;
+            }
             std::fs::write(
                 dir.join("generation"),
                 format!("{}\n", self.generation_after),
@@ -1048,7 +1071,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tsm_unknown_and_snp_providers_refused() {
+    async fn tsm_unknown_provider_refused() {
         let (r, kernel, _root) = run_tsm(FakeKernel {
             provider: "foo_guest",
             ..tdx_kernel()
@@ -1057,14 +1080,147 @@ mod tests {
         assert!(matches!(r, Err(AttestError::TsmUnknownProvider(p)) if p == "foo_guest"));
         // Refused before anything was written.
         assert!(kernel.inblob.lock().unwrap().is_none());
+    }
 
-        let (r, kernel, _root) = run_tsm(FakeKernel {
+    fn snp_kernel() -> FakeKernel {
+        FakeKernel {
             provider: "sev_guest",
             ..tdx_kernel()
+        }
+    }
+
+    /// The evidence read back as the verifier reads it (serde into the sev crate's types),
+    /// written out again as a raw report.
+    type Certs = Option<Vec<(String, Vec<u8>)>>;
+
+    fn snp_round_trip(primary: &serde_json::Value) -> (Vec<u8>, Certs) {
+        let ev: crate::keys::snp::SnpEvidence = serde_json::from_value(primary.clone()).unwrap();
+        let mut raw = Vec::new();
+        ev.attestation_report.write_bytes(&mut raw).unwrap();
+        let certs = ev.cert_chain.map(|c| {
+            c.into_iter()
+                .map(|e| (e.cert_type.to_string(), e.data))
+                .collect()
+        });
+        (raw, certs)
+    }
+
+    #[tokio::test]
+    async fn tsm_snp_report_evidence() {
+        use crate::keys::snp::tests::{report, table, ARK, ASK, VCEK};
+        // No certificate table: cert_chain null (the verifier fetches the VCEK itself).
+        let (r, kernel, _root) = run_tsm(snp_kernel()).await;
+        let ev = r.unwrap();
+        assert_eq!(ev.tee, "snp");
+        assert_eq!(kernel.inblob.lock().unwrap().clone().unwrap(), padded());
+        let keys: Vec<_> = ev.primary.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["attestation_report", "cert_chain"]);
+        assert!(ev.primary["cert_chain"].is_null());
+        // The report data is the padded hash, as the sev crate's JSON array of numbers.
+        let rd: Vec<u8> =
+            serde_json::from_value(ev.primary["attestation_report"]["report_data"].clone())
+                .unwrap();
+        assert_eq!(rd, padded());
+        assert_eq!(ev.primary["attestation_report"]["version"], 3);
+        assert_eq!(ev.primary["attestation_report"]["vmpl"], 0);
+        let (raw, certs) = snp_round_trip(&ev.primary);
+        assert_eq!(
+            raw,
+            report(&padded(), 0),
+            "the evidence carries the report whole"
+        );
+        assert!(certs.is_none());
+
+        // An empty auxblob is no table either.
+        let (r, _, _root) = run_tsm(FakeKernel {
+            auxblob: Some(Vec::new()),
+            ..snp_kernel()
         })
         .await;
-        assert!(matches!(r, Err(AttestError::TsmSnpUnsupported)));
-        assert!(kernel.inblob.lock().unwrap().is_none());
+        assert!(r.unwrap().primary["cert_chain"].is_null());
+
+        // The host's VCEK, ASK and ARK, in the attestation agent's order.
+        let (r, _, _root) = run_tsm(FakeKernel {
+            auxblob: Some(table(&[(ARK, b"ark"), (ASK, b"ask"), (VCEK, b"vcek")])),
+            ..snp_kernel()
+        })
+        .await;
+        let ev = r.unwrap();
+        assert_eq!(ev.primary["cert_chain"][1]["cert_type"], "VCEK");
+        let (_, certs) = snp_round_trip(&ev.primary);
+        assert_eq!(
+            certs.unwrap(),
+            [(ARK, &b"ark"[..]), (VCEK, b"vcek"), (ASK, b"ask")]
+                .map(|(g, d)| (g.to_string(), d.to_vec()))
+        );
+    }
+
+    #[tokio::test]
+    async fn tsm_hostile_snp_report_refused() {
+        use crate::keys::snp::tests::{report, table, VCEK};
+        let bad = |r: Result<Evidence, AttestError>, want: &str| match r {
+            Err(AttestError::TsmBadQuote { reason, .. }) => {
+                assert!(reason.contains(want), "{reason:?} lacks {want:?}")
+            }
+            other => panic!(
+                "expected TsmBadQuote({want}), got {:?}",
+                other.map(|e| e.tee)
+            ),
+        };
+        // Another report data (a replayed report).
+        let (r, _, _root) = run_tsm(FakeKernel {
+            outblob: Some(report(&[9; 64], 0)),
+            ..snp_kernel()
+        })
+        .await;
+        bad(r, "REPORT_DATA is not the report data written");
+        // Another VMPL, a truncated report, a TDX quote under sev_guest.
+        let (r, _, _root) = run_tsm(FakeKernel {
+            outblob: Some(report(&padded(), 2)),
+            ..snp_kernel()
+        })
+        .await;
+        bad(r, "VMPL 2");
+        let mut short = report(&padded(), 0);
+        short.truncate(1000);
+        let (r, _, _root) = run_tsm(FakeKernel {
+            outblob: Some(short),
+            ..snp_kernel()
+        })
+        .await;
+        bad(r, "1000 bytes");
+        let (r, _, _root) = run_tsm(FakeKernel {
+            outblob: Some(tdx_quote(4, &padded())),
+            ..snp_kernel()
+        })
+        .await;
+        bad(r, "an SEV-SNP attestation report is 1184");
+        // A table whose certificate runs past the blob.
+        let mut t = table(&[(VCEK, b"vcek")]);
+        t.truncate(t.len() - 1);
+        let (r, _, _root) = run_tsm(FakeKernel {
+            auxblob: Some(t),
+            ..snp_kernel()
+        })
+        .await;
+        bad(r, "past the blob's end");
+        // An auxblob over the cap.
+        let (r, _, _root) = run_tsm(FakeKernel {
+            auxblob: Some(vec![1; crate::keys::snp::AUXBLOB_MAX + 1]),
+            ..snp_kernel()
+        })
+        .await;
+        assert!(
+            matches!(
+                r,
+                Err(AttestError::TsmOversized {
+                    attr: "auxblob",
+                    ..
+                })
+            ),
+            "{:?}",
+            r.err()
+        );
     }
 
     #[tokio::test]
@@ -1486,6 +1642,50 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, AttestError::AaTimeout { .. }), "{e:?}");
+    }
+
+    /// What `aa_tee` makes of the AA's `GetTeeType` answer `tee`.
+    async fn aa_tee_answer(tee: &'static [u8]) -> Result<String, AttestError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aa.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_call(&mut s).await;
+            let mut p = Vec::new();
+            proto::put_bytes(&mut p, 1, tee);
+            s.write_all(&frame(1, 2, &ok_response(&p))).await.unwrap();
+        });
+        aa_tee(&path, AA_TIMEOUT).await
+    }
+
+    #[tokio::test]
+    async fn aa_tee_names_are_kbs_types_names() {
+        // kbs-types 0.18's hyphenated names pass; anything else is refused.
+        for ok in [
+            "az-snp-vtpm",
+            "az-tdx-vtpm",
+            "nvidia-dpu",
+            "snp",
+            "hygondcu",
+        ] {
+            assert_eq!(aa_tee_answer(ok.as_bytes()).await.unwrap(), ok);
+        }
+        for bad in [
+            &b"-snp"[..],
+            b"Snp",
+            b"snp vtpm",
+            b"snp\n",
+            b"",
+            &[b'a'; 33],
+        ] {
+            let r = aa_tee_answer(bad).await;
+            assert!(
+                matches!(r, Err(AttestError::AaTee { .. })),
+                "{bad:?}: {r:?}",
+                r = r.map_err(|e| e.to_string())
+            );
+        }
     }
 
     #[tokio::test]
