@@ -12,9 +12,9 @@
 //!   chunk is authenticated (AEAD) as any other. Anything else (flipped, truncated, another
 //!   chunk's bytes, a symlink, a FIFO) is deleted, counted and fetched from the store.
 //! - **Off the read path**: a miss is served from the store and offered here; a bounded
-//!   queue feeds one writer thread, and a full queue skips (never blocks a reader). The
-//!   writer writes whole blocks `O_DIRECT` from a page-aligned copy, so the reads do not
-//!   pay for dirty page cache and its writeback. A disk error (ENOSPC, EIO) stops writing
+//!   queue feeds [`WRITERS`] writer threads, and a full queue skips (never blocks a
+//!   reader). They write whole blocks `O_DIRECT` from a page-aligned copy, so the reads do
+//!   not pay for dirty page cache and its writeback. A disk error (ENOSPC, EIO) stops writing
 //!   for [`PAUSE`] with one log line; never an error to a reader.
 //! - **Bounded**: `--cache-dir-size` bytes; past it, the writer deletes the least recently
 //!   used entries (by mtime, which a hit renews) down to 90 %. Another daemon's eviction of
@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use nix::fcntl::{openat, renameat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, futimens, mkdirat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
@@ -40,6 +39,9 @@ const LAYOUT: &str = "v1";
 const MAX_QUEUED: u64 = 64 << 20;
 /// How long writing stops after a disk error.
 pub const PAUSE: Duration = Duration::from_secs(30);
+/// Writer threads: each has one (blocking) `O_DIRECT` write in flight. One covered a
+/// fifth of a cold 1 GiB read here, four a third to a half (docs/PERFORMANCE.md).
+const WRITERS: usize = 4;
 /// Smallest `--cache-dir-size` (a few chunks).
 pub const MIN_SIZE: u64 = 16 << 20;
 
@@ -73,8 +75,9 @@ pub struct DiskCache {
     dir: PathBuf,
     /// `DIR/v1`, opened once (O_NOFOLLOW): every entry is opened relative to it.
     root: Arc<OwnedFd>,
-    queue: Mutex<mpsc::SyncSender<([u8; 32], Vec<Bytes>)>>,
+    queue: Mutex<mpsc::SyncSender<([u8; 32], Aligned)>>,
     queued: Arc<AtomicU64>,
+    pool: Arc<Pool>,
     paused_until: Arc<Mutex<Option<Instant>>>,
     pub stats: Arc<DiskStats>,
 }
@@ -223,31 +226,38 @@ impl DiskCache {
             root: root.clone(),
             queue: Mutex::new(tx),
             queued: Arc::new(AtomicU64::new(0)),
+            pool: Arc::new(Pool::default()),
             paused_until: Arc::new(Mutex::new(None)),
             stats: Arc::new(DiskStats::default()),
         };
-        let writer = Writer {
+        let used = scan(&cache.root)
+            .map(|e| e.iter().map(|x| x.size).sum())
+            .unwrap_or(0);
+        let shared = Arc::new(Shared {
             root,
             dir: cache.dir.clone(),
             limit,
-            used: scan(&cache.root)
-                .map(|e| e.iter().map(|x| x.size).sum())
-                .unwrap_or(0),
-            since_scan: 0,
+            acct: Mutex::new((used, 0)),
             queued: cache.queued.clone(),
             paused_until: cache.paused_until.clone(),
             stats: cache.stats.clone(),
-            direct: std::env::var_os("SEALFS_CACHE_DIR_BUFFERED").is_none(),
-            buf: Vec::new(),
-        };
-        std::thread::Builder::new()
-            .name("sealfs-cache-dir".into())
-            .spawn(move || {
-                // Only a mount's main thread takes its stop signals (fuse/handover.rs).
-                crate::fuse::handover::block_stop_signals();
-                writer.run(rx)
-            })
-            .map_err(|e| err(format!("writer thread: {e}")))?;
+            pool: cache.pool.clone(),
+            direct: std::env::var_os("SEALFS_CACHE_DIR_BUFFERED")
+                .is_none()
+                .into(),
+            rx: Mutex::new(rx),
+        });
+        for _ in 0..WRITERS {
+            let writer = Writer { s: shared.clone() };
+            std::thread::Builder::new()
+                .name("sealfs-cache-dir".into())
+                .spawn(move || {
+                    // Only a mount's main thread takes its stop signals (fuse/handover.rs).
+                    crate::fuse::handover::block_stop_signals();
+                    writer.run()
+                })
+                .map_err(|e| err(format!("writer thread: {e}")))?;
+        }
         Ok(cache)
     }
 
@@ -325,19 +335,22 @@ impl DiskCache {
     }
 
     /// Offers a sealed chunk (ciphertext, as the store gave it) for writing under `addr`:
-    /// [`DiskCache::hold_for_write`] of a copy, then [`DiskCache::submit`].
+    /// [`DiskCache::hold`] filled with a copy, then [`DiskCache::submit`].
     pub fn offer(&self, addr: &[u8; 32], sealed: &[u8]) {
-        if let Some(p) = self.hold_for_write(vec![Bytes::copy_from_slice(sealed)]) {
+        if let Some(mut p) = self.hold(sealed.len()) {
+            p.bytes_mut().copy_from_slice(sealed);
             self.submit(addr, p);
         }
     }
 
-    /// A sealed chunk to write once it has authenticated, as the pieces of the store's body
-    /// it came in (shared, not copied: the read path decrypts its own copy in the cache
-    /// slot); `None` (a skip) when writing is paused or the queue holds [`MAX_QUEUED`]
-    /// bytes. Dropping it unsubmitted gives its room back.
-    pub fn hold_for_write(&self, parts: Vec<Bytes>) -> Option<Pending> {
-        let p = (!self.paused()).then(|| self.reserve(parts)).flatten();
+    /// Room for a sealed chunk of `len` bytes to write once it has authenticated: a
+    /// page-aligned buffer from the pool for the caller to fill (the read path copies the
+    /// store's body into it, then decrypts from it while it is in the CPU cache, so the
+    /// body's buffers go back to the HTTP client at once); `None` (a skip, counted) when
+    /// writing is paused or the queue holds [`MAX_QUEUED`] bytes. Dropping it unsubmitted
+    /// gives its room back.
+    pub fn hold(&self, len: usize) -> Option<Pending> {
+        let p = (!self.paused()).then(|| self.reserve(len)).flatten();
         if p.is_none() {
             self.stats.write_skips.fetch_add(1, Ordering::Relaxed);
         }
@@ -352,32 +365,35 @@ impl DiskCache {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    /// Room for `parts` in the queue; `None` when the queue is full.
-    fn reserve(&self, parts: Vec<Bytes>) -> Option<Pending> {
-        let n = total(&parts);
+    /// Room for `len` bytes in the queue; `None` when the queue is full.
+    fn reserve(&self, len: usize) -> Option<Pending> {
+        let n = len as u64;
         if !room(self.queued.fetch_add(n, Ordering::AcqRel), n) {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             return None;
         }
         Some(Pending {
-            parts: Some(parts),
+            buf: Some(self.pool.take(len)),
             queued: self.queued.clone(),
+            pool: self.pool.clone(),
         })
     }
 
     /// Queues `p` for writing under `addr` (every read checks an entry against its name).
     pub fn submit(&self, addr: &[u8; 32], mut p: Pending) {
-        let Some(parts) = p.parts.take() else {
+        let Some(buf) = p.buf.take() else {
             return;
         };
-        let n = total(&parts);
         let sent = self
             .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .try_send((*addr, parts));
-        if sent.is_err() {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
+            .try_send((*addr, buf));
+        if let Err(e) = sent {
+            let (mpsc::TrySendError::Full((_, buf)) | mpsc::TrySendError::Disconnected((_, buf))) =
+                e;
+            self.queued.fetch_sub(buf.len as u64, Ordering::AcqRel);
+            self.pool.give(buf);
             self.stats.write_skips.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -392,7 +408,8 @@ impl DiskCache {
                     self.stats.write_errors.load(Ordering::Relaxed)
                 ));
             }
-            if let Some(p) = self.reserve(vec![Bytes::copy_from_slice(sealed)]) {
+            if let Some(mut p) = self.reserve(sealed.len()) {
+                p.bytes_mut().copy_from_slice(sealed);
                 self.submit(addr, p);
                 return Ok(());
             }
@@ -442,22 +459,6 @@ pub fn clear(dir: &Path) -> Result<usize, DiskCacheError> {
     Ok(e.iter().filter(|x| dirs.unlink(&root, x)).count())
 }
 
-/// Writes `parts` whole, as few writev(2) calls as the kernel allows.
-fn write_parts(mut f: impl Write, parts: &[Bytes]) -> std::io::Result<()> {
-    let mut slices: Vec<std::io::IoSlice> =
-        parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        match f.write_vectored(rest) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Clears `O_DIRECT` on `f` (Linux lets `F_SETFL` change it).
 fn clear_direct(f: &std::fs::File) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg};
@@ -469,14 +470,47 @@ fn clear_direct(f: &std::fs::File) -> nix::Result<()> {
 /// logical block size and DMA alignment seen on Linux disks).
 const DIRECT_ALIGN: usize = 4096;
 
-/// `len` bytes of `v` starting at a [`DIRECT_ALIGN`]-aligned address (`v` grows as needed;
-/// aligned by offset, so no unsafe allocation).
-fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if v.len() < len + DIRECT_ALIGN {
-        *v = vec![0; len + DIRECT_ALIGN];
+/// An entry's sealed bytes in a buffer whose first byte is [`DIRECT_ALIGN`]-aligned
+/// (aligned by offset into a plain `Vec`, so no unsafe allocation).
+pub struct Aligned {
+    v: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn bytes(&self) -> &[u8] {
+        &self.v[self.off..self.off + self.len]
     }
-    let off = v.as_ptr().align_offset(DIRECT_ALIGN);
-    &mut v[off..off + len]
+}
+
+/// Buffers of entries written, kept for the next ones (each chunk would otherwise cost a
+/// fresh allocation and its page faults).
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+/// Most buffers the pool keeps (those in the queue are bounded by [`MAX_QUEUED`]).
+const POOL_KEEP: usize = 16;
+
+impl Pool {
+    fn take(&self, len: usize) -> Aligned {
+        let cap = len + DIRECT_ALIGN;
+        let reuse = {
+            let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let at = free.iter().position(|v| v.len() >= cap);
+            at.map(|i| free.swap_remove(i))
+        };
+        let v = reuse.unwrap_or_else(|| vec![0; cap]);
+        let off = v.as_ptr().align_offset(DIRECT_ALIGN);
+        Aligned { v, off, len }
+    }
+
+    fn give(&self, a: Aligned) {
+        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < POOL_KEEP {
+            free.push(a.v);
+        }
+    }
 }
 
 /// Whether `n` more bytes fit a queue holding `before`: up to [`MAX_QUEUED`], and always
@@ -485,23 +519,38 @@ fn room(before: u64, n: u64) -> bool {
     before == 0 || before + n <= MAX_QUEUED
 }
 
-/// A sealed chunk waiting for its slot's copy to authenticate ([`DiskCache::submit`]).
+/// A sealed chunk's buffer, held until the chunk authenticates ([`DiskCache::submit`]).
 pub struct Pending {
-    parts: Option<Vec<Bytes>>,
+    buf: Option<Aligned>,
     queued: Arc<AtomicU64>,
+    pool: Arc<Pool>,
+}
+
+impl Pending {
+    /// The buffer, exactly the chunk's sealed length, for the caller to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let a = self
+            .buf
+            .as_mut()
+            .expect("a Pending holds its buffer until submitted");
+        &mut a.v[a.off..a.off + a.len]
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.buf
+            .as_ref()
+            .expect("a Pending holds its buffer until submitted")
+            .bytes()
+    }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(p) = self.parts.take() {
-            self.queued.fetch_sub(total(&p), Ordering::AcqRel);
+        if let Some(a) = self.buf.take() {
+            self.queued.fetch_sub(a.len as u64, Ordering::AcqRel);
+            self.pool.give(a);
         }
     }
-}
-
-/// The bytes of an entry's pieces.
-fn total(parts: &[Bytes]) -> u64 {
-    parts.iter().map(|p| p.len() as u64).sum()
 }
 
 /// One entry found by a scan.
@@ -580,16 +629,21 @@ impl Subdirs {
     }
 }
 
-/// This thread (the writer) gets only the CPU and disk time nothing else wants: nice 19
-/// and the idle I/O class (both per thread on Linux). On a host whose readers keep every
-/// core or the disk busy, the queue then fills and chunks are skipped (counted), rather
-/// than the reads slowing down: a cold read with `--cache-dir` costs what it costs without.
-fn background_priority() {
+/// This thread (a writer) gets only the disk time nothing else wants: the idle I/O class
+/// (per thread on Linux). On a host whose readers keep the disk busy, the queue then fills
+/// and chunks are skipped (counted), rather than the reads slowing down. Buffered writers
+/// (the kernel's copy into the page cache: 0.4 CPU s/GiB) also run at nice 19; `O_DIRECT`
+/// ones keep the default: each chunk costs them one copy, and at nice 19 on busy cores
+/// their wake-ups after each write came so late that fewer chunks were written and the
+/// reads were slower too (docs/PERFORMANCE.md, "O_DIRECT writes").
+fn background_priority(direct: bool) {
     // SAFETY: plain syscalls on this thread's own id; failures leave the defaults.
     #[allow(unsafe_code)]
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        if !direct {
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        }
         const IOPRIO_WHO_PROCESS: libc::c_long = 1;
         const IOPRIO_CLASS_IDLE: libc::c_long = 3;
         libc::syscall(
@@ -601,56 +655,69 @@ fn background_priority() {
     }
 }
 
-struct Writer {
+/// What the writer threads share.
+struct Shared {
     root: Arc<OwnedFd>,
     dir: PathBuf,
     limit: u64,
-    /// Bytes of entries (this daemon's estimate, made exact by each scan).
-    used: u64,
-    /// Bytes written since the last scan: other daemons write to DIR too, so the count is
-    /// refreshed every tenth of the limit.
-    since_scan: u64,
+    /// (bytes of entries, this daemon's estimate made exact by each scan; bytes written
+    /// since the last scan: other daemons write to DIR too, so the count is refreshed
+    /// every tenth of the limit)
+    acct: Mutex<(u64, u64)>,
     queued: Arc<AtomicU64>,
     paused_until: Arc<Mutex<Option<Instant>>>,
     stats: Arc<DiskStats>,
+    pool: Arc<Pool>,
     /// Entries are written `O_DIRECT` (until the file system refuses it).
-    direct: bool,
-    /// The page-aligned copy an `O_DIRECT` write comes from, kept between entries.
-    buf: Vec<u8>,
+    direct: std::sync::atomic::AtomicBool,
+    rx: Mutex<mpsc::Receiver<([u8; 32], Aligned)>>,
+}
+
+/// One writer thread.
+struct Writer {
+    s: Arc<Shared>,
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<([u8; 32], Vec<Bytes>)>) {
-        background_priority();
-        while let Ok((addr, parts)) = rx.recv() {
-            let n = total(&parts);
+    fn run(self) {
+        background_priority(self.s.direct.load(Ordering::Relaxed));
+        loop {
+            let next = self.s.rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            let Ok((addr, buf)) = next else {
+                return;
+            };
+            let n = buf.len as u64;
             // Not hashed again here (0.15 CPU s/GiB, on the read path's second core): the
             // read path offers a chunk that authenticated as the one the manifest lists
             // under `addr`, and `cache warm` names each chunk by the BLAKE3 it computed. A
             // wrong one would only cost its entry: every read checks the name.
-            match self.write(&addr, &parts) {
+            let s = self.s.clone();
+            let written = self.write(&addr, buf.bytes());
+            s.pool.give(buf);
+            let mut acct = s.acct.lock().unwrap_or_else(|p| p.into_inner());
+            match written {
                 Ok(true) => {
-                    self.used += n;
-                    self.since_scan += n;
-                    self.stats.written.fetch_add(1, Ordering::Relaxed);
-                    self.stats.written_bytes.fetch_add(n, Ordering::Relaxed);
+                    acct.0 += n;
+                    acct.1 += n;
+                    s.stats.written.fetch_add(1, Ordering::Relaxed);
+                    s.stats.written_bytes.fetch_add(n, Ordering::Relaxed);
                 }
                 Ok(false) => {
-                    self.stats.present.fetch_add(1, Ordering::Relaxed);
+                    s.stats.present.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => self.pause(&e),
+                Err(e) => s.pause(&e),
             }
-            self.queued.fetch_sub(n, Ordering::AcqRel);
-            if self.used > self.limit || self.since_scan > self.limit / 10 {
-                self.evict();
+            s.queued.fetch_sub(n, Ordering::AcqRel);
+            if acct.0 > s.limit || acct.1 > s.limit / 10 {
+                s.evict(&mut acct);
             }
         }
     }
 
     /// Writes the entry unless it is there; `Ok(false)` when it was.
-    fn write(&mut self, addr: &[u8; 32], parts: &[Bytes]) -> std::io::Result<bool> {
+    fn write(&self, addr: &[u8; 32], sealed: &[u8]) -> std::io::Result<bool> {
         let (sub, name) = entry_parts(addr);
-        let dir = sub_dir(&self.root, &sub, true)?;
+        let dir = sub_dir(&self.s.root, &sub, true)?;
         if nix::sys::stat::fstatat(&dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
             return Ok(false);
         }
@@ -662,7 +729,7 @@ impl Writer {
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let mode = Mode::from_bits_truncate(0o600);
         let mut fd = None;
-        if self.direct {
+        if self.s.direct.load(Ordering::Relaxed) {
             match openat(&dir, tmp.as_str(), flags | OFlag::O_DIRECT, mode) {
                 Ok(f) => fd = Some(f),
                 // A filesystem without O_DIRECT (tmpfs on older kernels): buffered from now on.
@@ -675,11 +742,11 @@ impl Writer {
             Some(f) => f,
             None => openat(&dir, tmp.as_str(), flags, mode)?,
         };
-        let f = std::fs::File::from(fd);
+        let mut f = std::fs::File::from(fd);
         let written = if direct {
-            self.write_direct(&f, parts)
+            self.write_direct(&f, sealed)
         } else {
-            write_parts(&f, parts)
+            f.write_all(sealed)
         };
         drop(f);
         if let Err(e) = written.and_then(|()| {
@@ -691,63 +758,45 @@ impl Writer {
         Ok(true)
     }
 
-    /// Writes `parts` to the empty file `f` (opened `O_DIRECT`) from a page-aligned copy:
-    /// the whole blocks straight to the disk, the last partial block through the page
-    /// cache. Why: a buffered write of a cold read's 1 GiB cost this 2-core VM's daemon
-    /// 0.4 CPU s/GiB (the kernel's copy into dirty pages, then the flusher's writeback, on
-    /// the cores the read needs); `O_DIRECT` leaves the copy into `buf` (0.1) and the
-    /// block layer (docs/PERFORMANCE.md, "O_DIRECT writes"). A file system that refuses
-    /// the alignment gets this entry and every later one buffered.
-    fn write_direct(&mut self, f: &std::fs::File, parts: &[Bytes]) -> std::io::Result<()> {
+    /// Writes `sealed` (page-aligned: an [`Aligned`]) to the empty file `f`, opened
+    /// `O_DIRECT`: the whole blocks straight to the disk, the last partial block through
+    /// the page cache. Why: a buffered write of a cold read's 1 GiB cost this 2-core VM's
+    /// daemon 0.4 CPU s/GiB (the kernel's copy into dirty pages, ext4's per-page work)
+    /// and another half second of writeback after it, and doubled the page cache the
+    /// model's plaintext needs (docs/PERFORMANCE.md, "O_DIRECT writes"). A file system
+    /// that refuses the alignment gets this entry and every later one buffered.
+    fn write_direct(&self, mut f: &std::fs::File, sealed: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let n = total(parts) as usize;
-        let whole = n / DIRECT_ALIGN * DIRECT_ALIGN;
-        let buf = aligned(&mut self.buf, whole.max(1).next_multiple_of(DIRECT_ALIGN));
-        let mut at = 0;
-        for p in parts {
-            let take = p.len().min(whole - at);
-            buf[at..at + take].copy_from_slice(&p[..take]);
-            at += take;
-            if at == whole {
-                break;
-            }
-        }
+        let whole = sealed.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         if whole > 0 {
-            match f.write_all_at(&buf[..whole], 0) {
+            match f.write_all_at(&sealed[..whole], 0) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     self.no_direct("write");
                     clear_direct(f)?;
                     // pwrite left the file offset at 0: the whole entry again, from there.
-                    return write_parts(f, parts);
+                    return f.write_all(sealed);
                 }
                 Err(e) => return Err(e),
             }
         }
-        if whole < n {
+        if whole < sealed.len() {
             // The tail is not a whole block: written buffered.
             clear_direct(f)?;
-            let mut tail = Vec::with_capacity(n - whole);
-            let mut skip = whole;
-            for p in parts {
-                if skip >= p.len() {
-                    skip -= p.len();
-                    continue;
-                }
-                tail.extend_from_slice(&p[skip..]);
-                skip = 0;
-            }
-            f.write_all_at(&tail, whole as u64)?;
+            f.write_all_at(&sealed[whole..], whole as u64)?;
         }
         Ok(())
     }
 
     /// Stops `O_DIRECT` writes for this daemon, with one log line.
-    fn no_direct(&mut self, at: &str) {
-        self.direct = false;
-        tracing::info!(dir = %self.dir.display(), at, "cache directory refuses O_DIRECT; writing entries through the page cache");
+    fn no_direct(&self, at: &str) {
+        if self.s.direct.swap(false, Ordering::Relaxed) {
+            tracing::info!(dir = %self.s.dir.display(), at, "cache directory refuses O_DIRECT; writing entries through the page cache");
+        }
     }
+}
 
+impl Shared {
     fn pause(&self, e: &std::io::Error) {
         self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
         let mut p = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
@@ -760,8 +809,8 @@ impl Writer {
     /// Counts what DIR holds (every daemon's entries) and, past the limit, deletes the least
     /// recently used entries down to 90 % of it. A directory that cannot be scanned pauses
     /// writing: unbounded growth is worse than a cold cache.
-    fn evict(&mut self) {
-        self.since_scan = 0;
+    fn evict(&self, acct: &mut (u64, u64)) {
+        acct.1 = 0;
         let mut entries = match scan(&self.root) {
             Ok(e) => e,
             Err(e) => return self.pause(&e),
@@ -781,7 +830,7 @@ impl Writer {
                 }
             }
         }
-        self.used = total;
+        acct.0 = total;
     }
 }
 
@@ -884,33 +933,19 @@ mod tests {
     }
 
     #[test]
-    fn entries_of_any_length_and_split_are_written_whole_past_the_page_cache() {
+    fn entries_of_any_length_are_written_whole_past_the_page_cache() {
         // On the checkout's disk, not /tmp (a tmpfs keeps everything in memory).
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
         std::fs::create_dir_all(&base).unwrap();
         let d = tempfile::tempdir_in(&base).unwrap();
         let dir = d.path().join("c");
         let c = DiskCache::open(&dir, 256 << 20).unwrap();
-        let sealed = (1 << 20) + 16;
-        // (length, where the body's pieces split it)
-        let cases: [(usize, &[usize]); 7] = [
-            (100, &[]),
-            (4096, &[]),
-            (3 * 4096, &[4095, 4097]),
-            (sealed, &[]),
-            (sealed, &[37, 5000, 4096 * 100 + 3]),
-            (sealed, &[sealed - 16, sealed - 1]),
-            (64 * 4096 + 4095, &[1, 2, 3]),
-        ];
-        for (seed, (len, cuts)) in cases.iter().enumerate() {
+        let cases = [100, 4096, 3 * 4096, (1 << 20) + 16, 64 * 4096 + 4095, 4097];
+        for (seed, len) in cases.iter().enumerate() {
             let (bytes, addr) = chunk(seed as u8 * 2 + 3, *len);
-            let mut parts = Vec::new();
-            let mut at = 0;
-            for &cut in cuts.iter().chain([len]) {
-                parts.push(Bytes::copy_from_slice(&bytes[at..cut]));
-                at = cut;
-            }
-            let p = c.hold_for_write(parts).unwrap();
+            let mut p = c.hold(*len).unwrap();
+            assert_eq!(p.bytes_mut().as_ptr() as usize % DIRECT_ALIGN, 0);
+            p.bytes_mut().copy_from_slice(&bytes);
             c.submit(&addr, p);
             assert!(c.flush(Duration::from_secs(10)));
             let (sub, name) = entry_parts(&addr);

@@ -565,7 +565,32 @@ impl SealFs {
         // at once, with no await between this reservation and it.
         let plain = f.layout.chunk_plain_len(index);
         let mut slot = self.reserve_slot(plain).await?;
-        let views: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        // Bound for the cache directory (never chunk 0: it is always read from the store)
+        // and room in its queue: the body is copied into the entry's buffer, the body's
+        // buffers go back to the HTTP client, and the chunk is checked and decrypted from
+        // that copy while it is in the CPU cache. Else straight from the body's pieces.
+        let addr = o.addresses.as_ref().and_then(|a| a.get(index as usize));
+        let whole = parts.iter().map(|p| p.len()).sum::<usize>() == need;
+        let mut held = match (&self.disk, addr) {
+            (Some(d), Some(a)) if index > 0 && whole => d.hold(need).map(|p| (d, a, p)),
+            _ => None,
+        };
+        let parts = match held.as_mut() {
+            Some((_, _, p)) => {
+                let buf = p.bytes_mut();
+                let mut at = 0;
+                for part in &parts {
+                    buf[at..at + part.len()].copy_from_slice(part);
+                    at += part.len();
+                }
+                Vec::new()
+            }
+            None => parts,
+        };
+        let views: Vec<&[u8]> = match &held {
+            Some((_, _, p)) => vec![p.bytes()],
+            None => parts.iter().map(|p| &p[..]).collect(),
+        };
         // Under --trust-signer or --model-digest the manifest's digest of this sealed chunk
         // first: a DEK holder can make a chunk that authenticates, not one with the digest
         // the publisher signed or the operator pinned.
@@ -583,15 +608,8 @@ impl SealFs {
             Ok(_) if o.is_revoked() => Err(o.revoked_error()),
             Ok(len) => {
                 drop(views);
-                // Never chunk 0 to the cache directory: it is always read from the store.
-                if let (Some(d), Some(addr), true) = (
-                    &self.disk,
-                    o.addresses.as_ref().and_then(|a| a.get(index as usize)),
-                    index > 0,
-                ) {
-                    if let Some(p) = d.hold_for_write(parts) {
-                        d.submit(addr, p);
-                    }
+                if let Some((d, addr, p)) = held {
+                    d.submit(addr, p);
                 }
                 Ok((slot, len))
             }
