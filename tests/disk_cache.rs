@@ -186,6 +186,42 @@ fn a_restart_reads_the_bulk_from_the_cache_directory_and_no_plaintext_lands_ther
 }
 
 #[test]
+fn a_chunk_that_fails_authentication_is_never_written_to_the_cache_directory() {
+    let (s, big) = site();
+    let cache = s.path("cache");
+    // The manifest's addresses of chunks 1..=6, before the store's last chunk is damaged;
+    // then the address of the damaged bytes.
+    let good = chunk_entries(&s, &cache);
+    damage_store(&s);
+    let bad = chunk_entries(&s, &cache);
+    let port = free_port();
+    let m = mount(&s, &cache, "64MiB", port);
+    // The read path copies each fetched chunk into the entry's buffer before it checks it:
+    // the damaged one fails, and its buffer must go back unwritten.
+    assert!(
+        std::fs::read(m.path("w.bin")).is_err(),
+        "the damaged chunk fails the read"
+    );
+    let mut f = std::fs::File::open(m.path("w.bin")).unwrap();
+    let mut head = vec![0u8; 6 * MIB];
+    std::io::Read::read_exact(&mut f, &mut head).unwrap();
+    assert!(head == big[..6 * MIB], "chunks 0..=5 read back");
+    drop(f);
+    assert_eq!(wait_metric(port, "sealfs_disk_cache_writes_total", 5), 5);
+    let metrics = scrape(port);
+    assert!(metrics["sealfs_auth_failures_total"] >= 1, "{metrics:?}");
+    drop(m);
+    for p in &good[..5] {
+        assert!(p.exists(), "{} was written", p.display());
+    }
+    assert!(
+        !good[5].exists() && !bad[5].exists(),
+        "no entry for the damaged chunk"
+    );
+    assert_eq!(entries(&cache).len(), 5);
+}
+
+#[test]
 fn a_hostile_entry_is_deleted_and_read_from_the_store_never_served() {
     let (s, big) = site();
     let cache = s.path("cache");

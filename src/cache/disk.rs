@@ -242,9 +242,10 @@ impl DiskCache {
             paused_until: cache.paused_until.clone(),
             stats: cache.stats.clone(),
             pool: cache.pool.clone(),
-            direct: std::env::var_os("SEALFS_CACHE_DIR_BUFFERED")
-                .is_none()
-                .into(),
+            direct: std::sync::atomic::AtomicBool::new(!matches!(
+                std::env::var("SEALFS_CACHE_DIR_BUFFERED").as_deref(),
+                Ok("1" | "true")
+            )),
             rx: Mutex::new(rx),
         });
         for _ in 0..WRITERS {
@@ -466,6 +467,13 @@ fn clear_direct(f: &std::fs::File) -> nix::Result<()> {
     fcntl(f, FcntlArg::F_SETFL(fl - OFlag::O_DIRECT)).map(drop)
 }
 
+/// Sets `O_DIRECT` on `f`; EINVAL where the file system has no direct I/O.
+fn set_direct(f: &std::fs::File) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let fl = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL)?);
+    fcntl(f, FcntlArg::F_SETFL(fl | OFlag::O_DIRECT)).map(drop)
+}
+
 /// Alignment of `O_DIRECT` writes: offset, length and memory (the page size covers every
 /// logical block size and DMA alignment seen on Linux disks).
 const DIRECT_ALIGN: usize = 4096;
@@ -497,7 +505,10 @@ impl Pool {
         let cap = len + DIRECT_ALIGN;
         let reuse = {
             let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let at = free.iter().position(|v| v.len() >= cap);
+            // Not a 64 MiB buffer for a 1 MiB entry: within twice the size.
+            let at = free
+                .iter()
+                .position(|v| v.len() >= cap && v.len() <= 2 * cap);
             at.map(|i| free.swap_remove(i))
         };
         let v = reuse.unwrap_or_else(|| vec![0; cap]);
@@ -673,6 +684,15 @@ struct Shared {
     rx: Mutex<mpsc::Receiver<([u8; 32], Aligned)>>,
 }
 
+/// Gives `n` bytes of queue room back when dropped.
+struct Room<'a>(&'a AtomicU64, u64);
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
 /// One writer thread.
 struct Writer {
     s: Arc<Shared>,
@@ -680,13 +700,22 @@ struct Writer {
 
 impl Writer {
     fn run(self) {
-        background_priority(self.s.direct.load(Ordering::Relaxed));
+        let mut direct = self.s.direct.load(Ordering::Relaxed);
+        background_priority(direct);
         loop {
+            // Writing went buffered (the file system refused O_DIRECT): nice 19 from now on.
+            if direct && !self.s.direct.load(Ordering::Relaxed) {
+                direct = false;
+                background_priority(false);
+            }
             let next = self.s.rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
             let Ok((addr, buf)) = next else {
                 return;
             };
             let n = buf.len as u64;
+            // The entry's room in the queue comes back however this ends (a panic too:
+            // else `flush` and `cache warm` would wait for it forever).
+            let room = Room(&self.s.queued, n);
             // Not hashed again here (0.15 CPU s/GiB, on the read path's second core): the
             // read path offers a chunk that authenticated as the one the manifest lists
             // under `addr`, and `cache warm` names each chunk by the BLAKE3 it computed. A
@@ -694,6 +723,7 @@ impl Writer {
             let s = self.s.clone();
             let written = self.write(&addr, buf.bytes());
             s.pool.give(buf);
+            drop(room);
             let mut acct = s.acct.lock().unwrap_or_else(|p| p.into_inner());
             match written {
                 Ok(true) => {
@@ -707,7 +737,6 @@ impl Writer {
                 }
                 Err(e) => s.pause(&e),
             }
-            s.queued.fetch_sub(n, Ordering::AcqRel);
             if acct.0 > s.limit || acct.1 > s.limit / 10 {
                 s.evict(&mut acct);
             }
@@ -728,21 +757,22 @@ impl Writer {
         let flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let mode = Mode::from_bits_truncate(0o600);
-        let mut fd = None;
-        if self.s.direct.load(Ordering::Relaxed) {
-            match openat(&dir, tmp.as_str(), flags | OFlag::O_DIRECT, mode) {
-                Ok(f) => fd = Some(f),
-                // A filesystem without O_DIRECT (tmpfs on older kernels): buffered from now on.
-                Err(nix::errno::Errno::EINVAL) => self.no_direct("open"),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let direct = fd.is_some();
-        let fd = match fd {
-            Some(f) => f,
-            None => openat(&dir, tmp.as_str(), flags, mode)?,
-        };
+        let fd = openat(&dir, tmp.as_str(), flags, mode)?;
         let mut f = std::fs::File::from(fd);
+        // O_DIRECT set on the open file, not asked of open(2): an open that refuses it
+        // (EINVAL: tmpfs before Linux 6.6, some FUSE or 9p mounts) has made the file first.
+        let direct = self.s.direct.load(Ordering::Relaxed)
+            && match set_direct(&f) {
+                Ok(()) => true,
+                Err(nix::errno::Errno::EINVAL) => {
+                    self.no_direct("open");
+                    false
+                }
+                Err(e) => {
+                    let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+                    return Err(e.into());
+                }
+            };
         let written = if direct {
             self.write_direct(&f, sealed)
         } else {

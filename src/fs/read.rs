@@ -583,6 +583,7 @@ impl SealFs {
                     buf[at..at + part.len()].copy_from_slice(part);
                     at += part.len();
                 }
+                drop(parts);
                 Vec::new()
             }
             None => parts,

@@ -28,8 +28,8 @@ const VMPL_AT: usize = 0x30;
 const REPORT_DATA_AT: usize = 0x50;
 /// `auxblob`: the table and the certificates (VCEK, ASK, ARK: under 2 KiB each).
 pub(super) const AUXBLOB_MAX: usize = 64 << 10;
-/// One table entry: a 16-byte GUID, a u32 offset, a u32 length (GHCB spec); all zero ends
-/// the table.
+/// One table entry: a 16-byte GUID, a u32 offset, a u32 length (GHCB spec); a zero GUID
+/// ends the table.
 const ENTRY_LEN: usize = 24;
 /// More entries than any host gives (5 GUIDs are defined).
 const MAX_ENTRIES: usize = 16;
@@ -90,7 +90,9 @@ fn cert_table(aux: &[u8]) -> Result<Vec<CertTableEntry>, String> {
         let Some(e) = aux.get(at..at + ENTRY_LEN) else {
             return Err("auxblob: the certificate table has no terminating entry".into());
         };
-        if e.iter().all(|b| *b == 0) {
+        // The end: an all-zero GUID (the kernel writes an all-zero entry; the attestation
+        // agent's parser, sev's `parse_table`, stops at the GUID alone).
+        if e[..16].iter().all(|b| *b == 0) {
             out.sort();
             return Ok(out);
         }
@@ -223,9 +225,49 @@ pub(super) mod tests {
             many[i * ENTRY_LEN + 16..i * ENTRY_LEN + 20].copy_from_slice(&n.to_le_bytes());
         }
         assert!(cert_table(&many).unwrap_err().contains("more than 16"));
+        // A zero GUID ends the table whatever its offset and length say.
+        let mut end = table(&[(VCEK, b"vcek")]);
+        end[ENTRY_LEN + 16..ENTRY_LEN + 20].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(cert_table(&end).unwrap().len(), 1);
         // Exactly MAX_ENTRIES is fine.
         let certs: Vec<(&str, &[u8])> = vec![(VCEK, b"x"); MAX_ENTRIES];
         assert_eq!(cert_table(&table(&certs)).unwrap().len(), MAX_ENTRIES);
+    }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            /// Any bytes as a certificate table: an error or entries whose bytes lie in
+            /// the blob; never a panic.
+            #[test]
+            fn any_table(aux in proptest::collection::vec(any::<u8>(), 0..600)) {
+                if let Ok(t) = cert_table(&aux) {
+                    prop_assert!(t.len() <= MAX_ENTRIES);
+                    prop_assert!(t.iter().all(|c| c.data.len() <= aux.len()));
+                }
+            }
+
+            /// A valid report with bytes flipped anywhere, and any auxblob: checked and
+            /// parsed without a panic, errors one line.
+            #[test]
+            fn flipped_report(
+                flips in proptest::collection::vec((0..REPORT_LEN, any::<u8>()), 0..8),
+                aux in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                let mut r = report(&[7; 64], 0);
+                for (at, x) in flips {
+                    r[at] ^= x;
+                }
+                if report_data(&r).is_ok() {
+                    if let Err(e) = evidence(&r, Some(&aux)) {
+                        prop_assert!(!e.contains('\n'));
+                    }
+                }
+            }
+        }
     }
 
     #[test]
