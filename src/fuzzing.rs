@@ -550,6 +550,20 @@ pub fn handover_state_seed() -> Vec<u8> {
     out
 }
 
+/// SEV-SNP evidence from configfs-tsm's hostile bytes (keys/snp.rs): all of `data` read as
+/// a certificate table, then `data` split into a report (its first 1184 bytes) and an
+/// `auxblob` (the rest), checked and turned into evidence as the attester does. `Ok` with
+/// the evidence JSON's length.
+pub fn snp_evidence(data: &[u8]) -> Result<usize, String> {
+    use crate::keys::snp;
+    if let Err(e) = snp::cert_table(data) {
+        assert!(!e.contains('\n'), "{e}");
+    }
+    let (report, aux) = data.split_at(data.len().min(snp::REPORT_LEN));
+    snp::report_data(report)?;
+    Ok(snp::evidence(report, Some(aux))?.to_string().len())
+}
+
 #[cfg(test)]
 mod tests {
     extern "C" fn ignore(_: libc::c_int) {}

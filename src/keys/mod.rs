@@ -15,7 +15,7 @@ pub mod kbs;
 pub mod kms;
 pub mod pkcs11;
 pub mod shares;
-mod snp;
+pub(crate) mod snp;
 pub mod tls;
 pub mod tpm2;
 pub mod transit;

@@ -22,7 +22,7 @@ use sev::firmware::guest::AttestationReport;
 use sev::firmware::host::CertTableEntry;
 
 /// An SEV-SNP attestation report (versions 2 to 5) is 1184 bytes.
-pub(super) const REPORT_LEN: usize = 1184;
+pub(crate) const REPORT_LEN: usize = 1184;
 /// Where the report's fields are (SEV-SNP ABI, ATTESTATION_REPORT).
 const VMPL_AT: usize = 0x30;
 const REPORT_DATA_AT: usize = 0x50;
@@ -44,7 +44,7 @@ pub(super) struct SnpEvidence {
 }
 
 /// The REPORT_DATA of a raw report, after its length and VMPL are checked.
-pub(super) fn report_data(report: &[u8]) -> Result<&[u8], String> {
+pub(crate) fn report_data(report: &[u8]) -> Result<&[u8], String> {
     if report.len() != REPORT_LEN {
         return Err(format!(
             "outblob is {} bytes; an SEV-SNP attestation report is {REPORT_LEN}",
@@ -67,7 +67,7 @@ pub(super) fn report_data(report: &[u8]) -> Result<&[u8], String> {
 
 /// The evidence JSON of a raw report (already checked by [`report_data`]) and `auxblob`
 /// (absent or empty: no certificates, so the verifier fetches the VCEK itself).
-pub(super) fn evidence(report: &[u8], aux: Option<&[u8]>) -> Result<serde_json::Value, String> {
+pub(crate) fn evidence(report: &[u8], aux: Option<&[u8]>) -> Result<serde_json::Value, String> {
     let attestation_report = AttestationReport::from_bytes(report)
         .map_err(|e| format!("the sev crate cannot read the SEV-SNP report: {e}"))?;
     let cert_chain = match aux {
@@ -83,7 +83,7 @@ pub(super) fn evidence(report: &[u8], aux: Option<&[u8]>) -> Result<serde_json::
 
 /// The GHCB extended-report certificate table: entries until an all-zero one, each naming
 /// a range of the blob by offset from its start. Sorted as the attestation agent sorts it.
-fn cert_table(aux: &[u8]) -> Result<Vec<CertTableEntry>, String> {
+pub(crate) fn cert_table(aux: &[u8]) -> Result<Vec<CertTableEntry>, String> {
     let mut out = Vec::new();
     for i in 0..=MAX_ENTRIES {
         let at = i * ENTRY_LEN;
