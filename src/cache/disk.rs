@@ -336,22 +336,20 @@ impl DiskCache {
     }
 
     /// Offers a sealed chunk (ciphertext, as the store gave it) for writing under `addr`:
-    /// [`DiskCache::hold`] filled with a copy, then [`DiskCache::submit`].
+    /// [`DiskCache::hold`] of a copy, then [`DiskCache::submit`].
     pub fn offer(&self, addr: &[u8; 32], sealed: &[u8]) {
-        if let Some(mut p) = self.hold(sealed.len()) {
-            p.bytes_mut().copy_from_slice(sealed);
+        if let Some(p) = self.hold(&[sealed]) {
             self.submit(addr, p);
         }
     }
 
-    /// Room for a sealed chunk of `len` bytes to write once it has authenticated: a
-    /// page-aligned buffer from the pool for the caller to fill (the read path copies the
-    /// store's body into it, then decrypts from it while it is in the CPU cache, so the
-    /// body's buffers go back to the HTTP client at once); `None` (a skip, counted) when
-    /// writing is paused or the queue holds [`MAX_QUEUED`] bytes. Dropping it unsubmitted
-    /// gives its room back.
-    pub fn hold(&self, len: usize) -> Option<Pending> {
-        let p = (!self.paused()).then(|| self.reserve(len)).flatten();
+    /// A copy of a sealed chunk, given as `pieces`, to write once it has authenticated: a
+    /// page-aligned buffer from the pool (the read path copies the store's body into it,
+    /// then decrypts from it while it is in the CPU cache, so the body's buffers go back
+    /// to the HTTP client at once); `None` (a skip, counted) when writing is paused or the
+    /// queue holds [`MAX_QUEUED`] bytes. Dropping it unsubmitted gives its room back.
+    pub fn hold(&self, pieces: &[impl AsRef<[u8]>]) -> Option<Pending> {
+        let p = (!self.paused()).then(|| self.reserve(pieces)).flatten();
         if p.is_none() {
             self.stats.write_skips.fetch_add(1, Ordering::Relaxed);
         }
@@ -366,15 +364,23 @@ impl DiskCache {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    /// Room for `len` bytes in the queue; `None` when the queue is full.
-    fn reserve(&self, len: usize) -> Option<Pending> {
+    /// Room for `pieces` in the queue, and their copy; `None` when the queue is full.
+    fn reserve(&self, pieces: &[impl AsRef<[u8]>]) -> Option<Pending> {
+        let len: usize = pieces.iter().map(|p| p.as_ref().len()).sum();
         let n = len as u64;
         if !room(self.queued.fetch_add(n, Ordering::AcqRel), n) {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             return None;
         }
+        let mut buf = self.pool.take(len);
+        let mut at = 0;
+        for p in pieces {
+            let p = p.as_ref();
+            buf.bytes_mut()[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
         Some(Pending {
-            buf: Some(self.pool.take(len)),
+            buf: Some(buf),
             queued: self.queued.clone(),
             pool: self.pool.clone(),
         })
@@ -409,8 +415,7 @@ impl DiskCache {
                     self.stats.write_errors.load(Ordering::Relaxed)
                 ));
             }
-            if let Some(mut p) = self.reserve(sealed.len()) {
-                p.bytes_mut().copy_from_slice(sealed);
+            if let Some(p) = self.reserve(&[sealed]) {
                 self.submit(addr, p);
                 return Ok(());
             }
@@ -460,18 +465,13 @@ pub fn clear(dir: &Path) -> Result<usize, DiskCacheError> {
     Ok(e.iter().filter(|x| dirs.unlink(&root, x)).count())
 }
 
-/// Clears `O_DIRECT` on `f` (Linux lets `F_SETFL` change it).
-fn clear_direct(f: &std::fs::File) -> nix::Result<()> {
+/// Sets or clears `O_DIRECT` on `f` (Linux lets `F_SETFL` change it); setting it is EINVAL
+/// where the file system has no direct I/O.
+fn set_direct(f: &std::fs::File, on: bool) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg};
-    let fl = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL)?);
-    fcntl(f, FcntlArg::F_SETFL(fl - OFlag::O_DIRECT)).map(drop)
-}
-
-/// Sets `O_DIRECT` on `f`; EINVAL where the file system has no direct I/O.
-fn set_direct(f: &std::fs::File) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg};
-    let fl = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL)?);
-    fcntl(f, FcntlArg::F_SETFL(fl | OFlag::O_DIRECT)).map(drop)
+    let mut fl = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL)?);
+    fl.set(OFlag::O_DIRECT, on);
+    fcntl(f, FcntlArg::F_SETFL(fl)).map(drop)
 }
 
 /// Alignment of `O_DIRECT` writes: offset, length and memory (the page size covers every
@@ -489,6 +489,10 @@ pub struct Aligned {
 impl Aligned {
     fn bytes(&self) -> &[u8] {
         &self.v[self.off..self.off + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.v[self.off..self.off + self.len]
     }
 }
 
@@ -538,15 +542,7 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// The buffer, exactly the chunk's sealed length, for the caller to fill.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        let a = self
-            .buf
-            .as_mut()
-            .expect("a Pending holds its buffer until submitted");
-        &mut a.v[a.off..a.off + a.len]
-    }
-
+    /// The copy: exactly the sealed chunk's bytes.
     pub fn bytes(&self) -> &[u8] {
         self.buf
             .as_ref()
@@ -720,7 +716,7 @@ impl Writer {
             // read path offers a chunk that authenticated as the one the manifest lists
             // under `addr`, and `cache warm` names each chunk by the BLAKE3 it computed. A
             // wrong one would only cost its entry: every read checks the name.
-            let s = self.s.clone();
+            let s = &self.s;
             let written = self.write(&addr, buf.bytes());
             s.pool.give(buf);
             drop(room);
@@ -762,7 +758,7 @@ impl Writer {
         // O_DIRECT set on the open file, not asked of open(2): an open that refuses it
         // (EINVAL: tmpfs before Linux 6.6, some FUSE or 9p mounts) has made the file first.
         let direct = self.s.direct.load(Ordering::Relaxed)
-            && match set_direct(&f) {
+            && match set_direct(&f, true) {
                 Ok(()) => true,
                 Err(nix::errno::Errno::EINVAL) => {
                     self.no_direct("open");
@@ -803,7 +799,7 @@ impl Writer {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     self.no_direct("write");
-                    clear_direct(f)?;
+                    set_direct(f, false)?;
                     // pwrite left the file offset at 0: the whole entry again, from there.
                     return f.write_all(sealed);
                 }
@@ -812,7 +808,7 @@ impl Writer {
         }
         if whole < sealed.len() {
             // The tail is not a whole block: written buffered.
-            clear_direct(f)?;
+            set_direct(f, false)?;
             f.write_all_at(&sealed[whole..], whole as u64)?;
         }
         Ok(())
@@ -973,9 +969,8 @@ mod tests {
         let cases = [100, 4096, 3 * 4096, (1 << 20) + 16, 64 * 4096 + 4095, 4097];
         for (seed, len) in cases.iter().enumerate() {
             let (bytes, addr) = chunk(seed as u8 * 2 + 3, *len);
-            let mut p = c.hold(*len).unwrap();
-            assert_eq!(p.bytes_mut().as_ptr() as usize % DIRECT_ALIGN, 0);
-            p.bytes_mut().copy_from_slice(&bytes);
+            let p = c.hold(&[&bytes]).unwrap();
+            assert_eq!(p.bytes().as_ptr() as usize % DIRECT_ALIGN, 0);
             c.submit(&addr, p);
             assert!(c.flush(Duration::from_secs(10)));
             let (sub, name) = entry_parts(&addr);

@@ -569,25 +569,13 @@ impl SealFs {
         // and room in its queue: the body is copied into the entry's buffer, the body's
         // buffers go back to the HTTP client, and the chunk is checked and decrypted from
         // that copy while it is in the CPU cache. Else straight from the body's pieces.
+        // (A body of the wrong length is copied too, and fails the open below unwritten.)
         let addr = o.addresses.as_ref().and_then(|a| a.get(index as usize));
-        let whole = parts.iter().map(|p| p.len()).sum::<usize>() == need;
-        let mut held = match (&self.disk, addr) {
-            (Some(d), Some(a)) if index > 0 && whole => d.hold(need).map(|p| (d, a, p)),
+        let held = match (&self.disk, addr) {
+            (Some(d), Some(a)) if index > 0 => d.hold(&parts).map(|p| (d, a, p)),
             _ => None,
         };
-        let parts = match held.as_mut() {
-            Some((_, _, p)) => {
-                let buf = p.bytes_mut();
-                let mut at = 0;
-                for part in &parts {
-                    buf[at..at + part.len()].copy_from_slice(part);
-                    at += part.len();
-                }
-                drop(parts);
-                Vec::new()
-            }
-            None => parts,
-        };
+        let parts = if held.is_some() { Vec::new() } else { parts };
         let views: Vec<&[u8]> = match &held {
             Some((_, _, p)) => vec![p.bytes()],
             None => parts.iter().map(|p| &p[..]).collect(),

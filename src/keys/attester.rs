@@ -380,19 +380,37 @@ impl<'a> ReportDir<'a> {
         })
     }
 
-    /// `provider` as a KBS tee name.
-    fn tee(&self) -> Result<&'static str, AttestError> {
+    fn provider(&self) -> Result<Provider, AttestError> {
         match self.read_line("provider")?.as_str() {
-            "tdx_guest" => Ok("tdx"),
-            "sev_guest" => Ok("snp"),
+            "tdx_guest" => Ok(Provider::Tdx),
+            "sev_guest" => Ok(Provider::Snp),
             other => Err(AttestError::TsmUnknownProvider(printable(other, 32))),
+        }
+    }
+}
+
+/// The configfs-tsm providers sealfs reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Provider {
+    /// `tdx_guest`: `outblob` is a TDX quote.
+    Tdx,
+    /// `sev_guest`: `outblob` is an SEV-SNP report, `auxblob` the host's certificates.
+    Snp,
+}
+
+impl Provider {
+    /// The KBS tee name.
+    fn tee(self) -> &'static str {
+        match self {
+            Provider::Tdx => "tdx",
+            Provider::Snp => "snp",
         }
     }
 }
 
 fn tsm_tee(root: &Path, fs: &dyn Configfs) -> Result<String, AttestError> {
     let dir = ReportDir::create(root, fs)?;
-    Ok(dir.tee()?.to_string())
+    Ok(dir.provider()?.tee().to_string())
 }
 
 async fn tsm_evidence(
@@ -419,22 +437,22 @@ fn tsm_quote(
 ) -> Result<Evidence, AttestError> {
     let dir = ReportDir::create(root, fs)?;
     // Before writing anything: an unknown provider stops here.
-    let tee = dir.tee()?;
+    let provider = dir.provider()?;
     let before = dir.generation()?;
     std::fs::write(dir.path.join("inblob"), inblob).map_err(|e| dir.io("inblob", e))?;
     fs.wrote(&dir.path).map_err(|e| dir.io("inblob", e))?;
     let quote = dir.read("outblob", OUTBLOB_MAX)?;
     // SEV-SNP: the certificate table, of the same generation (reads do not move it). The
     // kernel leaves it empty, or gives no file, when the host supplies no certificates.
-    let aux = match tee {
-        "snp" => match dir.read("auxblob", super::snp::AUXBLOB_MAX) {
+    let aux = match provider {
+        Provider::Snp => match dir.read("auxblob", super::snp::AUXBLOB_MAX) {
             Ok(a) => Some(a),
             Err(AttestError::TsmIo { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 None
             }
             Err(e) => return Err(e),
         },
-        _ => None,
+        Provider::Tdx => None,
     };
     // The ABI: "checking generation before writing to any attribute and making sure the
     // number of writes matches expectations after reading @outblob". One write: +1.
@@ -450,26 +468,28 @@ fn tsm_quote(
         path: dir.path.display().to_string(),
         reason,
     };
-    let quoted = match tee {
-        "snp" => super::snp::report_data(&quote).map_err(bad)?,
-        _ => tdx_quote_report_data(&quote).map_err(|r| bad(r.into()))?,
+    let (quoted, what) = match provider {
+        Provider::Snp => (super::snp::report_data(&quote).map_err(bad)?, "report"),
+        Provider::Tdx => (
+            tdx_quote_report_data(&quote).map_err(|r| bad(r.into()))?,
+            "quote",
+        ),
     };
     // Belt and braces beside the generation check: the quote must carry what we wrote.
     if quoted != inblob {
         return Err(bad(format!(
-            "the {}'s REPORT_DATA is not the report data written",
-            if tee == "snp" { "report" } else { "quote" }
+            "the {what}'s REPORT_DATA is not the report data written"
         )));
     }
-    let primary = match tee {
-        "snp" => super::snp::evidence(&quote, aux.as_deref()).map_err(bad)?,
-        _ => serde_json::json!({
+    let primary = match provider {
+        Provider::Snp => super::snp::evidence(&quote, aux.as_deref()).map_err(bad)?,
+        Provider::Tdx => serde_json::json!({
             "cc_eventlog": null,
             "quote": base64::engine::general_purpose::STANDARD.encode(quote),
         }),
     };
     Ok(Evidence {
-        tee: tee.into(),
+        tee: provider.tee().into(),
         primary,
     })
 }
